@@ -1,0 +1,14 @@
+//! Train LoRA adapters for Stable Diffusion 1.x/2.x from a YAML config.
+//!
+//! Data flows one way: [`config`] (YAML → validated [`config::TrainPlan`]) → [`dataset`]
+//! (metadata.csv, images, buckets, captions) and [`models`] (UNet, CLIP text encoder, VAE,
+//! tokenizer, noise schedule, all built on the layers of [`nn`]) → training → checkpoints and the
+//! exported `.safetensors` LoRA. The binaries in `src/bin/` only parse arguments and print errors.
+
+pub mod config;
+pub mod dataset;
+pub mod error;
+pub mod models;
+pub mod nn;
+
+pub use error::{Error, Result};

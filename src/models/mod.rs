@@ -1,0 +1,1 @@
+//! Stable Diffusion's components in our own code, with diffusers' module paths.

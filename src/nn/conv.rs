@@ -1,0 +1,88 @@
+//! A frozen 2-D convolution with an optional adapter.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::adapter::{Adapter, LayerKind};
+use super::weights::Scope;
+use crate::Result;
+
+/// Stride and symmetric zero padding of a square-kernel convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvConfig {
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvConfig {
+    /// Stride 1 and the padding that keeps the size for a `kernel`×`kernel` kernel.
+    pub fn same(kernel: usize) -> Self {
+        ConvConfig { stride: 1, padding: kernel / 2 }
+    }
+}
+
+/// A convolution whose weight `[out, in, k, k]` is read from `<path>.weight` and bias from
+/// `<path>.bias`.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    config: ConvConfig,
+    adapter: Option<Arc<dyn Adapter>>,
+}
+
+impl Conv2d {
+    /// Reads the weights from `scope` and asks for an adapter.
+    pub fn new(
+        scope: Scope,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        config: ConvConfig,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = scope.get("weight", (out_channels, in_channels, kernel, kernel))?;
+        let bias = if bias { Some(scope.get("bias", out_channels)?) } else { None };
+        let adapter = scope.adapter(LayerKind::Conv2d {
+            in_channels,
+            out_channels,
+            kernel,
+            stride: config.stride,
+            padding: config.padding,
+        })?;
+        Ok(Conv2d { weight, bias, config, adapter })
+    }
+
+    /// `x: [B, in, H, W]` → `[B, out, H', W']` with `H' = (H + 2·padding − k) / stride + 1`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?;
+        }
+        if let Some(adapter) = &self.adapter {
+            y = (y + adapter.forward(x)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The frozen weight, `[out, in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out]`, if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// Stride and padding.
+    pub fn config(&self) -> ConvConfig {
+        self.config
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&Arc<dyn Adapter>> {
+        self.adapter.as_ref()
+    }
+}

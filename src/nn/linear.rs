@@ -1,0 +1,73 @@
+//! A frozen linear layer with an optional adapter.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use super::adapter::{Adapter, LayerKind};
+use super::weights::Scope;
+use crate::Result;
+
+/// `y = x Wᵀ + b (+ adapter(x))` with `W: [out_features, in_features]` read from `<path>.weight`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    adapter: Option<Arc<dyn Adapter>>,
+}
+
+impl Linear {
+    /// Reads `weight` (and `bias` when `bias` is true) from `scope` and asks the scope's adapter
+    /// provider whether this layer gets an adapter.
+    pub fn new(scope: Scope, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = scope.get("weight", (out_features, in_features))?;
+        let bias = if bias { Some(scope.get("bias", out_features)?) } else { None };
+        let adapter = scope.adapter(LayerKind::Linear { in_features, out_features })?;
+        Ok(Linear { weight, bias, adapter })
+    }
+
+    /// A layer from tensors already at hand, with no adapter.
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias, adapter: None }
+    }
+
+    /// `x: [..., in_features]` → `[..., out_features]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_features = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_features.max(1);
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.out_features();
+        let flat = x.reshape((rows, in_features))?;
+        let mut y = flat.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        let mut y = y.reshape(out_dims)?;
+        if let Some(adapter) = &self.adapter {
+            y = (y + adapter.forward(x)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The frozen weight, `[out_features, in_features]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `[out_features]`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The attached adapter, if any.
+    pub fn adapter(&self) -> Option<&Arc<dyn Adapter>> {
+        self.adapter.as_ref()
+    }
+
+    /// Number of output features.
+    pub fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}
