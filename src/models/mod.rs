@@ -1,1 +1,13 @@
 //! Stable Diffusion's components in our own code, with diffusers' module paths.
+
+pub mod attention;
+pub mod clip_text;
+pub mod embeddings;
+pub mod load;
+pub mod noise;
+pub mod resnet;
+pub mod source;
+pub mod tokenizer;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;

@@ -1,0 +1,1 @@
+//! Attention, the transformer blocks and Transformer2DModel.

@@ -1,0 +1,1 @@
+//! The CLIP text encoder.

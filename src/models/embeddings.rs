@@ -1,0 +1,1 @@
+//! Timestep embeddings.

@@ -1,0 +1,1 @@
+//! Loading a whole Stable Diffusion model from any source.

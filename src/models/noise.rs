@@ -1,0 +1,1 @@
+//! The DDPM noise schedule: alphas, add_noise, v targets, SNR.

@@ -1,0 +1,1 @@
+//! The UNet2DConditionModel, built from diffusers' unet/config.json.

@@ -1,0 +1,1 @@
+//! The UNet's down, mid and up blocks.

@@ -1,0 +1,1 @@
+//! AutoencoderKL: encodes images to latents and decodes them back.
