@@ -165,6 +165,8 @@ mod tests {
             [(64, 192), (64, 256), (128, 128), (192, 64), (256, 64)]
         );
         assert_eq!(set.assign(128, 96), (128, 128));
+        // 2:1 is as far from 1:1 as from 3:1; kohya's argmin takes the first in sorted order.
+        assert_eq!(set.assign(128, 64), (128, 128));
     }
 
     #[test]

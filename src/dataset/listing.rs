@@ -96,35 +96,42 @@ impl ImageFolder {
     }
 
     /// The image the user most likely meant by a `name` that does not exist: the same name in
-    /// another case, else the same name with another image extension, else a close spelling in
-    /// the same folder.
+    /// another case, else the same name with another image extension, else the same file name
+    /// in another folder, else a close spelling in the same folder.
     pub fn suggest(&self, name: &str) -> Option<&str> {
         let lower = name.to_lowercase();
-        if let Some(found) = self.images.iter().find(|i| i.to_lowercase() == lower) {
-            return Some(found);
-        }
+        let find = |matches: &dyn Fn(&str) -> bool| {
+            self.images
+                .iter()
+                .find(|i| matches(&i.to_lowercase()))
+                .map(String::as_str)
+        };
         let stem = without_extension(&lower);
-        if let Some(found) = self
-            .images
-            .iter()
-            .find(|i| without_extension(&i.to_lowercase()) == stem)
-        {
-            return Some(found);
-        }
-        let dir = parent_of(name).to_lowercase();
-        self.images
-            .iter()
-            .filter(|i| parent_of(i).to_lowercase() == dir)
-            .map(|i| {
-                (
-                    strsim::normalized_damerau_levenshtein(&i.to_lowercase(), &lower),
-                    i,
-                )
+        let file = file_of(&lower);
+        let dir = parent_of(&lower);
+        find(&|i| i == lower)
+            .or_else(|| find(&|i| without_extension(i) == stem))
+            .or_else(|| find(&|i| file_of(i) == file))
+            .or_else(|| {
+                self.images
+                    .iter()
+                    .filter(|i| parent_of(&i.to_lowercase()) == dir)
+                    .map(|i| {
+                        (
+                            strsim::normalized_damerau_levenshtein(&i.to_lowercase(), &lower),
+                            i,
+                        )
+                    })
+                    .filter(|(score, _)| *score >= 0.8)
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, i)| i.as_str())
             })
-            .filter(|(score, _)| *score >= 0.75)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, i)| i.as_str())
     }
+}
+
+/// The last component of a relative name (`a.png` for `sub/a.png`).
+fn file_of(name: &str) -> &str {
+    name.rsplit('/').next().unwrap_or(name)
 }
 
 /// The folder part of a relative name (`sub` for `sub/a.png`, empty for `a.png`).
@@ -180,13 +187,21 @@ mod tests {
 
     #[test]
     fn suggests_case_then_extension_then_spelling() {
-        let f = folder(&["city_01.png", "sub/night.jpg", "tower_12.png"]);
+        let f = folder(&[
+            "city_01.png",
+            "sub/night.jpg",
+            "tower_12.png",
+            "dup.png",
+            "sub/deep.png",
+        ]);
         assert_eq!(f.suggest("City_01.PNG"), Some("city_01.png"));
+        assert_eq!(f.suggest("deep.png"), Some("sub/deep.png"));
+        assert_eq!(f.suggest("other/Night.JPG"), Some("sub/night.jpg"));
         assert_eq!(f.suggest("sub/Night.png"), Some("sub/night.jpg"));
         assert_eq!(f.suggest("tower_13.png"), Some("tower_12.png"));
         assert_eq!(f.suggest("completely_else.png"), None);
         // Spelling suggestions stay in the same folder.
-        assert_eq!(f.suggest("other/tower_12.png"), None);
+        assert_eq!(f.suggest("other/tower_13.png"), None);
     }
 
     #[test]
