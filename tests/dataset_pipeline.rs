@@ -117,9 +117,9 @@ fn transparent_pixels_become_white() {
     let dataset = Dataset::open(&spec(dir.path())).unwrap();
     let t = dataset.load_image(&item(0, (0, 0), false)).unwrap();
     let v: Vec<Vec<Vec<f32>>> = t.to_vec3().unwrap();
-    for c in 0..3 {
-        assert_eq!(v[c][5][5], 1.0, "transparent → white");
-        assert_eq!(v[c][5][60], -1.0, "opaque black stays black");
+    for channel in &v {
+        assert_eq!(channel[5][5], 1.0, "transparent → white");
+        assert_eq!(channel[5][60], -1.0, "opaque black stays black");
     }
 }
 

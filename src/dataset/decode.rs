@@ -19,11 +19,19 @@ pub fn decode_oriented_bytes(bytes: &[u8]) -> Result<DynamicImage, String> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot be read: {e}"))?;
-    if reader.format().is_none() {
-        return Err(
-            "is not a supported image (PNG, JPEG, WebP or BMP expected); convert it or remove it"
-                .to_string(),
-        );
+    match reader.format() {
+        None => {
+            return Err(
+                "is not a supported image (PNG, JPEG, WebP or BMP expected); convert it or remove it"
+                    .to_string(),
+            )
+        }
+        Some(format) if !format.reading_enabled() => {
+            return Err(format!(
+                "is a {format:?} image, which is not supported (PNG, JPEG, WebP or BMP expected); convert it or remove it"
+            ))
+        }
+        Some(_) => {}
     }
     let mut decoder = reader
         .into_decoder()
@@ -108,6 +116,11 @@ mod tests {
         assert!(decode_oriented_bytes(&bmp).is_ok());
         let err = decode_oriented_bytes(b"definitely not an image").unwrap_err();
         assert!(err.contains("not a supported image"), "{err}");
+        let err = decode_oriented_bytes(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;").unwrap_err();
+        assert!(
+            err.contains("is a Gif image, which is not supported"),
+            "{err}"
+        );
         let mut truncated = encode(
             &DynamicImage::ImageLuma8(GrayImage::from_pixel(64, 64, Luma([10]))),
             ImageFormat::Png,

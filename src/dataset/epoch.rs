@@ -157,6 +157,8 @@ impl Dataset {
     }
 
     /// The random decisions for showing `image` the `repeat`-th time in `epoch`.
+    ///
+    /// Panics if `image` is not below [`Dataset::len`] (an index from this dataset's batches).
     pub fn sample(&self, epoch: usize, image: usize, repeat: u32) -> BatchItem {
         let spec = &self.spec;
         let entry = &self.images[image];
