@@ -9,7 +9,7 @@ pub mod noise;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;
-pub mod tokenizer_files;
+mod tokenizer_files;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

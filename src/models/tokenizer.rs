@@ -213,3 +213,123 @@ impl ClipTokenizer {
         self.tokenizer.get_vocab_size(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder with a six-word vocabulary: `a`, `b`, `!` (inside and at the end of a word),
+    /// the merges `a b</w>` and `! !</w>`, and CLIP's two specials.
+    fn folder(config: Option<&str>, special_map: Option<&str>) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let vocab = r#"{"!": 0, "a": 1, "b": 2, "a</w>": 3, "b</w>": 4, "!</w>": 5, "ab</w>": 6, "!!</w>": 7,
+                        "<|startoftext|>": 8, "<|endoftext|>": 9}"#;
+        std::fs::write(dir.path().join("vocab.json"), vocab).expect("vocab");
+        std::fs::write(
+            dir.path().join("merges.txt"),
+            "#version: 0.2\na b</w>\n! !</w>\n",
+        )
+        .expect("merges");
+        if let Some(config) = config {
+            std::fs::write(dir.path().join("tokenizer_config.json"), config).expect("config");
+        }
+        if let Some(map) = special_map {
+            std::fs::write(dir.path().join("special_tokens_map.json"), map).expect("map");
+        }
+        dir
+    }
+
+    #[test]
+    fn encodes_to_bos_tokens_eos_and_padding() -> Result<()> {
+        let dir = folder(Some(r#"{"model_max_length": 8}"#), None);
+        let t = ClipTokenizer::from_dir(dir.path())?;
+        assert_eq!(
+            (t.bos_id(), t.eos_id(), t.pad_id(), t.max_length()),
+            (8, 9, 9, 8)
+        );
+        assert_eq!(t.encode("ab a")?, vec![8, 6, 3, 9, 9, 9, 9, 9]);
+        assert_eq!(t.encode("")?, vec![8, 9, 9, 9, 9, 9, 9, 9]);
+        // Case, Unicode composition and whitespace runs do not matter.
+        assert_eq!(t.encode("  AB \n\t a ")?, t.encode("ab a")?);
+        // Truncated to max_length − 2 tokens, EOS kept last.
+        assert_eq!(t.encode("a b ab a b ab a b")?, vec![8, 3, 4, 6, 3, 4, 6, 9]);
+        assert_eq!(t.truncated_tokens("a b ab a b ab a b")?, 2);
+        assert_eq!(t.truncated_tokens("a b")?, 0);
+        // A special token written in the caption is that token.
+        assert_eq!(t.encode("a<|endoftext|>b")?, vec![8, 3, 9, 4, 9, 9, 9, 9]);
+        let batch = t.input_ids(&["ab", "a"], &Device::Cpu)?;
+        assert_eq!(
+            batch.to_vec2::<u32>()?,
+            vec![t.encode("ab")?, t.encode("a")?]
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn an_exclamation_mark_pad_is_special_as_in_sd2() -> Result<()> {
+        let sd1 = ClipTokenizer::from_dir(folder(None, None).path())?;
+        assert_eq!(
+            sd1.max_length(),
+            77,
+            "CLIP's length when the config does not say"
+        );
+        assert_eq!(&sd1.encode("ab!!")?[..4], &[8, 6, 7, 9]);
+        let sd2 = sd1.with_pad_token("!")?;
+        assert_eq!(sd2.pad_id(), 0);
+        assert_eq!(&sd2.encode("ab!!")?[..6], &[8, 6, 0, 0, 9, 0]);
+        let from_files =
+            ClipTokenizer::from_dir(folder(Some(r#"{"pad_token": "!"}"#), None).path())?;
+        assert_eq!(from_files.encode("ab!!")?, sd2.encode("ab!!")?);
+        Ok(())
+    }
+
+    #[test]
+    fn special_tokens_map_wins_unless_the_config_declares_its_added_tokens() -> Result<()> {
+        let map = Some(r#"{"pad_token": {"content": "!", "lstrip": false, "rstrip": false}}"#);
+        let t =
+            ClipTokenizer::from_dir(folder(Some(r#"{"pad_token": "<|endoftext|>"}"#), map).path())?;
+        assert_eq!(t.pad_id(), 0);
+        let config = r#"{"pad_token": "<|endoftext|>", "added_tokens_decoder": {
+            "9": {"content": "<|endoftext|>", "special": true, "normalized": false}}}"#;
+        let t = ClipTokenizer::from_dir(folder(Some(config), map).path())?;
+        assert_eq!(t.pad_id(), 9);
+        Ok(())
+    }
+
+    #[test]
+    fn broken_files_are_named() {
+        let dir = folder(Some(r#"{"model_max_length": "long"}"#), None);
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("model_max_length"),
+            "{err}"
+        );
+        let dir = folder(None, Some("[1, 2]"));
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("special_tokens_map.json") && err.contains("JSON object"),
+            "{err}"
+        );
+        let dir = folder(None, None);
+        std::fs::write(dir.path().join("vocab.json"), r#"{"a": "one"}"#).expect("vocab");
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("vocab.json") && err.contains("`a`"), "{err}");
+        std::fs::write(
+            dir.path().join("tokenizer.json"),
+            r#"{"model": {"type": "WordPiece"}}"#,
+        )
+        .expect("json");
+        let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("WordPiece"),
+            "{err}"
+        );
+        let err = ClipTokenizer::from_dir(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("not a folder"),
+            "{err}"
+        );
+    }
+}
