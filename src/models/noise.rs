@@ -5,8 +5,10 @@
 //! `scheduler/scheduler_config.json` exactly as diffusers does (f32 betas, a cumulative product
 //! accumulated in f64 as torch does on the CPU, then rounded to f32), so that our noisy latents,
 //! targets and SNR weights match diffusers' and kohya's to the last bit of f32 where possible.
-//! Every DDPM-family scheduler class (DDPM, DDIM, PNDM, Euler, ...) stores the same keys, so the
-//! class name is not checked; a value we cannot reproduce is an error that names it.
+//! (The zero-terminal-SNR rescale can differ by one f32 ulp: torch's vectorised `sqrt` is not
+//! correctly rounded.) Every DDPM-family scheduler class (DDPM, DDIM, PNDM, Euler, ...) stores
+//! the same keys, so the class name is not checked; a value we cannot reproduce is an error
+//! that names it.
 
 use std::path::Path;
 
@@ -215,9 +217,12 @@ impl NoiseSchedule {
     /// Min-SNR-γ loss weight per sample (<https://arxiv.org/abs/2303.09556>), to multiply the
     /// per-sample MSE with: `min(snr, γ)/snr` for epsilon, `min(snr, γ)/(snr + 1)` for
     /// v-prediction. Same formula as kohya's `apply_snr_weight` and current diffusers'
-    /// `train_text_to_image*.py`, computed in f32. One deliberate difference: where `snr = 0`
-    /// (last step of a zero-terminal-SNR schedule) the epsilon weight is its limit 1 instead of
-    /// their `0/0 = NaN`. `timesteps`: `[B]` → `[B]` f32.
+    /// `train_text_to_image*.py`, computed in f32 (kohya precomputes the same SNR table from
+    /// `alphas_cumprod`; both scale the per-sample mean, then average over the batch). Older
+    /// diffusers scripts (2023) used `min(snr + 1, γ)/(snr + 1)` for v-prediction; we follow the
+    /// current ones and kohya. One deliberate difference: where `snr = 0` (last step of a
+    /// zero-terminal-SNR schedule) the epsilon weight is its limit 1 instead of their
+    /// `0/0 = NaN`. `timesteps`: `[B]` → `[B]` f32.
     pub fn min_snr_weight(&self, timesteps: &Tensor, gamma: f64) -> Result<Tensor> {
         let gamma = gamma as f32;
         let values: Vec<f32> = self
