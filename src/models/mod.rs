@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod clip_text;
+mod config_json;
 pub mod embeddings;
 pub mod load;
 pub mod noise;
@@ -10,4 +11,6 @@ pub mod source;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_config;
 pub mod vae;
+pub mod vae_config;
