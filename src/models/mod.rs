@@ -4,6 +4,8 @@ pub mod attention;
 pub mod clip_text;
 mod config_json;
 pub mod embeddings;
+#[cfg(test)]
+mod gradients;
 pub mod load;
 pub mod noise;
 pub mod resnet;
