@@ -139,6 +139,7 @@ impl VaeConfig {
         )?;
         let sample_size = match c.peek("sample_size") {
             Some(Value::Array(_)) => c.usizes("sample_size", &[])?.first().copied(),
+            None => Some(32),
             _ => c.opt_usize("sample_size")?,
         };
         let config = VaeConfig {
