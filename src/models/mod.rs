@@ -8,6 +8,8 @@ pub mod embeddings;
 mod gradients;
 pub mod load;
 pub mod noise;
+#[cfg(test)]
+mod random_weights;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;

@@ -256,3 +256,214 @@ fn per_sample_timesteps(timesteps: &Tensor, batch: usize) -> Result<Tensor> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use candle_core::Device;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use super::*;
+    use crate::models::random_weights::{randn, random_model};
+    use crate::nn::{Adapter, AdapterProvider, LayerKind, WeightStore};
+
+    /// Three blocks, so a 12×10 latent goes 12×10 → 6×5 → 3×3 and back through a 3 → 5 resize.
+    fn tiny_config() -> Result<UNetConfig> {
+        UNetConfig::from_json_str(
+            r#"{"block_out_channels": [8, 8, 16], "layers_per_block": 1, "norm_num_groups": 4,
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "attention_head_dim": 2, "cross_attention_dim": 6}"#,
+            "tiny unet",
+        )
+    }
+
+    fn tiny_unet() -> Result<UNet2DConditionModel> {
+        let config = tiny_config()?;
+        Ok(random_model(3, |store| {
+            UNet2DConditionModel::new(Scope::root(store), &config)
+        })?
+        .0)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()?)
+    }
+
+    #[test]
+    fn sides_that_are_not_multiples_of_the_downsampling_come_back_at_their_size() -> Result<()> {
+        let unet = tiny_unet()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let sample = randn(&mut rng, &[1, 4, 12, 10], 1.0, 0.0)?;
+        let context = randn(&mut rng, &[1, 3, 6], 1.0, 0.0)?;
+        let out = unet.forward(&sample, &Tensor::new(&[5u32], &Device::Cpu)?, &context)?;
+        assert_eq!(out.dims(), &[1, 4, 12, 10]);
+        Ok(())
+    }
+
+    #[test]
+    fn each_sample_uses_its_own_timestep() -> Result<()> {
+        let unet = tiny_unet()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let sample = randn(&mut rng, &[2, 4, 8, 8], 1.0, 0.0)?;
+        let context = randn(&mut rng, &[2, 3, 6], 1.0, 0.0)?;
+        let both = unet.forward(
+            &sample,
+            &Tensor::new(&[10i64, 700], &Device::Cpu)?,
+            &context,
+        )?;
+        for (i, t) in [10i64, 700].into_iter().enumerate() {
+            let alone = unet.forward(
+                &sample.narrow(0, i, 1)?,
+                &Tensor::new(&[t], &Device::Cpu)?,
+                &context.narrow(0, i, 1)?,
+            )?;
+            assert!(
+                max_diff(&both.narrow(0, i, 1)?, &alone)? < 1e-10,
+                "sample {i}"
+            );
+        }
+        // One timestep for the whole batch is repeated; it changes sample 1's prediction.
+        let shared = unet.forward(&sample, &Tensor::new(&[10f32], &Device::Cpu)?, &context)?;
+        let repeated = unet.forward(&sample, &Tensor::new(&[10u8, 10], &Device::Cpu)?, &context)?;
+        assert!(max_diff(&shared, &repeated)? < 1e-12);
+        assert!(max_diff(&shared.narrow(0, 1, 1)?, &both.narrow(0, 1, 1)?)? > 1e-3);
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_inputs_are_explained() -> Result<()> {
+        let unet = tiny_unet()?;
+        let dev = Device::Cpu;
+        let sample = Tensor::zeros((2, 4, 8, 8), DType::F64, &dev)?;
+        let context = Tensor::zeros((2, 3, 6), DType::F64, &dev)?;
+        let t = Tensor::new(&[1u32, 2], &dev)?;
+        let err = unet
+            .forward(
+                &Tensor::zeros((2, 3, 8, 8), DType::F64, &dev)?,
+                &t,
+                &context,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("in_channels = 4"), "{err}");
+        let err = unet
+            .forward(&sample, &t, &Tensor::zeros((2, 3, 5), DType::F64, &dev)?)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("encoder_hidden_states") && err.contains("[2, tokens, 6]"),
+            "{err}"
+        );
+        let err = unet
+            .forward(&sample, &Tensor::new(&[1u32, 2, 3], &dev)?, &context)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("3 timesteps for a batch of 2"), "{err}");
+        Ok(())
+    }
+
+    /// Records every layer that asks for an adapter.
+    #[derive(Default)]
+    struct Recorder(Mutex<BTreeMap<String, LayerKind>>);
+
+    impl AdapterProvider for Recorder {
+        fn adapter_for(
+            &self,
+            module_path: &str,
+            kind: LayerKind,
+        ) -> Result<Option<Arc<dyn Adapter>>> {
+            if let Ok(mut seen) = self.0.lock() {
+                seen.insert(module_path.to_string(), kind);
+            }
+            Ok(None)
+        }
+    }
+
+    #[test]
+    fn every_linear_and_conv_asks_for_an_adapter_under_its_diffusers_path() -> Result<()> {
+        let config = tiny_config()?;
+        let recorder = Recorder::default();
+        let keys: Mutex<Vec<(String, usize)>> = Mutex::new(Vec::new());
+        let build = |store: &WeightStore| {
+            let unet =
+                UNet2DConditionModel::new(Scope::root(store).with_adapters(&recorder), &config)?;
+            if let Ok(mut k) = keys.lock() {
+                *k = store
+                    .sources()
+                    .iter()
+                    .flat_map(|s| s.keys_and_shapes())
+                    .map(|(key, dims)| (key, dims.len()))
+                    .collect();
+            }
+            Ok(unet)
+        };
+        random_model(4, build)?;
+        let seen = recorder.0.lock().map(|s| s.clone()).unwrap_or_default();
+        // Every weight matrix or kernel (rank ≥ 2) belongs to a layer that asked, by its own path.
+        let keys = keys.lock().map(|k| k.clone()).unwrap_or_default();
+        for (key, rank) in &keys {
+            if let (Some(path), true) = (key.strip_suffix(".weight"), *rank >= 2) {
+                assert!(seen.contains_key(path), "{path} did not ask for an adapter");
+            }
+        }
+        assert!(seen
+            .keys()
+            .all(|p| keys.iter().any(|(k, _)| k == &format!("{p}.weight"))));
+        let block = "down_blocks.1.attentions.0.transformer_blocks.0";
+        assert_eq!(
+            seen[&format!("{block}.attn2.to_k")],
+            LayerKind::Linear {
+                in_features: 6,
+                out_features: 8
+            }
+        );
+        assert_eq!(
+            seen[&format!("{block}.ff.net.0.proj")],
+            LayerKind::Linear {
+                in_features: 8,
+                out_features: 64
+            }
+        );
+        assert_eq!(
+            seen[&format!("{block}.attn1.to_out.0")],
+            LayerKind::Linear {
+                in_features: 8,
+                out_features: 8
+            }
+        );
+        assert_eq!(
+            seen["down_blocks.0.downsamplers.0.conv"],
+            LayerKind::Conv2d {
+                in_channels: 8,
+                out_channels: 8,
+                kernel: 3,
+                stride: 2,
+                padding: 1
+            }
+        );
+        assert_eq!(
+            seen["up_blocks.0.resnets.0.conv_shortcut"],
+            LayerKind::Conv2d {
+                in_channels: 32,
+                out_channels: 16,
+                kernel: 1,
+                stride: 1,
+                padding: 0
+            }
+        );
+        for path in [
+            "conv_in",
+            "conv_out",
+            "time_embedding.linear_1",
+            "mid_block.attentions.0.proj_in",
+            "up_blocks.1.upsamplers.0.conv",
+        ] {
+            assert!(seen.contains_key(path), "{path}");
+        }
+        Ok(())
+    }
+}
