@@ -110,3 +110,39 @@ fn tiny_sd1_unet_matches_diffusers() {
 fn tiny_sd2_unet_matches_diffusers() {
     check_unet("tiny-sd2");
 }
+
+/// The same model in f16 (as training on a GPU runs it): the attention upcast and the f32
+/// statistics of the norms keep it within half-precision rounding of diffusers' f32 output.
+fn check_unet_f16(variant: &str) {
+    let dir = fixture(&format!("{variant}/unet"));
+    let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+    let source =
+        TensorSource::safetensors(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let store = WeightStore::from_source(source, DType::F16, Device::Cpu);
+    let unet = UNet2DConditionModel::new(Scope::root(&store), &config).unwrap();
+    let refs: HashMap<String, Tensor> = candle_core::safetensors::load(
+        fixture(&format!("{variant}.reference.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let out = unet
+        .forward(
+            &refs["unet.sample"],
+            &refs["unet.timesteps"],
+            &refs["unet.encoder_hidden_states"],
+        )
+        .unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let err = relative_error(&out, &refs["unet.out"]);
+    eprintln!("{variant}: f16 unet.out relative error {err:.2e}");
+    assert!(
+        err <= 1e-2,
+        "{variant}: the f16 UNet differs from diffusers by {err:.2e} of its scale"
+    );
+}
+
+#[test]
+fn tiny_unets_in_half_precision_stay_close_to_diffusers() {
+    check_unet_f16("tiny-sd1");
+    check_unet_f16("tiny-sd2");
+}

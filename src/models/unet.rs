@@ -170,7 +170,7 @@ impl UNet2DConditionModel {
     }
 
     /// [`UNet2DConditionModel::forward`], calling `trace(module_path, output)` with the output
-    /// of each top-level module: `time_embedding`, `conv_in`, `down_blocks.{i}` (the hidden
+    /// of each top-level module: `time_proj` (the sinusoidal features), `time_embedding`, `conv_in`, `down_blocks.{i}` (the hidden
     /// states), `mid_block`, `up_blocks.{i}`, `conv_out` (for comparisons with diffusers' hooks).
     pub fn forward_traced(
         &self,
@@ -207,6 +207,7 @@ impl UNet2DConditionModel {
             self.config.flip_sin_to_cos,
             self.config.freq_shift,
         )?;
+        trace("time_proj", &features)?;
         let temb = self
             .time_embedding
             .forward(&features.to_dtype(self.dtype)?)?;
