@@ -160,6 +160,11 @@ impl UNet2DConditionModel {
     /// `sample: [B, in_channels, H, W]`, `timesteps: [B]` (or one value for all samples; any
     /// numeric dtype), `encoder_hidden_states: [B, T, cross_attention_dim]` → the noise (or v)
     /// prediction `[B, out_channels, H, W]`.
+    ///
+    /// Any H and W work forward (as in diffusers, the upsamplers follow the skip connections'
+    /// sizes). For gradients, keep H and W of equal parity at every level (sides that are
+    /// multiples of 2^(blocks−1), i.e. multiples of 8 latents for SD): candle's stride-2
+    /// convolution fails in backward otherwise (DESIGN.md §7).
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -170,8 +175,9 @@ impl UNet2DConditionModel {
     }
 
     /// [`UNet2DConditionModel::forward`], calling `trace(module_path, output)` with the output
-    /// of each top-level module: `time_proj` (the sinusoidal features), `time_embedding`, `conv_in`, `down_blocks.{i}` (the hidden
-    /// states), `mid_block`, `up_blocks.{i}`, `conv_out` (for comparisons with diffusers' hooks).
+    /// of each top-level module: `time_proj` (the sinusoidal features), `time_embedding`,
+    /// `conv_in`, `down_blocks.{i}` (the hidden states), `mid_block`, `up_blocks.{i}`,
+    /// `conv_out` (for comparisons with diffusers' hooks).
     pub fn forward_traced(
         &self,
         sample: &Tensor,

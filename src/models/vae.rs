@@ -432,3 +432,27 @@ impl AutoencoderKL {
         self.decoder.forward(&z)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gaussian_splits_moments_clamps_logvar_and_samples_with_the_callers_noise() -> Result<()> {
+        // [1, 4, 1, 1]: mean (1, -1), logvar (ln 4, 50 → clamped to 20).
+        let moments =
+            Tensor::new(&[1.0f64, -1.0, 4f64.ln(), 50.0], &Device::Cpu)?.reshape((1, 4, 1, 1))?;
+        let g = DiagonalGaussian::from_moments(&moments)?;
+        assert_eq!(g.mean.flatten_all()?.to_vec1::<f64>()?, vec![1.0, -1.0]);
+        assert_eq!(
+            g.logvar.flatten_all()?.to_vec1::<f64>()?,
+            vec![4f64.ln(), 20.0]
+        );
+        let noise = Tensor::new(&[0.5f64, 0.0], &Device::Cpu)?.reshape((1, 2, 1, 1))?;
+        let z = g.sample(&noise)?.flatten_all()?.to_vec1::<f64>()?;
+        assert!((z[0] - 2.0).abs() < 1e-12 && z[1] == -1.0, "{z:?}");
+        assert_eq!(g.mode().flatten_all()?.to_vec1::<f64>()?, vec![1.0, -1.0]);
+        Ok(())
+    }
+}
