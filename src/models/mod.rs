@@ -3,13 +3,20 @@
 pub mod attention;
 pub mod clip_text;
 pub mod clip_text_config;
+mod config_json;
 pub mod embeddings;
+#[cfg(test)]
+mod gradients;
 pub mod load;
 pub mod noise;
+#[cfg(test)]
+mod random_weights;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;
 mod tokenizer_files;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_config;
 pub mod vae;
+pub mod vae_config;
