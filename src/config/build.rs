@@ -94,7 +94,7 @@ fn bucket_checks(f: &mut Fields, resolution: u32, min: u32, max: u32, step: u32)
         }
     }
     if resolution < min {
-        let at = f.location_of("resolution", &[]);
+        let at = f.location_of("min_bucket_reso", &[]);
         f.problem(
             at,
             format!(

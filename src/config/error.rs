@@ -8,8 +8,8 @@ use std::path::PathBuf;
 pub enum Location {
     /// A line of the config file (`None`: the file as a whole, e.g. for a missing key).
     File { path: PathBuf, line: Option<usize> },
-    /// A `--set key=value` argument, as typed.
-    Set { arg: String },
+    /// A `--set key=value` argument, as typed; `index` is its place among the `--set`s.
+    Set { index: usize, arg: String },
 }
 
 impl fmt::Display for Location {
@@ -17,7 +17,7 @@ impl fmt::Display for Location {
         match self {
             Location::File { path, line: Some(line) } => write!(f, "{}:{line}", path.display()),
             Location::File { path, line: None } => write!(f, "{}", path.display()),
-            Location::Set { arg } => write!(f, "--set {arg}"),
+            Location::Set { arg, .. } => write!(f, "--set {arg}"),
         }
     }
 }

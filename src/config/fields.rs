@@ -122,7 +122,7 @@ impl Fields {
 fn order(at: &Location) -> (u8, usize) {
     match at {
         Location::File { line, .. } => (0, line.unwrap_or(0)),
-        Location::Set { .. } => (1, 0),
+        Location::Set { index, .. } => (1, *index),
     }
 }
 
@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn set_wins_over_the_file_and_aliases_count_as_the_key() {
         let file = vec![entry("network_dim", "4", at(1))];
-        let sets = vec![entry("lora_rank", "16", Location::Set { arg: "lora_rank=16".into() })];
+        let sets = vec![entry("lora_rank", "16", Location::Set { index: 0, arg: "lora_rank=16".into() })];
         let mut f = Fields::new(Path::new("c.yaml"), file, sets);
         assert_eq!(f.get("lora_rank", &["network_dim"], count(1)), Some(16));
         assert!(f.finish().is_empty());

@@ -71,8 +71,8 @@ impl TrainPlan {
         };
         let mut bad_overrides = Vec::new();
         let mut set_entries = Vec::new();
-        for arg in overrides {
-            match parse_override(arg) {
+        for (index, arg) in overrides.iter().enumerate() {
+            match parse_override(index, arg) {
                 Ok(entry) => set_entries.push(entry),
                 Err(problem) => bad_overrides.push(problem),
             }
@@ -91,8 +91,8 @@ impl TrainPlan {
 }
 
 /// `key=value`, the value read as YAML.
-fn parse_override(arg: &str) -> Result<Entry, Problem> {
-    let at = Location::Set { arg: arg.to_string() };
+fn parse_override(index: usize, arg: &str) -> Result<Entry, Problem> {
+    let at = Location::Set { index, arg: arg.to_string() };
     let fail = |message: String| Problem { at: at.clone(), message };
     let (key, value) = arg
         .split_once('=')
@@ -105,3 +105,6 @@ fn parse_override(arg: &str) -> Result<Entry, Problem> {
         .map_err(|e| fail(format!("the value is not valid YAML: {}", e.message)))?;
     Ok(Entry { key: key.to_string(), value, at })
 }
+
+#[cfg(test)]
+mod tests;
