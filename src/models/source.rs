@@ -89,7 +89,7 @@ impl ModelSource {
             };
             return Ok(ModelSource::Hub { id: base_model.to_string(), snapshot, version });
         }
-        Err(unreadable(path, format!("it does not exist; {EXPECTED}")))
+        Err(unreadable(path, format!("it does not exist (check `base_model` in the config); {EXPECTED}")))
     }
 
     /// SD 1.x or 2.x, when it could be told without loading weights.
