@@ -27,8 +27,15 @@ fn assert_user_error(out: &Output) -> String {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(2), "stderr:\n{err}");
     assert!(err.starts_with("error: "), "{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-    assert!(out.stdout.is_empty(), "stdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     err
 }
 
@@ -65,7 +72,10 @@ fn a_wrong_type_names_the_expected_type() {
     let dir = tempfile::tempdir().unwrap();
     write_config(dir.path(), &format!("{VALID}batch_size: four\n"));
     let err = assert_user_error(&train(dir.path(), &["--config", "train.yaml"]));
-    assert_eq!(err, "error: train.yaml:4: `batch_size`: expected an integer, found the text `four`\n");
+    assert_eq!(
+        err,
+        "error: train.yaml:4: `batch_size`: expected an integer, found the text `four`\n"
+    );
 }
 
 #[test]
@@ -74,7 +84,18 @@ fn set_errors_name_the_argument() {
     write_config(dir.path(), VALID);
     let out = train(
         dir.path(),
-        &["--config", "train.yaml", "--set", "lora_rank=0", "--set", "target_modules=[q_proj", "--set", "epocs=3", "--set", "seed"],
+        &[
+            "--config",
+            "train.yaml",
+            "--set",
+            "lora_rank=0",
+            "--set",
+            "target_modules=[q_proj",
+            "--set",
+            "epocs=3",
+            "--set",
+            "seed",
+        ],
     );
     let err = assert_user_error(&out);
     for expected in [
@@ -90,16 +111,25 @@ fn set_errors_name_the_argument() {
 #[test]
 fn yaml_syntax_errors_give_the_position() {
     let dir = tempfile::tempdir().unwrap();
-    write_config(dir.path(), "train_data_dir: ./data\nbase_model: [./model\noutput_dir: o\n");
+    write_config(
+        dir.path(),
+        "train_data_dir: ./data\nbase_model: [./model\noutput_dir: o\n",
+    );
     let err = assert_user_error(&train(dir.path(), &["--config", "train.yaml"]));
-    assert!(err.starts_with("error: train.yaml:") && err.contains("invalid YAML"), "{err}");
+    assert!(
+        err.starts_with("error: train.yaml:") && err.contains("invalid YAML"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_missing_config_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let err = assert_user_error(&train(dir.path(), &["--config", "nowhere.yaml"]));
-    assert!(err.starts_with("error: nowhere.yaml: cannot read the config file:"), "{err}");
+    assert!(
+        err.starts_with("error: nowhere.yaml: cannot read the config file:"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -130,22 +160,66 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     let root = repo_path("");
     let p = example("cyberpunk_lora.yaml");
     assert_eq!(p.data.train_data_dir, root.join("data/cyberpunk_train"));
-    assert_eq!(p.data.metadata_path, Some(root.join("data/cyberpunk_train/metadata.csv")));
-    assert_eq!(Path::new(&p.model.base_model), root.join("models/Stable-diffusion/v1-5-pruned.safetensors"));
-    assert_eq!((p.lora.rank, p.lora.alpha, p.lora.conv_lora), (8, 16.0, false));
-    assert_eq!((p.training.batch_size, p.training.gradient_accumulation_steps), (4, 2));
-    assert_eq!((p.data.resolution, p.training.epochs, p.training.learning_rate), (512, 12, 2e-4));
-    assert_eq!((p.training.optimizer, p.training.scheduler), (Optimizer::AdamW8bit, LrScheduler::Cosine));
+    assert_eq!(
+        p.data.metadata_path,
+        Some(root.join("data/cyberpunk_train/metadata.csv"))
+    );
+    assert_eq!(
+        Path::new(&p.model.base_model),
+        root.join("models/Stable-diffusion/v1-5-pruned.safetensors")
+    );
+    assert_eq!(
+        (p.lora.rank, p.lora.alpha, p.lora.conv_lora),
+        (8, 16.0, false)
+    );
+    assert_eq!(
+        (
+            p.training.batch_size,
+            p.training.gradient_accumulation_steps
+        ),
+        (4, 2)
+    );
+    assert_eq!(
+        (
+            p.data.resolution,
+            p.training.epochs,
+            p.training.learning_rate
+        ),
+        (512, 12, 2e-4)
+    );
+    assert_eq!(
+        (p.training.optimizer, p.training.scheduler),
+        (Optimizer::AdamW8bit, LrScheduler::Cosine)
+    );
     assert_eq!(p.output.output_dir, root.join("output/cyberpunk_v1"));
-    assert_eq!((p.output.output_name.as_str(), p.output.save_steps), ("cyberpunk_v1", Some(100)));
+    assert_eq!(
+        (p.output.output_name.as_str(), p.output.save_steps),
+        ("cyberpunk_v1", Some(100))
+    );
 
     let p = example("guofeng_lora.yaml");
     assert_eq!(p.data.train_data_dir, root.join("data/guofeng_shuimo"));
-    assert_eq!(p.data.metadata_path, Some(root.join("data/guofeng_shuimo/metadata.csv")));
+    assert_eq!(
+        p.data.metadata_path,
+        Some(root.join("data/guofeng_shuimo/metadata.csv"))
+    );
     assert_eq!((p.lora.rank, p.lora.alpha, p.lora.dropout), (16, 32.0, 0.1));
-    assert_eq!(p.lora.target_modules, TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]));
-    assert_eq!((p.training.batch_size, p.training.epochs, p.training.learning_rate), (4, 15, 2e-4));
-    assert_eq!((p.training.scheduler, p.data.resolution), (LrScheduler::Cosine, 512));
+    assert_eq!(
+        p.lora.target_modules,
+        TargetModules::Names(vec!["q_proj".into(), "v_proj".into()])
+    );
+    assert_eq!(
+        (
+            p.training.batch_size,
+            p.training.epochs,
+            p.training.learning_rate
+        ),
+        (4, 15, 2e-4)
+    );
+    assert_eq!(
+        (p.training.scheduler, p.data.resolution),
+        (LrScheduler::Cosine, 512)
+    );
     assert_eq!(p.output.output_dir, root.join("output/guofeng_ink_lora"));
     assert_eq!(p.output.save_steps, Some(100));
 
@@ -155,7 +229,11 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     assert_eq!(p.data.resolution, 64);
     assert_eq!(p.output.output_dir, root.join("output/demo"));
     assert!(p.output.save_steps.is_some());
-    for plan in [example("cyberpunk_lora.yaml"), example("guofeng_lora.yaml"), example("demo.yaml")] {
+    for plan in [
+        example("cyberpunk_lora.yaml"),
+        example("guofeng_lora.yaml"),
+        example("demo.yaml"),
+    ] {
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     }
 }
@@ -168,7 +246,11 @@ fn every_example_key_has_a_comment() {
         for (i, line) in lines.iter().enumerate() {
             let is_key = !line.starts_with('#') && !line.starts_with(' ') && line.contains(':');
             if is_key {
-                assert!(i > 0 && lines[i - 1].starts_with('#'), "{name}:{}: `{line}` has no comment above it", i + 1);
+                assert!(
+                    i > 0 && lines[i - 1].starts_with('#'),
+                    "{name}:{}: `{line}` has no comment above it",
+                    i + 1
+                );
             }
         }
     }

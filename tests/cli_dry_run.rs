@@ -31,17 +31,26 @@ fn project(extra: &str) -> tempfile::TempDir {
     let mut csv = String::from("filename,prompt\n");
     for i in 0..3u8 {
         let name = format!("img{i}.png");
-        image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([x as u8 * 4, y as u8 * 4, i * 80]))
-            .save(data.join(&name))
-            .unwrap();
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([x as u8 * 4, y as u8 * 4, i * 80])
+        })
+        .save(data.join(&name))
+        .unwrap();
         csv.push_str(&format!("{name},\"a shape, number {i}\"\n"));
     }
     std::fs::write(data.join("metadata.csv"), csv).unwrap();
     let model = root.join("models/tiny-sd");
     std::fs::create_dir_all(model.join("unet")).unwrap();
-    std::fs::write(model.join("model_index.json"), r#"{"_class_name": "StableDiffusionPipeline"}"#)
-        .unwrap();
-    std::fs::write(model.join("unet/config.json"), r#"{"cross_attention_dim": 768}"#).unwrap();
+    std::fs::write(
+        model.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("unet/config.json"),
+        r#"{"cross_attention_dim": 768}"#,
+    )
+    .unwrap();
     let config = format!(
         "train_data_dir: ./data/shapes\nmetadata_path: ./data/shapes/metadata.csv\n\
          base_model: ./models/tiny-sd\nresolution: 64\nbatch_size: 2\nepochs: 3\n\
@@ -75,8 +84,14 @@ fn a_missing_base_model_is_named() {
     let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.starts_with("error: ") && err.contains("models/tiny-sd"), "{err}");
-    assert!(err.contains("does not exist") && err.contains("base_model"), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("models/tiny-sd"),
+        "{err}"
+    );
+    assert!(
+        err.contains("does not exist") && err.contains("base_model"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
 }
 
@@ -84,19 +99,43 @@ fn a_missing_base_model_is_named() {
 fn a_file_that_is_not_a_base_model_is_refused() {
     let dir = project("");
     std::fs::write(dir.path().join("models/notes.txt"), "hello").unwrap();
-    let out = train(dir.path(), &["--config", "train.yaml", "--set", "base_model=./models/notes.txt", "--dry-run"]);
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--set",
+            "base_model=./models/notes.txt",
+            "--dry-run",
+        ],
+    );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("models/notes.txt") && err.contains("unknown file type"), "{err}");
+    assert!(
+        err.contains("models/notes.txt") && err.contains("unknown file type"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_folder_that_is_not_a_diffusers_model_is_refused() {
     let dir = project("");
-    let out = train(dir.path(), &["--config", "train.yaml", "--set", "base_model=./data", "--dry-run"]);
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--set",
+            "base_model=./data",
+            "--dry-run",
+        ],
+    );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("neither model_index.json nor unet/config.json"), "{err}");
+    assert!(
+        err.contains("neither model_index.json nor unet/config.json"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -106,7 +145,11 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
     let before = files(dir.path());
     let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
-    assert_eq!(out.status.code(), Some(0), "stderr:\n{stderr}\nstdout:\n{stdout}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr:\n{stderr}\nstdout:\n{stdout}"
+    );
     // 3 images, batch 2 → 2 batches per epoch → 2 steps per epoch; 3 epochs → 6 steps.
     for expected in [
         "Dry run of train.yaml",
@@ -120,7 +163,10 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
         "shapes_v1-step00000002.safetensors",
         "shapes_v1.safetensors",
     ] {
-        assert!(stdout.contains(expected), "missing `{expected}` in:\n{stdout}");
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
     }
     assert_eq!(files(dir.path()), before, "a dry run wrote files");
 }

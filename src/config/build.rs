@@ -39,7 +39,11 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
     let train_data_dir = required(f, "train_data_dir", &[], "the folder of training images");
     let metadata_path = f.get("metadata_path", &[], text).map(|p| resolve(cwd, &p));
     let caption_extension = f
-        .get("caption_extension", &["caption_extention"], caption_extension)
+        .get(
+            "caption_extension",
+            &["caption_extention"],
+            caption_extension,
+        )
         .unwrap_or_else(|| ".txt".into());
     let resolution = f.get("resolution", &[], resolution).unwrap_or(512);
     let enable_bucket = f.get("enable_bucket", &[], flag).unwrap_or(false);
@@ -47,11 +51,21 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
     let max_bucket_reso = f.get("max_bucket_reso", &[], pixels).unwrap_or(1024);
     let bucket_reso_steps = f.get("bucket_reso_steps", &[], pixels).unwrap_or(64);
     if enable_bucket {
-        bucket_checks(f, resolution, min_bucket_reso, max_bucket_reso, bucket_reso_steps);
+        bucket_checks(
+            f,
+            resolution,
+            min_bucket_reso,
+            max_bucket_reso,
+            bucket_reso_steps,
+        );
     }
     let random_crop = f.get("random_crop", &[], flag).unwrap_or(false);
     let flip_aug = f.get("flip_aug", &[], flag).unwrap_or(false);
-    let repeats = f.get("repeats", &["num_repeats", "dataset_repeats"], small_count(1));
+    let repeats = f.get(
+        "repeats",
+        &["num_repeats", "dataset_repeats"],
+        small_count(1),
+    );
     let caption_prefix = f.get("caption_prefix", &[], text);
     let shuffle_caption = f.get("shuffle_caption", &[], flag).unwrap_or(false);
     let keep_tokens = f.get("keep_tokens", &[], count(0)).unwrap_or(0);
@@ -82,7 +96,10 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
 fn bucket_checks(f: &mut Fields, resolution: u32, min: u32, max: u32, step: u32) {
     if min > max {
         let at = f.location_of("min_bucket_reso", &[]);
-        f.problem(at, format!("`min_bucket_reso` ({min}) is larger than `max_bucket_reso` ({max})"));
+        f.problem(
+            at,
+            format!("`min_bucket_reso` ({min}) is larger than `max_bucket_reso` ({max})"),
+        );
     }
     for (name, value) in [("min_bucket_reso", min), ("max_bucket_reso", max)] {
         if value % step != 0 {
@@ -112,18 +129,22 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
         &["pretrained_model_name_or_path"],
         "a diffusers folder, a .safetensors/.ckpt file or a hub id such as `org/name`",
     );
-    let tokenizer = f.get("tokenizer", &[], text).map(|t| model_reference(cwd, &t));
+    let tokenizer = f
+        .get("tokenizer", &[], text)
+        .map(|t| model_reference(cwd, &t));
     let vae = f.get("vae", &[], text).map(|t| model_reference(cwd, &t));
     let clip_skip = f.get("clip_skip", &[], count(1)).unwrap_or(1);
     // kohya's `v_parameterization: true` is `prediction_type: v_prediction`.
-    let prediction_type = f.entry("prediction_type", &["v_parameterization"]).and_then(|e| {
-        if e.key == "v_parameterization" {
-            let v = f.read_entry(&e, flag)?;
-            v.then_some(PredictionType::VPrediction)
-        } else {
-            f.read_entry(&e, choice(PredictionType::parse))
-        }
-    });
+    let prediction_type = f
+        .entry("prediction_type", &["v_parameterization"])
+        .and_then(|e| {
+            if e.key == "v_parameterization" {
+                let v = f.read_entry(&e, flag)?;
+                v.then_some(PredictionType::VPrediction)
+            } else {
+                f.read_entry(&e, choice(PredictionType::parse))
+            }
+        });
     Some(ModelSettings {
         base_model: model_reference(cwd, &base_model?),
         tokenizer,
@@ -134,13 +155,19 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
 }
 
 fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
-    let rank = f.get("lora_rank", &["network_dim"], small_count(1)).unwrap_or(8);
+    let rank = f
+        .get("lora_rank", &["network_dim"], small_count(1))
+        .unwrap_or(8);
     let alpha = f.get("lora_alpha", &["network_alpha"], non_negative);
-    let dropout = f.get("lora_dropout", &["network_dropout"], rate).unwrap_or(0.0);
+    let dropout = f
+        .get("lora_dropout", &["network_dropout"], rate)
+        .unwrap_or(0.0);
     let rank_dropout = f.get("rank_dropout", &[], rate).unwrap_or(0.0);
     let module_dropout = f.get("module_dropout", &[], rate).unwrap_or(0.0);
     let conv_lora = f.get("conv_lora", &[], flag).unwrap_or(false);
-    let conv_rank = f.get("conv_rank", &["conv_dim"], small_count(1)).unwrap_or(rank);
+    let conv_rank = f
+        .get("conv_rank", &["conv_dim"], small_count(1))
+        .unwrap_or(rank);
     let conv_alpha = f.get("conv_alpha", &[], non_negative);
     let target_modules = f
         .get("target_modules", &[], target_modules)
@@ -148,14 +175,20 @@ fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
     // kohya's `network_train_unet_only: true` is `train_text_encoder: false`.
     let train_text_encoder = f
         .entry("train_text_encoder", &["network_train_unet_only"])
-        .and_then(|e| f.read_entry(&e, flag).map(|v| v != (e.key == "network_train_unet_only")))
+        .and_then(|e| {
+            f.read_entry(&e, flag)
+                .map(|v| v != (e.key == "network_train_unet_only"))
+        })
         .unwrap_or(true);
-    let network_weights = f.get("network_weights", &[], text).map(|p| resolve(cwd, &p));
+    let network_weights = f
+        .get("network_weights", &[], text)
+        .map(|p| resolve(cwd, &p));
     let save_precision = f
         .get("save_precision", &[], choice(SavePrecision::parse))
         .unwrap_or(SavePrecision::Fp16);
-    let save_format =
-        f.get("save_format", &[], choice(SaveFormat::parse)).unwrap_or(SaveFormat::Kohya);
+    let save_format = f
+        .get("save_format", &[], choice(SaveFormat::parse))
+        .unwrap_or(SaveFormat::Kohya);
     // alpha 0 means "alpha = rank", as in kohya and the LoRA file format.
     let alpha_or = |alpha: Option<f64>, rank: u32| match alpha {
         Some(a) if a > 0.0 => a,
@@ -179,16 +212,25 @@ fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
 }
 
 fn training(f: &mut Fields) -> Option<TrainingSettings> {
-    let batch_size = f.get("batch_size", &["train_batch_size"], count(1)).unwrap_or(1);
-    let gradient_accumulation_steps =
-        f.get("gradient_accumulation_steps", &[], count(1)).unwrap_or(1);
+    let batch_size = f
+        .get("batch_size", &["train_batch_size"], count(1))
+        .unwrap_or(1);
+    let gradient_accumulation_steps = f
+        .get("gradient_accumulation_steps", &[], count(1))
+        .unwrap_or(1);
     let epochs = f
-        .get("epochs", &["max_train_epochs", "num_train_epochs"], count(1))
+        .get(
+            "epochs",
+            &["max_train_epochs", "num_train_epochs"],
+            count(1),
+        )
         .unwrap_or(10);
     let max_train_steps = f.get("max_train_steps", &[], count(1));
     let learning_rate = f.get("learning_rate", &[], positive).unwrap_or(1e-4);
     let unet_lr = f.get("unet_lr", &[], positive).unwrap_or(learning_rate);
-    let text_encoder_lr = f.get("text_encoder_lr", &[], positive).unwrap_or(learning_rate);
+    let text_encoder_lr = f
+        .get("text_encoder_lr", &[], positive)
+        .unwrap_or(learning_rate);
     let optimizer = f
         .get("optimizer", &["optimizer_type"], choice(Optimizer::parse))
         .unwrap_or(Optimizer::AdamW);
@@ -200,7 +242,9 @@ fn training(f: &mut Fields) -> Option<TrainingSettings> {
     let scheduler = f
         .get("scheduler", &["lr_scheduler"], choice(LrScheduler::parse))
         .unwrap_or(LrScheduler::Constant);
-    let warmup = f.get("lr_warmup_steps", &[], warmup).unwrap_or(Warmup::Steps(0));
+    let warmup = f
+        .get("lr_warmup_steps", &[], warmup)
+        .unwrap_or(Warmup::Steps(0));
     let lr_scheduler_num_cycles = f.get("lr_scheduler_num_cycles", &[], count(1)).unwrap_or(1);
     let lr_scheduler_power = f.get("lr_scheduler_power", &[], positive).unwrap_or(1.0);
     let max_grad_norm = f.get("max_grad_norm", &[], non_negative).unwrap_or(1.0);
@@ -209,7 +253,9 @@ fn training(f: &mut Fields) -> Option<TrainingSettings> {
     let mixed_precision = f
         .get("mixed_precision", &[], choice(MixedPrecision::parse))
         .unwrap_or(MixedPrecision::No);
-    let device = f.get("device", &[], choice(DeviceChoice::parse)).unwrap_or(DeviceChoice::Auto);
+    let device = f
+        .get("device", &[], choice(DeviceChoice::parse))
+        .unwrap_or(DeviceChoice::Auto);
     let cache_latents = f.get("cache_latents", &[], flag).unwrap_or(true);
     let cache_latents_to_disk = f.get("cache_latents_to_disk", &[], flag).unwrap_or(false);
     let gradient_checkpointing = f.get("gradient_checkpointing", &[], flag).unwrap_or(false);
@@ -242,14 +288,23 @@ fn training(f: &mut Fields) -> Option<TrainingSettings> {
 }
 
 fn output(f: &mut Fields, cwd: &Path) -> Option<OutputSettings> {
-    let output_dir = required(f, "output_dir", &[], "the folder the LoRA files are written to")
-        .map(|d| resolve(cwd, &d));
+    let output_dir = required(
+        f,
+        "output_dir",
+        &[],
+        "the folder the LoRA files are written to",
+    )
+    .map(|d| resolve(cwd, &d));
     let output_name = f.get("output_name", &[], output_name);
     let save_steps = f.get("save_steps", &["save_every_n_steps"], count(1));
     let save_every_n_epochs = f.get("save_every_n_epochs", &[], count(1));
     let save_last_n = f.get("save_last_n", &[], count(1));
-    let log_with = f.get("log_with", &[], choice(LogWith::parse)).unwrap_or(LogWith::Tensorboard);
-    let log_dir = f.get("log_dir", &["logging_dir"], text).map(|d| resolve(cwd, &d));
+    let log_with = f
+        .get("log_with", &[], choice(LogWith::parse))
+        .unwrap_or(LogWith::Tensorboard);
+    let log_dir = f
+        .get("log_dir", &["logging_dir"], text)
+        .map(|d| resolve(cwd, &d));
     let output_dir = output_dir?;
     let output_name = match output_name {
         Some(name) => name,
@@ -285,16 +340,34 @@ fn warnings(
         notes.push(format!("{}: {message}", f.location_of(name, aliases)));
     };
     if training.scheduler == LrScheduler::Constant && training.warmup != Warmup::Steps(0) {
-        note("lr_warmup_steps", &[], "the `constant` scheduler has no warm-up; use `constant_with_warmup`");
+        note(
+            "lr_warmup_steps",
+            &[],
+            "the `constant` scheduler has no warm-up; use `constant_with_warmup`",
+        );
     }
-    if !lora.conv_lora && (f.was_given("conv_rank", &["conv_dim"]) || f.was_given("conv_alpha", &[])) {
-        note("conv_rank", &["conv_dim"], "`conv_rank`/`conv_alpha` have no effect without `conv_lora: true`");
+    if !lora.conv_lora
+        && (f.was_given("conv_rank", &["conv_dim"]) || f.was_given("conv_alpha", &[]))
+    {
+        note(
+            "conv_rank",
+            &["conv_dim"],
+            "`conv_rank`/`conv_alpha` have no effect without `conv_lora: true`",
+        );
     }
     if training.cache_latents_to_disk && !training.cache_latents {
-        note("cache_latents_to_disk", &[], "`cache_latents_to_disk` needs `cache_latents: true`");
+        note(
+            "cache_latents_to_disk",
+            &[],
+            "`cache_latents_to_disk` needs `cache_latents: true`",
+        );
     }
     if data.keep_tokens > 0 && !data.shuffle_caption {
-        note("keep_tokens", &[], "`keep_tokens` only matters with `shuffle_caption: true`");
+        note(
+            "keep_tokens",
+            &[],
+            "`keep_tokens` only matters with `shuffle_caption: true`",
+        );
     }
     notes
 }
@@ -325,9 +398,15 @@ fn caption_extension(v: &Value) -> Result<String, String> {
     let ext = text(v)?;
     let ext = ext.trim();
     if ext.is_empty() || ext == "." || ext.contains(['/', '\\']) {
-        return Err(format!("expected a file extension such as `.txt`, found `{ext}`"));
+        return Err(format!(
+            "expected a file extension such as `.txt`, found `{ext}`"
+        ));
     }
-    Ok(if ext.starts_with('.') { ext.to_string() } else { format!(".{ext}") })
+    Ok(if ext.starts_with('.') {
+        ext.to_string()
+    } else {
+        format!(".{ext}")
+    })
 }
 
 /// A side in pixels: a multiple of 8 (the VAE's scale) and at least 64.
@@ -338,7 +417,9 @@ fn pixels(v: &Value) -> Result<u32, String> {
 
 fn check_pixels(n: u32) -> Result<u32, String> {
     if n < 64 || n % 8 != 0 {
-        return Err(format!("must be a multiple of 8 and at least 64 (pixels), found {n}"));
+        return Err(format!(
+            "must be a multiple of 8 and at least 64 (pixels), found {n}"
+        ));
     }
     Ok(n)
 }
@@ -349,12 +430,18 @@ fn resolution(v: &Value) -> Result<u32, String> {
         Value::Seq(items) => items.clone(),
         Value::Scalar { text, .. } if text.contains(',') => text
             .split(',')
-            .map(|s| Value::Scalar { text: s.trim().to_string(), quoted: false })
+            .map(|s| Value::Scalar {
+                text: s.trim().to_string(),
+                quoted: false,
+            })
             .collect(),
         _ => return pixels(v),
     };
     let [w, h] = sides.as_slice() else {
-        return Err(format!("expected one size or `width,height`, found {}", v.describe()));
+        return Err(format!(
+            "expected one size or `width,height`, found {}",
+            v.describe()
+        ));
     };
     let (w, h) = (pixels(w)?, pixels(h)?);
     if w != h {
@@ -390,20 +477,25 @@ fn target_modules(v: &Value) -> Result<TargetModules, String> {
             for item in items {
                 let name = item.as_text().map(str::trim).filter(|s| !s.is_empty());
                 let name = name.ok_or_else(|| {
-                    format!("expected module names in the list, found {}", item.describe())
+                    format!(
+                        "expected module names in the list, found {}",
+                        item.describe()
+                    )
                 })?;
                 names.push(name.to_string());
             }
             if names.is_empty() {
-                return Err("the list is empty: name at least one module (e.g. `[to_q, to_v]`)".into());
+                return Err(
+                    "the list is empty: name at least one module (e.g. `[to_q, to_v]`)".into(),
+                );
             }
             Ok(TargetModules::Names(names))
         }
         _ => {
             let preset = text(v)?;
-            TargetPreset::parse(&preset).map(TargetModules::Preset).map_err(|e| {
-                format!("{e}; or a list of module names such as `[q_proj, v_proj]`")
-            })
+            TargetPreset::parse(&preset)
+                .map(TargetModules::Preset)
+                .map_err(|e| format!("{e}; or a list of module names such as `[q_proj, v_proj]`"))
         }
     }
 }
@@ -436,7 +528,14 @@ pub fn resolve(cwd: &Path, text: &str) -> PathBuf {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(text),
     };
-    let joined = if path.is_absolute() { path } else { cwd.join(path) };
+    let joined = if path.is_absolute() {
+        path
+    } else {
+        cwd.join(path)
+    };
     // Drop `.` components only: removing `..` lexically would be wrong across symlinks.
-    joined.components().filter(|c| *c != Component::CurDir).collect()
+    joined
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
 }

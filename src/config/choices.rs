@@ -213,15 +213,22 @@ mod tests {
         assert_eq!(Optimizer::parse("adamw8bit"), Ok(Optimizer::AdamW8bit));
         assert_eq!(Optimizer::parse("sgd").map(Optimizer::as_str), Ok("SGD"));
         let err = Optimizer::parse("Adam").unwrap_err();
-        assert_eq!(err, "unknown optimizer `Adam`; valid: AdamW, AdamW8bit, Lion, SGD");
+        assert_eq!(
+            err,
+            "unknown optimizer `Adam`; valid: AdamW, AdamW8bit, Lion, SGD"
+        );
     }
 
     #[test]
     fn scheduler_and_precision_names() {
         assert_eq!(LrScheduler::parse("Cosine"), Ok(LrScheduler::Cosine));
-        assert!(LrScheduler::parse("cosine_annealing").unwrap_err().contains("cosine_with_restarts"));
+        assert!(LrScheduler::parse("cosine_annealing")
+            .unwrap_err()
+            .contains("cosine_with_restarts"));
         assert_eq!(MixedPrecision::parse("bf16"), Ok(MixedPrecision::Bf16));
-        assert!(MixedPrecision::parse("fp8").unwrap_err().contains("valid: no, fp16, bf16"));
+        assert!(MixedPrecision::parse("fp8")
+            .unwrap_err()
+            .contains("valid: no, fp16, bf16"));
         assert!(SavePrecision::parse("float").is_err());
     }
 
@@ -230,7 +237,9 @@ mod tests {
         assert_eq!(DeviceChoice::parse("cuda"), Ok(DeviceChoice::Cuda(0)));
         assert_eq!(DeviceChoice::parse("cuda:1"), Ok(DeviceChoice::Cuda(1)));
         assert_eq!(DeviceChoice::parse("CPU"), Ok(DeviceChoice::Cpu));
-        assert!(DeviceChoice::parse("cuda:x").unwrap_err().contains("cuda:N"));
+        assert!(DeviceChoice::parse("cuda:x")
+            .unwrap_err()
+            .contains("cuda:N"));
         assert!(DeviceChoice::parse("mps").is_err());
     }
 

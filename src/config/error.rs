@@ -15,7 +15,10 @@ pub enum Location {
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Location::File { path, line: Some(line) } => write!(f, "{}:{line}", path.display()),
+            Location::File {
+                path,
+                line: Some(line),
+            } => write!(f, "{}:{line}", path.display()),
             Location::File { path, line: None } => write!(f, "{}", path.display()),
             Location::Set { arg, .. } => write!(f, "--set {arg}"),
         }

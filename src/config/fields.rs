@@ -38,11 +38,17 @@ impl Fields {
 
     /// The config file as a whole (for a missing key).
     pub fn file_level(&self) -> Location {
-        Location::File { path: self.origin.clone(), line: None }
+        Location::File {
+            path: self.origin.clone(),
+            line: None,
+        }
     }
 
     pub fn problem(&mut self, at: Location, message: impl Into<String>) {
-        self.problems.push(Problem { at, message: message.into() });
+        self.problems.push(Problem {
+            at,
+            message: message.into(),
+        });
     }
 
     /// The entry that sets `name` (or one of its aliases): a `--set` wins over the file. A key
@@ -109,11 +115,14 @@ impl Fields {
     pub fn finish(mut self) -> Vec<Problem> {
         let unused = self.file.iter().chain(&self.sets).filter(|(_, used)| !used);
         let unknown: Vec<Problem> = unused
-            .map(|(e, _)| Problem { at: e.at.clone(), message: unknown_key(&e.key, &self.known) })
+            .map(|(e, _)| Problem {
+                at: e.at.clone(),
+                message: unknown_key(&e.key, &self.known),
+            })
             .collect();
         self.problems.extend(unknown);
         // A stable sort keeps the order of problems found on the same line.
-        self.problems.sort_by(|a, b| order(&a.at).cmp(&order(&b.at)));
+        self.problems.sort_by_key(|p| order(&p.at));
         self.problems
     }
 }
@@ -153,7 +162,9 @@ fn duplicate(entry: &Entry, earlier: &Entry) -> String {
         format!("`{}` and `{}` are the same key", entry.key, earlier.key)
     };
     let where_ = match &earlier.at {
-        Location::File { line: Some(line), .. } => format!("line {line}"),
+        Location::File {
+            line: Some(line), ..
+        } => format!("line {line}"),
         other => other.to_string(),
     };
     format!("{same} (also at {where_}); keep one")
@@ -184,7 +195,8 @@ pub fn closest<'a>(key: &str, known: &[&'a str]) -> Option<&'a str> {
 
 /// `true` or `false`.
 pub fn flag(v: &Value) -> Result<bool, String> {
-    v.as_bool().ok_or_else(|| format!("expected true or false, found {}", v.describe()))
+    v.as_bool()
+        .ok_or_else(|| format!("expected true or false, found {}", v.describe()))
 }
 
 /// An integer ≥ `min`.
@@ -217,9 +229,14 @@ pub fn small_count(min: u32) -> impl Fn(&Value) -> Result<u32, String> {
 }
 
 /// A number (integer or float) that passes `check`, described by `range` ("> 0", "in [0, 1)").
-pub fn number(range: &'static str, check: fn(f64) -> bool) -> impl Fn(&Value) -> Result<f64, String> {
+pub fn number(
+    range: &'static str,
+    check: fn(f64) -> bool,
+) -> impl Fn(&Value) -> Result<f64, String> {
     move |v| {
-        let x = v.as_f64().ok_or_else(|| format!("expected a number, found {}", v.describe()))?;
+        let x = v
+            .as_f64()
+            .ok_or_else(|| format!("expected a number, found {}", v.describe()))?;
         if !check(x) {
             return Err(format!("must be {range}, found {x}"));
         }
@@ -237,7 +254,9 @@ pub fn non_negative(v: &Value) -> Result<f64, String> {
 
 /// A probability of dropping something: 0 ≤ p < 1.
 pub fn rate(v: &Value) -> Result<f64, String> {
-    number("in [0, 1) (a probability; 1 would drop everything)", |x| (0.0..1.0).contains(&x))(v)
+    number("in [0, 1) (a probability; 1 would drop everything)", |x| {
+        (0.0..1.0).contains(&x)
+    })(v)
 }
 
 /// Any scalar, as text.
@@ -257,11 +276,21 @@ mod tests {
     use super::*;
 
     fn at(line: usize) -> Location {
-        Location::File { path: "c.yaml".into(), line: Some(line) }
+        Location::File {
+            path: "c.yaml".into(),
+            line: Some(line),
+        }
     }
 
     fn entry(key: &str, value: &str, at: Location) -> Entry {
-        Entry { key: key.into(), value: Value::Scalar { text: value.into(), quoted: false }, at }
+        Entry {
+            key: key.into(),
+            value: Value::Scalar {
+                text: value.into(),
+                quoted: false,
+            },
+            at,
+        }
     }
 
     #[test]
@@ -277,7 +306,14 @@ mod tests {
     #[test]
     fn set_wins_over_the_file_and_aliases_count_as_the_key() {
         let file = vec![entry("network_dim", "4", at(1))];
-        let sets = vec![entry("lora_rank", "16", Location::Set { index: 0, arg: "lora_rank=16".into() })];
+        let sets = vec![entry(
+            "lora_rank",
+            "16",
+            Location::Set {
+                index: 0,
+                arg: "lora_rank=16".into(),
+            },
+        )];
         let mut f = Fields::new(Path::new("c.yaml"), file, sets);
         assert_eq!(f.get("lora_rank", &["network_dim"], count(1)), Some(16));
         assert!(f.finish().is_empty());
@@ -305,12 +341,30 @@ mod tests {
 
     #[test]
     fn readers_name_the_expected_type() {
-        let v = |s: &str| Value::Scalar { text: s.into(), quoted: false };
-        assert_eq!(count(1)(&v("eight")).unwrap_err(), "expected an integer, found the text `eight`");
-        assert_eq!(flag(&v("yes")).unwrap_err(), "expected true or false, found the text `yes`");
-        assert_eq!(positive(&v("0")).unwrap_err(), "must be greater than 0, found 0");
+        let v = |s: &str| Value::Scalar {
+            text: s.into(),
+            quoted: false,
+        };
+        assert_eq!(
+            count(1)(&v("eight")).unwrap_err(),
+            "expected an integer, found the text `eight`"
+        );
+        assert_eq!(
+            flag(&v("yes")).unwrap_err(),
+            "expected true or false, found the text `yes`"
+        );
+        assert_eq!(
+            positive(&v("0")).unwrap_err(),
+            "must be greater than 0, found 0"
+        );
         assert!(rate(&v("1")).is_err() && rate(&v("0")).is_ok() && rate(&v("-0.1")).is_err());
-        assert_eq!(text(&Value::Seq(vec![])).unwrap_err(), "expected text, found a list");
-        assert_eq!(count(1)(&v("2.5")).unwrap_err(), "expected an integer, found the number `2.5`");
+        assert_eq!(
+            text(&Value::Seq(vec![])).unwrap_err(),
+            "expected text, found a list"
+        );
+        assert_eq!(
+            count(1)(&v("2.5")).unwrap_err(),
+            "expected an integer, found the number `2.5`"
+        );
     }
 }

@@ -47,7 +47,10 @@ impl TrainPlan {
         overrides: &[String],
         cwd: &Path,
     ) -> Result<TrainPlan, ConfigError> {
-        let file_at = |line| Location::File { path: config_path.to_path_buf(), line };
+        let file_at = |line| Location::File {
+            path: config_path.to_path_buf(),
+            line,
+        };
         let root = yaml::parse(text).map_err(|e| ConfigError::Syntax {
             at: file_at(Some(e.line)),
             column: Some(e.column),
@@ -56,7 +59,11 @@ impl TrainPlan {
         let file_entries = match root {
             Value::Map(entries) => entries
                 .into_iter()
-                .map(|e| Entry { key: e.key, value: e.value, at: file_at(Some(e.line)) })
+                .map(|e| Entry {
+                    key: e.key,
+                    value: e.value,
+                    at: file_at(Some(e.line)),
+                })
                 .collect(),
             v if v.is_null() => Vec::new(),
             other => {
@@ -65,7 +72,10 @@ impl TrainPlan {
                     other.describe()
                 );
                 return Err(ConfigError::Invalid {
-                    problems: vec![Problem { at: file_at(None), message }],
+                    problems: vec![Problem {
+                        at: file_at(None),
+                        message,
+                    }],
                 });
             }
         };
@@ -92,8 +102,14 @@ impl TrainPlan {
 
 /// `key=value`, the value read as YAML.
 fn parse_override(index: usize, arg: &str) -> Result<Entry, Problem> {
-    let at = Location::Set { index, arg: arg.to_string() };
-    let fail = |message: String| Problem { at: at.clone(), message };
+    let at = Location::Set {
+        index,
+        arg: arg.to_string(),
+    };
+    let fail = |message: String| Problem {
+        at: at.clone(),
+        message,
+    };
     let (key, value) = arg
         .split_once('=')
         .ok_or_else(|| fail("expected KEY=VALUE, e.g. `--set learning_rate=1e-4`".into()))?;
@@ -103,7 +119,11 @@ fn parse_override(index: usize, arg: &str) -> Result<Entry, Problem> {
     }
     let value = yaml::parse(value)
         .map_err(|e| fail(format!("the value is not valid YAML: {}", e.message)))?;
-    Ok(Entry { key: key.to_string(), value, at })
+    Ok(Entry {
+        key: key.to_string(),
+        value,
+        at,
+    })
 }
 
 #[cfg(test)]

@@ -129,7 +129,8 @@ pub struct OutputSettings {
 impl OutputSettings {
     /// The exported LoRA: `<output_dir>/<output_name>.safetensors`.
     pub fn final_file(&self) -> PathBuf {
-        self.output_dir.join(format!("{}.safetensors", self.output_name))
+        self.output_dir
+            .join(format!("{}.safetensors", self.output_name))
     }
 
     /// A step checkpoint's file name: `<output_name>-step00000100.safetensors`.

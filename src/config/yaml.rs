@@ -38,7 +38,10 @@ pub struct SyntaxError {
 
 impl Value {
     fn plain(text: &str) -> Value {
-        Value::Scalar { text: text.to_string(), quoted: false }
+        Value::Scalar {
+            text: text.to_string(),
+            quoted: false,
+        }
     }
 
     /// `~`, `null`, an empty plain scalar: "no value", which means "use the default".
@@ -79,7 +82,9 @@ impl Value {
         let text = self.as_text()?.trim();
         // Rust also reads `inf`, `NaN` and `infinity`: no config value may be one of those.
         let looks_numeric = text.bytes().any(|b| b.is_ascii_digit())
-            && text.bytes().all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b"+-.eE".contains(&b));
         if !looks_numeric {
             return None;
         }
@@ -124,7 +129,11 @@ fn syntax_error(text: &str, e: &ScanError) -> SyntaxError {
             // serde_yaml appends " at line L column C"; the caller prints the position itself.
             let suffix = format!(" at line {} column {}", at.line(), at.column());
             let message = message.split(&suffix).collect::<Vec<_>>().join("");
-            return SyntaxError { message, line: at.line(), column: at.column() };
+            return SyntaxError {
+                message,
+                line: at.line(),
+                column: at.column(),
+            };
         }
     }
     SyntaxError {
@@ -136,8 +145,15 @@ fn syntax_error(text: &str, e: &ScanError) -> SyntaxError {
 
 /// A collection being read, with the anchor it will be stored under (0 = none).
 enum Frame {
-    Seq { items: Vec<Value>, anchor: usize },
-    Map { entries: Vec<MapEntry>, pending_key: Option<(String, usize)>, anchor: usize },
+    Seq {
+        items: Vec<Value>,
+        anchor: usize,
+    },
+    Map {
+        entries: Vec<MapEntry>,
+        pending_key: Option<(String, usize)>,
+        anchor: usize,
+    },
 }
 
 #[derive(Default)]
@@ -166,24 +182,40 @@ impl Builder {
             }
             Event::Scalar(text, style, anchor, _tag) => {
                 let quoted = style != ScalarStyle::Plain;
-                let value = Value::Scalar { text: text.into_owned(), quoted };
+                let value = Value::Scalar {
+                    text: text.into_owned(),
+                    quoted,
+                };
                 self.remember(anchor, &value);
                 self.push(value, line, span)?;
             }
             Event::Alias(id) => {
-                let value = self.anchors.get(&id).cloned().unwrap_or_else(|| Value::plain(""));
+                let value = self
+                    .anchors
+                    .get(&id)
+                    .cloned()
+                    .unwrap_or_else(|| Value::plain(""));
                 self.push(value, line, span)?;
             }
             Event::SequenceStart(anchor, _) => {
-                self.stack.push(Frame::Seq { items: Vec::new(), anchor });
+                self.stack.push(Frame::Seq {
+                    items: Vec::new(),
+                    anchor,
+                });
             }
             Event::MappingStart(anchor, _) => {
-                self.stack.push(Frame::Map { entries: Vec::new(), pending_key: None, anchor });
+                self.stack.push(Frame::Map {
+                    entries: Vec::new(),
+                    pending_key: None,
+                    anchor,
+                });
             }
             Event::SequenceEnd | Event::MappingEnd => {
                 let (value, anchor) = match self.stack.pop() {
                     Some(Frame::Seq { items, anchor }) => (Value::Seq(items), anchor),
-                    Some(Frame::Map { entries, anchor, .. }) => (Value::Map(entries), anchor),
+                    Some(Frame::Map {
+                        entries, anchor, ..
+                    }) => (Value::Map(entries), anchor),
                     None => return Ok(()),
                 };
                 self.remember(anchor, &value);
@@ -205,8 +237,16 @@ impl Builder {
         match self.stack.last_mut() {
             None => self.root = Some(value),
             Some(Frame::Seq { items, .. }) => items.push(value),
-            Some(Frame::Map { entries, pending_key, .. }) => match pending_key.take() {
-                Some((key, key_line)) => entries.push(MapEntry { key, line: key_line, value }),
+            Some(Frame::Map {
+                entries,
+                pending_key,
+                ..
+            }) => match pending_key.take() {
+                Some((key, key_line)) => entries.push(MapEntry {
+                    key,
+                    line: key_line,
+                    value,
+                }),
                 None => match value {
                     Value::Scalar { text, .. } => *pending_key = Some((text, line)),
                     _ => {
@@ -246,7 +286,13 @@ mod tests {
         assert_eq!(keys, [("a", 2), ("b", 4), ("c", 7), ("d", 8)]);
         assert_eq!(entries[1].value, Value::Seq(vec![scalar("x"), scalar("y")]));
         assert_eq!(entries[2].value, Value::Seq(vec![scalar("p"), scalar("q")]));
-        assert_eq!(entries[3].value, Value::Scalar { text: "quoted".into(), quoted: true });
+        assert_eq!(
+            entries[3].value,
+            Value::Scalar {
+                text: "quoted".into(),
+                quoted: true
+            }
+        );
     }
 
     #[test]
@@ -270,7 +316,11 @@ mod tests {
         assert_eq!(scalar("True").as_bool(), Some(true));
         assert_eq!(scalar("yes").as_bool(), None);
         assert!(scalar("~").is_null() && scalar("").is_null() && scalar("null").is_null());
-        assert!(!Value::Scalar { text: "null".into(), quoted: true }.is_null());
+        assert!(!Value::Scalar {
+            text: "null".into(),
+            quoted: true
+        }
+        .is_null());
         assert_eq!(scalar("abc").describe(), "the text `abc`");
         assert_eq!(scalar("0.5").describe(), "the number `0.5`");
     }
@@ -285,7 +335,10 @@ mod tests {
     fn empty_text_is_null_and_a_scalar_is_a_scalar() {
         assert!(parse("").unwrap().is_null());
         assert!(parse("# only a comment\n").unwrap().is_null());
-        assert_eq!(parse("[q_proj, v_proj]").unwrap(), Value::Seq(vec![scalar("q_proj"), scalar("v_proj")]));
+        assert_eq!(
+            parse("[q_proj, v_proj]").unwrap(),
+            Value::Seq(vec![scalar("q_proj"), scalar("v_proj")])
+        );
     }
 
     #[test]

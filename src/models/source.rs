@@ -53,11 +53,22 @@ pub enum CheckpointFormat {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// A diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`, ...).
-    Diffusers { root: PathBuf, version: Option<SdVersion> },
+    Diffusers {
+        root: PathBuf,
+        version: Option<SdVersion>,
+    },
     /// An original-layout (LDM) checkpoint in one file.
-    SingleFile { path: PathBuf, format: CheckpointFormat, version: Option<SdVersion> },
+    SingleFile {
+        path: PathBuf,
+        format: CheckpointFormat,
+        version: Option<SdVersion>,
+    },
     /// A Hugging Face hub id; `snapshot` is its folder in the local cache when downloaded.
-    Hub { id: String, snapshot: Option<PathBuf>, version: Option<SdVersion> },
+    Hub {
+        id: String,
+        snapshot: Option<PathBuf>,
+        version: Option<SdVersion>,
+    },
 }
 
 const EXPECTED: &str = "expected a diffusers folder (with model_index.json or unet/config.json), \
@@ -87,9 +98,16 @@ impl ModelSource {
                 Some(folder) => unet_config_version(folder)?,
                 None => None,
             };
-            return Ok(ModelSource::Hub { id: base_model.to_string(), snapshot, version });
+            return Ok(ModelSource::Hub {
+                id: base_model.to_string(),
+                snapshot,
+                version,
+            });
         }
-        Err(unreadable(path, format!("it does not exist (check `base_model` in the config); {EXPECTED}")))
+        Err(unreadable(
+            path,
+            format!("it does not exist (check `base_model` in the config); {EXPECTED}"),
+        ))
     }
 
     /// SD 1.x or 2.x, when it could be told without loading weights.
@@ -113,10 +131,20 @@ impl fmt::Display for ModelSource {
                 };
                 write!(f, "single-file checkpoint ({kind}) {}", path.display())
             }
-            ModelSource::Hub { id, snapshot: Some(folder), .. } => {
-                write!(f, "hub id {id}, in the Hugging Face cache at {}", folder.display())
+            ModelSource::Hub {
+                id,
+                snapshot: Some(folder),
+                ..
+            } => {
+                write!(
+                    f,
+                    "hub id {id}, in the Hugging Face cache at {}",
+                    folder.display()
+                )
             }
-            ModelSource::Hub { id, snapshot: None, .. } => write!(
+            ModelSource::Hub {
+                id, snapshot: None, ..
+            } => write!(
                 f,
                 "hub id {id}, not in the Hugging Face cache: it will be downloaded \
                  (if you meant a local folder, it does not exist)"
@@ -130,7 +158,8 @@ pub fn is_hub_id(text: &str) -> bool {
     let part_ok = |p: &str| {
         !p.is_empty()
             && !p.starts_with(['.', '-'])
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     match text.split_once('/') {
         Some((org, name)) => {
@@ -150,7 +179,11 @@ fn checkpoint_format(path: &Path) -> Option<CheckpointFormat> {
 }
 
 fn unreadable(path: &Path, reason: String) -> Error {
-    ModelError::Unreadable { path: path.to_path_buf(), reason }.into()
+    ModelError::Unreadable {
+        path: path.to_path_buf(),
+        reason,
+    }
+    .into()
 }
 
 fn diffusers_folder(root: &Path) -> Result<ModelSource> {
@@ -163,7 +196,10 @@ fn diffusers_folder(root: &Path) -> Result<ModelSource> {
         ));
     }
     let version = unet_config_version(root)?;
-    Ok(ModelSource::Diffusers { root: root.to_path_buf(), version })
+    Ok(ModelSource::Diffusers {
+        root: root.to_path_buf(),
+        version,
+    })
 }
 
 /// The version from `unet/config.json`'s `cross_attention_dim`, if that file exists.
@@ -174,9 +210,11 @@ fn unet_config_version(root: &Path) -> Result<Option<SdVersion>> {
     }
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
-        ModelError::InvalidConfig { origin: origin.clone(), message: format!("not valid JSON: {e}") }
-    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
+            origin: origin.clone(),
+            message: format!("not valid JSON: {e}"),
+        })?;
     let Some(width) = json.get("cross_attention_dim").and_then(|v| v.as_u64()) else {
         return Ok(None);
     };
@@ -187,7 +225,11 @@ fn unet_config_version(root: &Path) -> Result<Option<SdVersion>> {
 
 fn version_from_width(width: usize) -> Result<SdVersion, String> {
     SdVersion::from_cross_attention_dim(width).ok_or_else(|| {
-        let hint = if width == 2048 { " (this looks like SDXL)" } else { "" };
+        let hint = if width == 2048 {
+            " (this looks like SDXL)"
+        } else {
+            ""
+        };
         format!(
             "the UNet's cross-attention width is {width}{hint}; this trainer supports SD 1.x \
              (768) and SD 2.x (1024)"
@@ -220,7 +262,10 @@ fn safetensors_version(path: &Path) -> Result<Option<SdVersion>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
-        return Err(unreadable(path, format!("the file is {len} bytes long: not a safetensors file")));
+        return Err(unreadable(
+            path,
+            format!("the file is {len} bytes long: not a safetensors file"),
+        ));
     }
     // SAFETY: mapped read-only; only the header's pages are touched.
     let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
@@ -232,22 +277,28 @@ fn safetensors_version(path: &Path) -> Result<Option<SdVersion>> {
     })?;
     let tensors = metadata.tensors();
     if !tensors.keys().any(|k| k.starts_with(LDM_UNET_PREFIX)) {
-        return Err(unreadable(path, not_an_sd_checkpoint(tensors.keys().map(String::as_str))));
+        return Err(unreadable(
+            path,
+            not_an_sd_checkpoint(tensors.keys().map(String::as_str)),
+        ));
     }
     let to_k = tensors
         .iter()
         .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with("attn2.to_k.weight"));
     match to_k {
-        Some((_, info)) if info.shape.len() == 2 => {
-            version_from_width(info.shape[1]).map(Some).map_err(|reason| unreadable(path, reason))
-        }
+        Some((_, info)) if info.shape.len() == 2 => version_from_width(info.shape[1])
+            .map(Some)
+            .map_err(|reason| unreadable(path, reason)),
         _ => Ok(None),
     }
 }
 
 /// Why a safetensors file without `model.diffusion_model.` tensors is not a base model.
 fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> String {
-    if keys.clone().any(|k| k.starts_with("lora_") || k.contains(".lora_down.")) {
+    if keys
+        .clone()
+        .any(|k| k.starts_with("lora_") || k.contains(".lora_down."))
+    {
         "this is a LoRA file, not a base model".to_string()
     } else if keys.any(|k| k.starts_with("down_blocks.") || k.starts_with("conv_in.")) {
         "this is one component of a diffusers model; set base_model to the whole diffusers folder"
@@ -270,7 +321,11 @@ impl HubCache {
     /// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
     /// `~/.cache/huggingface/hub`.
     pub fn from_env() -> HubCache {
-        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let var = |name| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let root = var("HF_HUB_CACHE")
             .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
             .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface").join("hub")))
@@ -280,12 +335,17 @@ impl HubCache {
 
     /// A cache rooted at `root` (the folder holding `models--org--name`).
     pub fn at(root: impl Into<PathBuf>) -> HubCache {
-        HubCache { root: Some(root.into()) }
+        HubCache {
+            root: Some(root.into()),
+        }
     }
 
     /// The snapshot folder of `org/name` that `refs/main` points to, if downloaded.
     pub fn snapshot(&self, id: &str) -> Option<PathBuf> {
-        let repo = self.root.as_ref()?.join(format!("models--{}", id.replace('/', "--")));
+        let repo = self
+            .root
+            .as_ref()?
+            .join(format!("models--{}", id.replace('/', "--")));
         let revision = std::fs::read_to_string(repo.join("refs").join("main")).ok()?;
         let folder = repo.join("snapshots").join(revision.trim());
         folder.is_dir().then_some(folder)
@@ -317,7 +377,10 @@ mod tests {
     }
 
     fn unet_key(width: usize) -> (&'static str, Vec<usize>) {
-        ("model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", vec![320, width])
+        (
+            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            vec![320, width],
+        )
     }
 
     fn error_text(r: Result<ModelSource>) -> String {
@@ -332,7 +395,13 @@ mod tests {
             write_safetensors(&path, &[unet_key(width), ("first_stage_model.x", vec![2])]);
             let source = ModelSource::detect(path.to_str().unwrap()).unwrap();
             assert_eq!(source.version(), Some(version));
-            assert!(matches!(source, ModelSource::SingleFile { format: CheckpointFormat::Safetensors, .. }));
+            assert!(matches!(
+                source,
+                ModelSource::SingleFile {
+                    format: CheckpointFormat::Safetensors,
+                    ..
+                }
+            ));
         }
         let path = dir.path().join("xl.safetensors");
         write_safetensors(&path, &[unet_key(2048)]);
@@ -347,11 +416,15 @@ mod tests {
         assert!(error_text(ModelSource::detect(lora.to_str().unwrap())).contains("LoRA file"));
         let other = dir.path().join("other.safetensors");
         write_safetensors(&other, &[("weight", vec![4])]);
-        assert!(error_text(ModelSource::detect(other.to_str().unwrap())).contains("model.diffusion_model."));
+        assert!(error_text(ModelSource::detect(other.to_str().unwrap()))
+            .contains("model.diffusion_model."));
         let broken = dir.path().join("broken.safetensors");
         std::fs::write(&broken, b"\x10\0\0\0\0\0\0\0{not json at all").unwrap();
         let message = error_text(ModelSource::detect(broken.to_str().unwrap()));
-        assert!(message.contains("not a valid safetensors file"), "{message}");
+        assert!(
+            message.contains("not a valid safetensors file"),
+            "{message}"
+        );
         assert!(message.contains("broken.safetensors"), "{message}");
     }
 
@@ -361,23 +434,48 @@ mod tests {
         let ckpt = dir.path().join("m.ckpt");
         std::fs::write(&ckpt, b"pickle").unwrap();
         let source = ModelSource::detect(ckpt.to_str().unwrap()).unwrap();
-        assert!(matches!(source, ModelSource::SingleFile { format: CheckpointFormat::Pickle, version: None, .. }));
+        assert!(matches!(
+            source,
+            ModelSource::SingleFile {
+                format: CheckpointFormat::Pickle,
+                version: None,
+                ..
+            }
+        ));
         let txt = dir.path().join("notes.txt");
         std::fs::write(&txt, b"hello").unwrap();
-        assert!(error_text(ModelSource::detect(txt.to_str().unwrap())).contains("unknown file type"));
+        assert!(
+            error_text(ModelSource::detect(txt.to_str().unwrap())).contains("unknown file type")
+        );
     }
 
     #[test]
     fn diffusers_folders_need_their_index_or_unet_config() {
         let dir = tempfile::tempdir().unwrap();
         let message = error_text(ModelSource::detect(dir.path().to_str().unwrap()));
-        assert!(message.contains("neither model_index.json nor unet/config.json"), "{message}");
+        assert!(
+            message.contains("neither model_index.json nor unet/config.json"),
+            "{message}"
+        );
         std::fs::create_dir(dir.path().join("unet")).unwrap();
-        std::fs::write(dir.path().join("unet/config.json"), r#"{"cross_attention_dim": 1024}"#).unwrap();
+        std::fs::write(
+            dir.path().join("unet/config.json"),
+            r#"{"cross_attention_dim": 1024}"#,
+        )
+        .unwrap();
         let source = ModelSource::detect(dir.path().to_str().unwrap()).unwrap();
-        assert_eq!(source, ModelSource::Diffusers { root: dir.path().to_path_buf(), version: Some(SdVersion::V2) });
+        assert_eq!(
+            source,
+            ModelSource::Diffusers {
+                root: dir.path().to_path_buf(),
+                version: Some(SdVersion::V2)
+            }
+        );
         std::fs::write(dir.path().join("unet/config.json"), "{oops").unwrap();
-        assert!(error_text(ModelSource::detect(dir.path().to_str().unwrap())).contains("not valid JSON"));
+        assert!(
+            error_text(ModelSource::detect(dir.path().to_str().unwrap()))
+                .contains("not valid JSON")
+        );
     }
 
     #[test]
@@ -386,23 +484,36 @@ mod tests {
         let repo = cache.path().join("models--org--sd-model");
         let snapshot = repo.join("snapshots").join("abc123");
         std::fs::create_dir_all(snapshot.join("unet")).unwrap();
-        std::fs::write(snapshot.join("unet/config.json"), r#"{"cross_attention_dim": 768}"#).unwrap();
+        std::fs::write(
+            snapshot.join("unet/config.json"),
+            r#"{"cross_attention_dim": 768}"#,
+        )
+        .unwrap();
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
         let cache = HubCache::at(cache.path());
         let found = ModelSource::detect_with("org/sd-model", &cache).unwrap();
         assert_eq!(
             found,
-            ModelSource::Hub { id: "org/sd-model".into(), snapshot: Some(snapshot), version: Some(SdVersion::V1) }
+            ModelSource::Hub {
+                id: "org/sd-model".into(),
+                snapshot: Some(snapshot),
+                version: Some(SdVersion::V1)
+            }
         );
         let missing = ModelSource::detect_with("org/other", &cache).unwrap();
-        assert!(missing.to_string().contains("not in the Hugging Face cache"));
+        assert!(missing
+            .to_string()
+            .contains("not in the Hugging Face cache"));
     }
 
     #[test]
     fn missing_paths_are_errors_that_name_them() {
         let message = error_text(ModelSource::detect("./models/nope.safetensors"));
-        assert!(message.contains("./models/nope.safetensors") && message.contains("does not exist"), "{message}");
+        assert!(
+            message.contains("./models/nope.safetensors") && message.contains("does not exist"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -51,7 +51,13 @@ impl Preflight {
         let steps = StepPlan::new(dataset.batches_per_epoch, &plan.training);
         let out = &plan.output;
         let checkpoints = CheckpointSchedule::new(out.save_steps, out.save_every_n_epochs, &steps);
-        Preflight { plan, model, dataset, steps, checkpoints }
+        Preflight {
+            plan,
+            model,
+            dataset,
+            steps,
+            checkpoints,
+        }
     }
 
     /// Everything worth a second look, from the config, the dataset and the step arithmetic.

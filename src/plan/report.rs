@@ -11,7 +11,11 @@ const SHOWN: usize = 5;
 impl fmt::Display for Preflight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let plan = &self.plan;
-        writeln!(f, "Dry run of {}: checked, nothing written.", plan.config_path.display())?;
+        writeln!(
+            f,
+            "Dry run of {}: checked, nothing written.",
+            plan.config_path.display()
+        )?;
         writeln!(f)?;
         let version = match self.model.version() {
             Some(v) => format!(" ({v})"),
@@ -54,7 +58,11 @@ impl Preflight {
         if facts.buckets.len() > SHOWN * 2 {
             write!(buckets, " and {} more", facts.buckets.len() - SHOWN * 2).ok();
         }
-        let bucketing = if data.enable_bucket { "aspect-ratio buckets" } else { "one size" };
+        let bucketing = if data.enable_bucket {
+            "aspect-ratio buckets"
+        } else {
+            "one size"
+        };
         let mut augment = Vec::new();
         if data.flip_aug {
             augment.push("horizontal flips");
@@ -106,7 +114,10 @@ impl Preflight {
                 s.batches_per_epoch, s.steps_per_epoch
             ),
             total,
-            format!("learning-rate warm-up: {} steps ({})", s.warmup_steps, t.warmup),
+            format!(
+                "learning-rate warm-up: {} steps ({})",
+                s.warmup_steps, t.warmup
+            ),
         ]
     }
 
@@ -117,7 +128,11 @@ impl Preflight {
         if steps.is_empty() {
             lines.push("step checkpoints: none".to_string());
         } else {
-            let mut shown = steps.iter().take(SHOWN).map(usize::to_string).collect::<Vec<_>>();
+            let mut shown = steps
+                .iter()
+                .take(SHOWN)
+                .map(usize::to_string)
+                .collect::<Vec<_>>();
             if steps.len() > SHOWN {
                 shown.push(format!("… {}", steps[steps.len() - 1]));
             }
@@ -143,7 +158,11 @@ impl Preflight {
 
 fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
     let t = &plan.training;
-    let te = if plan.lora.train_text_encoder { number(t.text_encoder_lr) } else { "not trained".into() };
+    let te = if plan.lora.train_text_encoder {
+        number(t.text_encoder_lr)
+    } else {
+        "not trained".into()
+    };
     let mut lines = vec![
         format!(
             "{}, learning rate {} (UNet {}, text encoder {te})",
@@ -155,7 +174,11 @@ fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
             "scheduler {}, weight decay {}, gradient clipping {}",
             t.scheduler,
             number(t.weight_decay),
-            if t.max_grad_norm > 0.0 { format!("at norm {}", number(t.max_grad_norm)) } else { "off".into() }
+            if t.max_grad_norm > 0.0 {
+                format!("at norm {}", number(t.max_grad_norm))
+            } else {
+                "off".into()
+            }
         ),
         format!(
             "mixed precision {}, device {}, latents cached {}",
@@ -200,7 +223,11 @@ fn lora_lines(plan: &TrainPlan) -> Vec<String> {
         format!(
             "targets: {}; text encoder {}; conv LoRA {}",
             l.target_modules,
-            if l.train_text_encoder { "trained" } else { "frozen" },
+            if l.train_text_encoder {
+                "trained"
+            } else {
+                "frozen"
+            },
             if l.conv_lora {
                 format!("rank {}, alpha {}", l.conv_rank, number(l.conv_alpha))
             } else {
@@ -233,9 +260,14 @@ mod tests {
     use std::path::{Path, PathBuf};
 
     fn preflight(extra: &str, facts: DatasetFacts) -> Preflight {
-        let text = format!("train_data_dir: data/x\nbase_model: ./m\noutput_dir: out/style_v1\n{extra}");
-        let plan = TrainPlan::from_yaml(&text, Path::new("configs/x.yaml"), &[], Path::new("/p")).unwrap();
-        let model = ModelSource::Diffusers { root: PathBuf::from("/p/m"), version: Some(SdVersion::V1) };
+        let text =
+            format!("train_data_dir: data/x\nbase_model: ./m\noutput_dir: out/style_v1\n{extra}");
+        let plan =
+            TrainPlan::from_yaml(&text, Path::new("configs/x.yaml"), &[], Path::new("/p")).unwrap();
+        let model = ModelSource::Diffusers {
+            root: PathBuf::from("/p/m"),
+            version: Some(SdVersion::V1),
+        };
         Preflight::new(plan, model, facts)
     }
 
@@ -287,13 +319,22 @@ mod tests {
         let text = p.to_string();
         assert!(text.contains("7 optimizer steps in all: max_train_steps wins over epochs (10), so 3 epoch(s) are begun"), "{text}");
         assert!(text.contains("step checkpoints: none"), "{text}");
-        assert!(p.warnings().iter().any(|w| w.contains("no step checkpoint will be written")));
+        assert!(p
+            .warnings()
+            .iter()
+            .any(|w| w.contains("no step checkpoint will be written")));
     }
 
     #[test]
     fn a_warmup_longer_than_the_run_is_a_warning() {
-        let p = preflight("epochs: 1\nlr_warmup_steps: 50\nscheduler: linear\n", facts(10, 10));
-        assert!(p.warnings().iter().any(|w| w.contains("lasts the whole run")));
+        let p = preflight(
+            "epochs: 1\nlr_warmup_steps: 50\nscheduler: linear\n",
+            facts(10, 10),
+        );
+        assert!(p
+            .warnings()
+            .iter()
+            .any(|w| w.contains("lasts the whole run")));
     }
 
     #[test]

@@ -131,7 +131,10 @@ mod tests {
     fn max_train_steps_wins_over_epochs() {
         let t = training("epochs: 100\nmax_train_steps: 25\n");
         let plan = StepPlan::new(10, &t);
-        assert_eq!((plan.total_steps, plan.limit), (25, StepLimit::MaxTrainSteps));
+        assert_eq!(
+            (plan.total_steps, plan.limit),
+            (25, StepLimit::MaxTrainSteps)
+        );
         assert_eq!(plan.epochs_run(), 3);
     }
 
@@ -157,7 +160,11 @@ mod tests {
         let plan = StepPlan::new(100, &t); // 300 steps
         let every_100 = CheckpointSchedule::new(Some(100), None, &plan);
         assert_eq!(every_100.steps().collect::<Vec<_>>(), [100, 200]);
-        assert!(every_100.is_checkpoint(200) && !every_100.is_checkpoint(300) && !every_100.is_checkpoint(150));
+        assert!(
+            every_100.is_checkpoint(200)
+                && !every_100.is_checkpoint(300)
+                && !every_100.is_checkpoint(150)
+        );
         let every_7 = CheckpointSchedule::new(Some(7), None, &plan);
         assert_eq!(every_7.steps().count(), 42); // 7..=294
         let never = CheckpointSchedule::new(None, None, &plan);
