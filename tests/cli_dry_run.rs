@@ -1,9 +1,5 @@
 //! `train --config X --dry-run`: the base model and the dataset are checked, the plan is printed,
 //! nothing is written; user mistakes exit with status 2.
-//!
-//! Tests marked `#[ignore = "needs dataset::Dataset ..."]` need the dataset module, written in
-//! parallel on branch `dataset`: remove the `ignore` when it is merged (see `src/plan/mod.rs`,
-//! "wired at merge").
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -139,7 +135,6 @@ fn a_folder_that_is_not_a_diffusers_model_is_refused() {
 }
 
 #[test]
-#[ignore = "needs dataset::Dataset (branch `dataset`); remove this line when it is merged"]
 fn a_dry_run_prints_the_plan_and_writes_nothing() {
     let dir = project("gradient_accumulation_steps: 1\n");
     let before = files(dir.path());
@@ -159,6 +154,7 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
         "batch size 2 × gradient accumulation 1 = effective batch 2",
         "2 batches per epoch → 2 optimizer steps per epoch",
         "3 epochs × 2 = 6 optimizer steps in all",
+        "learning-rate warm-up: none",
         "step checkpoints: 2 of them, after steps 2, 4",
         "shapes_v1-step00000002.safetensors",
         "shapes_v1.safetensors",
@@ -172,7 +168,6 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
 }
 
 #[test]
-#[ignore = "needs dataset::Dataset (branch `dataset`); remove this line when it is merged"]
 fn a_broken_dataset_exits_with_status_2() {
     let dir = project("");
     std::fs::remove_file(dir.path().join("data/shapes/img1.png")).unwrap();
@@ -183,7 +178,6 @@ fn a_broken_dataset_exits_with_status_2() {
 }
 
 #[test]
-#[ignore = "needs dataset::Dataset (branch `dataset`); remove this line when it is merged"]
 fn training_without_dry_run_says_it_is_not_there_yet() {
     let dir = project("");
     let out = train(dir.path(), &["--config", "train.yaml"]);

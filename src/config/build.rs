@@ -49,15 +49,9 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
     let enable_bucket = f.get("enable_bucket", &[], flag).unwrap_or(false);
     let min_bucket_reso = f.get("min_bucket_reso", &[], pixels).unwrap_or(256);
     let max_bucket_reso = f.get("max_bucket_reso", &[], pixels).unwrap_or(1024);
-    let bucket_reso_steps = f.get("bucket_reso_steps", &[], pixels).unwrap_or(64);
+    let bucket_reso_steps = f.get("bucket_reso_steps", &[], bucket_step).unwrap_or(64);
     if enable_bucket {
-        bucket_checks(
-            f,
-            resolution,
-            min_bucket_reso,
-            max_bucket_reso,
-            bucket_reso_steps,
-        );
+        bucket_checks(f, resolution, min_bucket_reso, max_bucket_reso);
     }
     let random_crop = f.get("random_crop", &[], flag).unwrap_or(false);
     let flip_aug = f.get("flip_aug", &[], flag).unwrap_or(false);
@@ -93,30 +87,21 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
     })
 }
 
-fn bucket_checks(f: &mut Fields, resolution: u32, min: u32, max: u32, step: u32) {
+/// kohya's rules: the square training size must lie within the bucket range.
+fn bucket_checks(f: &mut Fields, resolution: u32, min: u32, max: u32) {
     if min > max {
         let at = f.location_of("min_bucket_reso", &[]);
         f.problem(
             at,
             format!("`min_bucket_reso` ({min}) is larger than `max_bucket_reso` ({max})"),
         );
-    }
-    for (name, value) in [("min_bucket_reso", min), ("max_bucket_reso", max)] {
-        if value % step != 0 {
-            let at = f.location_of(name, &[]);
-            f.problem(
-                at,
-                format!("`{name}` ({value}) must be a multiple of `bucket_reso_steps` ({step})"),
-            );
-        }
-    }
-    if resolution < min {
-        let at = f.location_of("min_bucket_reso", &[]);
+    } else if resolution < min || resolution > max {
+        let at = f.location_of("resolution", &[]);
         f.problem(
             at,
             format!(
-                "with `enable_bucket`, `resolution` ({resolution}) must be at least \
-                 `min_bucket_reso` ({min}): no bucket would fit; lower `min_bucket_reso`"
+                "with `enable_bucket`, `resolution` ({resolution}) must lie between \
+                 `min_bucket_reso` ({min}) and `max_bucket_reso` ({max})"
             ),
         );
     }
@@ -420,6 +405,15 @@ fn check_pixels(n: u32) -> Result<u32, String> {
         return Err(format!(
             "must be a multiple of 8 and at least 64 (pixels), found {n}"
         ));
+    }
+    Ok(n)
+}
+
+/// The bucket grid: a multiple of 8 (8, 16, 32, 64...).
+fn bucket_step(v: &Value) -> Result<u32, String> {
+    let n = small_count(1)(v)?;
+    if n % 8 != 0 {
+        return Err(format!("must be a multiple of 8 (64 is usual), found {n}"));
     }
     Ok(n)
 }

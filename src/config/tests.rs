@@ -317,24 +317,30 @@ fn resolution_accepts_equal_width_and_height_only() {
 
 #[test]
 fn bucket_settings_are_checked_together_when_bucketing() {
-    let found = problems(
-        &format!("{REQUIRED}enable_bucket: true\nmin_bucket_reso: 1024\nmax_bucket_reso: 328\n"),
-        &[],
+    let bucketing = |extra: &str| problems(&format!("{REQUIRED}enable_bucket: true\n{extra}"), &[]);
+    let found = bucketing("min_bucket_reso: 1024\nmax_bucket_reso: 320\n");
+    assert_eq!(
+        found,
+        ["cfg.yaml:5: `min_bucket_reso` (1024) is larger than `max_bucket_reso` (320)"]
     );
-    assert_eq!(found.len(), 3, "{found:?}");
-    assert!(
-        found[0].starts_with(
-            "cfg.yaml:5: `min_bucket_reso` (1024) is larger than `max_bucket_reso` (328)"
-        ),
-        "{found:?}"
+    let found = bucketing("resolution: 128\n");
+    assert_eq!(
+        found,
+        ["cfg.yaml:5: with `enable_bucket`, `resolution` (128) must lie between `min_bucket_reso` (256) and `max_bucket_reso` (1024)"]
     );
-    assert!(found[1]
-        .starts_with("cfg.yaml:5: with `enable_bucket`, `resolution` (512) must be at least"));
-    assert!(found[2].starts_with(
-        "cfg.yaml:6: `max_bucket_reso` (328) must be a multiple of `bucket_reso_steps` (64)"
-    ));
-    // The same numbers are harmless without bucketing.
-    plan("min_bucket_reso: 1024\nmax_bucket_reso: 328\n");
+    let found = bucketing("bucket_reso_steps: 12\n");
+    assert_eq!(
+        found,
+        ["cfg.yaml:5: `bucket_reso_steps`: must be a multiple of 8 (64 is usual), found 12"]
+    );
+    // The same numbers are harmless without bucketing; small bucket steps are fine.
+    plan("min_bucket_reso: 1024\nmax_bucket_reso: 320\nresolution: 128\n");
+    assert_eq!(
+        plan("enable_bucket: true\nbucket_reso_steps: 32\n")
+            .data
+            .bucket_reso_steps,
+        32
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ mod report;
 pub mod steps;
 
 use crate::config::TrainPlan;
+use crate::dataset::Dataset;
 use crate::models::source::ModelSource;
 use crate::Result;
 pub use steps::{CheckpointSchedule, StepLimit, StepPlan};
@@ -83,22 +84,15 @@ impl Preflight {
     }
 }
 
-// wired at merge: `dataset::Dataset` is written in parallel (branch `dataset`); until it is in
-// this branch, the dry run cannot open the dataset. Once merged, this body becomes:
-//
-//     let dataset = crate::dataset::Dataset::open(&plan.dataset_spec())?;
-//     Ok(DatasetFacts {
-//         images: dataset.len(),
-//         repeats: plan.data.repeats,
-//         caption_source: dataset.caption_source(),
-//         buckets: dataset.buckets(),
-//         batches_per_epoch: dataset.batches_per_epoch(plan.training.batch_size),
-//         warnings: dataset.warnings().to_vec(),
-//     })
+/// Opens (checks) the dataset and keeps what the plan reports.
 fn open_dataset(plan: &TrainPlan) -> Result<DatasetFacts> {
-    Err(crate::dataset::DatasetError::Invalid(format!(
-        "{}: this build cannot read datasets yet (the dataset module is not merged)",
-        plan.data.train_data_dir.display()
-    ))
-    .into())
+    let dataset = Dataset::open(&plan.dataset_spec())?;
+    Ok(DatasetFacts {
+        images: dataset.len(),
+        repeats: plan.data.repeats,
+        caption_source: dataset.caption_source(),
+        buckets: dataset.buckets(),
+        batches_per_epoch: dataset.batches_per_epoch(plan.training.batch_size),
+        warnings: dataset.warnings().to_vec(),
+    })
 }

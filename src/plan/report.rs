@@ -3,7 +3,7 @@
 use std::fmt::{self, Write as _};
 
 use super::{Preflight, StepLimit};
-use crate::config::{LogWith, MixedPrecision, TrainPlan};
+use crate::config::{LogWith, MixedPrecision, TrainPlan, Warmup};
 
 /// How many checkpoint steps and buckets are listed before "…".
 const SHOWN: usize = 5;
@@ -114,10 +114,14 @@ impl Preflight {
                 s.batches_per_epoch, s.steps_per_epoch
             ),
             total,
-            format!(
-                "learning-rate warm-up: {} steps ({})",
-                s.warmup_steps, t.warmup
-            ),
+            match t.warmup {
+                Warmup::Ratio(_) => format!(
+                    "learning-rate warm-up: {} steps ({})",
+                    s.warmup_steps, t.warmup
+                ),
+                Warmup::Steps(0) => "learning-rate warm-up: none".to_string(),
+                Warmup::Steps(n) => format!("learning-rate warm-up: {n} steps"),
+            },
         ]
     }
 
