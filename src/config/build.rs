@@ -22,7 +22,7 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
     let lora = lora(f, cwd);
     let training = training(f);
     let output = output(f, cwd);
-    let (data, model, lora, training, output) = (data?, model?, lora?, training?, output?);
+    let (data, model, output) = (data?, model?, output?);
     let warnings = warnings(f, &data, &lora, &training);
     Some(TrainPlan {
         config_path: config_path.to_path_buf(),
@@ -139,7 +139,7 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
     })
 }
 
-fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
+fn lora(f: &mut Fields, cwd: &Path) -> LoraSettings {
     let rank = f
         .get("lora_rank", &["network_dim"], small_count(1))
         .unwrap_or(8);
@@ -179,7 +179,7 @@ fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
         Some(a) if a > 0.0 => a,
         _ => f64::from(rank),
     };
-    Some(LoraSettings {
+    LoraSettings {
         rank,
         alpha: alpha_or(alpha, rank),
         dropout,
@@ -193,10 +193,10 @@ fn lora(f: &mut Fields, cwd: &Path) -> Option<LoraSettings> {
         network_weights,
         save_precision,
         save_format,
-    })
+    }
 }
 
-fn training(f: &mut Fields) -> Option<TrainingSettings> {
+fn training(f: &mut Fields) -> TrainingSettings {
     let batch_size = f
         .get("batch_size", &["train_batch_size"], count(1))
         .unwrap_or(1);
@@ -244,7 +244,7 @@ fn training(f: &mut Fields) -> Option<TrainingSettings> {
     let cache_latents = f.get("cache_latents", &[], flag).unwrap_or(true);
     let cache_latents_to_disk = f.get("cache_latents_to_disk", &[], flag).unwrap_or(false);
     let gradient_checkpointing = f.get("gradient_checkpointing", &[], flag).unwrap_or(false);
-    Some(TrainingSettings {
+    TrainingSettings {
         batch_size,
         gradient_accumulation_steps,
         epochs,
@@ -269,7 +269,7 @@ fn training(f: &mut Fields) -> Option<TrainingSettings> {
         cache_latents,
         cache_latents_to_disk,
         gradient_checkpointing,
-    })
+    }
 }
 
 fn output(f: &mut Fields, cwd: &Path) -> Option<OutputSettings> {
@@ -517,7 +517,7 @@ fn model_reference(cwd: &Path, text: &str) -> String {
 }
 
 /// A path from the config: `~/` is the home folder, relative paths start at `cwd`.
-pub fn resolve(cwd: &Path, text: &str) -> PathBuf {
+fn resolve(cwd: &Path, text: &str) -> PathBuf {
     let path = match (text.strip_prefix("~/"), std::env::var_os("HOME")) {
         (Some(rest), Some(home)) => PathBuf::from(home).join(rest),
         _ => PathBuf::from(text),

@@ -16,7 +16,6 @@ mod yaml;
 
 use std::path::Path;
 
-pub use build::resolve;
 pub use choices::{
     DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
     SavePrecision, TargetModules, TargetPreset, Warmup,
