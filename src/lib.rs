@@ -10,5 +10,6 @@ pub mod dataset;
 pub mod error;
 pub mod models;
 pub mod nn;
+pub mod plan;
 
 pub use error::{Error, Result};

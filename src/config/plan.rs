@@ -1,0 +1,140 @@
+//! [`TrainPlan`]: the validated config the rest of the program reads. Every default is filled,
+//! every alias resolved, every relative path made absolute; nothing in it needs checking again.
+
+use std::path::PathBuf;
+
+use super::choices::{
+    DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
+    SavePrecision, TargetModules, Warmup,
+};
+use crate::dataset::DatasetSpec;
+
+/// One training run, as the config and its `--set` overrides describe it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainPlan {
+    /// The config file, as given on the command line.
+    pub config_path: PathBuf,
+    /// Images, captions, buckets, augmentation and the seed.
+    pub data: DatasetSpec,
+    pub model: ModelSettings,
+    pub lora: LoraSettings,
+    pub training: TrainingSettings,
+    pub output: OutputSettings,
+    /// Settings that are valid but probably not what the user meant (printed, not fatal).
+    pub warnings: Vec<String>,
+}
+
+impl TrainPlan {
+    /// What the dataset needs from the plan.
+    pub fn dataset_spec(&self) -> DatasetSpec {
+        self.data.clone()
+    }
+}
+
+/// The base model and how to read it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    /// A local path made absolute (diffusers folder or single file), or a hub id (`org/name`).
+    pub base_model: String,
+    /// Tokenizer folder or hub id, for single-file models (which carry none).
+    pub tokenizer: Option<String>,
+    /// A VAE to use instead of the base model's.
+    pub vae: Option<String>,
+    /// 1 = the text encoder's last layer; N = the hidden state N−1 layers from the end.
+    pub clip_skip: usize,
+    /// Overrides the prediction type of the model's scheduler config.
+    pub prediction_type: Option<PredictionType>,
+}
+
+/// The LoRA adapters: size, scale, regularisation, where they go and how they are saved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub rank: u32,
+    /// The output is scaled by `alpha / rank` (alpha 0 in the config means alpha = rank).
+    pub alpha: f64,
+    /// Dropout on the adapter's input.
+    pub dropout: f64,
+    /// Probability of dropping each rank of the adapter's hidden state.
+    pub rank_dropout: f64,
+    /// Probability of skipping a whole adapter for a step.
+    pub module_dropout: f64,
+    /// Also adapt the 3×3 convolutions of the ResNet blocks.
+    pub conv_lora: bool,
+    pub conv_rank: u32,
+    pub conv_alpha: f64,
+    pub target_modules: TargetModules,
+    pub train_text_encoder: bool,
+    /// A LoRA file to start from instead of a fresh adapter.
+    pub network_weights: Option<PathBuf>,
+    pub save_precision: SavePrecision,
+    pub save_format: SaveFormat,
+}
+
+impl LoraSettings {
+    /// The factor applied to the adapter's output.
+    pub fn scale(&self) -> f64 {
+        self.alpha / f64::from(self.rank)
+    }
+}
+
+/// The optimisation: batches, steps, learning rates, optimizer, schedule, loss options, device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingSettings {
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub epochs: usize,
+    /// When set, training stops after this many optimizer steps, whatever `epochs` says.
+    pub max_train_steps: Option<usize>,
+    pub learning_rate: f64,
+    /// The UNet adapters' learning rate (`learning_rate` unless set).
+    pub unet_lr: f64,
+    /// The text-encoder adapters' learning rate (`learning_rate` unless set).
+    pub text_encoder_lr: f64,
+    pub optimizer: Optimizer,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub scheduler: LrScheduler,
+    pub warmup: Warmup,
+    pub lr_scheduler_num_cycles: usize,
+    pub lr_scheduler_power: f64,
+    /// Gradient clipping by global norm; 0 disables it.
+    pub max_grad_norm: f64,
+    pub min_snr_gamma: Option<f64>,
+    pub noise_offset: f64,
+    pub mixed_precision: MixedPrecision,
+    pub device: DeviceChoice,
+    pub cache_latents: bool,
+    pub cache_latents_to_disk: bool,
+    pub gradient_checkpointing: bool,
+}
+
+/// Where results go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSettings {
+    pub output_dir: PathBuf,
+    /// File stem of the exported LoRA (`<output_name>.safetensors`).
+    pub output_name: String,
+    /// Write a step checkpoint every this many optimizer steps.
+    pub save_steps: Option<usize>,
+    /// Write a step checkpoint at the end of every this many epochs.
+    pub save_every_n_epochs: Option<usize>,
+    /// Keep only this many step checkpoints (the newest).
+    pub save_last_n: Option<usize>,
+    pub log_with: LogWith,
+    pub log_dir: PathBuf,
+}
+
+impl OutputSettings {
+    /// The exported LoRA: `<output_dir>/<output_name>.safetensors`.
+    pub fn final_file(&self) -> PathBuf {
+        self.output_dir
+            .join(format!("{}.safetensors", self.output_name))
+    }
+
+    /// A step checkpoint's file name: `<output_name>-step00000100.safetensors`.
+    pub fn step_file_name(&self, step: usize) -> String {
+        format!("{}-step{step:08}.safetensors", self.output_name)
+    }
+}

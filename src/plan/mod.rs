@@ -1,0 +1,98 @@
+//! The run before the run: everything that can be checked without loading weights (config,
+//! base model, dataset), and the plan that `train --dry-run` prints.
+//!
+//! [`Preflight::check`] opens the base model's headers and the dataset (which decodes every
+//! image) and computes the step arithmetic; it writes nothing. Its `Display` is the report.
+
+mod report;
+pub mod steps;
+
+use crate::config::TrainPlan;
+use crate::dataset::Dataset;
+use crate::models::source::ModelSource;
+use crate::Result;
+pub use steps::{CheckpointSchedule, StepLimit, StepPlan};
+
+/// What the dataset check found, in the terms the plan needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetFacts {
+    /// Distinct images.
+    pub images: usize,
+    pub repeats: u32,
+    /// Where captions come from ("metadata.csv (…)" or "caption files (*.txt beside each image)").
+    pub caption_source: String,
+    /// (width, height, images) per bucket.
+    pub buckets: Vec<(u32, u32, usize)>,
+    /// Batches of `batch_size` per epoch, repeats included, batches never mixing buckets.
+    pub batches_per_epoch: usize,
+    /// Unlisted images, skipped invalid images...
+    pub warnings: Vec<String>,
+}
+
+/// A validated run: the plan, the base model found, the dataset checked, the steps computed.
+#[derive(Debug, Clone)]
+pub struct Preflight {
+    pub plan: TrainPlan,
+    pub model: ModelSource,
+    pub dataset: DatasetFacts,
+    pub steps: StepPlan,
+    pub checkpoints: CheckpointSchedule,
+}
+
+impl Preflight {
+    /// Checks the base model and the dataset of `plan`. Reads files, writes nothing.
+    pub fn check(plan: TrainPlan) -> Result<Preflight> {
+        let model = ModelSource::detect(&plan.model.base_model)?;
+        let dataset = open_dataset(&plan)?;
+        Ok(Preflight::new(plan, model, dataset))
+    }
+
+    /// The step arithmetic for a model and dataset already checked.
+    pub fn new(plan: TrainPlan, model: ModelSource, dataset: DatasetFacts) -> Preflight {
+        let steps = StepPlan::new(dataset.batches_per_epoch, &plan.training);
+        let out = &plan.output;
+        let checkpoints = CheckpointSchedule::new(out.save_steps, out.save_every_n_epochs, &steps);
+        Preflight {
+            plan,
+            model,
+            dataset,
+            steps,
+            checkpoints,
+        }
+    }
+
+    /// Everything worth a second look, from the config, the dataset and the step arithmetic.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut notes = self.plan.warnings.clone();
+        notes.extend(self.dataset.warnings.iter().cloned());
+        let (steps, out) = (&self.steps, &self.plan.output);
+        if steps.total_steps > 0 && steps.warmup_steps >= steps.total_steps {
+            notes.push(format!(
+                "the warm-up ({} steps) lasts the whole run ({} steps): the learning rate never \
+                 reaches `learning_rate`",
+                steps.warmup_steps, steps.total_steps
+            ));
+        }
+        let asked_for_checkpoints = out.save_steps.is_some() || out.save_every_n_epochs.is_some();
+        if asked_for_checkpoints && self.checkpoints.steps().next().is_none() {
+            notes.push(format!(
+                "no step checkpoint will be written: the run has only {} steps",
+                steps.total_steps
+            ));
+        }
+        notes
+    }
+}
+
+/// Opens (checks) the dataset and keeps what the plan reports.
+fn open_dataset(plan: &TrainPlan) -> Result<DatasetFacts> {
+    let dataset = Dataset::open(&plan.dataset_spec())?;
+    Ok(DatasetFacts {
+        images: dataset.len(),
+        repeats: plan.data.repeats,
+        caption_source: dataset.caption_source(),
+        buckets: dataset.buckets(),
+        batches_per_epoch: dataset.batches_per_epoch(plan.training.batch_size),
+        warnings: dataset.warnings().to_vec(),
+    })
+}

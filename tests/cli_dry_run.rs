@@ -1,0 +1,188 @@
+//! `train --config X --dry-run`: the base model and the dataset are checked, the plan is printed,
+//! nothing is written; user mistakes exit with status 2.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn train(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .args(args)
+        .current_dir(dir)
+        .env("HF_HUB_CACHE", dir.join("hf-cache"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("the train binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A tiny project: 3 images with metadata.csv, a fake diffusers model folder, a config.
+fn project(extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = root.join("data/shapes");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut csv = String::from("filename,prompt\n");
+    for i in 0..3u8 {
+        let name = format!("img{i}.png");
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([x as u8 * 4, y as u8 * 4, i * 80])
+        })
+        .save(data.join(&name))
+        .unwrap();
+        csv.push_str(&format!("{name},\"a shape, number {i}\"\n"));
+    }
+    std::fs::write(data.join("metadata.csv"), csv).unwrap();
+    let model = root.join("models/tiny-sd");
+    std::fs::create_dir_all(model.join("unet")).unwrap();
+    std::fs::write(
+        model.join("model_index.json"),
+        r#"{"_class_name": "StableDiffusionPipeline"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        model.join("unet/config.json"),
+        r#"{"cross_attention_dim": 768}"#,
+    )
+    .unwrap();
+    let config = format!(
+        "train_data_dir: ./data/shapes\nmetadata_path: ./data/shapes/metadata.csv\n\
+         base_model: ./models/tiny-sd\nresolution: 64\nbatch_size: 2\nepochs: 3\n\
+         output_dir: ./output/shapes_v1\nsave_steps: 2\n{extra}"
+    );
+    std::fs::write(root.join("train.yaml"), config).unwrap();
+    dir
+}
+
+/// Every file under `root`, relative, sorted.
+fn files(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path.clone());
+            }
+            found.push(path.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_missing_base_model_is_named() {
+    let dir = project("");
+    std::fs::remove_dir_all(dir.path().join("models/tiny-sd")).unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("models/tiny-sd"),
+        "{err}"
+    );
+    assert!(
+        err.contains("does not exist") && err.contains("base_model"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_a_base_model_is_refused() {
+    let dir = project("");
+    std::fs::write(dir.path().join("models/notes.txt"), "hello").unwrap();
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--set",
+            "base_model=./models/notes.txt",
+            "--dry-run",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("models/notes.txt") && err.contains("unknown file type"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_folder_that_is_not_a_diffusers_model_is_refused() {
+    let dir = project("");
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--set",
+            "base_model=./data",
+            "--dry-run",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("neither model_index.json nor unet/config.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_dry_run_prints_the_plan_and_writes_nothing() {
+    let dir = project("gradient_accumulation_steps: 1\n");
+    let before = files(dir.path());
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr:\n{stderr}\nstdout:\n{stdout}"
+    );
+    // 3 images, batch 2 → 2 batches per epoch → 2 steps per epoch; 3 epochs → 6 steps.
+    for expected in [
+        "Dry run of train.yaml",
+        "diffusers folder",
+        "(SD 1.x)",
+        "3 images × 1 repeats = 3 samples per epoch, at 64 px",
+        "batch size 2 × gradient accumulation 1 = effective batch 2",
+        "2 batches per epoch → 2 optimizer steps per epoch",
+        "3 epochs × 2 = 6 optimizer steps in all",
+        "learning-rate warm-up: none",
+        "step checkpoints: 2 of them, after steps 2, 4",
+        "shapes_v1-step00000002.safetensors",
+        "shapes_v1.safetensors",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "missing `{expected}` in:\n{stdout}"
+        );
+    }
+    assert_eq!(files(dir.path()), before, "a dry run wrote files");
+}
+
+#[test]
+fn a_broken_dataset_exits_with_status_2() {
+    let dir = project("");
+    std::fs::remove_file(dir.path().join("data/shapes/img1.png")).unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("img1.png"), "{err}");
+}
+
+#[test]
+fn training_without_dry_run_says_it_is_not_there_yet() {
+    let dir = project("");
+    let out = train(dir.path(), &["--config", "train.yaml"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("run with --dry-run"), "{err}");
+    assert!(!dir.path().join("output").exists());
+}
