@@ -40,7 +40,10 @@ impl Error {
 
     /// Wraps an I/O error with the path it concerns.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 
@@ -55,7 +58,12 @@ pub enum ModelError {
     MissingWeight { key: String, origin: String },
     /// A parameter has another shape than the model's config says.
     #[error("{origin}: the weight `{key}` has shape {found:?}, but the model's config needs {expected:?}")]
-    WeightShape { key: String, origin: String, expected: Vec<usize>, found: Vec<usize> },
+    WeightShape {
+        key: String,
+        origin: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
     /// Tensors of the checkpoint that the model did not consume.
     #[error("{origin}: {} weight(s) of the checkpoint belong to no parameter of the model: {}", keys.len(), preview(keys))]
     UnusedWeights { origin: String, keys: Vec<String> },
@@ -66,7 +74,12 @@ pub enum ModelError {
 
 fn preview(keys: &[String]) -> String {
     const SHOWN: usize = 10;
-    let mut s = keys.iter().take(SHOWN).map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ");
+    let mut s = keys
+        .iter()
+        .take(SHOWN)
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if keys.len() > SHOWN {
         s.push_str(&format!(" and {} more", keys.len() - SHOWN));
     }

@@ -26,7 +26,11 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// Numerically stable softmax over the last dimension, computed in f32 at least.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = if dtype == DType::F64 { x.clone() } else { x.to_dtype(DType::F32)? };
+    let x = if dtype == DType::F64 {
+        x.clone()
+    } else {
+        x.to_dtype(DType::F32)?
+    };
     let max = x.max_keepdim(D::Minus1)?.detach();
     let e = x.broadcast_sub(&max)?.exp()?;
     let sum = e.sum_keepdim(D::Minus1)?;

@@ -15,7 +15,10 @@ use crate::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LayerKind {
     /// `y = x Wᵀ + b`, weight `[out_features, in_features]`.
-    Linear { in_features: usize, out_features: usize },
+    Linear {
+        in_features: usize,
+        out_features: usize,
+    },
     /// 2-D convolution, weight `[out_channels, in_channels, kernel, kernel]`.
     Conv2d {
         in_channels: usize,

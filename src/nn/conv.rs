@@ -18,7 +18,10 @@ pub struct ConvConfig {
 impl ConvConfig {
     /// Stride 1 and the padding that keeps the size for a `kernel`×`kernel` kernel.
     pub fn same(kernel: usize) -> Self {
-        ConvConfig { stride: 1, padding: kernel / 2 }
+        ConvConfig {
+            stride: 1,
+            padding: kernel / 2,
+        }
     }
 }
 
@@ -43,7 +46,11 @@ impl Conv2d {
         bias: bool,
     ) -> Result<Self> {
         let weight = scope.get("weight", (out_channels, in_channels, kernel, kernel))?;
-        let bias = if bias { Some(scope.get("bias", out_channels)?) } else { None };
+        let bias = if bias {
+            Some(scope.get("bias", out_channels)?)
+        } else {
+            None
+        };
         let adapter = scope.adapter(LayerKind::Conv2d {
             in_channels,
             out_channels,
@@ -51,7 +58,12 @@ impl Conv2d {
             stride: config.stride,
             padding: config.padding,
         })?;
-        Ok(Conv2d { weight, bias, config, adapter })
+        Ok(Conv2d {
+            weight,
+            bias,
+            config,
+            adapter,
+        })
     }
 
     /// `x: [B, in, H, W]` → `[B, out, H', W']` with `H' = (H + 2·padding − k) / stride + 1`.

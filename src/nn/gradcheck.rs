@@ -23,7 +23,12 @@ pub struct GradCheck {
 
 impl Default for GradCheck {
     fn default() -> Self {
-        GradCheck { eps: 1e-6, rel_tol: 1e-4, floor: 1e-7, samples: 6 }
+        GradCheck {
+            eps: 1e-6,
+            rel_tol: 1e-4,
+            floor: 1e-7,
+            samples: 6,
+        }
     }
 }
 
@@ -42,14 +47,22 @@ pub struct GradResult {
 impl GradCheck {
     /// Checks every named variable; returns one result per variable (its worst element).
     /// `loss` must return a scalar and depend on the variables only through their values.
-    pub fn run(&self, loss: impl Fn() -> Result<Tensor>, vars: &[(String, Var)]) -> Result<Vec<GradResult>> {
+    pub fn run(
+        &self,
+        loss: impl Fn() -> Result<Tensor>,
+        vars: &[(String, Var)],
+    ) -> Result<Vec<GradResult>> {
         let grads = loss()?.backward()?;
         let mut results = Vec::new();
         for (name, var) in vars {
             let shape = var.as_tensor().shape().clone();
             let dtype = var.as_tensor().dtype();
             let device = var.as_tensor().device().clone();
-            let original = var.as_tensor().flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let original = var
+                .as_tensor()
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
             let grad = match grads.get(var.as_tensor()) {
                 Some(g) => g.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?,
                 None => vec![0.0; original.len()],
@@ -88,7 +101,11 @@ impl GradCheck {
 
     /// Runs [`GradCheck::run`] and returns a readable list of every variable that failed: a
     /// relative error over `rel_tol`, or no gradient at all.
-    pub fn failures(&self, loss: impl Fn() -> Result<Tensor>, vars: &[(String, Var)]) -> Result<Vec<String>> {
+    pub fn failures(
+        &self,
+        loss: impl Fn() -> Result<Tensor>,
+        vars: &[(String, Var)],
+    ) -> Result<Vec<String>> {
         Ok(self
             .run(loss, vars)?
             .into_iter()
@@ -111,9 +128,13 @@ impl GradCheck {
         by_size.sort_by(|&a, &b| grad[b].abs().total_cmp(&grad[a].abs()));
         let mut picked: Vec<usize> = by_size.into_iter().take(self.samples / 2).collect();
         // A small deterministic generator seeded by the name, so a failure reproduces.
-        let mut state = name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01B3));
+        let mut state = name.bytes().fold(0x9E37_79B9_7F4A_7C15u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01B3)
+        });
         while picked.len() < self.samples {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             let index = (state >> 33) as usize % n;
             if !picked.contains(&index) {
                 picked.push(index);
@@ -134,9 +155,17 @@ mod tests {
     fn var(dims: &[usize], seed: u64) -> Result<Var> {
         let n: usize = dims.iter().product();
         let values: Vec<f64> = (0..n)
-            .map(|i| (((i as u64 + 1).wrapping_mul(seed.wrapping_mul(2654435761) + 97) % 1000) as f64) / 500.0 - 1.0)
+            .map(|i| {
+                (((i as u64 + 1).wrapping_mul(seed.wrapping_mul(2654435761) + 97) % 1000) as f64)
+                    / 500.0
+                    - 1.0
+            })
             .collect();
-        Ok(Var::from_tensor(&Tensor::from_vec(values, dims, &Device::Cpu)?)?)
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            values,
+            dims,
+            &Device::Cpu,
+        )?)?)
     }
 
     #[test]
@@ -145,13 +174,17 @@ mod tests {
         // tell the two apart.
         let x = var(&[2, 5], 3)?;
         let w = var(&[2, 5], 4)?;
-        let ours = || -> Result<Tensor> { Ok((activation::softmax_last_dim(x.as_tensor())? * w.as_tensor())?.sum_all()?) };
+        let ours = || -> Result<Tensor> {
+            Ok((activation::softmax_last_dim(x.as_tensor())? * w.as_tensor())?.sum_all()?)
+        };
         let check = GradCheck::default();
         assert!(check.failures(ours, &[("x".into(), x.clone())])?.is_empty());
         let broken = || -> Result<Tensor> {
             Ok((candle_nn::ops::softmax_last_dim(x.as_tensor())? * w.as_tensor())?.sum_all()?)
         };
-        assert!(!check.failures(broken, &[("x".into(), x.clone())])?.is_empty());
+        assert!(!check
+            .failures(broken, &[("x".into(), x.clone())])?
+            .is_empty());
         Ok(())
     }
 
@@ -179,7 +212,13 @@ mod tests {
             let h = (activation::gelu(&h)? + activation::quick_gelu(&h)?)?;
             Ok((h * proj.as_tensor())?.sum_all()?)
         };
-        let vars = [("x".to_string(), x.clone()), ("gn.weight".into(), gw), ("gn.bias".into(), gb), ("ln.weight".into(), lw), ("ln.bias".into(), lb)];
+        let vars = [
+            ("x".to_string(), x.clone()),
+            ("gn.weight".into(), gw),
+            ("gn.bias".into(), gb),
+            ("ln.weight".into(), lw),
+            ("ln.bias".into(), lb),
+        ];
         let failures = GradCheck::default().failures(loss, &vars)?;
         assert!(failures.is_empty(), "{failures:#?}");
         Ok(())

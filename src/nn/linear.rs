@@ -21,14 +21,29 @@ impl Linear {
     /// provider whether this layer gets an adapter.
     pub fn new(scope: Scope, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
         let weight = scope.get("weight", (out_features, in_features))?;
-        let bias = if bias { Some(scope.get("bias", out_features)?) } else { None };
-        let adapter = scope.adapter(LayerKind::Linear { in_features, out_features })?;
-        Ok(Linear { weight, bias, adapter })
+        let bias = if bias {
+            Some(scope.get("bias", out_features)?)
+        } else {
+            None
+        };
+        let adapter = scope.adapter(LayerKind::Linear {
+            in_features,
+            out_features,
+        })?;
+        Ok(Linear {
+            weight,
+            bias,
+            adapter,
+        })
     }
 
     /// A layer from tensors already at hand, with no adapter.
     pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias, adapter: None }
+        Linear {
+            weight,
+            bias,
+            adapter: None,
+        }
     }
 
     /// `x: [..., in_features]` → `[..., out_features]`.

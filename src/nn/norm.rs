@@ -29,7 +29,12 @@ impl GroupNorm {
         }
         let weight = scope.get("weight", channels)?;
         let bias = scope.get("bias", channels)?;
-        Ok(GroupNorm { weight, bias, groups, eps })
+        Ok(GroupNorm {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
     }
 
     /// `x: [B, C, ...]` → same shape; statistics over each group of channels and all positions,
@@ -38,7 +43,11 @@ impl GroupNorm {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
-        let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let work = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let xg = x.to_dtype(work)?.reshape((b, self.groups, ()))?;
         let mean = xg.mean_keepdim(D::Minus1)?;
         let centered = xg.broadcast_sub(&mean)?;
@@ -46,9 +55,15 @@ impl GroupNorm {
         let normed = centered.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let mut affine_shape = vec![1, c];
         affine_shape.extend(std::iter::repeat_n(1, dims.len() - 2));
-        let w = self.weight.to_dtype(work)?.reshape(affine_shape.as_slice())?;
+        let w = self
+            .weight
+            .to_dtype(work)?
+            .reshape(affine_shape.as_slice())?;
         let bias = self.bias.to_dtype(work)?.reshape(affine_shape.as_slice())?;
-        let y = normed.reshape(dims.as_slice())?.broadcast_mul(&w)?.broadcast_add(&bias)?;
+        let y = normed
+            .reshape(dims.as_slice())?
+            .broadcast_mul(&w)?
+            .broadcast_add(&bias)?;
         Ok(y.to_dtype(dtype)?)
     }
 }
@@ -64,13 +79,21 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Reads `weight` and `bias` of shape `[dim]` from `scope`.
     pub fn new(scope: Scope, dim: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { weight: scope.get("weight", dim)?, bias: scope.get("bias", dim)?, eps })
+        Ok(LayerNorm {
+            weight: scope.get("weight", dim)?,
+            bias: scope.get("bias", dim)?,
+            eps,
+        })
     }
 
     /// `x: [..., dim]` → same shape, computed in f32 at least.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let work = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let work = if dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let x = x.to_dtype(work)?;
         let mean = x.mean_keepdim(D::Minus1)?;
         let centered = x.broadcast_sub(&mean)?;

@@ -21,11 +21,20 @@ use crate::{Error, Result};
 /// A file (or in-memory map) that tensors are read from.
 pub enum TensorSource {
     /// A memory-mapped `.safetensors` file (or several shards).
-    Safetensors { path: PathBuf, file: MmapedSafetensors },
+    Safetensors {
+        path: PathBuf,
+        file: MmapedSafetensors,
+    },
     /// A PyTorch pickle checkpoint (`.ckpt`, `.bin`, `.pt`).
-    Pickle { path: PathBuf, file: candle_core::pickle::PthTensors },
+    Pickle {
+        path: PathBuf,
+        file: candle_core::pickle::PthTensors,
+    },
     /// Tensors already in memory (tests, converted weights).
-    Memory { name: String, tensors: HashMap<String, Tensor> },
+    Memory {
+        name: String,
+        tensors: HashMap<String, Tensor>,
+    },
 }
 
 impl TensorSource {
@@ -37,20 +46,32 @@ impl TensorSource {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        Ok(TensorSource::Safetensors { path: path.to_path_buf(), file })
+        Ok(TensorSource::Safetensors {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// Opens a PyTorch pickle checkpoint; `key` selects a nested dict (`state_dict`).
     pub fn pickle(path: &Path, key: Option<&str>) -> Result<Self> {
         let file = candle_core::pickle::PthTensors::new(path, key).map_err(|e| {
-            ModelError::Unreadable { path: path.to_path_buf(), reason: e.to_string() }
+            ModelError::Unreadable {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }
         })?;
-        Ok(TensorSource::Pickle { path: path.to_path_buf(), file })
+        Ok(TensorSource::Pickle {
+            path: path.to_path_buf(),
+            file,
+        })
     }
 
     /// Wraps tensors already in memory.
     pub fn memory(name: impl Into<String>, tensors: HashMap<String, Tensor>) -> Self {
-        TensorSource::Memory { name: name.into(), tensors }
+        TensorSource::Memory {
+            name: name.into(),
+            tensors,
+        }
     }
 
     /// Every key with its shape.
@@ -66,9 +87,10 @@ impl TensorSource {
                 .iter()
                 .map(|(k, info)| (k.clone(), info.layout.shape().dims().to_vec()))
                 .collect(),
-            TensorSource::Memory { tensors, .. } => {
-                tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect()
-            }
+            TensorSource::Memory { tensors, .. } => tensors
+                .iter()
+                .map(|(k, t)| (k.clone(), t.dims().to_vec()))
+                .collect(),
         }
     }
 
@@ -83,14 +105,19 @@ impl TensorSource {
     }
 
     fn load(&self, key: &str) -> Result<Tensor> {
-        let missing = || ModelError::MissingWeight { key: key.to_string(), origin: self.describe() };
+        let missing = || ModelError::MissingWeight {
+            key: key.to_string(),
+            origin: self.describe(),
+        };
         match self {
             TensorSource::Safetensors { file, .. } => {
                 file.get(key).map_err(|_| missing())?;
                 Ok(file.load(key, &Device::Cpu)?)
             }
             TensorSource::Pickle { file, .. } => Ok(file.get(key)?.ok_or_else(missing)?),
-            TensorSource::Memory { tensors, .. } => Ok(tensors.get(key).cloned().ok_or_else(missing)?),
+            TensorSource::Memory { tensors, .. } => {
+                Ok(tensors.get(key).cloned().ok_or_else(missing)?)
+            }
         }
     }
 }
@@ -101,7 +128,11 @@ pub enum Transform {
     /// Used as stored.
     None,
     /// `narrow(dim, start, len)`: one part of a fused tensor (OpenCLIP's `in_proj_weight`).
-    Slice { dim: usize, start: usize, len: usize },
+    Slice {
+        dim: usize,
+        start: usize,
+        len: usize,
+    },
     /// Same elements, another shape (a `[C, C, 1, 1]` convolution used as a `[C, C]` linear).
     Reshape(Vec<usize>),
 }
@@ -143,13 +174,25 @@ impl WeightStore {
         let keys = source.keys_and_shapes();
         let index = store.add_source(source);
         for (key, _) in keys {
-            store.insert(key.clone(), Entry { source: index, key, transform: Transform::None });
+            store.insert(
+                key.clone(),
+                Entry {
+                    source: index,
+                    key,
+                    transform: Transform::None,
+                },
+            );
         }
         store
     }
 
     /// A store over tensors already in memory, each under its own key.
-    pub fn from_tensors(name: &str, tensors: HashMap<String, Tensor>, dtype: DType, device: Device) -> Self {
+    pub fn from_tensors(
+        name: &str,
+        tensors: HashMap<String, Tensor>,
+        dtype: DType,
+        device: Device,
+    ) -> Self {
         WeightStore::from_source(TensorSource::memory(name, tensors), dtype, device)
     }
 
@@ -193,10 +236,13 @@ impl WeightStore {
     /// exactly `shape`. The key is marked as used.
     pub fn get(&self, key: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
-        let entry = self.entries.get(key).ok_or_else(|| ModelError::MissingWeight {
-            key: key.to_string(),
-            origin: self.describe(),
-        })?;
+        let entry = self
+            .entries
+            .get(key)
+            .ok_or_else(|| ModelError::MissingWeight {
+                key: key.to_string(),
+                origin: self.describe(),
+            })?;
         let source = &self.sources[entry.source];
         let mut tensor = source.load(&entry.key)?;
         tensor = match &entry.transform {
@@ -230,7 +276,11 @@ impl WeightStore {
             Ok(used) => used.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        self.entries.keys().filter(|k| !used.contains(*k)).cloned().collect()
+        self.entries
+            .keys()
+            .filter(|k| !used.contains(*k))
+            .cloned()
+            .collect()
     }
 
     /// Fails, naming the keys, when some tensor of the checkpoint was not consumed by the model:
@@ -240,7 +290,11 @@ impl WeightStore {
         if unused.is_empty() {
             Ok(())
         } else {
-            Err(ModelError::UnusedWeights { origin: self.describe(), keys: unused }.into())
+            Err(ModelError::UnusedWeights {
+                origin: self.describe(),
+                keys: unused,
+            }
+            .into())
         }
     }
 
@@ -277,7 +331,11 @@ pub struct Scope<'a> {
 impl<'a> Scope<'a> {
     /// The root scope of a model component.
     pub fn root(store: &'a WeightStore) -> Self {
-        Scope { store, adapters: None, path: String::new() }
+        Scope {
+            store,
+            adapters: None,
+            path: String::new(),
+        }
     }
 
     /// The same scope, with `provider` asked for an adapter by every adaptable layer.
@@ -288,8 +346,16 @@ impl<'a> Scope<'a> {
 
     /// The scope of a child module.
     pub fn pp(&self, name: impl std::fmt::Display) -> Scope<'a> {
-        let path = if self.path.is_empty() { name.to_string() } else { format!("{}.{name}", self.path) };
-        Scope { store: self.store, adapters: self.adapters, path }
+        let path = if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        };
+        Scope {
+            store: self.store,
+            adapters: self.adapters,
+            path,
+        }
     }
 
     /// This scope's module path (empty at the root).
@@ -337,9 +403,21 @@ mod tests {
     fn store() -> WeightStore {
         let mut tensors = HashMap::new();
         let dev = Device::Cpu;
-        tensors.insert("a.weight".to_string(), Tensor::ones((2, 3), DType::F32, &dev).unwrap());
-        tensors.insert("b.fused".to_string(), Tensor::arange(0f32, 12., &dev).unwrap().reshape((6, 2)).unwrap());
-        tensors.insert("c.conv".to_string(), Tensor::zeros((2, 2, 1, 1), DType::F16, &dev).unwrap());
+        tensors.insert(
+            "a.weight".to_string(),
+            Tensor::ones((2, 3), DType::F32, &dev).unwrap(),
+        );
+        tensors.insert(
+            "b.fused".to_string(),
+            Tensor::arange(0f32, 12., &dev)
+                .unwrap()
+                .reshape((6, 2))
+                .unwrap(),
+        );
+        tensors.insert(
+            "c.conv".to_string(),
+            Tensor::zeros((2, 2, 1, 1), DType::F16, &dev).unwrap(),
+        );
         WeightStore::from_tensors("test", tensors, DType::F32, dev)
     }
 
@@ -349,7 +427,10 @@ mod tests {
         let root = Scope::root(&store);
         let w = root.pp("a").get("weight", (2, 3))?;
         assert_eq!(w.dims(), &[2, 3]);
-        assert_eq!(store.unused_keys(), vec!["b.fused".to_string(), "c.conv".to_string()]);
+        assert_eq!(
+            store.unused_keys(),
+            vec!["b.fused".to_string(), "c.conv".to_string()]
+        );
         let err = store.check_all_used().unwrap_err().to_string();
         assert!(err.contains("b.fused") && err.contains("c.conv"), "{err}");
         Ok(())
@@ -359,16 +440,41 @@ mod tests {
     fn wrong_shape_and_missing_key_name_the_key() {
         let store = store();
         let err = store.get("a.weight", (3, 2)).unwrap_err().to_string();
-        assert!(err.contains("a.weight") && err.contains("[3, 2]") && err.contains("[2, 3]"), "{err}");
-        let err = Scope::root(&store).pp("x").get("bias", 3).unwrap_err().to_string();
+        assert!(
+            err.contains("a.weight") && err.contains("[3, 2]") && err.contains("[2, 3]"),
+            "{err}"
+        );
+        let err = Scope::root(&store)
+            .pp("x")
+            .get("bias", 3)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x.bias"), "{err}");
     }
 
     #[test]
     fn slices_reshapes_and_converts_dtype() -> Result<()> {
         let mut store = store();
-        store.insert("q".into(), Entry { source: 0, key: "b.fused".into(), transform: Transform::Slice { dim: 0, start: 2, len: 2 } });
-        store.insert("lin".into(), Entry { source: 0, key: "c.conv".into(), transform: Transform::Reshape(vec![2, 2]) });
+        store.insert(
+            "q".into(),
+            Entry {
+                source: 0,
+                key: "b.fused".into(),
+                transform: Transform::Slice {
+                    dim: 0,
+                    start: 2,
+                    len: 2,
+                },
+            },
+        );
+        store.insert(
+            "lin".into(),
+            Entry {
+                source: 0,
+                key: "c.conv".into(),
+                transform: Transform::Reshape(vec![2, 2]),
+            },
+        );
         let q = store.get("q", (2, 2))?.to_vec2::<f32>()?;
         assert_eq!(q, vec![vec![4.0, 5.0], vec![6.0, 7.0]]);
         let lin = store.get("lin", (2, 2))?;
