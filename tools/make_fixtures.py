@@ -1128,6 +1128,11 @@ the sha256 column below does not change). The script also rewrites `models/clip-
 - fp16 variant (tiny-sd1 only): `*.fp16.safetensors` beside the f32 files, loaded by
   `from_pretrained(folder, variant="fp16")`; each tensor is the f32 one rounded to f16.
 - References are computed from the pipeline *reloaded from the folder*, in float32 on CPU.
+- Also checked once from Rust (a throwaway probe, not committed, not re-run by the script):
+  the `tokenizers` crate 0.23 (`fancy-regex`) on `models/clip-tokenizer/tokenizer.json` reproduces
+  every `sd1` case of `tokenizer_cases.json` (padding/truncation to 77 done by hand); candle 0.11.1
+  reads `tiny-sd1.ckpt` and its 706 readable tensors equal `tiny-sd1.safetensors`; candle's
+  `MmapedSafetensors` loads every tensor of the safetensors files (incl. the fp16 variant).
 
 ## Files
 
