@@ -73,6 +73,7 @@ NOISE_TIMESTEPS = [37, 999]
 
 
 def versions() -> dict:
+    import accelerate
     import diffusers
     import safetensors
     import tokenizers
@@ -92,6 +93,8 @@ def versions() -> dict:
         "tokenizers": tokenizers.__version__,
         "safetensors": safetensors.__version__,
         "numpy": np.__version__,
+        "accelerate": accelerate.__version__,
+        "PyYAML": yaml.__version__,
         "open_clip_torch": oc,
     }
 
@@ -1115,8 +1118,9 @@ the sha256 column below does not change). The script also rewrites `models/clip-
 ## Things the Rust side must not assume (learned while making these)
 
 - **Do not tell SD1 from SD2 by the cross-attention width 1024** for these files: tiny-sd2 has 128.
-  (diffusers itself mis-detects tiny-sd2's single file as "v1" for that reason, harmlessly, because
-  the config comes from the yaml/folder.) Robust signals: `cond_stage_model.model.` (OpenCLIP) keys
+  (diffusers itself classifies tiny-sd2's single file as "v1": it looks for a 1024-wide
+  `input_blocks.2.1.transformer_blocks.0.attn2.to_k`; harmless here because the config comes from
+  the yaml/folder.) Robust signals: `cond_stage_model.model.` (OpenCLIP) keys
   vs `cond_stage_model.transformer.`; 2-D (linear) vs 4-D (1×1 conv) `proj_in` weights.
 - The single-file layout does not record the number of CLIP heads: use hidden/64 (true for every
   real SD text encoder and for both tiny ones).
