@@ -73,6 +73,7 @@ NOISE_TIMESTEPS = [37, 999]
 
 
 def versions() -> dict:
+    import accelerate
     import diffusers
     import safetensors
     import tokenizers
@@ -92,6 +93,8 @@ def versions() -> dict:
         "tokenizers": tokenizers.__version__,
         "safetensors": safetensors.__version__,
         "numpy": np.__version__,
+        "accelerate": accelerate.__version__,
+        "PyYAML": yaml.__version__,
         "open_clip_torch": oc,
     }
 
@@ -361,6 +364,7 @@ VARIANTS = {
             pad_token_id=999,
         ),
         "pad_token": EOS,
+        "text_layout": "hf_clip",
         "prediction_type": "epsilon",
         "fp16_variant": True,
         "ckpt": True,
@@ -408,6 +412,7 @@ VARIANTS = {
             pad_token_id=0,
         ),
         "pad_token": "!",
+        "text_layout": "openclip",
         "prediction_type": "v_prediction",
         "openclip_projection_dim": 64,
         "fp16_variant": False,
@@ -478,24 +483,20 @@ def _resnet_rest(rest: str) -> str:
 def unet_key_to_ldm(key: str, cfg: dict) -> str:
     """One diffusers UNet2DConditionModel key -> its LDM ``openaimodel.UNetModel`` key."""
     lpb = cfg["layers_per_block"]
-    simple = {
+    renamed = {
         "time_embedding.linear_1.": "time_embed.0.",
         "time_embedding.linear_2.": "time_embed.2.",
         "conv_in.": "input_blocks.0.0.",
         "conv_norm_out.": "out.0.",
         "conv_out.": "out.2.",
-        "mid_block.resnets.0.": None,
         "mid_block.attentions.0.": "middle_block.1.",
-        "mid_block.resnets.1.": None,
     }
-    for prefix, target in simple.items():
+    for prefix, target in renamed.items():
         if key.startswith(prefix):
-            rest = key[len(prefix) :]
-            if prefix == "mid_block.resnets.0.":
-                return "middle_block.0." + _resnet_rest(rest)
-            if prefix == "mid_block.resnets.1.":
-                return "middle_block.2." + _resnet_rest(rest)
-            return target + rest
+            return target + key[len(prefix) :]
+    m = re.fullmatch(r"mid_block\.resnets\.([01])\.(.+)", key)
+    if m:
+        return f"middle_block.{2 * int(m[1])}.{_resnet_rest(m[2])}"
     m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", key)
     if m:
         i, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
@@ -551,7 +552,41 @@ def vae_key_to_ldm(key: str, n_blocks: int) -> str:
     raise KeyError(f"no LDM name for VAE tensor {key}")
 
 
-def ldm_schedule_buffers(prediction_type: str) -> dict:
+def check_ldm_unet_structure(single: dict) -> None:
+    """diffusers' loader accepts an upsampler at either ``output_blocks.N.1`` or ``.2``, so loading
+    the file back cannot catch that mistake; LDM's layout is fixed: each output block is
+    (ResBlock, [SpatialTransformer], [Upsample]), each input block (ResBlock, [SpatialTransformer])
+    or (Downsample,)."""
+    parts: dict = {}
+    for k in single:
+        m = re.match(r"model\.diffusion_model\.(input|output)_blocks\.(\d+)\.(\d+)\.(.+)", k)
+        if m:
+            parts.setdefault((m[1], int(m[2])), {}).setdefault(int(m[3]), set()).add(m[4])
+    for (side, n), subs in sorted(parts.items()):
+        kinds = []
+        for idx in sorted(subs):
+            names = subs[idx]
+            if any(x.startswith("transformer_blocks.") for x in names):
+                kinds.append("attn")
+            elif names <= {"conv.weight", "conv.bias"}:
+                kinds.append("up")
+            elif names <= {"op.weight", "op.bias"}:
+                kinds.append("down")
+            elif any(x.startswith("in_layers.") for x in names):
+                kinds.append("res")
+            else:
+                kinds.append("?")
+        if side == "input" and n == 0:
+            check(sorted(subs) == [0] and subs[0] <= {"weight", "bias"}, "input_blocks.0.0 must be conv_in")
+            continue
+        if side == "input":
+            allowed = [["res"], ["res", "attn"], ["down"]]
+        else:
+            allowed = [["res"], ["res", "attn"], ["res", "up"], ["res", "attn", "up"]]
+        check(sorted(subs) == list(range(len(subs))) and kinds in allowed, f"{side}_blocks.{n} has the layout {dict(zip(sorted(subs), kinds))}")
+
+
+def ldm_schedule_buffers() -> dict:
     """The DDPM buffers real LDM checkpoints carry (computed in float64 as ldm.models.diffusion.ddpm
     does, stored float32). Loaders ignore them; they are here so ours learns to ignore them too."""
     n, start, end = 1000, 0.00085, 0.012
@@ -586,24 +621,26 @@ def to_single_file(pipe, variant: dict) -> dict:
     unet_cfg = dict(pipe.unet.config)
     for k, v in pipe.unet.state_dict().items():
         out["model.diffusion_model." + unet_key_to_ldm(k, unet_cfg)] = v
+    check(len(out) == len(pipe.unet.state_dict()), "two UNet tensors mapped to the same LDM key")
     n_vae = len(pipe.vae.config.block_out_channels)
     for k, v in pipe.vae.state_dict().items():
         ldm = vae_key_to_ldm(k, n_vae)
         if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.ndim == 2:
             v = v[:, :, None, None]  # LDM's VAE attention projections are 1x1 convs [C, C, 1, 1]
+        check("first_stage_model." + ldm not in out, f"two VAE tensors mapped to {ldm}")
         out["first_stage_model." + ldm] = v
 
     te = pipe.text_encoder.state_dict()
     tcfg = pipe.text_encoder.config
     # transformers >= 5 saves CLIPTextModel without the `text_model.` prefix; LDM files have it
     te = {k.removeprefix("text_model."): v for k, v in te.items()}
-    if variant["pad_token"] == EOS:  # SD1: HF CLIP layout under cond_stage_model.transformer.text_model.
+    if variant["text_layout"] == "hf_clip":  # SD1: HF CLIP names under cond_stage_model.transformer.text_model.
         for k, v in te.items():
             out["cond_stage_model.transformer.text_model." + k] = v
         out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(
             tcfg.max_position_embeddings, dtype=torch.int64
         )[None]
-    else:  # SD2: OpenCLIP layout under cond_stage_model.model.
+    else:  # SD2 ("openclip"): OpenCLIP names under cond_stage_model.model.
         p = "cond_stage_model.model."
         out[p + "token_embedding.weight"] = te["embeddings.token_embedding.weight"]
         out[p + "positional_embedding"] = te["embeddings.position_embedding.weight"]
@@ -643,7 +680,8 @@ def to_single_file(pipe, variant: dict) -> dict:
         out[p + "text_projection"] = randn(name_seed(variant["seed"], "openclip.text_projection"), (w, variant["openclip_projection_dim"])) / w**0.5
         out[p + "logit_scale"] = torch.tensor(float(np.log(1 / 0.07)), dtype=torch.float32)
 
-    out.update(ldm_schedule_buffers(variant["prediction_type"]))
+    out.update(ldm_schedule_buffers())
+    check_ldm_unet_structure(out)
     return contiguous(out)
 
 
@@ -720,7 +758,8 @@ def ldm_yaml(name: str, variant: dict) -> str:
             "lossconfig": {"target": "torch.nn.Identity"},
         },
     }
-    if variant["pad_token"] == EOS:
+    openclip = variant["text_layout"] == "openclip"
+    if not openclip:
         params["cond_stage_config"] = {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"}
     else:
         params["cond_stage_config"] = {
@@ -732,12 +771,12 @@ def ldm_yaml(name: str, variant: dict) -> str:
         f"CLIP text model: hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, "
         f"{t['num_attention_heads']} head(s) of 64, {t['hidden_act']}, intermediate {t['intermediate_size']}, vocab {t['vocab_size']}"
     )
-    if variant["pad_token"] != EOS:
+    if openclip:
         text_note += f" (the file holds {t['num_hidden_layers'] + 1} OpenCLIP resblocks; the last is unused)"
     header = (
         f"# LDM inference config for {name}.safetensors (a tiny random test model, not for images).\n"
         f"# Made by tools/make_fixtures.py in the layout of stable-diffusion's "
-        f"{'v1-inference.yaml' if variant['pad_token'] == EOS else 'v2-inference-v.yaml'}.\n"
+        f"{'v2-inference-v.yaml' if openclip else 'v1-inference.yaml'}.\n"
         f"# The text encoder's size is not recorded here (as in the real files): {text_note}.\n"
     )
     return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=100)
@@ -1008,7 +1047,7 @@ def make_variant(name: str, variant: dict, tiny_tok_dir: Path) -> dict:
     yaml_path = FIXTURES / f"{name}.yaml"
     yaml_path.write_text(ldm_yaml(name, variant), encoding="utf-8")
     verify_single_file(name, folder, single_path, yaml_path, ref)
-    if variant["pad_token"] != EOS:
+    if variant["text_layout"] == "openclip":
         verify_openclip(single, variant, ref)
     if variant["ckpt"]:
         ckpt_path = FIXTURES / f"{name}.ckpt"
@@ -1079,8 +1118,9 @@ the sha256 column below does not change). The script also rewrites `models/clip-
 ## Things the Rust side must not assume (learned while making these)
 
 - **Do not tell SD1 from SD2 by the cross-attention width 1024** for these files: tiny-sd2 has 128.
-  (diffusers itself mis-detects tiny-sd2's single file as "v1" for that reason, harmlessly, because
-  the config comes from the yaml/folder.) Robust signals: `cond_stage_model.model.` (OpenCLIP) keys
+  (diffusers itself classifies tiny-sd2's single file as "v1": it looks for a 1024-wide
+  `input_blocks.2.1.transformer_blocks.0.attn2.to_k`; harmless here because the config comes from
+  the yaml/folder.) Robust signals: `cond_stage_model.model.` (OpenCLIP) keys
   vs `cond_stage_model.transformer.`; 2-D (linear) vs 4-D (1×1 conv) `proj_in` weights.
 - The single-file layout does not record the number of CLIP heads: use hidden/64 (true for every
   real SD text encoder and for both tiny ones).
@@ -1128,6 +1168,11 @@ the sha256 column below does not change). The script also rewrites `models/clip-
 - fp16 variant (tiny-sd1 only): `*.fp16.safetensors` beside the f32 files, loaded by
   `from_pretrained(folder, variant="fp16")`; each tensor is the f32 one rounded to f16.
 - References are computed from the pipeline *reloaded from the folder*, in float32 on CPU.
+- Also checked once from Rust (a throwaway probe, not committed, not re-run by the script):
+  the `tokenizers` crate 0.23 (`fancy-regex`) on `models/clip-tokenizer/tokenizer.json` reproduces
+  every `sd1` case of `tokenizer_cases.json` (padding/truncation to 77 done by hand); candle 0.11.1
+  reads `tiny-sd1.ckpt` and its 706 readable tensors equal `tiny-sd1.safetensors`; candle's
+  `MmapedSafetensors` loads every tensor of the safetensors files (incl. the fp16 variant).
 
 ## Files
 
