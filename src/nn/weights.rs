@@ -154,6 +154,9 @@ pub struct WeightStore {
     used: Mutex<BTreeSet<String>>,
     dtype: DType,
     device: Device,
+    /// Every read returns zeros of the requested shape without touching memory (see
+    /// [`WeightStore::shape_only`]).
+    shape_only: bool,
 }
 
 impl WeightStore {
@@ -165,6 +168,18 @@ impl WeightStore {
             used: Mutex::new(BTreeSet::new()),
             dtype,
             device,
+            shape_only: false,
+        }
+    }
+
+    /// A store that answers every read with zeros of the requested shape, as a stride-0 view
+    /// that allocates nothing. Building a model on it costs no memory: it lists the model's
+    /// layers (and the LoRA modules a config selects) from the configs alone, before any weight
+    /// is read. Its models must not be run.
+    pub fn shape_only(dtype: DType, device: Device) -> Self {
+        WeightStore {
+            shape_only: true,
+            ..WeightStore::new(dtype, device)
         }
     }
 
@@ -212,9 +227,9 @@ impl WeightStore {
         self.entries.insert(key, entry);
     }
 
-    /// Whether a tensor is stored under `key`.
+    /// Whether a tensor is stored under `key` (always true for a shape-only store).
     pub fn contains(&self, key: &str) -> bool {
-        self.entries.contains_key(key)
+        self.shape_only || self.entries.contains_key(key)
     }
 
     /// Every key of the store, sorted.
@@ -236,6 +251,10 @@ impl WeightStore {
     /// exactly `shape`. The key is marked as used.
     pub fn get(&self, key: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
+        if self.shape_only {
+            let zero = Tensor::zeros((), self.dtype, &self.device)?;
+            return Ok(zero.broadcast_as(shape)?);
+        }
         let entry = self
             .entries
             .get(key)
@@ -479,6 +498,22 @@ mod tests {
         assert_eq!(q, vec![vec![4.0, 5.0], vec![6.0, 7.0]]);
         let lin = store.get("lin", (2, 2))?;
         assert_eq!(lin.dtype(), DType::F32);
+        Ok(())
+    }
+
+    #[test]
+    fn a_shape_only_store_answers_any_key_without_allocating() -> Result<()> {
+        let store = WeightStore::shape_only(DType::F32, Device::Cpu);
+        let w = Scope::root(&store)
+            .pp("any")
+            .get("weight", (1280, 1280, 3, 3))?;
+        assert_eq!(w.dims(), &[1280, 1280, 3, 3]);
+        assert_eq!(
+            w.stride(),
+            &[0, 0, 0, 0],
+            "a view of one zero, not an allocation"
+        );
+        assert!(store.contains("whatever") && store.check_all_used().is_ok());
         Ok(())
     }
 }
