@@ -38,8 +38,8 @@ pub struct PngImage<'a> {
 /// What an event carries (the `what` oneof of `Event`).
 pub enum EventBody<'a> {
     FileVersion,
-    /// `SessionLog { status: START }`: TensorBoard drops the events of earlier files whose step is
-    /// at or after this event's step (a resumed run replaces what the interrupted one logged).
+    /// `SessionLog { status: START }`: from the second one in a run directory on, TensorBoard
+    /// drops the events seen before whose step is at or after this event's step.
     SessionStart,
     Scalars(&'a [(&'a str, f32)]),
     Image {

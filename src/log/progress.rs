@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressStyle};
 
 /// How many recent updates the speed is measured over.
 pub const RATE_WINDOW: usize = 20;
@@ -82,8 +82,9 @@ impl TrainProgress {
     pub fn new(mode: DisplayMode, total_steps: u64, start_step: u64) -> TrainProgress {
         let view = View::new(mode, start_step, Instant::now(), || {
             let bar = ProgressBar::new(total_steps).with_position(start_step);
+            bar.set_prefix("training");
             bar.set_style(style(
-                "{prefix} [{bar:30.cyan/blue}] {pos}/{len} [{elapsed_precise}] {msg}",
+                "{prefix} [{wide_bar:.cyan/blue}] {pos}/{len} [{elapsed_precise}] {msg}",
             ));
             bar
         });
@@ -177,7 +178,7 @@ impl TaskProgress {
         let view = View::new(mode, 0, Instant::now(), || {
             let bar = ProgressBar::new(total);
             bar.set_style(style(
-                "{prefix} [{bar:30.green/blue}] {pos}/{len} [{elapsed_precise}] {msg}",
+                "{prefix} [{wide_bar:.green/blue}] {pos}/{len} [{elapsed_precise}] {msg}",
             ));
             bar.set_prefix(label.to_string());
             bar
@@ -272,7 +273,6 @@ impl View {
         match mode {
             DisplayMode::Bar => {
                 let bar = bar();
-                bar.set_draw_target(ProgressDrawTarget::stderr());
                 bar.enable_steady_tick(Duration::from_secs(1));
                 View {
                     output: Output::Bar(bar),
@@ -440,11 +440,7 @@ fn plain_task_line(label: &str, done: u64, total: u64, meter: &Meter, now: Insta
 }
 
 fn percent(done: u64, total: u64) -> u64 {
-    if total == 0 {
-        100
-    } else {
-        (done.min(total) * 100) / total
-    }
+    (done.min(total) * 100).checked_div(total).unwrap_or(100)
 }
 
 /// `m:ss`, or `h:mm:ss` from an hour on.
@@ -620,6 +616,18 @@ mod tests {
         m.record(t0 + Duration::from_millis(250), 1);
         assert_eq!(speed_fields(&m, 1, 10, None), "4.00 it/s  ETA 0:02");
         assert_eq!(percent(3, 0), 100);
+    }
+
+    #[test]
+    fn bar_mode_runs_without_a_terminal() {
+        // Bar mode on a non-terminal draws nothing; it must still accept every call.
+        let mut p = TrainProgress::new(DisplayMode::Bar, 10, 2);
+        p.update(&status(3, 1.0));
+        p.finish();
+        let mut t = TaskProgress::new(DisplayMode::Bar, "caching latents", 3);
+        t.inc(3);
+        t.finish();
+        assert!(matches!(p.view.output, Output::Bar(_)));
     }
 
     #[test]

@@ -7,6 +7,11 @@
 //! [`EventWriter::DEFAULT_FLUSH_INTERVAL`] (or on [`EventWriter::flush`]); every I/O error is
 //! returned, so the training loop can warn and carry on. A failed write is cut back to the last
 //! whole record, so the file stays readable.
+//!
+//! Every file starts with the file version and a `SessionLog START` at the first step it will
+//! log. TensorBoard treats a second START in a run directory as a restart and drops the earlier
+//! points at or after its step: that is how a resumed run replaces what the interrupted run
+//! logged past its checkpoint (and a fresh run into an old log directory replaces the old run).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
@@ -37,19 +42,21 @@ impl EventWriter {
     /// How often buffered events reach the file when no [`flush`](Self::flush) comes first.
     pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
 
-    /// Creates `log_dir` if needed and a new event file in it (never overwriting one).
+    /// Creates `log_dir` if needed and a new event file in it (never overwriting one), for a run
+    /// starting at step 1.
     pub fn create(log_dir: &Path) -> Result<EventWriter> {
-        Self::open(log_dir, None)
+        Self::open(log_dir, 1)
     }
 
-    /// As [`create`](Self::create), for a run resumed at `step`: the file starts with a
-    /// "session start" event, which tells TensorBoard to drop the points that earlier files logged
-    /// at or after `step` (what the interrupted run did past its last checkpoint).
-    pub fn create_resumed(log_dir: &Path, step: u64) -> Result<EventWriter> {
-        Self::open(log_dir, Some(step))
+    /// As [`create`](Self::create), for a run resumed from the state saved after step
+    /// `resumed_after`: TensorBoard drops the points earlier files logged after that step (what
+    /// the interrupted run did past its checkpoint) and shows this file's instead. Points logged
+    /// at other x-axes (`loss/epoch_average` at the epoch number) are not dropped.
+    pub fn create_resumed(log_dir: &Path, resumed_after: u64) -> Result<EventWriter> {
+        Self::open(log_dir, resumed_after.saturating_add(1))
     }
 
-    fn open(log_dir: &Path, resumed_at: Option<u64>) -> Result<EventWriter> {
+    fn open(log_dir: &Path, first_step: u64) -> Result<EventWriter> {
         std::fs::create_dir_all(log_dir).map_err(|e| {
             Error::io(
                 log_dir,
@@ -59,9 +66,7 @@ impl EventWriter {
         let (path, file) = create_event_file(log_dir)?;
         let mut writer = EventWriter::with_file(path, Box::new(file));
         writer.push(0, &EventBody::FileVersion);
-        if let Some(step) = resumed_at {
-            writer.push(step, &EventBody::SessionStart);
-        }
+        writer.push(first_step, &EventBody::SessionStart);
         writer.flush()?;
         Ok(writer)
     }
