@@ -12,5 +12,6 @@ pub mod log;
 pub mod models;
 pub mod nn;
 pub mod plan;
+pub mod train;
 
 pub use error::{Error, Result};

@@ -1,0 +1,18 @@
+//! The optimisation machinery of a training run: optimizers with saveable state
+//! ([`optim`]), gradient clipping ([`clip_grad`]) and learning-rate schedules ([`schedule`]).
+//!
+//! Everything here is deterministic and holds no global state: the same gradients and learning
+//! rates give bit-identical parameters, also across a save/restore of the optimizer state.
+
+pub mod clip_grad;
+mod error;
+pub mod optim;
+pub mod schedule;
+
+pub use clip_grad::clip_grad_norm;
+pub use error::TrainError;
+pub use optim::{
+    build_optimizer, AdamW, AdamW8bit, Lion, NamedParam, OptimizerSettings, OptimizerState,
+    ParamGroup, ParamOptimizer, Sgd,
+};
+pub use schedule::LrSchedule;
