@@ -11,5 +11,7 @@ pub mod error;
 pub mod models;
 pub mod nn;
 pub mod plan;
+pub mod rng;
+pub mod train;
 
 pub use error::{Error, Result};

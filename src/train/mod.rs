@@ -1,0 +1,3 @@
+//! Training: the loss of a step, and (as it lands) the loop around it.
+
+pub mod step;
