@@ -1,3 +1,4 @@
 //! Training: the loss of a step, and (as it lands) the loop around it.
 
+pub mod latents;
 pub mod step;
