@@ -2,3 +2,4 @@
 
 pub mod latents;
 pub mod step;
+pub mod text_cache;
