@@ -17,6 +17,9 @@ pub enum Error {
     /// A model file or folder cannot be used.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// Optimizer, optimizer state or schedule problems.
+    #[error(transparent)]
+    Train(#[from] crate::train::TrainError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -34,6 +37,8 @@ impl Error {
     pub fn exit_code(&self) -> i32 {
         match self {
             Error::Config(_) | Error::Dataset(_) | Error::Model(_) => 2,
+            Error::Train(e) if e.is_user_error() => 2,
+            Error::Train(_) => 1,
             Error::Io { .. } | Error::Candle(_) => 1,
         }
     }

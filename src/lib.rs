@@ -12,6 +12,7 @@ pub mod log;
 pub mod models;
 pub mod nn;
 pub mod plan;
+pub mod rng;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@ mod gradients;
 pub mod load;
 pub mod noise;
 #[cfg(test)]
-mod random_weights;
+pub(crate) mod random_weights;
 pub mod resnet;
 pub mod source;
 pub mod tokenizer;

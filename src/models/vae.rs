@@ -5,7 +5,7 @@
 //! attention shared with the UNet, with diffusers' module paths (`encoder.down_blocks.0.resnets.0`,
 //! `encoder.mid_block.attentions.0.to_q`, `decoder.up_blocks.0.upsamplers.0.conv`, `quant_conv`...).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::attention::SpatialSelfAttention;
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -361,6 +361,7 @@ impl Decoder {
 pub struct AutoencoderKL {
     config: VaeConfig,
     dtype: DType,
+    device: Device,
     encoder: Encoder,
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
@@ -400,6 +401,7 @@ impl AutoencoderKL {
         Ok(AutoencoderKL {
             config: config.clone(),
             dtype: scope.store().dtype(),
+            device: scope.store().device().clone(),
             encoder: Encoder::new(scope.pp("encoder"), config)?,
             decoder: Decoder::new(scope.pp("decoder"), config)?,
             quant_conv,
@@ -410,6 +412,16 @@ impl AutoencoderKL {
     /// The config the model was built from.
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// The dtype of the weights (the encoder's input is converted to it).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// `image: [B, 3, H, W]` in [−1, 1] (H, W multiples of the downsampling factor) → the

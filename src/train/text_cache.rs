@@ -1,0 +1,102 @@
+//! Text-encoder outputs computed once, when the text encoder is frozen and captions are fixed.
+//!
+//! Without text-encoder adapters and with captions that never change between epochs (no tag
+//! shuffling, no caption dropout), every caption's embedding is the same at every step: it is
+//! computed once, in batches, and looked up afterwards.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::models::clip_text::ClipTextModel;
+use crate::models::tokenizer::ClipTokenizer;
+use crate::Result;
+
+/// The text encoder's output (`[T, hidden]` f32 on the CPU) by caption.
+#[derive(Debug, Default)]
+pub struct TextCache {
+    embeddings: BTreeMap<String, Tensor>,
+}
+
+impl TextCache {
+    /// Encodes every distinct caption of `captions` with `clip_skip`, `batch_size` at a time.
+    pub fn build<'a>(
+        captions: impl IntoIterator<Item = &'a str>,
+        tokenizer: &ClipTokenizer,
+        text_encoder: &ClipTextModel,
+        device: &Device,
+        clip_skip: usize,
+        batch_size: usize,
+    ) -> Result<Self> {
+        let mut distinct: Vec<&str> = captions.into_iter().collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let mut embeddings = BTreeMap::new();
+        for chunk in distinct.chunks(batch_size.max(1)) {
+            let ids = tokenizer.input_ids(chunk, device)?;
+            let hidden = text_encoder
+                .forward_with_clip_skip(&ids, clip_skip)?
+                .to_dtype(DType::F32)?
+                .to_device(&Device::Cpu)?;
+            for (i, caption) in chunk.iter().enumerate() {
+                embeddings.insert(caption.to_string(), hidden.get(i)?);
+            }
+        }
+        Ok(TextCache { embeddings })
+    }
+
+    /// Number of distinct captions.
+    pub fn len(&self) -> usize {
+        self.embeddings.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.embeddings.is_empty()
+    }
+
+    /// The embeddings of `captions` stacked into `[B, T, hidden]` on `device`.
+    pub fn batch<S: AsRef<str>>(&self, captions: &[S], device: &Device) -> Result<Tensor> {
+        let tensors = captions
+            .iter()
+            .map(|c| {
+                self.embeddings.get(c.as_ref()).cloned().ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "text cache: the caption {:?} was not encoded",
+                        c.as_ref()
+                    ))
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Tensor::stack(&tensors, 0)?.to_device(device)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::clip_text_config::ClipTextConfig;
+    use crate::nn::weights::TensorSource;
+    use crate::nn::{Scope, WeightStore};
+    use std::path::Path;
+
+    #[test]
+    fn each_distinct_caption_is_encoded_once_and_looked_up() -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
+        let tokenizer = ClipTokenizer::from_dir(&root.join("tokenizer"))?;
+        let config = ClipTextConfig::from_file(&root.join("text_encoder/config.json"))?;
+        let source = TensorSource::safetensors(&root.join("text_encoder/model.safetensors"))?;
+        let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
+        let encoder = ClipTextModel::new(Scope::root(&store), &config)?;
+        let captions = ["a red city", "ink mountains", "a red city"];
+        let cache = TextCache::build(captions, &tokenizer, &encoder, &Device::Cpu, 2, 2)?;
+        assert_eq!(cache.len(), 2);
+        let got = cache.batch(&["ink mountains", "a red city"], &Device::Cpu)?;
+        let ids = tokenizer.input_ids(&["ink mountains", "a red city"], &Device::Cpu)?;
+        let want = encoder.forward_with_clip_skip(&ids, 2)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(diff, 0.0);
+        assert!(cache.batch(&["never seen"], &Device::Cpu).is_err());
+        Ok(())
+    }
+}
