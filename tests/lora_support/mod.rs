@@ -92,19 +92,26 @@ pub fn store(path: &str, dtype: DType) -> WeightStore {
 
 /// The tiny SD1 UNet and text encoder in `dtype`, built with `networks`' adapters.
 pub fn tiny_models(networks: &LoraNetworks, dtype: DType) -> (UNet2DConditionModel, ClipTextModel) {
+    try_tiny_models(networks, dtype).unwrap()
+}
+
+/// [`tiny_models`], failing like a run would (a `network_weights` file that does not fit).
+pub fn try_tiny_models(
+    networks: &LoraNetworks,
+    dtype: DType,
+) -> lora_trainer::Result<(UNet2DConditionModel, ClipTextModel)> {
     let unet_store = store("tiny-sd1/unet/diffusion_pytorch_model.safetensors", dtype);
     let unet = UNet2DConditionModel::new(
         Scope::root(&unet_store).with_adapters(&networks.unet),
         &tiny_unet_config(),
-    )
-    .unwrap();
+    )?;
     let te_store = store("tiny-sd1/text_encoder/model.safetensors", dtype);
     let te_scope = match &networks.text_encoder {
         Some(te) => Scope::root(&te_store).with_adapters(te),
         None => Scope::root(&te_store),
     };
-    let text = ClipTextModel::new(te_scope, &tiny_text_config()).unwrap();
-    (unet, text)
+    let text = ClipTextModel::new(te_scope, &tiny_text_config())?;
+    Ok((unet, text))
 }
 
 /// Deterministic values in [-scale, scale) (a 64-bit LCG), of `dims`, in `dtype`.
