@@ -528,3 +528,27 @@ fn import_errors_name_the_key() {
         .collect();
     assert_eq!(specs, [(4, 4.0), (2, 2.0)]);
 }
+
+#[test]
+fn squeezed_1x1_convolution_matrices_are_accepted() {
+    // Some trainers store a 1×1 convolution's LoRA as plain matrices; A1111 reshapes them.
+    let dir = tempfile::tempdir().unwrap();
+    let name = "lora_unet_down_blocks_0_attentions_0_proj_in";
+    let (d, u) = (
+        format!("{name}.lora_down.weight"),
+        format!("{name}.lora_up.weight"),
+    );
+    let path = write(
+        dir.path(),
+        "flat.safetensors",
+        vec![(d.as_str(), f32s(&[4, 32])), (u.as_str(), f32s(&[32, 4]))],
+        None,
+    );
+    let nets = import(&path, settings(preset(TargetPreset::Default))).unwrap();
+    let adapter = &nets.adapters()[0];
+    assert_eq!(
+        (adapter.down().dims(), adapter.up().dims()),
+        (&[4, 32, 1, 1][..], &[32, 4, 1, 1][..])
+    );
+    assert_eq!(bits(adapter.down().as_tensor()), bits(&f32s(&[4, 32])));
+}

@@ -89,17 +89,12 @@ impl FileTargets {
             rank: module.rank(),
             alpha: module.effective_alpha(),
         };
-        self.check_shape(
-            &module.down_key,
-            module.down.dims(),
-            &spec.down_shape(),
-            &spec,
-        )?;
-        self.check_shape(&module.up_key, module.up.dims(), &spec.up_shape(), &spec)?;
+        let down = self.fit(&module.down_key, &module.down, &spec.down_shape(), &spec)?;
+        let up = self.fit(&module.up_key, &module.up, &spec.up_shape(), &spec)?;
         if let Ok(mut used) = self.used.lock() {
             used[index] = true;
         }
-        Ok(Some((spec, module.down.clone(), module.up.clone())))
+        Ok(Some((spec, down, up)))
     }
 
     /// Fails, naming the key, if a module of the file found no layer. Call it once every model
@@ -136,15 +131,28 @@ impl FileTargets {
         .into())
     }
 
-    fn check_shape(
+    /// The tensor in the `expected` shape. A 1×1 convolution's matrices stored without their
+    /// trailing 1×1 (or a linear layer's with one) are reshaped, as A1111 does; anything else
+    /// that differs is an error naming the key.
+    fn fit(
         &self,
         key: &str,
-        found: &[usize],
+        tensor: &Tensor,
         expected: &[usize],
         spec: &ModuleSpec,
-    ) -> Result<()> {
+    ) -> Result<Tensor> {
+        let found = tensor.dims();
         if found == expected {
-            return Ok(());
+            return Ok(tensor.clone());
+        }
+        let squeezed = |dims: &[usize]| -> Vec<usize> {
+            match dims {
+                [a, b, 1, 1] => vec![*a, *b],
+                other => other.to_vec(),
+            }
+        };
+        if squeezed(found) == squeezed(expected) {
+            return Ok(tensor.reshape(expected)?);
         }
         Err(LoraError::file(
             &self.file.path,

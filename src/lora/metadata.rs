@@ -181,6 +181,16 @@ impl TrainingMetadata {
         }
     }
 
+    /// Records a dataset folder's tag counts (`Dataset::tag_frequency()`) under `folder`, as
+    /// kohya keys `ss_tag_frequency` (`"10_cyberpunk": {"neon": 12, ...}`).
+    pub fn add_tag_frequency(
+        &mut self,
+        folder: impl Into<String>,
+        counts: BTreeMap<String, usize>,
+    ) {
+        self.tag_frequency.insert(folder.into(), counts);
+    }
+
     /// The header: `ss_*` and `modelspec.*` keys, values as kohya writes them.
     pub fn to_header(&self) -> BTreeMap<String, String> {
         let n = &self.network;

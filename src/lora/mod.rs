@@ -16,6 +16,7 @@ pub mod adapter;
 mod error;
 pub mod export;
 pub mod file;
+mod file_keys;
 pub mod hash;
 pub mod import;
 pub mod inspect;

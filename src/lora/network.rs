@@ -11,19 +11,25 @@
 //! let groups = networks.param_groups(); // UNet vars, text-encoder vars: separate learning rates
 //! networks.set_training(true);
 //! networks.set_step(step, micro_batch); // before each forward pass: selects the dropout masks
+//! networks.save(&path, plan.lora.save_format, plan.lora.save_precision, &metadata.to_header())?;
 //! ```
+//!
+//! With `network_weights`, the file decides which layers get adapters and their ranks and alphas
+//! (the config's targets, ranks and alphas are not used); dropout settings still apply.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Var};
 
 use super::adapter::{Dropout, LoraAdapter, TrainingState};
+use super::export::{save_lora, SavedLora};
 use super::file::LoraFile;
 use super::import::FileTargets;
 use super::names::LoraModel;
 use super::report::LoraReport;
 use super::targets::{ModuleSpec, TargetSelector};
-use crate::config::LoraSettings;
+use crate::config::{LoraSettings, SaveFormat, SavePrecision};
 use crate::models::source::SdVersion;
 use crate::nn::{Adapter, AdapterProvider, LayerKind};
 use crate::Result;
@@ -300,6 +306,18 @@ impl LoraNetworks {
             self.text_encoder.is_some(),
             self.networks().flat_map(LoraNetwork::modules),
         )
+    }
+
+    /// Saves every adapter to `path` (kohya or diffusers keys, in `precision`) with `metadata`
+    /// (from [`super::metadata::TrainingMetadata::to_header`]), atomically.
+    pub fn save(
+        &self,
+        path: &std::path::Path,
+        format: SaveFormat,
+        precision: SavePrecision,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<SavedLora> {
+        save_lora(&self.adapters(), path, format, precision, metadata)
     }
 
     /// The `network_weights` file the networks started from, if any.

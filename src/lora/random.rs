@@ -78,8 +78,16 @@ pub fn keep_mask(
 ) -> Result<Tensor> {
     let shape = shape.into();
     let keep = (1.0 / (1.0 - p)) as f32;
+    // One 32-bit draw per element (masks can be large): dropped when below p · 2³².
+    let threshold = (p * 4_294_967_296.0) as u64;
     let values: Vec<f32> = (0..shape.elem_count())
-        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .map(|_| {
+            if u64::from(rng.random::<u32>()) < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
         .collect();
     Ok(Tensor::from_vec(values, shape, &Device::Cpu)?
         .to_dtype(dtype)?
