@@ -17,10 +17,14 @@ pub struct LoraError {
 /// The kinds of LoRA problems.
 #[derive(Debug, thiserror::Error)]
 pub enum LoraProblem {
-    /// A `target_modules` entry selects no layer of the models being trained.
-    #[error("`{entry}` matches no module of the {models}{hint}")]
+    /// `target_modules` entries that select no layer of the models being trained.
+    #[error(
+        "{} {} no module of the {models}{hint}",
+        quoted(entries),
+        if entries.len() == 1 { "matches" } else { "match" }
+    )]
     UnmatchedTarget {
-        entry: String,
+        entries: Vec<String>,
         models: String,
         hint: String,
     },
@@ -78,6 +82,16 @@ pub enum LoraProblem {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+}
+
+/// `` `a` ``, `` `a` and `b` ``, `` `a`, `b` and `c` ``.
+fn quoted(entries: &[String]) -> String {
+    let q: Vec<String> = entries.iter().map(|e| format!("`{e}`")).collect();
+    match q.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        Some((last, _)) => last.clone(),
+        None => String::new(),
+    }
 }
 
 impl LoraError {

@@ -9,7 +9,7 @@
 //! - [`report`]: modules and parameters per model, from the configs alone or the live networks;
 //! - [`export`], [`metadata`], [`hash`]: the kohya (default) or diffusers file with `ss_*`,
 //!   `modelspec.*` and `sshs_*` metadata, written atomically;
-//! - [`file`], [`import`]: reading any kohya/diffusers LoRA file and starting training from it;
+//! - [`file`](mod@file), [`import`]: reading any kohya/diffusers LoRA file and starting training from it;
 //! - [`inspect`]: what `lora inspect FILE` prints.
 
 pub mod adapter;

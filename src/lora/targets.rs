@@ -167,13 +167,15 @@ impl TargetSelector {
             Ok(m) => m.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let Some(entry) = names
+        let entries: Vec<String> = names
             .iter()
             .zip(&matched)
-            .find_map(|(name, hit)| (!hit).then_some(name))
-        else {
+            .filter(|(_, hit)| !**hit)
+            .map(|(name, _)| name.clone())
+            .collect();
+        if entries.is_empty() {
             return Ok(());
-        };
+        }
         let (models, hint) = if text_encoder_built {
             (
                 "UNet or the text encoder",
@@ -189,7 +191,7 @@ impl TargetSelector {
             ("UNet", "")
         };
         Err(LoraError::targets(LoraProblem::UnmatchedTarget {
-            entry: entry.clone(),
+            entries,
             models: models.to_string(),
             hint: hint.to_string(),
         })
@@ -533,7 +535,9 @@ mod tests {
         .is_none());
         let err = s.check_all_matched(false).unwrap_err().to_string();
         assert!(
-            err.starts_with("target_modules: `fc1` matches no module of the UNet (the text encoder is not trained"),
+            err.starts_with(
+                "target_modules: `fc1` and `nothing` match no module of the UNet (the text encoder is not trained"
+            ),
             "{err}"
         );
     }
