@@ -9,6 +9,7 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod log;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod plan;

@@ -114,11 +114,14 @@ choice!(
 choice!(
     /// A named set of modules that receive LoRA adapters.
     TargetPreset, "target preset", case_insensitive = false, {
-        /// The project's default set.
+        /// The attention q and v projections: UNet `attn1`/`attn2` `to_q`, `to_v`; text
+        /// encoder `self_attn.q_proj`, `v_proj` (64 + 24 modules on SD 1.5). Not kohya's set.
         Default = "default",
-        /// Attention projections only.
+        /// The attention q, k, v and out projections of both models.
         Attn = "attn",
-        /// The modules kohya's `networks.lora` adapts.
+        /// What kohya's `networks.lora` adapts: every Linear and 1×1 convolution inside the
+        /// UNet's transformer blocks, the text encoder's attention and MLP linears (192 + 72 on
+        /// SD 1.5); with `conv_lora`, also the ResNet and sampler blocks, as kohya's LoCon.
         Kohya = "kohya",
     }
 );

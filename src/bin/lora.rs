@@ -1,0 +1,55 @@
+//! `lora inspect FILE`: look into a LoRA file (format, base model, metadata, modules). Exit
+//! status 2 when the file is not a usable LoRA, with the reason.
+
+use std::error::Error as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use lora_trainer::lora::Inspection;
+
+/// Work with LoRA files (kohya/A1111 or diffusers format).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a LoRA file's format, base model, metadata and modules (rank, alpha, dtype, norms).
+    Inspect {
+        /// The `.safetensors` LoRA file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match &args.command {
+        Command::Inspect { file } => Inspection::read(file).map(|i| print!("{i}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// The error and its causes, each said once ("a: b: c").
+fn chain(e: &lora_trainer::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
