@@ -5,6 +5,7 @@ pub mod clip_text;
 pub mod clip_text_config;
 mod config_json;
 pub mod embeddings;
+pub mod hub;
 #[cfg(test)]
 mod gradients;
 pub mod load;
