@@ -71,7 +71,7 @@ pub enum ModelError {
     #[error("{origin}: {message}")]
     InvalidConfig { origin: String, message: String },
     /// A base model, VAE or tokenizer path that does not exist.
-    #[error("{path}: not found; {hint}")]
+    #[error("{path}: does not exist; {hint}")]
     NotFound { path: PathBuf, hint: String },
     /// A model or file that is valid but of a kind this program does not train (SDXL, a LoRA
     /// given as base model, an unknown tensor in a checkpoint...).

@@ -74,7 +74,7 @@ fn tiny_sd1_single_files_equal_the_folder_bit_for_bit() {
     assert!(single
         .notes()
         .iter()
-        .any(|n| n.contains("skipped 12 DDPM schedule buffers, 2 EMA tensors")), "{:?}", single.notes());
+        .any(|n| n.contains("skipped 12 DDPM schedule buffer(s), 2 EMA tensor(s) (`model_ema.*`), `position_ids`")), "{:?}", single.notes());
     assert_all_identical(&single_outputs(&single, &refs), &folder);
     let folder_ckpt = open(&fixture("tiny-sd1"), &offline_options());
     let mut from_yaml = single.unet_config().clone();
@@ -143,7 +143,7 @@ fn the_fp16_variant_is_read_when_asked() {
     assert_close("unet fp16", &ours.unet, &refs["unet.out"], 2e-2);
     assert_close("vae fp16", &ours.decoded, &refs["vae.decoded"], 2e-2);
     let f32_unet = outputs(&open(&fixture("tiny-sd1"), &offline_options()), &refs).unet;
-    let differs = (ours.unet - f32_unet).unwrap().abs().unwrap().max_all().unwrap();
+    let differs = (&ours.unet - f32_unet).unwrap().abs().unwrap().max_all().unwrap();
     assert!(differs.to_scalar::<f32>().unwrap() > 0.0, "the fp16 files were not read");
 
     // A folder holding only the variant uses it without being asked, and says so.
@@ -188,6 +188,10 @@ fn tiny_sd2_folder_and_single_file_agree_and_match_the_references() {
         .notes()
         .iter()
         .any(|n| n.contains("prediction type: v_prediction (from tiny-sd2.yaml)")));
+    assert!(single
+        .notes()
+        .iter()
+        .any(|n| n.contains("OpenCLIP's last block") && n.contains("`text_projection`")));
     assert_all_identical(&outputs(&single, &refs), &folder);
     assert_eq!(single.unet_config().num_attention_heads(), &[2, 2, 2, 4]);
 }

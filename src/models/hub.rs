@@ -170,12 +170,13 @@ pub(crate) fn snapshot_with(
     choose: &FileChoice,
 ) -> Result<PathBuf> {
     // Everything already in the cache: no network at all.
-    let missing = match cache.snapshot(id) {
+    let cached = cache.snapshot(id);
+    let missing = match &cached {
         Some(folder) => {
             let local = LocalFolder(&folder);
             let read = |path: &str| std::fs::read_to_string(folder.join(path)).ok();
             match choose(&local, &read) {
-                Ok(_) => return Ok(folder),
+                Ok(_) => return Ok(folder.clone()),
                 Err(missing) => missing,
             }
         }
@@ -199,7 +200,7 @@ pub(crate) fn snapshot_with(
         ));
     };
     if cache.is_offline() {
-        let reason = if missing.is_empty() {
+        let reason = if cached.is_none() {
             format!("it is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set, so it cannot be downloaded", root.display())
         } else {
             format!(
@@ -288,13 +289,23 @@ fn advice(id: &str, cache: &HubCache, what: &str, files: &[String]) -> String {
     let (these, listed) = if files.is_empty() {
         (format!("the {what}"), String::new())
     } else {
-        (format!("these files ({what})"), format!(" {}", files.join(" ")))
+        (format!("these {what}"), format!(" {}", files.join(" ")))
+    };
+    let endpoint = cache
+        .endpoint
+        .as_deref()
+        .unwrap_or("https://huggingface.co")
+        .trim_end_matches('/');
+    let online = if cache.is_offline() {
+        "; or unset HF_HUB_OFFLINE and let this program download them"
+    } else {
+        ""
     };
     format!(
-        "To fix it, download {these} from https://huggingface.co/{id}, for example with Python's \
+        "To fix it, download {these} from {endpoint}/{id}, for example with Python's \
          `huggingface-cli download {id}{listed}` (it fills the same cache); or copy them, keeping \
-         their paths, into {repo}/snapshots/<any name>/ and write that name into {repo}/refs/main; \
-         or unset HF_HUB_OFFLINE and let this program download them."
+         their paths, into {repo}/snapshots/<any name>/ and write that name into \
+         {repo}/refs/main{online}."
     )
 }
 

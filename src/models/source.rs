@@ -771,7 +771,7 @@ mod tests {
         assert!(matches!(err, Error::Model(ModelError::NotFound { .. })));
         let message = err.to_string();
         assert!(
-            message.contains("./models/nope.safetensors") && message.contains("not found"),
+            message.contains("./models/nope.safetensors") && message.contains("does not exist"),
             "{message}"
         );
     }

@@ -123,7 +123,9 @@ fn list(keys: &[String]) -> String {
 
 /// Opens a single-file checkpoint: configs resolved, every tensor mapped or skipped by name.
 pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions) -> Result<Opened> {
-    let keys = open_source(path, format)?.keys_and_shapes();
+    // The first source serves the UNet: a pickle's index is read once per source.
+    let unet_source = open_source(path, format)?;
+    let keys = unet_source.keys_and_shapes();
     let architecture = ldm_architecture(&keys).map_err(|e| e.at(path))?;
     let version = architecture.version;
     let parts = split(keys);
@@ -246,13 +248,19 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
     });
     let mut skipped = Vec::new();
     if parts.ddpm > 0 {
-        skipped.push(format!("{} DDPM schedule buffers", parts.ddpm));
+        skipped.push(format!("{} DDPM schedule buffer(s)", parts.ddpm));
     }
     if parts.ema > 0 {
-        skipped.push(format!("{} EMA tensors (`{EMA_PREFIX}*`)", parts.ema));
+        skipped.push(format!("{} EMA tensor(s) (`{EMA_PREFIX}*`)", parts.ema));
     }
-    if !text.ignored.is_empty() {
-        skipped.push(format!("{} unused text-encoder tensors", text.ignored.len()));
+    let ignored = |needle: &str| text.ignored.iter().any(|k| k.contains(needle));
+    if ignored(".resblocks.") {
+        skipped.push("OpenCLIP's last block (SD 2.x conditions on the penultimate layer)".into());
+    }
+    for buffer in ["position_ids", "text_projection", "logit_scale"] {
+        if ignored(buffer) {
+            skipped.push(format!("`{buffer}`"));
+        }
     }
     if !skipped.is_empty() {
         notes.push(format!("skipped {}", skipped.join(", ")));
@@ -272,7 +280,7 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         unet_config,
         text_config,
         vae,
-        unet: ComponentWeights::mapped(open_source(path, format)?, unet_keys, options),
+        unet: ComponentWeights::mapped(unet_source, unet_keys, options),
         text_encoder: ComponentWeights::mapped(open_source(path, format)?, text.keys, options),
         tokenizer: None,
         scheduler,
