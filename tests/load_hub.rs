@@ -7,10 +7,10 @@ mod load_support;
 
 use std::path::Path;
 
+use load_support::*;
 use lora_trainer::models::hub::HubCache;
 use lora_trainer::models::load::{LoadOptions, SdCheckpoint};
 use lora_trainer::models::source::ModelSource;
-use load_support::*;
 
 /// A cache holding `org/tiny-sd1` = the tiny-sd1 folder, the way huggingface_hub lays it out.
 fn filled_cache(root: &Path) -> std::path::PathBuf {
@@ -32,7 +32,10 @@ fn a_cached_model_loads_without_network() {
     let dir = tempfile::tempdir().unwrap();
     let snapshot = filled_cache(dir.path());
     let refs = references("tiny-sd1");
-    for cache in [HubCache::at(dir.path()).with_offline(true), unreachable_cache(dir.path())] {
+    for cache in [
+        HubCache::at(dir.path()).with_offline(true),
+        unreachable_cache(dir.path()),
+    ] {
         let options = LoadOptions {
             hub_cache: cache.clone(),
             ..LoadOptions::default()
@@ -49,9 +52,13 @@ fn a_cached_model_loads_without_network() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let ckpt = SdCheckpoint::open_path(fixture("tiny-sd1.safetensors").to_str().unwrap(), &options).unwrap();
+    let ckpt = SdCheckpoint::open_path(fixture("tiny-sd1.safetensors").to_str().unwrap(), &options)
+        .unwrap();
     assert_eq!(ckpt.tokenizer().unwrap().vocab_size(), 1000);
-    assert!(ckpt.notes().iter().any(|n| n.contains("snapshots/0123456789abcdef/tokenizer")));
+    assert!(ckpt
+        .notes()
+        .iter()
+        .any(|n| n.contains("snapshots/0123456789abcdef/tokenizer")));
 }
 
 #[test]
@@ -61,7 +68,10 @@ fn an_absent_model_offline_lists_the_files_and_where_they_go() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/absent", &options).err().expect("absent").to_string();
+    let err = SdCheckpoint::open_path("org/absent", &options)
+        .err()
+        .expect("absent")
+        .to_string();
     for needle in [
         "org/absent",
         "HF_HUB_OFFLINE",
@@ -85,9 +95,19 @@ fn an_incomplete_cached_model_names_what_is_missing() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/tiny-sd1", &options).err().expect("incomplete").to_string();
-    assert!(err.contains("lacks some of its files") && err.contains("vae/diffusion_pytorch_model.safetensors"), "{err}");
-    assert!(!err.contains("unet/config.json"), "present files are not listed: {err}");
+    let err = SdCheckpoint::open_path("org/tiny-sd1", &options)
+        .err()
+        .expect("incomplete")
+        .to_string();
+    assert!(
+        err.contains("lacks some of its files")
+            && err.contains("vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("unet/config.json"),
+        "present files are not listed: {err}"
+    );
 }
 
 #[test]
@@ -97,7 +117,13 @@ fn a_failed_download_says_what_to_download() {
         hub_cache: unreachable_cache(dir.path()),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/absent", &options).err().expect("no server").to_string();
+    let err = SdCheckpoint::open_path("org/absent", &options)
+        .err()
+        .expect("no server")
+        .to_string();
     assert!(err.contains("cannot list the repository's files"), "{err}");
-    assert!(err.contains("unet/config.json") && err.contains("models--org--absent"), "{err}");
+    assert!(
+        err.contains("unet/config.json") && err.contains("models--org--absent"),
+        "{err}"
+    );
 }

@@ -5,10 +5,10 @@
 
 mod load_support;
 
+use load_support::*;
 use lora_trainer::models::load::LoadOptions;
 use lora_trainer::models::noise::PredictionType;
 use lora_trainer::models::source::SdVersion;
-use load_support::*;
 
 fn with_tokenizer(folder: &str) -> LoadOptions {
     LoadOptions {
@@ -43,12 +43,17 @@ fn tiny_sd1_folder_matches_the_references() {
     assert_identical(
         "input ids",
         &ids.to_dtype(candle_core::DType::F32).unwrap(),
-        &refs["text.input_ids"].to_dtype(candle_core::DType::F32).unwrap(),
+        &refs["text.input_ids"]
+            .to_dtype(candle_core::DType::F32)
+            .unwrap(),
     );
     assert_close(
         "alphas_cumprod",
-        &candle_core::Tensor::new(ckpt.noise_schedule().alphas_cumprod(), &candle_core::Device::Cpu)
-            .unwrap(),
+        &candle_core::Tensor::new(
+            ckpt.noise_schedule().alphas_cumprod(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap(),
         &refs["noise.alphas_cumprod"],
         0.0,
     );
@@ -58,7 +63,10 @@ fn tiny_sd1_folder_matches_the_references() {
     );
     let notes = ckpt.notes().join("\n");
     assert!(notes.contains("OpenAI CLIP text encoder"), "{notes}");
-    assert!(notes.contains("epsilon (from scheduler/scheduler_config.json)"), "{notes}");
+    assert!(
+        notes.contains("epsilon (from scheduler/scheduler_config.json)"),
+        "{notes}"
+    );
     assert!(notes.contains("tiny-sd1/tokenizer"), "{notes}");
 }
 
@@ -70,12 +78,22 @@ fn tiny_sd1_single_files_equal_the_folder_bit_for_bit() {
 
     // .safetensors with its yaml.
     let single = open(&fixture("tiny-sd1.safetensors"), &options);
-    assert!(single.notes().iter().any(|n| n == "configs: from tiny-sd1.yaml"), "{:?}", single.notes());
-    assert!(single
-        .notes()
-        .iter()
-        .any(|n| n.contains("skipped 12 DDPM schedule buffer(s), 2 EMA tensor(s) (`model_ema.*`), `position_ids`")), "{:?}", single.notes());
-    assert_all_identical(&single_outputs(&single, &refs), &folder);
+    assert!(
+        single
+            .notes()
+            .iter()
+            .any(|n| n == "configs: from tiny-sd1.yaml"),
+        "{:?}",
+        single.notes()
+    );
+    assert!(
+        single.notes().iter().any(|n| n.contains(
+            "skipped 12 DDPM schedule buffer(s), 2 EMA tensor(s) (`model_ema.*`), `position_ids`"
+        )),
+        "{:?}",
+        single.notes()
+    );
+    assert_all_identical(&outputs(&single, &refs), &folder);
     let folder_ckpt = open(&fixture("tiny-sd1"), &offline_options());
     let mut from_yaml = single.unet_config().clone();
     from_yaml.sample_size = folder_ckpt.unet_config().sample_size;
@@ -83,7 +101,7 @@ fn tiny_sd1_single_files_equal_the_folder_bit_for_bit() {
 
     // The .ckpt (pickle) beside the same yaml.
     let ckpt = open(&fixture("tiny-sd1.ckpt"), &options);
-    assert_all_identical(&single_outputs(&ckpt, &refs), &folder);
+    assert_all_identical(&outputs(&ckpt, &refs), &folder);
 
     // Without the yaml: every config inferred from the shapes.
     let dir = tempfile::tempdir().unwrap();
@@ -94,36 +112,54 @@ fn tiny_sd1_single_files_equal_the_folder_bit_for_bit() {
         .notes()
         .iter()
         .any(|n| n.contains("inferred from the tensor shapes, with SD 1.x's conventions")));
-    assert_all_identical(&single_outputs(&inferred, &refs), &folder);
+    assert_all_identical(&outputs(&inferred, &refs), &folder);
     let mut unet = inferred.unet_config().clone();
     unet.sample_size = folder_ckpt.unet_config().sample_size;
     assert_eq!(&unet, folder_ckpt.unet_config(), "inferred UNet config");
     let mut vae = inferred.vae_config().clone();
     vae.sample_size = folder_ckpt.vae_config().sample_size;
     assert_eq!(&vae, folder_ckpt.vae_config(), "inferred VAE config");
-    let (a, b) = (inferred.text_encoder_config(), folder_ckpt.text_encoder_config());
-    assert_eq!(
-        (a.vocab_size, a.hidden_size, a.intermediate_size, a.num_hidden_layers),
-        (b.vocab_size, b.hidden_size, b.intermediate_size, b.num_hidden_layers)
+    let (a, b) = (
+        inferred.text_encoder_config(),
+        folder_ckpt.text_encoder_config(),
     );
     assert_eq!(
-        (a.num_attention_heads, a.max_position_embeddings, a.hidden_act),
-        (b.num_attention_heads, b.max_position_embeddings, b.hidden_act)
+        (
+            a.vocab_size,
+            a.hidden_size,
+            a.intermediate_size,
+            a.num_hidden_layers
+        ),
+        (
+            b.vocab_size,
+            b.hidden_size,
+            b.intermediate_size,
+            b.num_hidden_layers
+        )
+    );
+    assert_eq!(
+        (
+            a.num_attention_heads,
+            a.max_position_embeddings,
+            a.hidden_act
+        ),
+        (
+            b.num_attention_heads,
+            b.max_position_embeddings,
+            b.hidden_act
+        )
     );
     // Pooling at the largest id finds the same EOS as pooling at id 999.
-    assert_close("pooled", &single_outputs(&inferred, &refs).pooled, &refs["text.pooler_output"], 1e-5);
+    assert_close(
+        "pooled",
+        &outputs(&inferred, &refs).pooled,
+        &refs["text.pooler_output"],
+        1e-5,
+    );
     assert!(inferred
         .notes()
         .iter()
         .any(|n| n.contains("prediction type: epsilon (the default)")));
-}
-
-/// The outputs of a single-file model (whose tokenizer the test supplies).
-fn single_outputs(
-    ckpt: &lora_trainer::models::load::SdCheckpoint,
-    refs: &std::collections::HashMap<String, candle_core::Tensor>,
-) -> Outputs {
-    outputs(ckpt, refs)
 }
 
 #[test]
@@ -134,17 +170,39 @@ fn the_fp16_variant_is_read_when_asked() {
         ..offline_options()
     };
     let ckpt = open(&fixture("tiny-sd1"), &options);
-    assert!(ckpt.unet_weights().describe().ends_with("diffusion_pytorch_model.fp16.safetensors"));
-    assert!(ckpt.text_encoder_weights().describe().ends_with("model.fp16.safetensors"));
-    assert!(ckpt.vae_weights().describe().ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    assert!(ckpt
+        .unet_weights()
+        .describe()
+        .ends_with("diffusion_pytorch_model.fp16.safetensors"));
+    assert!(ckpt
+        .text_encoder_weights()
+        .describe()
+        .ends_with("model.fp16.safetensors"));
+    assert!(ckpt
+        .vae_weights()
+        .describe()
+        .ends_with("diffusion_pytorch_model.fp16.safetensors"));
     let ours = outputs(&ckpt, &refs);
     // f16-rounded weights computed in f32: close to the references, not equal.
-    assert_close("text fp16", &ours.text, &refs["text.last_hidden_state"], 1e-2);
+    assert_close(
+        "text fp16",
+        &ours.text,
+        &refs["text.last_hidden_state"],
+        1e-2,
+    );
     assert_close("unet fp16", &ours.unet, &refs["unet.out"], 2e-2);
     assert_close("vae fp16", &ours.decoded, &refs["vae.decoded"], 2e-2);
     let f32_unet = outputs(&open(&fixture("tiny-sd1"), &offline_options()), &refs).unet;
-    let differs = (&ours.unet - f32_unet).unwrap().abs().unwrap().max_all().unwrap();
-    assert!(differs.to_scalar::<f32>().unwrap() > 0.0, "the fp16 files were not read");
+    let differs = (&ours.unet - f32_unet)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        differs.to_scalar::<f32>().unwrap() > 0.0,
+        "the fp16 files were not read"
+    );
 
     // A folder holding only the variant uses it without being asked, and says so.
     let dir = tempfile::tempdir().unwrap();
@@ -157,7 +215,10 @@ fn the_fp16_variant_is_read_when_asked() {
         std::fs::remove_file(dir.path().join(file)).unwrap();
     }
     let only = open(dir.path(), &offline_options());
-    assert!(only.notes().iter().any(|n| n.contains("holds only the `fp16` variant")));
+    assert!(only
+        .notes()
+        .iter()
+        .any(|n| n.contains("holds only the `fp16` variant")));
     assert_all_identical(&outputs(&only, &refs), &ours);
 }
 
@@ -178,7 +239,11 @@ fn tiny_sd2_folder_and_single_file_agree_and_match_the_references() {
         &with_tokenizer("tiny-sd2/tokenizer"),
     );
     assert_eq!(single.version(), SdVersion::V2);
-    assert_eq!(single.text_encoder_config().num_hidden_layers, 3, "the last of 4 resblocks is dropped");
+    assert_eq!(
+        single.text_encoder_config().num_hidden_layers,
+        3,
+        "the last of 4 resblocks is dropped"
+    );
     assert_eq!(
         single.noise_schedule().prediction_type(),
         PredictionType::VPrediction,
@@ -201,12 +266,16 @@ fn tiny_sd2_without_its_yaml_says_what_cannot_be_inferred() {
     let dir = tempfile::tempdir().unwrap();
     let alone = dir.path().join("sd2.safetensors");
     std::fs::copy(fixture("tiny-sd2.safetensors"), &alone).unwrap();
-    let source = lora_trainer::models::source::ModelSource::detect(alone.to_str().unwrap()).unwrap();
+    let source =
+        lora_trainer::models::source::ModelSource::detect(alone.to_str().unwrap()).unwrap();
     let err = lora_trainer::models::load::SdCheckpoint::open(&source, &offline_options())
         .err()
         .expect("heads cannot be inferred")
         .to_string();
-    assert!(err.contains("64-wide attention heads") && err.contains("sd2.yaml"), "{err}");
+    assert!(
+        err.contains("64-wide attention heads") && err.contains("sd2.yaml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -215,9 +284,15 @@ fn sd2_single_files_pad_the_bundled_tokenizer_with_an_exclamation_mark() {
     // refused, while the pad token shows that SD 2.x's convention was applied.
     let ckpt = open(&fixture("tiny-sd2.safetensors"), &offline_options());
     let notes = ckpt.notes().join("\n");
-    assert!(notes.contains("bundled CLIP tokenizer, padding with `!`"), "{notes}");
+    assert!(
+        notes.contains("bundled CLIP tokenizer, padding with `!`"),
+        "{notes}"
+    );
     let err = ckpt.tokenizer().unwrap_err().to_string();
-    assert!(err.contains("49408 tokens") && err.contains("only 1000"), "{err}");
+    assert!(
+        err.contains("49408 tokens") && err.contains("only 1000"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -234,13 +309,28 @@ fn the_demo_model_loads_from_its_fp16_files_into_f32() {
     let text = ckpt.text_encoder(None).unwrap().forward(&ids).unwrap();
     assert_eq!(text.dims(), &[1, 77, 32]);
     assert_eq!(text.dtype(), candle_core::DType::F32);
-    let latents = candle_core::Tensor::zeros((1, 4, 8, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let latents = candle_core::Tensor::zeros(
+        (1, 4, 8, 8),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
     let t = candle_core::Tensor::new(&[500i64], &candle_core::Device::Cpu).unwrap();
-    let out = ckpt.unet(None).unwrap().forward(&latents, &t, &text).unwrap();
+    let out = ckpt
+        .unet(None)
+        .unwrap()
+        .forward(&latents, &t, &text)
+        .unwrap();
     assert_eq!(out.dims(), &[1, 4, 8, 8]);
     let image = ckpt.vae().unwrap().decode(&latents).unwrap();
     assert_eq!(image.dims(), &[1, 3, 64, 64]);
-    let finite = out.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let finite = out
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(finite.is_finite());
 }
 
@@ -258,7 +348,11 @@ fn a_vae_override_replaces_the_models_vae() {
             ..offline_options()
         };
         let ckpt = open(&fixture("tiny-sd1"), &options);
-        assert!(ckpt.notes().iter().any(|n| n.starts_with("VAE: ")), "{:?}", ckpt.notes());
+        assert!(
+            ckpt.notes().iter().any(|n| n.starts_with("VAE: ")),
+            "{:?}",
+            ckpt.notes()
+        );
         let vae_model = ckpt.vae().unwrap();
         let decoded = vae_model.decode(&refs["vae.latent_mean"]).unwrap();
         assert_close("decoded", &decoded, &refs["vae.decoded"], 1e-4);

@@ -158,7 +158,10 @@ impl FileListing for RemoteFiles {
 /// What a caller needs from a repo: given what the repo holds, the files to use, or a
 /// description of what is missing. `read` gives the content of a file already available (to
 /// follow a sharded checkpoint's index).
-pub(crate) type FileChoice<'a> = dyn Fn(&dyn FileListing, &dyn Fn(&str) -> Option<String>) -> std::result::Result<Vec<String>, Vec<String>>
+pub(crate) type FileChoice<'a> = dyn Fn(
+        &dyn FileListing,
+        &dyn Fn(&str) -> Option<String>,
+    ) -> std::result::Result<Vec<String>, Vec<String>>
     + 'a;
 
 /// The local snapshot folder of `id` holding every file `choose` asks for, downloading the
@@ -173,7 +176,7 @@ pub(crate) fn snapshot_with(
     let cached = cache.snapshot(id);
     let missing = match &cached {
         Some(folder) => {
-            let local = LocalFolder(&folder);
+            let local = LocalFolder(folder);
             let read = |path: &str| std::fs::read_to_string(folder.join(path)).ok();
             match choose(&local, &read) {
                 Ok(_) => return Ok(folder.clone()),
@@ -346,7 +349,10 @@ mod tests {
         let err = snapshot_with("org/name", &cache, "model files", &choose)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("org/name") && err.contains("HF_HUB_OFFLINE"), "{err}");
+        assert!(
+            err.contains("org/name") && err.contains("HF_HUB_OFFLINE"),
+            "{err}"
+        );
         assert!(err.contains("models--org--name/refs/main"), "{err}");
         assert!(err.contains("huggingface-cli download org/name"), "{err}");
     }

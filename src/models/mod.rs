@@ -5,9 +5,9 @@ pub mod clip_text;
 pub mod clip_text_config;
 mod config_json;
 pub mod embeddings;
-pub mod hub;
 #[cfg(test)]
 mod gradients;
+pub mod hub;
 pub mod load;
 pub mod noise;
 #[cfg(test)]

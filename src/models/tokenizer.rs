@@ -72,14 +72,22 @@ impl ClipTokenizer {
             .into()
         };
         let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_json)
-            .map_err(|e| invalid(format!("the vocabulary is not a JSON object of token → id: {e}")))?;
+            .map_err(|e| {
+                invalid(format!(
+                    "the vocabulary is not a JSON object of token → id: {e}"
+                ))
+            })?;
         let merges = merges_txt
             .lines()
             .filter(|line| !line.starts_with("#version") && !line.is_empty())
             .map(|line| {
                 line.split_once(' ')
                     .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| invalid(format!("`{line}` is not a merge (two tokens separated by one space)")))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "`{line}` is not a merge (two tokens separated by one space)"
+                        ))
+                    })
             })
             .collect::<Result<Vec<_>>>()?;
         let special = |content: &str| AddedToken::from(content, true);

@@ -144,7 +144,12 @@ pub fn assert_matches_references(ours: &Outputs, refs: &HashMap<String, Tensor>)
         1e-5,
     );
     assert_close("unet", &ours.unet, &refs["unet.out"], 1e-3);
-    assert_close("vae mean", &ours.latent_mean, &refs["vae.latent_mean"], 1e-4);
+    assert_close(
+        "vae mean",
+        &ours.latent_mean,
+        &refs["vae.latent_mean"],
+        1e-4,
+    );
     assert_close(
         "vae logvar",
         &ours.latent_logvar,

@@ -83,7 +83,9 @@ fn variants_present(names: &[String]) -> BTreeSet<String> {
                         .or_else(|| rest.strip_prefix("bin.index."))
                         .and_then(|r| r.strip_suffix(".json"))
                 });
-            if let Some(v) = variant.filter(|v| !v.is_empty() && !v.contains('.') && !v.contains("-of-")) {
+            if let Some(v) =
+                variant.filter(|v| !v.is_empty() && !v.contains('.') && !v.contains("-of-"))
+            {
                 found.insert(v.to_string());
             }
         }
@@ -109,9 +111,7 @@ fn choose_weights(
             return Ok(WeightChoice { file, note: None });
         }
         if let Some(file) = first(None) {
-            let note = Some(format!(
-                "{shown}/ has no `{v}` variant: reading {file}"
-            ));
+            let note = Some(format!("{shown}/ has no `{v}` variant: reading {file}"));
             return Ok(WeightChoice { file, note });
         }
     } else if let Some(file) = first(None) {
@@ -315,8 +315,8 @@ pub(crate) fn open(root: &Path, options: &LoadOptions) -> Result<Opened> {
 
     let scheduler_path = root.join("scheduler").join("scheduler_config.json");
     let (scheduler, prediction_origin) = if scheduler_path.is_file() {
-        let text = std::fs::read_to_string(&scheduler_path)
-            .map_err(|e| Error::io(&scheduler_path, e))?;
+        let text =
+            std::fs::read_to_string(&scheduler_path).map_err(|e| Error::io(&scheduler_path, e))?;
         let config: SchedulerConfig =
             serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
                 origin: scheduler_path.display().to_string(),
@@ -462,11 +462,13 @@ pub(crate) fn hub_tokenizer(id: &str, options: &LoadOptions) -> Result<PathBuf> 
     };
     let snapshot = snapshot_with(id, &options.hub_cache, "tokenizer files", &choose)?;
     let nested = snapshot.join("tokenizer");
-    Ok(if tokenizer_files(&LocalFolder(&snapshot), "tokenizer").is_ok() {
-        nested
-    } else {
-        snapshot
-    })
+    Ok(
+        if tokenizer_files(&LocalFolder(&snapshot), "tokenizer").is_ok() {
+            nested
+        } else {
+            snapshot
+        },
+    )
 }
 
 /// A VAE from the hub: the repo's root (`stabilityai/sd-vae-ft-mse`) or its `vae/` folder.
@@ -596,6 +598,9 @@ mod tests {
             modern_vae_key("decoder.mid_block.attentions.0.query.bias"),
             "decoder.mid_block.attentions.0.to_q.bias"
         );
-        assert_eq!(modern_vae_key("encoder.conv_in.weight"), "encoder.conv_in.weight");
+        assert_eq!(
+            modern_vae_key("encoder.conv_in.weight"),
+            "encoder.conv_in.weight"
+        );
     }
 }

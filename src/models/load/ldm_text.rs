@@ -48,11 +48,14 @@ fn heads(width: usize) -> Result<usize, String> {
 }
 
 /// The shape of `key` among `shapes`, or an error naming it.
-fn shape<'a>(shapes: &'a BTreeMap<String, Vec<usize>>, key: &str, shown: &str) -> Result<&'a [usize], String> {
-    shapes
-        .get(key)
-        .map(Vec::as_slice)
-        .ok_or_else(|| format!("the text encoder has no `{shown}`, which every CLIP text encoder has"))
+fn shape<'a>(
+    shapes: &'a BTreeMap<String, Vec<usize>>,
+    key: &str,
+    shown: &str,
+) -> Result<&'a [usize], String> {
+    shapes.get(key).map(Vec::as_slice).ok_or_else(|| {
+        format!("the text encoder has no `{shown}`, which every CLIP text encoder has")
+    })
 }
 
 fn width_of(found: &[usize], what: &str) -> Result<(usize, usize), String> {
@@ -82,15 +85,29 @@ pub(crate) fn clip(keys: &[(String, Vec<usize>)], prefix: &str) -> Result<LdmTex
             .iter()
             .any(|p| target["text_model.".len()..].starts_with(p));
         if !known {
-            return Err(format!("`{file_key}` is not a tensor of a CLIP text encoder"));
+            return Err(format!(
+                "`{file_key}` is not a tensor of a CLIP text encoder"
+            ));
         }
         shapes.insert(target.clone(), dims.clone());
         mapped.push(MappedKey::new(target, file_key));
     }
-    let token = shape(&shapes, "text_model.embeddings.token_embedding.weight", "token_embedding")?;
+    let token = shape(
+        &shapes,
+        "text_model.embeddings.token_embedding.weight",
+        "token_embedding",
+    )?;
     let (vocab, width) = width_of(token, "token_embedding")?;
-    let positions = shape(&shapes, "text_model.embeddings.position_embedding.weight", "position_embedding")?;
-    let fc1 = shape(&shapes, "text_model.encoder.layers.0.mlp.fc1.weight", "encoder.layers.0.mlp.fc1")?;
+    let positions = shape(
+        &shapes,
+        "text_model.embeddings.position_embedding.weight",
+        "position_embedding",
+    )?;
+    let fc1 = shape(
+        &shapes,
+        "text_model.encoder.layers.0.mlp.fc1.weight",
+        "encoder.layers.0.mlp.fc1",
+    )?;
     let layers = shapes
         .keys()
         .filter_map(|k| k.strip_prefix("text_model.encoder.layers."))
@@ -147,8 +164,12 @@ pub(crate) fn open_clip(
         let file_key = format!("{prefix}{key}");
         let bad = || format!("`{file_key}` is not a tensor of an OpenCLIP text encoder");
         let simple = match key.as_str() {
-            "token_embedding.weight" => Some("text_model.embeddings.token_embedding.weight".to_string()),
-            "positional_embedding" => Some("text_model.embeddings.position_embedding.weight".to_string()),
+            "token_embedding.weight" => {
+                Some("text_model.embeddings.token_embedding.weight".to_string())
+            }
+            "positional_embedding" => {
+                Some("text_model.embeddings.position_embedding.weight".to_string())
+            }
             "text_projection" | "logit_scale" => {
                 ignored.push(file_key);
                 continue;
@@ -205,9 +226,17 @@ pub(crate) fn open_clip(
             .ok_or_else(bad)?;
         mapped.push(MappedKey::new(target, file_key));
     }
-    let token = shape(&shapes, "token_embedding.weight", &format!("{prefix}token_embedding.weight"))?;
+    let token = shape(
+        &shapes,
+        "token_embedding.weight",
+        &format!("{prefix}token_embedding.weight"),
+    )?;
     let (vocab, width) = width_of(token, "token_embedding")?;
-    let positions = shape(&shapes, "positional_embedding", &format!("{prefix}positional_embedding"))?;
+    let positions = shape(
+        &shapes,
+        "positional_embedding",
+        &format!("{prefix}positional_embedding"),
+    )?;
     let c_fc = shape(
         &shapes,
         "transformer.resblocks.0.mlp.c_fc.weight",
@@ -266,9 +295,23 @@ mod tests {
             text.keys.iter().map(|m| (m.target.as_str(), m)).collect();
         let k = by_target["text_model.encoder.layers.1.self_attn.k_proj.weight"];
         assert_eq!(k.file_key, "m.transformer.resblocks.1.attn.in_proj_weight");
-        assert_eq!(k.transform, Transform::Slice { dim: 0, start: 128, len: 128 });
+        assert_eq!(
+            k.transform,
+            Transform::Slice {
+                dim: 0,
+                start: 128,
+                len: 128
+            }
+        );
         let v = by_target["text_model.encoder.layers.0.self_attn.v_proj.bias"];
-        assert_eq!(v.transform, Transform::Slice { dim: 0, start: 256, len: 128 });
+        assert_eq!(
+            v.transform,
+            Transform::Slice {
+                dim: 0,
+                start: 256,
+                len: 128
+            }
+        );
         assert_eq!(
             by_target["text_model.encoder.layers.0.mlp.fc2.bias"].file_key,
             "m.transformer.resblocks.0.mlp.c_proj.bias"
@@ -278,7 +321,9 @@ mod tests {
             "m.positional_embedding"
         );
         assert!(!by_target.keys().any(|t| t.contains("layers.2.")));
-        assert!(text.ignored.contains(&"m.transformer.resblocks.2.ln_1.weight".to_string()));
+        assert!(text
+            .ignored
+            .contains(&"m.transformer.resblocks.2.ln_1.weight".to_string()));
         assert!(text.ignored.contains(&"m.logit_scale".to_string()));
         assert_eq!(text.config["num_hidden_layers"], json!(2));
         assert_eq!(text.config["num_attention_heads"], json!(2));
@@ -302,14 +347,19 @@ mod tests {
         .map(|(k, s)| (k.to_string(), s))
         .collect();
         let text = clip(&keys, "c.").unwrap();
-        assert!(text.keys.iter().any(|m| m.target == "text_model.final_layer_norm.weight"
-            && m.file_key == "c.final_layer_norm.weight"));
+        assert!(text
+            .keys
+            .iter()
+            .any(|m| m.target == "text_model.final_layer_norm.weight"
+                && m.file_key == "c.final_layer_norm.weight"));
         assert_eq!(text.ignored, vec!["c.embeddings.position_ids".to_string()]);
         assert_eq!(text.config["num_hidden_layers"], json!(3));
         assert_eq!(text.config["num_attention_heads"], json!(1));
         let mut odd = keys.clone();
         odd.push(("text_projection.weight".into(), vec![64, 64]));
-        assert!(clip(&odd, "c.").unwrap_err().contains("c.text_projection.weight"));
+        assert!(clip(&odd, "c.")
+            .unwrap_err()
+            .contains("c.text_projection.weight"));
         let mut narrow = keys;
         narrow[0].1 = vec![1000, 48];
         assert!(clip(&narrow, "c.").unwrap_err().contains("48 wide"));

@@ -126,7 +126,9 @@ impl LdmUnet {
                 level.sampler = Some(block);
                 levels.push(Level::default());
             } else if !parts.resnet {
-                return Err(format!("`{name}.{block}` holds neither a resnet nor a sampler"));
+                return Err(format!(
+                    "`{name}.{block}` holds neither a resnet nor a sampler"
+                ));
             }
         }
         // An input level whose downsampler is its only block carries no resnet.
@@ -161,11 +163,10 @@ impl LdmUnet {
             .keys()
             .map(|key| {
                 let bad = || {
-                    format!(
-                        "`{prefix}{key}` is not a tensor of a Stable Diffusion 1.x/2.x UNet"
-                    )
+                    format!("`{prefix}{key}` is not a tensor of a Stable Diffusion 1.x/2.x UNet")
                 };
-                let target = diffusers_key(key, &resnets, &attentions, &samplers).ok_or_else(bad)?;
+                let target =
+                    diffusers_key(key, &resnets, &attentions, &samplers).ok_or_else(bad)?;
                 Ok(MappedKey::new(target, format!("{prefix}{key}")))
             })
             .collect()
@@ -180,7 +181,11 @@ impl LdmUnet {
 
     /// The first attention of down level `i` (its block index).
     fn attention_block(&self, i: usize) -> Option<usize> {
-        self.down[i].slots.iter().find(|s| s.attention).map(|s| s.block)
+        self.down[i]
+            .slots
+            .iter()
+            .find(|s| s.attention)
+            .map(|s| s.block)
     }
 
     /// A diffusers `unet/config.json` from the shapes, with the conventions of `version` where
@@ -190,7 +195,12 @@ impl LdmUnet {
         let mut config = self.shape_facts()?;
         let channels: Vec<usize> = config["block_out_channels"]
             .as_array()
-            .map(|a| a.iter().filter_map(|v| v.as_u64()).map(|v| v as usize).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64())
+                    .map(|v| v as usize)
+                    .collect()
+            })
             .unwrap_or_default();
         let heads: Vec<usize> = match version {
             SdVersion::V1 => vec![8; channels.len()],
@@ -280,7 +290,11 @@ impl LdmUnet {
                 let to_k = self.shape("middle_block.1.transformer_blocks.0.attn2.to_k.weight")?;
                 to_k.get(1).copied().unwrap_or(0)
             }
-            _ => return Err(format!("the cross-attention widths differ between levels: {cross:?}")),
+            _ => {
+                return Err(format!(
+                    "the cross-attention widths differ between levels: {cross:?}"
+                ))
+            }
         };
         let use_linear = match linear.len() {
             0 => self.shape("middle_block.1.proj_in.weight")?.len() == 2,
@@ -347,7 +361,11 @@ fn diffusers_key(
     if let Some(rest) = key.strip_prefix("middle_block.") {
         let (sub, rest) = index_and_rest(rest)?;
         return match sub {
-            0 | 2 => Some(format!("mid_block.resnets.{}.{}", sub / 2, resnet_key(rest)?)),
+            0 | 2 => Some(format!(
+                "mid_block.resnets.{}.{}",
+                sub / 2,
+                resnet_key(rest)?
+            )),
             1 => Some(format!("mid_block.attentions.0.{rest}")),
             _ => None,
         };
@@ -390,12 +408,18 @@ mod tests {
         add("input_blocks.1.0.in_layers.2.weight", &[32, 32, 3, 3]);
         add("input_blocks.1.0.emb_layers.1.weight", &[32, 128]);
         add("input_blocks.1.1.proj_in.weight", &[32, 32, 1, 1]);
-        add("input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", &[32, 64]);
+        add(
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+            &[32, 64],
+        );
         add("input_blocks.2.0.op.weight", &[32, 32, 3, 3]);
         add("input_blocks.3.0.in_layers.2.weight", &[64, 32, 3, 3]);
         add("input_blocks.3.0.skip_connection.weight", &[64, 32, 1, 1]);
         add("middle_block.0.out_layers.3.weight", &[64, 64, 3, 3]);
-        add("middle_block.1.transformer_blocks.0.attn2.to_k.weight", &[64, 64]);
+        add(
+            "middle_block.1.transformer_blocks.0.attn2.to_k.weight",
+            &[64, 64],
+        );
         add("middle_block.2.in_layers.0.weight", &[64]);
         add("output_blocks.0.0.in_layers.2.weight", &[64, 128, 3, 3]);
         add("output_blocks.1.0.in_layers.2.weight", &[64, 96, 3, 3]);
@@ -422,19 +446,53 @@ mod tests {
         for (ldm, ours) in [
             ("time_embed.2.weight", "time_embedding.linear_2.weight"),
             ("input_blocks.0.0.weight", "conv_in.weight"),
-            ("input_blocks.1.0.emb_layers.1.weight", "down_blocks.0.resnets.0.time_emb_proj.weight"),
-            ("input_blocks.1.1.proj_in.weight", "down_blocks.0.attentions.0.proj_in.weight"),
-            ("input_blocks.2.0.op.weight", "down_blocks.0.downsamplers.0.conv.weight"),
-            ("input_blocks.3.0.skip_connection.weight", "down_blocks.1.resnets.0.conv_shortcut.weight"),
-            ("middle_block.0.out_layers.3.weight", "mid_block.resnets.0.conv2.weight"),
-            ("middle_block.2.in_layers.0.weight", "mid_block.resnets.1.norm1.weight"),
-            ("output_blocks.1.0.in_layers.2.weight", "up_blocks.0.resnets.1.conv1.weight"),
-            ("output_blocks.1.1.conv.weight", "up_blocks.0.upsamplers.0.conv.weight"),
-            ("output_blocks.2.1.norm.weight", "up_blocks.1.attentions.0.norm.weight"),
-            ("output_blocks.3.1.norm.weight", "up_blocks.1.attentions.1.norm.weight"),
+            (
+                "input_blocks.1.0.emb_layers.1.weight",
+                "down_blocks.0.resnets.0.time_emb_proj.weight",
+            ),
+            (
+                "input_blocks.1.1.proj_in.weight",
+                "down_blocks.0.attentions.0.proj_in.weight",
+            ),
+            (
+                "input_blocks.2.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.3.0.skip_connection.weight",
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "middle_block.0.out_layers.3.weight",
+                "mid_block.resnets.0.conv2.weight",
+            ),
+            (
+                "middle_block.2.in_layers.0.weight",
+                "mid_block.resnets.1.norm1.weight",
+            ),
+            (
+                "output_blocks.1.0.in_layers.2.weight",
+                "up_blocks.0.resnets.1.conv1.weight",
+            ),
+            (
+                "output_blocks.1.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.2.1.norm.weight",
+                "up_blocks.1.attentions.0.norm.weight",
+            ),
+            (
+                "output_blocks.3.1.norm.weight",
+                "up_blocks.1.attentions.1.norm.weight",
+            ),
             ("out.0.weight", "conv_norm_out.weight"),
         ] {
-            assert_eq!(mapped.get(&format!("p.{ldm}")).map(String::as_str), Some(ours), "{ldm}");
+            assert_eq!(
+                mapped.get(&format!("p.{ldm}")).map(String::as_str),
+                Some(ours),
+                "{ldm}"
+            );
         }
     }
 
@@ -444,21 +502,32 @@ mod tests {
         let config = unet.infer_config(SdVersion::V1).unwrap();
         assert_eq!(config["block_out_channels"], json!([32, 64]));
         assert_eq!(config["layers_per_block"], json!([1, 1]));
-        assert_eq!(config["down_block_types"], json!(["CrossAttnDownBlock2D", "DownBlock2D"]));
-        assert_eq!(config["up_block_types"], json!(["UpBlock2D", "CrossAttnUpBlock2D"]));
+        assert_eq!(
+            config["down_block_types"],
+            json!(["CrossAttnDownBlock2D", "DownBlock2D"])
+        );
+        assert_eq!(
+            config["up_block_types"],
+            json!(["UpBlock2D", "CrossAttnUpBlock2D"])
+        );
         assert_eq!(config["cross_attention_dim"], json!(64));
         assert_eq!(config["use_linear_projection"], json!(false));
         assert_eq!(config["attention_head_dim"], json!([8, 8]));
         assert!(config.get("time_embedding_dim").is_none());
         let err = unet.infer_config(SdVersion::V2).unwrap_err();
-        assert!(err.contains("64-wide") && err.contains("32 channels"), "{err}");
+        assert!(
+            err.contains("64-wide") && err.contains("32 channels"),
+            "{err}"
+        );
     }
 
     #[test]
     fn keys_that_fit_nowhere_are_named() {
         let mut bad = keys();
         bad.push(("input_blocks.1.2.weight".into(), vec![1]));
-        assert!(LdmUnet::parse(&bad).unwrap_err().contains("input_blocks.1.2.weight"));
+        assert!(LdmUnet::parse(&bad)
+            .unwrap_err()
+            .contains("input_blocks.1.2.weight"));
         let mut bad = keys();
         bad.push(("label_emb.0.0.weight".into(), vec![1]));
         let err = LdmUnet::parse(&bad).unwrap().map_keys("p.").unwrap_err();

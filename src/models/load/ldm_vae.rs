@@ -153,7 +153,13 @@ impl LdmVae {
 }
 
 /// `block.j.*` / `<sampler>.conv.*` of one level.
-fn level_key(kind: &str, level: usize, rest: &str, ldm_sampler: &str, sampler: &str) -> Option<String> {
+fn level_key(
+    kind: &str,
+    level: usize,
+    rest: &str,
+    ldm_sampler: &str,
+    sampler: &str,
+) -> Option<String> {
     if let Some(p) = rest.strip_prefix("block.") {
         let (j, p) = index_and_rest(p)?;
         return Some(format!("{kind}.{level}.resnets.{j}.{}", resnet_key(p)?));
@@ -203,7 +209,10 @@ mod tests {
             ("encoder.down.0.block.1.conv1.weight", vec![32, 32, 3, 3]),
             ("encoder.down.0.downsample.conv.weight", vec![32, 32, 3, 3]),
             ("encoder.down.1.block.0.conv1.weight", vec![64, 32, 3, 3]),
-            ("encoder.down.1.block.0.nin_shortcut.weight", vec![64, 32, 1, 1]),
+            (
+                "encoder.down.1.block.0.nin_shortcut.weight",
+                vec![64, 32, 1, 1],
+            ),
             ("encoder.mid.attn_1.q.weight", vec![64, 64, 1, 1]),
             ("encoder.mid.attn_1.q.bias", vec![64]),
             ("encoder.mid.attn_1.norm.weight", vec![64]),
@@ -229,21 +238,61 @@ mod tests {
             .map_keys("first_stage_model.")
             .unwrap()
             .into_iter()
-            .map(|m| (m.file_key.trim_start_matches("first_stage_model.").to_string(), m))
+            .map(|m| {
+                (
+                    m.file_key
+                        .trim_start_matches("first_stage_model.")
+                        .to_string(),
+                    m,
+                )
+            })
             .collect();
         let target = |k: &str| mapped[k].target.clone();
-        assert_eq!(target("encoder.down.0.downsample.conv.weight"), "encoder.down_blocks.0.downsamplers.0.conv.weight");
-        assert_eq!(target("encoder.down.1.block.0.nin_shortcut.weight"), "encoder.down_blocks.1.resnets.0.conv_shortcut.weight");
-        assert_eq!(target("encoder.mid.attn_1.norm.weight"), "encoder.mid_block.attentions.0.group_norm.weight");
-        assert_eq!(target("encoder.mid.block_2.norm1.weight"), "encoder.mid_block.resnets.1.norm1.weight");
-        assert_eq!(target("encoder.norm_out.weight"), "encoder.conv_norm_out.weight");
+        assert_eq!(
+            target("encoder.down.0.downsample.conv.weight"),
+            "encoder.down_blocks.0.downsamplers.0.conv.weight"
+        );
+        assert_eq!(
+            target("encoder.down.1.block.0.nin_shortcut.weight"),
+            "encoder.down_blocks.1.resnets.0.conv_shortcut.weight"
+        );
+        assert_eq!(
+            target("encoder.mid.attn_1.norm.weight"),
+            "encoder.mid_block.attentions.0.group_norm.weight"
+        );
+        assert_eq!(
+            target("encoder.mid.block_2.norm1.weight"),
+            "encoder.mid_block.resnets.1.norm1.weight"
+        );
+        assert_eq!(
+            target("encoder.norm_out.weight"),
+            "encoder.conv_norm_out.weight"
+        );
         // LDM numbers decoder levels from the bottom.
-        assert_eq!(target("decoder.up.0.block.2.conv2.weight"), "decoder.up_blocks.1.resnets.2.conv2.weight");
-        assert_eq!(target("decoder.up.1.upsample.conv.weight"), "decoder.up_blocks.0.upsamplers.0.conv.weight");
-        assert_eq!(target("decoder.mid.attn_1.proj_out.weight"), "decoder.mid_block.attentions.0.to_out.0.weight");
-        assert_eq!(mapped["encoder.mid.attn_1.q.weight"].transform, Transform::Reshape(vec![64, 64]));
-        assert_eq!(mapped["encoder.mid.attn_1.q.bias"].transform, Transform::None);
-        assert_eq!(mapped["encoder.mid.attn_1.norm.weight"].transform, Transform::None);
+        assert_eq!(
+            target("decoder.up.0.block.2.conv2.weight"),
+            "decoder.up_blocks.1.resnets.2.conv2.weight"
+        );
+        assert_eq!(
+            target("decoder.up.1.upsample.conv.weight"),
+            "decoder.up_blocks.0.upsamplers.0.conv.weight"
+        );
+        assert_eq!(
+            target("decoder.mid.attn_1.proj_out.weight"),
+            "decoder.mid_block.attentions.0.to_out.0.weight"
+        );
+        assert_eq!(
+            mapped["encoder.mid.attn_1.q.weight"].transform,
+            Transform::Reshape(vec![64, 64])
+        );
+        assert_eq!(
+            mapped["encoder.mid.attn_1.q.bias"].transform,
+            Transform::None
+        );
+        assert_eq!(
+            mapped["encoder.mid.attn_1.norm.weight"].transform,
+            Transform::None
+        );
     }
 
     #[test]
@@ -258,6 +307,9 @@ mod tests {
         let mut strange = keys();
         strange.push(("loss.discriminator.main.0.weight".into(), vec![1]));
         let err = LdmVae::new(&strange).map_keys("vae/").unwrap_err();
-        assert!(err.contains("vae/loss.discriminator.main.0.weight"), "{err}");
+        assert!(
+            err.contains("vae/loss.discriminator.main.0.weight"),
+            "{err}"
+        );
     }
 }

@@ -70,42 +70,59 @@ impl Reader<'_> {
         })
     }
 
-    fn usize(&self, section: &Value, base: &str, key: &str, default: Option<usize>) -> Result<usize> {
+    fn usize(
+        &self,
+        section: &Value,
+        base: &str,
+        key: &str,
+        default: Option<usize>,
+    ) -> Result<usize> {
         match section.get(key) {
             None | Some(Value::Null) => {
                 default.ok_or_else(|| self.error(&format!("{base}.{key}"), "is missing"))
             }
-            Some(v) => v
-                .as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| self.error(&format!("{base}.{key}"), format!("expected a non-negative integer, found {v:?}"))),
+            Some(v) => v.as_u64().map(|n| n as usize).ok_or_else(|| {
+                self.error(
+                    &format!("{base}.{key}"),
+                    format!("expected a non-negative integer, found {v:?}"),
+                )
+            }),
         }
     }
 
     fn i64(&self, section: &Value, base: &str, key: &str, default: i64) -> Result<i64> {
         match section.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_i64()
-                .ok_or_else(|| self.error(&format!("{base}.{key}"), format!("expected an integer, found {v:?}"))),
+            Some(v) => v.as_i64().ok_or_else(|| {
+                self.error(
+                    &format!("{base}.{key}"),
+                    format!("expected an integer, found {v:?}"),
+                )
+            }),
         }
     }
 
     fn f64(&self, section: &Value, base: &str, key: &str, default: f64) -> Result<f64> {
         match section.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| self.error(&format!("{base}.{key}"), format!("expected a number, found {v:?}"))),
+            Some(v) => v.as_f64().ok_or_else(|| {
+                self.error(
+                    &format!("{base}.{key}"),
+                    format!("expected a number, found {v:?}"),
+                )
+            }),
         }
     }
 
     fn bool(&self, section: &Value, base: &str, key: &str, default: bool) -> Result<bool> {
         match section.get(key) {
             None | Some(Value::Null) => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.error(&format!("{base}.{key}"), format!("expected true or false, found {v:?}"))),
+            Some(v) => v.as_bool().ok_or_else(|| {
+                self.error(
+                    &format!("{base}.{key}"),
+                    format!("expected true or false, found {v:?}"),
+                )
+            }),
         }
     }
 
@@ -115,17 +132,30 @@ impl Reader<'_> {
                 .iter()
                 .map(|v| {
                     v.as_u64().map(|n| n as usize).ok_or_else(|| {
-                        self.error(&format!("{base}.{key}"), format!("{v:?} is not a non-negative integer"))
+                        self.error(
+                            &format!("{base}.{key}"),
+                            format!("{v:?} is not a non-negative integer"),
+                        )
                     })
                 })
                 .collect(),
-            Some(v) => Err(self.error(&format!("{base}.{key}"), format!("expected a list of integers, found {v:?}"))),
+            Some(v) => Err(self.error(
+                &format!("{base}.{key}"),
+                format!("expected a list of integers, found {v:?}"),
+            )),
             None => Err(self.error(&format!("{base}.{key}"), "is missing")),
         }
     }
 
     /// An integer for every level, or a list of one per level.
-    fn per_level(&self, section: &Value, base: &str, key: &str, levels: usize, default: usize) -> Result<Vec<usize>> {
+    fn per_level(
+        &self,
+        section: &Value,
+        base: &str,
+        key: &str,
+        levels: usize,
+        default: usize,
+    ) -> Result<Vec<usize>> {
         match section.get(key) {
             Some(Value::Sequence(_)) => {
                 let values = self.usizes(section, base, key)?;
@@ -162,7 +192,11 @@ impl LdmYaml {
         })?;
         let model = r.section(&root, "model.params")?;
         let text_config = Self::text(&r, model)?;
-        let unet = Self::unet(&r, r.section(model, "unet_config.params")?, text_config.version)?;
+        let unet = Self::unet(
+            &r,
+            r.section(model, "unet_config.params")?,
+            text_config.version,
+        )?;
         let scale = r.f64(model, "model.params", "scale_factor", 0.18215)?;
         let vae = Self::vae(&r, r.section(model, "first_stage_config.params")?, scale)?;
 
@@ -274,15 +308,24 @@ impl LdmYaml {
         }
         let channels: Vec<usize> = mult.iter().map(|m| m * model_channels).collect();
         let resolutions = r.usizes(p, base, "attention_resolutions")?;
-        let attention: Vec<bool> = (0..levels).map(|i| resolutions.contains(&(1 << i))).collect();
+        let attention: Vec<bool> = (0..levels)
+            .map(|i| resolutions.contains(&(1 << i)))
+            .collect();
         let layers = r.per_level(p, base, "num_res_blocks", levels, 2)?;
         let depth = r.per_level(p, base, "transformer_depth", levels, 1)?;
         let context = match p.get("context_dim") {
-            Some(Value::Sequence(items)) => items.first().and_then(Value::as_u64).map(|n| n as usize),
+            Some(Value::Sequence(items)) => {
+                items.first().and_then(Value::as_u64).map(|n| n as usize)
+            }
             Some(v) => v.as_u64().map(|n| n as usize),
             None => None,
         }
-        .ok_or_else(|| r.error(&format!("{base}.context_dim"), "is missing or not an integer"))?;
+        .ok_or_else(|| {
+            r.error(
+                &format!("{base}.context_dim"),
+                "is missing or not an integer",
+            )
+        })?;
         let head_channels = r.i64(p, base, "num_head_channels", -1)?;
         let num_heads = r.i64(p, base, "num_heads", -1)?;
         let heads = channels
@@ -293,18 +336,30 @@ impl LdmYaml {
                     if c % h == 0 {
                         Ok(c / h)
                     } else {
-                        Err(r.error(&format!("{base}.num_head_channels"), format!("{h} does not divide a level's {c} channels")))
+                        Err(r.error(
+                            &format!("{base}.num_head_channels"),
+                            format!("{h} does not divide a level's {c} channels"),
+                        ))
                     }
                 } else if num_heads > 0 {
                     Ok(num_heads as usize)
                 } else {
-                    Err(r.error(&format!("{base}.num_heads"), "neither num_heads nor num_head_channels is set"))
+                    Err(r.error(
+                        &format!("{base}.num_heads"),
+                        "neither num_heads nor num_head_channels is set",
+                    ))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
         let down: Vec<&str> = attention
             .iter()
-            .map(|&a| if a { "CrossAttnDownBlock2D" } else { "DownBlock2D" })
+            .map(|&a| {
+                if a {
+                    "CrossAttnDownBlock2D"
+                } else {
+                    "DownBlock2D"
+                }
+            })
             .collect();
         let up: Vec<&str> = attention
             .iter()
@@ -346,7 +401,12 @@ impl LdmYaml {
         let ch = r.usize(dd, base, "ch", None)?;
         let mult = r.usizes(dd, base, "ch_mult")?;
         let z = r.usize(dd, base, "z_channels", None)?;
-        let embed = r.usize(p, "model.params.first_stage_config.params", "embed_dim", Some(z))?;
+        let embed = r.usize(
+            p,
+            "model.params.first_stage_config.params",
+            "embed_dim",
+            Some(z),
+        )?;
         if embed != z {
             return Err(r.error(
                 "model.params.first_stage_config.params.embed_dim",
@@ -376,18 +436,30 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> LdmYaml {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(name);
         LdmYaml::read(&path).unwrap()
     }
 
     #[test]
     fn reads_the_sd1_yaml_as_diffusers_would() {
         let y = fixture("tiny-sd1.yaml");
-        assert_eq!(y.text, YamlText { version: SdVersion::V1, penultimate: false });
+        assert_eq!(
+            y.text,
+            YamlText {
+                version: SdVersion::V1,
+                penultimate: false
+            }
+        );
         assert_eq!(y.unet["block_out_channels"], json!([32, 32, 32]));
         assert_eq!(
             y.unet["down_block_types"],
-            json!(["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"])
+            json!([
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D"
+            ])
         );
         assert_eq!(
             y.unet["up_block_types"],
@@ -397,13 +469,22 @@ mod tests {
         assert_eq!(y.unet["cross_attention_dim"], json!(64));
         assert_eq!(y.vae["block_out_channels"], json!([32, 32, 32]));
         assert_eq!(y.scheduler.prediction_type, "epsilon");
-        assert_eq!((y.scheduler.beta_start, y.scheduler.beta_end), (0.00085, 0.012));
+        assert_eq!(
+            (y.scheduler.beta_start, y.scheduler.beta_end),
+            (0.00085, 0.012)
+        );
     }
 
     #[test]
     fn reads_the_sd2_v_yaml() {
         let y = fixture("tiny-sd2.yaml");
-        assert_eq!(y.text, YamlText { version: SdVersion::V2, penultimate: true });
+        assert_eq!(
+            y.text,
+            YamlText {
+                version: SdVersion::V2,
+                penultimate: true
+            }
+        );
         assert_eq!(y.unet["attention_head_dim"], json!([2, 2, 2, 4]));
         assert_eq!(y.unet["use_linear_projection"], json!(true));
         assert_eq!(y.scheduler.prediction_type, "v_prediction");
@@ -417,15 +498,38 @@ mod tests {
         )
         .unwrap();
         let cases = [
-            (sd1.replace("num_heads: 8", "num_heads: 8\n        num_classes: sequential"), "num_classes"),
-            (sd1.replace("FrozenCLIPEmbedder", "FrozenT5Embedder"), "FrozenT5Embedder"),
-            (sd1.replace("linear_end: 0.012", "linear_end: 0.012\n    parameterization: x0"), "x0"),
-            (sd1.replace("model_channels: 32", "model_channels: many"), "model_channels"),
+            (
+                sd1.replace(
+                    "num_heads: 8",
+                    "num_heads: 8\n        num_classes: sequential",
+                ),
+                "num_classes",
+            ),
+            (
+                sd1.replace("FrozenCLIPEmbedder", "FrozenT5Embedder"),
+                "FrozenT5Embedder",
+            ),
+            (
+                sd1.replace(
+                    "linear_end: 0.012",
+                    "linear_end: 0.012\n    parameterization: x0",
+                ),
+                "x0",
+            ),
+            (
+                sd1.replace("model_channels: 32", "model_channels: many"),
+                "model_channels",
+            ),
             ("model: {}".to_string(), "model.params"),
         ];
         for (text, needle) in cases {
-            let err = LdmYaml::parse(&text, "x.yaml", "x.yaml".into()).unwrap_err().to_string();
-            assert!(err.contains("x.yaml") && err.contains(needle), "{needle}: {err}");
+            let err = LdmYaml::parse(&text, "x.yaml", "x.yaml".into())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("x.yaml") && err.contains(needle),
+                "{needle}: {err}"
+            );
         }
     }
 }

@@ -135,7 +135,11 @@ impl ComponentWeights {
     }
 
     /// A store over one source whose tensors are read under the given diffusers keys.
-    pub(crate) fn mapped(source: TensorSource, keys: Vec<MappedKey>, options: &LoadOptions) -> Self {
+    pub(crate) fn mapped(
+        source: TensorSource,
+        keys: Vec<MappedKey>,
+        options: &LoadOptions,
+    ) -> Self {
         let mut store = WeightStore::new(options.dtype, options.device.clone());
         let index = store.add_source(source);
         let mut renamed = BTreeMap::new();
@@ -203,13 +207,11 @@ impl ComponentWeights {
                 found,
             }
             .into(),
-            Error::Model(ModelError::UnusedWeights { origin, keys }) => {
-                ModelError::UnusedWeights {
-                    origin,
-                    keys: keys.into_iter().map(|k| self.in_file(k)).collect(),
-                }
-                .into()
+            Error::Model(ModelError::UnusedWeights { origin, keys }) => ModelError::UnusedWeights {
+                origin,
+                keys: keys.into_iter().map(|k| self.in_file(k)).collect(),
             }
+            .into(),
             other => other,
         }
     }
@@ -349,9 +351,9 @@ impl SdCheckpoint {
         };
         notes.push(match (&tokenizer, pad_token) {
             (TokenizerChoice::Folder(folder), _) => format!("tokenizer: {}", folder.display()),
-            (TokenizerChoice::Bundled, Some(pad)) => format!(
-                "tokenizer: bundled CLIP tokenizer, padding with `{pad}` as SD 2.x does"
-            ),
+            (TokenizerChoice::Bundled, Some(pad)) => {
+                format!("tokenizer: bundled CLIP tokenizer, padding with `{pad}` as SD 2.x does")
+            }
             (TokenizerChoice::Bundled, None) => "tokenizer: bundled CLIP tokenizer".to_string(),
         });
         notes.append(&mut opened.notes);
@@ -381,8 +383,9 @@ impl SdCheckpoint {
 
     /// Builds the text encoder; adapters are asked with `text_model.`-prefixed paths.
     pub fn text_encoder(&self, adapters: Option<&dyn AdapterProvider>) -> Result<ClipTextModel> {
-        self.text_encoder
-            .build(adapters, |scope| ClipTextModel::new(scope, &self.text_config))
+        self.text_encoder.build(adapters, |scope| {
+            ClipTextModel::new(scope, &self.text_config)
+        })
     }
 
     /// Builds the VAE (never adapted).
@@ -527,7 +530,11 @@ fn open_vae_override(
             .into());
         };
         let (config, weights, note) = diffusers::open_vae_folder(&folder, options)?;
-        return Ok((config, weights, format!("VAE: {} ({note})", folder.display())));
+        return Ok((
+            config,
+            weights,
+            format!("VAE: {} ({note})", folder.display()),
+        ));
     }
     if path.is_file() {
         let (config, weights) = single_file::open_vae_file(path, base, options)?;
@@ -545,11 +552,7 @@ fn open_vae_override(
     if super::source::is_hub_id(given) {
         let folder = diffusers::hub_vae(given, options)?;
         let (config, weights, note) = diffusers::open_vae_folder(&folder, options)?;
-        return Ok((
-            config,
-            weights,
-            format!("VAE: hub model {given} ({note})"),
-        ));
+        return Ok((config, weights, format!("VAE: hub model {given} ({note})")));
     }
     Err(ModelError::NotFound {
         path: path.to_path_buf(),

@@ -176,21 +176,30 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         .map_err(|m| unsupported(path, m))?;
     let unet_json = match &yaml {
         Some(y) => {
-            check_agreement(&y.unet, &unet.shape_facts().map_err(|m| unsupported(path, m))?, &yaml_path, &file_name, "UNet")?;
+            check_agreement(
+                &y.unet,
+                &unet.shape_facts().map_err(|m| unsupported(path, m))?,
+                &yaml_path,
+                &file_name,
+                "UNet",
+            )?;
             y.unet.clone()
         }
-        None => unet.infer_config(version).map_err(|m| {
-            ModelError::InvalidConfig {
+        None => unet
+            .infer_config(version)
+            .map_err(|m| ModelError::InvalidConfig {
                 origin: origin.clone(),
                 message: format!(
                     "{m}; put the model's LDM yaml beside it as {}",
                     yaml_path.display()
                 ),
-            }
-        })?,
+            })?,
     };
     let config_origin = |component: &str| match &yaml {
-        Some(y) => format!("the {component} config from {}", yaml_path.with_file_name(&y.name).display()),
+        Some(y) => format!(
+            "the {component} config from {}",
+            yaml_path.with_file_name(&y.name).display()
+        ),
         None => format!("the {component} config inferred from {origin}"),
     };
     let unet_config = UNetConfig::from_json_str(&unet_json.to_string(), &config_origin("UNet"))?;
@@ -199,7 +208,7 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
     let text: LdmText = match (parts.clip.is_empty(), parts.open_clip.is_empty()) {
         (false, true) => ldm_text::clip(&parts.clip, LDM_CLIP_PREFIX),
         (true, false) => {
-            let penultimate = yaml.as_ref().map_or(true, |y| y.text.penultimate);
+            let penultimate = yaml.as_ref().is_none_or(|y| y.text.penultimate);
             ldm_text::open_clip(&parts.open_clip, LDM_OPENCLIP_PREFIX, penultimate)
         }
         (true, true) => Err(format!(
@@ -209,7 +218,10 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         (false, false) => Err("the file holds two text encoders (CLIP and OpenCLIP)".to_string()),
     }
     .map_err(|m| unsupported(path, m))?;
-    let text_config = ClipTextConfig::from_json(&text.config.to_string(), &format!("the text encoder config inferred from {origin}"))?;
+    let text_config = ClipTextConfig::from_json(
+        &text.config.to_string(),
+        &format!("the text encoder config inferred from {origin}"),
+    )?;
 
     // VAE (it may come from `vae:` instead).
     let vae = if parts.vae.is_empty() {
@@ -222,17 +234,26 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         None
     } else {
         let ldm = LdmVae::new(&parts.vae);
-        let keys = ldm.map_keys(LDM_VAE_PREFIX).map_err(|m| unsupported(path, m))?;
+        let keys = ldm
+            .map_keys(LDM_VAE_PREFIX)
+            .map_err(|m| unsupported(path, m))?;
         let json = match &yaml {
             Some(y) => {
-                let facts = ldm.infer_config(0.18215).map_err(|m| unsupported(path, m))?;
+                let facts = ldm
+                    .infer_config(0.18215)
+                    .map_err(|m| unsupported(path, m))?;
                 check_agreement(&y.vae, &facts, &yaml_path, &file_name, "VAE")?;
                 y.vae.clone()
             }
-            None => ldm.infer_config(0.18215).map_err(|m| unsupported(path, m))?,
+            None => ldm
+                .infer_config(0.18215)
+                .map_err(|m| unsupported(path, m))?,
         };
         let config = VaeConfig::from_json_str(&json.to_string(), &config_origin("VAE"))?;
-        Some((config, ComponentWeights::mapped(open_source(path, format)?, keys, options)))
+        Some((
+            config,
+            ComponentWeights::mapped(open_source(path, format)?, keys, options),
+        ))
     };
 
     notes.push(match &yaml {
@@ -390,5 +411,8 @@ pub(crate) fn open_vae_file(
         &json.to_string(),
         &format!("the VAE config inferred from {}", path.display()),
     )?;
-    Ok((config, ComponentWeights::mapped(open_source(path, format)?, mapped, options)))
+    Ok((
+        config,
+        ComponentWeights::mapped(open_source(path, format)?, mapped, options),
+    ))
 }
