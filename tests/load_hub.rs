@@ -59,6 +59,23 @@ fn a_cached_model_loads_without_network() {
         .notes()
         .iter()
         .any(|n| n.contains("snapshots/0123456789abcdef/tokenizer")));
+    // So does a VAE given as a hub id (here: the pipeline's vae/ folder).
+    let options = LoadOptions {
+        vae: Some("org/tiny-sd1".into()),
+        hub_cache: HubCache::at(dir.path()).with_offline(true),
+        ..LoadOptions::default()
+    };
+    let ckpt = SdCheckpoint::open_path(fixture("tiny-sd2").to_str().unwrap(), &options).unwrap();
+    assert!(ckpt
+        .notes()
+        .iter()
+        .any(|n| n.starts_with("VAE: hub model org/tiny-sd1")));
+    let decoded = ckpt
+        .vae()
+        .unwrap()
+        .decode(&refs["vae.latent_mean"])
+        .unwrap();
+    assert_close("decoded", &decoded, &refs["vae.decoded"], 1e-4);
 }
 
 #[test]

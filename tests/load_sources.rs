@@ -366,3 +366,67 @@ fn a_vae_override_replaces_the_models_vae() {
     let ckpt = open(&fixture("tiny-sd1"), &options);
     assert_eq!(ckpt.vae_config().block_out_channels, vec![32, 64]);
 }
+
+#[test]
+fn sharded_weights_and_old_vae_names_load_identically() {
+    let refs = references("tiny-sd1");
+    let reference = outputs(&open(&fixture("tiny-sd1"), &offline_options()), &refs);
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixture("tiny-sd1"), dir.path());
+
+    // The UNet in two shards with an index, as `save_pretrained(max_shard_size=...)` writes it.
+    let unet = dir.path().join("unet");
+    let tensors = candle_core::safetensors::load(
+        unet.join("diffusion_pytorch_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
+    let mut weight_map = serde_json::Map::new();
+    for (i, (key, tensor)) in tensors.into_iter().enumerate() {
+        let file = format!(
+            "diffusion_pytorch_model-0000{}-of-00002.safetensors",
+            i % 2 + 1
+        );
+        weight_map.insert(key.clone(), serde_json::Value::String(file));
+        shards[i % 2].insert(key, tensor);
+    }
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", i + 1);
+        candle_core::safetensors::save(shard, unet.join(file)).unwrap();
+    }
+    std::fs::write(
+        unet.join("diffusion_pytorch_model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    for file in [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ] {
+        std::fs::remove_file(unet.join(file)).unwrap();
+    }
+
+    // The VAE's mid-block attention under diffusers < 0.14's names.
+    let vae = dir.path().join("vae/diffusion_pytorch_model.safetensors");
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> =
+        candle_core::safetensors::load(&vae, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| {
+                let k = k
+                    .replace(".attentions.0.to_q.", ".attentions.0.query.")
+                    .replace(".attentions.0.to_out.0.", ".attentions.0.proj_attn.");
+                (k, t)
+            })
+            .collect();
+    assert!(renamed.keys().any(|k| k.contains(".proj_attn.")));
+    candle_core::safetensors::save(&renamed, &vae).unwrap();
+
+    let ckpt = open(dir.path(), &offline_options());
+    assert_eq!(ckpt.unet_weights().sources().len(), 2);
+    assert_all_identical(&outputs(&ckpt, &refs), &reference);
+}
