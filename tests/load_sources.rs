@@ -430,3 +430,37 @@ fn sharded_weights_and_old_vae_names_load_identically() {
     assert_eq!(ckpt.unet_weights().sources().len(), 2);
     assert_all_identical(&outputs(&ckpt, &refs), &reference);
 }
+
+#[test]
+fn the_prediction_type_can_be_overridden() {
+    let options = LoadOptions {
+        prediction_type: Some(PredictionType::Epsilon),
+        ..offline_options()
+    };
+    let ckpt = open(&fixture("tiny-sd2"), &options);
+    assert_eq!(
+        ckpt.noise_schedule().prediction_type(),
+        PredictionType::Epsilon
+    );
+    assert!(ckpt
+        .notes()
+        .iter()
+        .any(|n| n == "prediction type: epsilon (set in the config)"));
+    // A yaml without `parameterization` means LDM's default, epsilon.
+    let dir = tempfile::tempdir().unwrap();
+    let alone = dir.path().join("sd2.safetensors");
+    std::fs::copy(fixture("tiny-sd2.safetensors"), &alone).unwrap();
+    std::fs::copy(fixture("tiny-sd2.yaml"), dir.path().join("sd2.yaml")).unwrap();
+    let yaml = std::fs::read_to_string(dir.path().join("sd2.yaml")).unwrap();
+    std::fs::write(
+        dir.path().join("sd2.yaml"),
+        yaml.replace("    parameterization: v\n", ""),
+    )
+    .unwrap();
+    let ckpt = open(&alone, &offline_options());
+    assert_eq!(
+        ckpt.noise_schedule().prediction_type(),
+        PredictionType::Epsilon,
+        "LDM's default parameterization"
+    );
+}
