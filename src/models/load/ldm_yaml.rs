@@ -23,6 +23,10 @@ use crate::models::noise::SchedulerConfig;
 use crate::models::source::SdVersion;
 use crate::{Error, Result};
 
+/// The VAE's latent scaling factor of every SD 1.x/2.x model, when a yaml does not say
+/// (diffusers' default for single files too).
+pub(crate) const SD_SCALE_FACTOR: f64 = 0.18215;
+
 /// The text encoder the yaml names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct YamlText {
@@ -197,7 +201,7 @@ impl LdmYaml {
             r.section(model, "unet_config.params")?,
             text_config.version,
         )?;
-        let scale = r.f64(model, "model.params", "scale_factor", 0.18215)?;
+        let scale = r.f64(model, "model.params", "scale_factor", SD_SCALE_FACTOR)?;
         let vae = Self::vae(&r, r.section(model, "first_stage_config.params")?, scale)?;
 
         let parameterization = model.get("parameterization").and_then(Value::as_str);

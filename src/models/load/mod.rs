@@ -9,11 +9,11 @@
 //! a conversion bug or a mismatched config is an error that names the key, never a silently
 //! half-loaded model.
 //!
-//! - [`diffusers`]: the folder layout, weight-file choice (fp16 variants, shards, `.bin`).
-//! - [`single_file`]: the LDM checkpoint, split by component, with the keys every loader ignores.
-//! - [`ldm_unet`], [`ldm_vae`], [`ldm_text`]: LDM → diffusers key conversion and configs
-//!   inferred from tensor shapes; [`ldm_yaml`]: the LDM inference yaml beside a checkpoint.
-//! - [`bundled_tokenizer`]: the CLIP tokenizer compiled into the binary.
+//! - `diffusers`: the folder layout, weight-file choice (fp16 variants, shards, `.bin`).
+//! - `single_file`: the LDM checkpoint, split by component, with the keys every loader ignores.
+//! - `ldm_unet`, `ldm_vae`, `ldm_text`: LDM → diffusers key conversion and configs
+//!   inferred from tensor shapes; `ldm_yaml`: the LDM inference yaml beside a checkpoint.
+//! - `bundled_tokenizer`: the CLIP tokenizer compiled into the binary.
 
 mod bundled_tokenizer;
 mod diffusers;

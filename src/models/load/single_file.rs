@@ -16,7 +16,7 @@ use super::diffusers::sd_scheduler;
 use super::ldm_text::{self, LdmText};
 use super::ldm_unet::LdmUnet;
 use super::ldm_vae::LdmVae;
-use super::ldm_yaml::LdmYaml;
+use super::ldm_yaml::{LdmYaml, SD_SCALE_FACTOR};
 use super::{ComponentWeights, LoadOptions, Opened};
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
@@ -196,10 +196,7 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
             })?,
     };
     let config_origin = |component: &str| match &yaml {
-        Some(y) => format!(
-            "the {component} config from {}",
-            yaml_path.with_file_name(&y.name).display()
-        ),
+        Some(_) => format!("the {component} config from {}", yaml_path.display()),
         None => format!("the {component} config inferred from {origin}"),
     };
     let unet_config = UNetConfig::from_json_str(&unet_json.to_string(), &config_origin("UNet"))?;
@@ -240,13 +237,13 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         let json = match &yaml {
             Some(y) => {
                 let facts = ldm
-                    .infer_config(0.18215)
+                    .infer_config(SD_SCALE_FACTOR)
                     .map_err(|m| unsupported(path, m))?;
                 check_agreement(&y.vae, &facts, &yaml_path, &file_name, "VAE")?;
                 y.vae.clone()
             }
             None => ldm
-                .infer_config(0.18215)
+                .infer_config(SD_SCALE_FACTOR)
                 .map_err(|m| unsupported(path, m))?,
         };
         let config = VaeConfig::from_json_str(&json.to_string(), &config_origin("VAE"))?;
