@@ -75,6 +75,20 @@ pub enum ModelError {
     /// A model config (`config.json`, `scheduler_config.json`, an LDM yaml) is invalid.
     #[error("{origin}: {message}")]
     InvalidConfig { origin: String, message: String },
+    /// A base model, VAE or tokenizer path that does not exist.
+    #[error("{path}: does not exist; {hint}")]
+    NotFound { path: PathBuf, hint: String },
+    /// A model or file that is valid but of a kind this program does not train (SDXL, a LoRA
+    /// given as base model, an unknown tensor in a checkpoint...).
+    #[error("{origin}: {message}")]
+    Unsupported { origin: String, message: String },
+    /// Hub files that are neither in the local cache nor downloadable now.
+    #[error("hub model `{id}`: {reason}\n{advice}")]
+    HubUnavailable {
+        id: String,
+        reason: String,
+        advice: String,
+    },
 }
 
 fn preview(keys: &[String]) -> String {

@@ -7,6 +7,7 @@ mod config_json;
 pub mod embeddings;
 #[cfg(test)]
 mod gradients;
+pub mod hub;
 pub mod load;
 pub mod noise;
 #[cfg(test)]

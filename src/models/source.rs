@@ -1,33 +1,46 @@
 //! Where a base model comes from: a diffusers folder, a single checkpoint file or a hub id.
 //!
-//! [`ModelSource::detect`] decides which one a config's `base_model` names, checks what can be
-//! checked without loading weights (a safetensors header is read, never the tensors) and tells
-//! SD 1.x from SD 2.x where that is cheap: the width of the UNet's cross-attention keys (768 for
-//! CLIP ViT-L, 1024 for OpenCLIP ViT-H).
+//! [`ModelSource::detect`] decides which one a config's `base_model` names and checks what can
+//! be checked without reading weights (configs, a safetensors header, a pickle's index). It also
+//! tells SD 1.x from SD 2.x by structure, the way the loader does: SD 2.x conditions on an
+//! OpenCLIP text encoder (`cond_stage_model.model.` keys in a single file, `gelu` in a folder's
+//! text-encoder config) and projects into its transformers with linear layers. The
+//! cross-attention width is reported but decides nothing: 768/1024 for the real models, anything
+//! for tiny test models.
 
 use std::fmt;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
+
 use crate::error::ModelError;
+use crate::nn::weights::TensorSource;
 use crate::{Error, Result};
 
 /// The Stable Diffusion family of a base model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SdVersion {
-    /// SD 1.x: CLIP ViT-L text encoder, cross-attention width 768.
+    /// SD 1.x: OpenAI CLIP text encoder (ViT-L/14, 768 wide for the real models).
     V1,
-    /// SD 2.x: OpenCLIP ViT-H text encoder, cross-attention width 1024.
+    /// SD 2.x: OpenCLIP text encoder (ViT-H/14, 1024 wide), penultimate layer, linear projections.
     V2,
 }
 
 impl SdVersion {
-    /// The version whose UNet cross-attends to a text embedding this wide.
-    pub fn from_cross_attention_dim(width: usize) -> Option<SdVersion> {
-        match width {
-            768 => Some(SdVersion::V1),
-            1024 => Some(SdVersion::V2),
-            _ => None,
+    /// The cross-attention width of the released models of this family.
+    pub fn standard_cross_attention_dim(self) -> usize {
+        match self {
+            SdVersion::V1 => 768,
+            SdVersion::V2 => 1024,
+        }
+    }
+
+    /// The text encoder this family conditions on, in words.
+    pub fn text_encoder_name(self) -> &'static str {
+        match self {
+            SdVersion::V1 => "OpenAI CLIP text encoder",
+            SdVersion::V2 => "OpenCLIP text encoder",
         }
     }
 }
@@ -38,6 +51,28 @@ impl fmt::Display for SdVersion {
             SdVersion::V1 => "SD 1.x",
             SdVersion::V2 => "SD 2.x",
         })
+    }
+}
+
+/// What a base model's structure says: its family and the width its UNet cross-attends to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Architecture {
+    pub version: SdVersion,
+    pub cross_attention_dim: usize,
+}
+
+impl fmt::Display for Architecture {
+    /// `SD 1.x` for the real models; `SD 1.x-style, cross-attention width 32` for others.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.cross_attention_dim == self.version.standard_cross_attention_dim() {
+            write!(f, "{}", self.version)
+        } else {
+            write!(
+                f,
+                "{}-style, cross-attention width {}",
+                self.version, self.cross_attention_dim
+            )
+        }
     }
 }
 
@@ -55,19 +90,19 @@ pub enum ModelSource {
     /// A diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`, ...).
     Diffusers {
         root: PathBuf,
-        version: Option<SdVersion>,
+        architecture: Option<Architecture>,
     },
     /// An original-layout (LDM) checkpoint in one file.
     SingleFile {
         path: PathBuf,
         format: CheckpointFormat,
-        version: Option<SdVersion>,
+        architecture: Option<Architecture>,
     },
     /// A Hugging Face hub id; `snapshot` is its folder in the local cache when downloaded.
     Hub {
         id: String,
         snapshot: Option<PathBuf>,
-        version: Option<SdVersion>,
+        architecture: Option<Architecture>,
     },
 }
 
@@ -75,16 +110,20 @@ const EXPECTED: &str = "expected a diffusers folder (with model_index.json or un
                         a .safetensors/.ckpt checkpoint, or a hub id such as `org/name`";
 
 /// Prefix of the UNet's tensors in an original-layout checkpoint.
-const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
+pub(crate) const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
+/// Prefix of an SD 2.x (OpenCLIP) text encoder in an original-layout checkpoint.
+pub(crate) const LDM_OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Prefix of an SD 1.x (Hugging Face CLIP) text encoder in an original-layout checkpoint.
+pub(crate) const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 
 impl ModelSource {
     /// Finds out what `base_model` names, looking up hub ids in the standard Hugging Face cache.
     pub fn detect(base_model: &str) -> Result<ModelSource> {
-        ModelSource::detect_with(base_model, &HubCache::from_env())
+        ModelSource::detect_with(base_model, &super::hub::HubCache::from_env())
     }
 
     /// [`ModelSource::detect`] with an explicit hub cache.
-    pub fn detect_with(base_model: &str, cache: &HubCache) -> Result<ModelSource> {
+    pub fn detect_with(base_model: &str, cache: &super::hub::HubCache) -> Result<ModelSource> {
         let path = Path::new(base_model);
         if path.is_dir() {
             return diffusers_folder(path);
@@ -94,28 +133,32 @@ impl ModelSource {
         }
         if is_hub_id(base_model) {
             let snapshot = cache.snapshot(base_model);
-            let version = match &snapshot {
-                Some(folder) => unet_config_version(folder)?,
-                None => None,
+            let architecture = match &snapshot {
+                Some(folder) if folder.join("unet").join("config.json").is_file() => {
+                    Some(folder_architecture(folder)?)
+                }
+                _ => None,
             };
             return Ok(ModelSource::Hub {
                 id: base_model.to_string(),
                 snapshot,
-                version,
+                architecture,
             });
         }
-        Err(unreadable(
-            path,
-            format!("it does not exist (check `base_model` in the config); {EXPECTED}"),
-        ))
+        Err(ModelError::NotFound {
+            path: path.to_path_buf(),
+            hint: format!("check `base_model` in the config; {EXPECTED}"),
+        }
+        .into())
     }
 
-    /// SD 1.x or 2.x, when it could be told without loading weights.
-    pub fn version(&self) -> Option<SdVersion> {
+    /// SD 1.x or 2.x and the cross-attention width, when they could be told without loading
+    /// weights.
+    pub fn architecture(&self) -> Option<Architecture> {
         match self {
-            ModelSource::Diffusers { version, .. }
-            | ModelSource::SingleFile { version, .. }
-            | ModelSource::Hub { version, .. } => *version,
+            ModelSource::Diffusers { architecture, .. }
+            | ModelSource::SingleFile { architecture, .. }
+            | ModelSource::Hub { architecture, .. } => *architecture,
         }
     }
 }
@@ -169,7 +212,8 @@ pub fn is_hub_id(text: &str) -> bool {
     }
 }
 
-fn checkpoint_format(path: &Path) -> Option<CheckpointFormat> {
+/// The checkpoint format a file name announces, if any.
+pub(crate) fn checkpoint_format(path: &Path) -> Option<CheckpointFormat> {
     let ext = path.extension()?.to_str()?.to_ascii_lowercase();
     match ext.as_str() {
         "safetensors" => Some(CheckpointFormat::Safetensors),
@@ -186,6 +230,14 @@ fn unreadable(path: &Path, reason: String) -> Error {
     .into()
 }
 
+fn unsupported(path: &Path, message: String) -> Error {
+    ModelError::Unsupported {
+        origin: path.display().to_string(),
+        message,
+    }
+    .into()
+}
+
 fn diffusers_folder(root: &Path) -> Result<ModelSource> {
     let has_index = root.join("model_index.json").is_file();
     let has_unet = root.join("unet").join("config.json").is_file();
@@ -195,70 +247,129 @@ fn diffusers_folder(root: &Path) -> Result<ModelSource> {
             format!("this folder holds neither model_index.json nor unet/config.json; {EXPECTED}"),
         ));
     }
-    let version = unet_config_version(root)?;
+    let architecture = if has_unet {
+        Some(folder_architecture(root)?)
+    } else {
+        None
+    };
     Ok(ModelSource::Diffusers {
         root: root.to_path_buf(),
-        version,
+        architecture,
     })
 }
 
-/// The version from `unet/config.json`'s `cross_attention_dim`, if that file exists.
-fn unet_config_version(root: &Path) -> Result<Option<SdVersion>> {
-    let path = root.join("unet").join("config.json");
-    if !path.is_file() {
-        return Ok(None);
-    }
-    let origin = path.display().to_string();
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
-            origin: origin.clone(),
+fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    match serde_json::from_str(&text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ModelError::InvalidConfig {
+            origin: path.display().to_string(),
+            message: "expected a JSON object of settings".to_string(),
+        }
+        .into()),
+        Err(e) => Err(ModelError::InvalidConfig {
+            origin: path.display().to_string(),
             message: format!("not valid JSON: {e}"),
-        })?;
-    let Some(width) = json.get("cross_attention_dim").and_then(|v| v.as_u64()) else {
-        return Ok(None);
-    };
-    version_from_width(width as usize)
-        .map(Some)
-        .map_err(|message| ModelError::InvalidConfig { origin, message }.into())
+        }
+        .into()),
+    }
 }
 
-fn version_from_width(width: usize) -> Result<SdVersion, String> {
-    SdVersion::from_cross_attention_dim(width).ok_or_else(|| {
-        let hint = if width == 2048 {
-            " (this looks like SDXL)"
-        } else {
-            ""
+/// The architecture of a diffusers folder, from `unet/config.json` and, when present,
+/// `text_encoder/config.json` (`gelu` = OpenCLIP = SD 2.x, `quick_gelu` = OpenAI CLIP = SD 1.x);
+/// without it, linear transformer projections mean SD 2.x. SDXL is refused by name.
+pub(crate) fn folder_architecture(root: &Path) -> Result<Architecture> {
+    let index = root.join("model_index.json");
+    if index.is_file() {
+        let map = read_json_object(&index)?;
+        if let Some(class) = map.get("_class_name").and_then(Value::as_str) {
+            if class.contains("XL") || map.contains_key("text_encoder_2") {
+                return Err(unsupported(
+                    &index,
+                    format!("`{class}` is an SDXL pipeline; this trainer supports Stable Diffusion 1.x and 2.x"),
+                ));
+            }
+        }
+    }
+    let unet_path = root.join("unet").join("config.json");
+    let unet = read_json_object(&unet_path)?;
+    let width = match unet.get("cross_attention_dim") {
+        Some(Value::Array(items)) => items.first().and_then(Value::as_u64),
+        Some(v) => v.as_u64(),
+        None => Some(1280), // diffusers' default
+    };
+    let Some(width) = width.map(|w| w as usize) else {
+        return Err(ModelError::InvalidConfig {
+            origin: unet_path.display().to_string(),
+            message: "`cross_attention_dim` is not a positive integer".to_string(),
+        }
+        .into());
+    };
+    let sdxl_embedding = unet
+        .get("addition_embed_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "text_time");
+    if sdxl_embedding || width == 2048 {
+        return Err(unsupported(
+            &unet_path,
+            format!("this UNet (cross-attention width {width}, size/time conditioning) is SDXL's; this trainer supports Stable Diffusion 1.x and 2.x"),
+        ));
+    }
+    let text_path = root.join("text_encoder").join("config.json");
+    let activation = if text_path.is_file() {
+        let text = read_json_object(&text_path)?;
+        let text = match text.get("text_config") {
+            Some(Value::Object(inner)) => inner.clone(),
+            _ => text,
         };
-        format!(
-            "the UNet's cross-attention width is {width}{hint}; this trainer supports SD 1.x \
-             (768) and SD 2.x (1024)"
-        )
+        text.get("hidden_act")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    } else {
+        None
+    };
+    let linear = unet
+        .get("use_linear_projection")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let version = match activation.as_deref() {
+        Some("gelu") => SdVersion::V2,
+        Some(_) => SdVersion::V1,
+        None if linear => SdVersion::V2,
+        None => SdVersion::V1,
+    };
+    Ok(Architecture {
+        version,
+        cross_attention_dim: width,
     })
 }
 
 fn single_file(path: &Path) -> Result<ModelSource> {
-    match checkpoint_format(path) {
-        Some(CheckpointFormat::Safetensors) => {
-            let version = safetensors_version(path)?;
-            Ok(ModelSource::SingleFile {
-                path: path.to_path_buf(),
-                format: CheckpointFormat::Safetensors,
-                version,
-            })
-        }
-        // Pickles cannot be inspected without unpickling them; the loader checks them.
-        Some(CheckpointFormat::Pickle) => Ok(ModelSource::SingleFile {
-            path: path.to_path_buf(),
-            format: CheckpointFormat::Pickle,
-            version: None,
-        }),
-        None => Err(unreadable(path, format!("unknown file type; {EXPECTED}"))),
+    let format = checkpoint_format(path)
+        .ok_or_else(|| unreadable(path, format!("unknown file type; {EXPECTED}")))?;
+    let keys = match format {
+        CheckpointFormat::Safetensors => safetensors_header(path)?,
+        CheckpointFormat::Pickle => open_pickle(path)?.keys_and_shapes(),
+    };
+    let architecture = ldm_architecture(&keys).map_err(|e| e.at(path))?;
+    Ok(ModelSource::SingleFile {
+        path: path.to_path_buf(),
+        format,
+        architecture: Some(architecture),
+    })
+}
+
+/// Opens a pickle checkpoint: the tensors under its `state_dict` entry, or the top-level dict
+/// when there is no such entry.
+pub(crate) fn open_pickle(path: &Path) -> Result<TensorSource> {
+    match TensorSource::pickle(path, Some("state_dict")) {
+        Ok(source) if !source.keys_and_shapes().is_empty() => Ok(source),
+        _ => TensorSource::pickle(path, None),
     }
 }
 
-/// Reads the header of a single-file checkpoint: is it an SD checkpoint, and which one.
-fn safetensors_version(path: &Path) -> Result<Option<SdVersion>> {
+/// Every tensor name and shape of a safetensors file, from its header alone.
+fn safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
     if len < 8 {
@@ -275,31 +386,105 @@ fn safetensors_version(path: &Path) -> Result<Option<SdVersion>> {
             format!("not a valid safetensors file ({e}); the download may be incomplete"),
         )
     })?;
-    let tensors = metadata.tensors();
-    if !tensors.keys().any(|k| k.starts_with(LDM_UNET_PREFIX)) {
-        return Err(unreadable(
-            path,
-            not_an_sd_checkpoint(tensors.keys().map(String::as_str)),
-        ));
-    }
-    let to_k = tensors
-        .iter()
-        .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with("attn2.to_k.weight"));
-    match to_k {
-        Some((_, info)) if info.shape.len() == 2 => version_from_width(info.shape[1])
-            .map(Some)
-            .map_err(|reason| unreadable(path, reason)),
-        _ => Ok(None),
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.shape.clone()))
+        .collect())
+}
+
+/// Why a single file cannot be used as a base model, before the file is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotABaseModel {
+    /// Not a Stable Diffusion checkpoint at all (a LoRA, one diffusers component, ...).
+    Unreadable(String),
+    /// A Stable Diffusion checkpoint of a kind we do not train (SDXL, ...).
+    Unsupported(String),
+}
+
+impl NotABaseModel {
+    /// The error, naming `path`.
+    pub(crate) fn at(self, path: &Path) -> Error {
+        match self {
+            NotABaseModel::Unreadable(reason) => unreadable(path, reason),
+            NotABaseModel::Unsupported(message) => unsupported(path, message),
+        }
     }
 }
 
-/// Why a safetensors file without `model.diffusion_model.` tensors is not a base model.
-fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> String {
+/// The architecture of an original-layout (LDM) checkpoint from its tensor names and shapes:
+/// the text encoder's kind (`cond_stage_model.model.` = OpenCLIP = SD 2.x,
+/// `cond_stage_model.transformer.` = CLIP = SD 1.x), else the shape of the transformers'
+/// `proj_in` (linear = SD 2.x); the width of `attn2.to_k`.
+pub(crate) fn ldm_architecture(
+    keys: &[(String, Vec<usize>)],
+) -> std::result::Result<Architecture, NotABaseModel> {
+    if !keys.iter().any(|(k, _)| k.starts_with(LDM_UNET_PREFIX)) {
+        return Err(NotABaseModel::Unreadable(not_an_sd_checkpoint(
+            keys.iter().map(|(k, _)| k.as_str()),
+        )));
+    }
+    let sdxl = keys.iter().find(|(k, _)| {
+        k.starts_with("conditioner.embedders.") || k.starts_with("model.diffusion_model.label_emb.")
+    });
+    if let Some((key, _)) = sdxl {
+        return Err(NotABaseModel::Unsupported(format!(
+            "the tensor `{key}` belongs to SDXL (or another model with size/class conditioning); \
+             this trainer supports Stable Diffusion 1.x and 2.x"
+        )));
+    }
+    let unet = |suffix: &str| {
+        keys.iter()
+            .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with(suffix))
+    };
+    let width = match unet("attn2.to_k.weight") {
+        Some((_, shape)) if shape.len() == 2 => shape[1],
+        Some((key, shape)) => {
+            return Err(NotABaseModel::Unreadable(format!(
+                "`{key}` has shape {shape:?}; a cross-attention key projection is 2-D"
+            )))
+        }
+        None => {
+            return Err(NotABaseModel::Unsupported(
+                "its UNet has no cross-attention (`attn2.to_k`): not a text-to-image Stable \
+                 Diffusion model"
+                    .to_string(),
+            ))
+        }
+    };
+    if width == 2048 {
+        return Err(NotABaseModel::Unsupported(
+            "its UNet cross-attends to 2048-wide text embeddings, which is SDXL; this trainer \
+             supports Stable Diffusion 1.x and 2.x"
+                .to_string(),
+        ));
+    }
+    let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
+    let version = if has(LDM_OPENCLIP_PREFIX) {
+        SdVersion::V2
+    } else if has(LDM_CLIP_PREFIX) {
+        SdVersion::V1
+    } else {
+        match unet("proj_in.weight") {
+            Some((_, shape)) if shape.len() == 2 => SdVersion::V2,
+            _ => SdVersion::V1,
+        }
+    };
+    Ok(Architecture {
+        version,
+        cross_attention_dim: width,
+    })
+}
+
+/// Why a file without `model.diffusion_model.` tensors is not a base model.
+pub(crate) fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> String {
     if keys
         .clone()
-        .any(|k| k.starts_with("lora_") || k.contains(".lora_down."))
+        .any(|k| k.starts_with("lora_") || k.contains(".lora_down.") || k.contains(".lora_A."))
     {
-        "this is a LoRA file, not a base model".to_string()
+        "this is a LoRA file, not a base model; set `base_model` to the Stable Diffusion \
+         checkpoint the LoRA was trained on (and `network_weights` to the LoRA to continue it)"
+            .to_string()
     } else if keys.any(|k| k.starts_with("down_blocks.") || k.starts_with("conv_in.")) {
         "this is one component of a diffusers model; set base_model to the whole diffusers folder"
             .to_string()
@@ -311,50 +496,10 @@ fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> 
     }
 }
 
-/// The local Hugging Face hub cache, where `huggingface_hub` (and `hf-hub`) keep downloads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubCache {
-    root: Option<PathBuf>,
-}
-
-impl HubCache {
-    /// `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else `$XDG_CACHE_HOME/huggingface/hub`, else
-    /// `~/.cache/huggingface/hub`.
-    pub fn from_env() -> HubCache {
-        let var = |name| {
-            std::env::var_os(name)
-                .filter(|v| !v.is_empty())
-                .map(PathBuf::from)
-        };
-        let root = var("HF_HUB_CACHE")
-            .or_else(|| var("HF_HOME").map(|h| h.join("hub")))
-            .or_else(|| var("XDG_CACHE_HOME").map(|c| c.join("huggingface").join("hub")))
-            .or_else(|| var("HOME").map(|h| h.join(".cache").join("huggingface").join("hub")));
-        HubCache { root }
-    }
-
-    /// A cache rooted at `root` (the folder holding `models--org--name`).
-    pub fn at(root: impl Into<PathBuf>) -> HubCache {
-        HubCache {
-            root: Some(root.into()),
-        }
-    }
-
-    /// The snapshot folder of `org/name` that `refs/main` points to, if downloaded.
-    pub fn snapshot(&self, id: &str) -> Option<PathBuf> {
-        let repo = self
-            .root
-            .as_ref()?
-            .join(format!("models--{}", id.replace('/', "--")));
-        let revision = std::fs::read_to_string(repo.join("refs").join("main")).ok()?;
-        let folder = repo.join("snapshots").join(revision.trim());
-        folder.is_dir().then_some(folder)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::hub::HubCache;
     use std::collections::BTreeMap;
 
     /// Writes a safetensors file whose tensors are all zeros, with the given names and shapes.
@@ -376,25 +521,76 @@ mod tests {
         std::fs::write(path, out).unwrap();
     }
 
-    fn unet_key(width: usize) -> (&'static str, Vec<usize>) {
-        (
-            "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
-            vec![320, width],
-        )
-    }
+    const TO_K: &str =
+        "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+    const PROJ_IN: &str = "model.diffusion_model.input_blocks.1.1.proj_in.weight";
 
     fn error_text(r: Result<ModelSource>) -> String {
         r.unwrap_err().to_string()
     }
 
+    fn detect(path: &Path) -> Result<ModelSource> {
+        ModelSource::detect(path.to_str().unwrap())
+    }
+
     #[test]
-    fn single_file_version_comes_from_the_cross_attention_width() {
+    fn single_file_version_comes_from_structure_not_width() {
         let dir = tempfile::tempdir().unwrap();
-        for (width, version) in [(768, SdVersion::V1), (1024, SdVersion::V2)] {
-            let path = dir.path().join(format!("m{width}.safetensors"));
-            write_safetensors(&path, &[unet_key(width), ("first_stage_model.x", vec![2])]);
-            let source = ModelSource::detect(path.to_str().unwrap()).unwrap();
-            assert_eq!(source.version(), Some(version));
+        let cases = [
+            // (text encoder key, proj_in shape, width, expected version, display)
+            (
+                "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+                vec![320, 320, 1, 1],
+                768,
+                SdVersion::V1,
+                "SD 1.x",
+            ),
+            (
+                "cond_stage_model.model.ln_final.weight",
+                vec![320, 320],
+                1024,
+                SdVersion::V2,
+                "SD 2.x",
+            ),
+            // A tiny SD2: OpenCLIP keys decide, not the 128 width.
+            (
+                "cond_stage_model.model.ln_final.weight",
+                vec![32, 32],
+                128,
+                SdVersion::V2,
+                "SD 2.x-style, cross-attention width 128",
+            ),
+            // No text encoder in the file: the projection's shape decides.
+            (
+                "first_stage_model.encoder.conv_in.weight",
+                vec![32, 32],
+                1024,
+                SdVersion::V2,
+                "SD 2.x",
+            ),
+            (
+                "first_stage_model.encoder.conv_in.weight",
+                vec![32, 32, 1, 1],
+                64,
+                SdVersion::V1,
+                "SD 1.x-style, cross-attention width 64",
+            ),
+        ];
+        for (i, (text_key, proj_in, width, version, shown)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("m{i}.safetensors"));
+            write_safetensors(
+                &path,
+                &[
+                    (TO_K, vec![320, width]),
+                    (PROJ_IN, proj_in),
+                    (text_key, vec![2]),
+                ],
+            );
+            let source = detect(&path).unwrap();
+            let architecture = source.architecture().unwrap();
+            assert_eq!(architecture.version, version, "case {i}");
+            assert_eq!(architecture.cross_attention_dim, width);
+            assert_eq!(architecture.to_string(), shown);
             assert!(matches!(
                 source,
                 ModelSource::SingleFile {
@@ -403,9 +599,31 @@ mod tests {
                 }
             ));
         }
-        let path = dir.path().join("xl.safetensors");
-        write_safetensors(&path, &[unet_key(2048)]);
-        assert!(error_text(ModelSource::detect(path.to_str().unwrap())).contains("SDXL"));
+    }
+
+    #[test]
+    fn sdxl_files_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let wide = dir.path().join("xl.safetensors");
+        write_safetensors(&wide, &[(TO_K, vec![640, 2048])]);
+        let message = error_text(detect(&wide));
+        assert!(
+            message.contains("SDXL") && message.contains("xl.safetensors"),
+            "{message}"
+        );
+        let embedders = dir.path().join("xl2.safetensors");
+        write_safetensors(
+            &embedders,
+            &[
+                (TO_K, vec![640, 64]),
+                ("conditioner.embedders.0.transformer.text_model.x", vec![2]),
+            ],
+        );
+        let message = error_text(detect(&embedders));
+        assert!(
+            message.contains("SDXL") && message.contains("conditioner.embedders.0"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -413,14 +631,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let lora = dir.path().join("lora.safetensors");
         write_safetensors(&lora, &[("lora_unet_x.lora_down.weight", vec![4, 8])]);
-        assert!(error_text(ModelSource::detect(lora.to_str().unwrap())).contains("LoRA file"));
+        assert!(error_text(detect(&lora)).contains("LoRA file"));
         let other = dir.path().join("other.safetensors");
         write_safetensors(&other, &[("weight", vec![4])]);
-        assert!(error_text(ModelSource::detect(other.to_str().unwrap()))
-            .contains("model.diffusion_model."));
+        assert!(error_text(detect(&other)).contains("model.diffusion_model."));
         let broken = dir.path().join("broken.safetensors");
         std::fs::write(&broken, b"\x10\0\0\0\0\0\0\0{not json at all").unwrap();
-        let message = error_text(ModelSource::detect(broken.to_str().unwrap()));
+        let message = error_text(detect(&broken));
         assert!(
             message.contains("not a valid safetensors file"),
             "{message}"
@@ -429,30 +646,24 @@ mod tests {
     }
 
     #[test]
-    fn pickles_are_accepted_by_extension_and_other_files_are_not() {
+    fn pickles_are_read_and_other_files_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let ckpt = dir.path().join("m.ckpt");
         std::fs::write(&ckpt, b"pickle").unwrap();
-        let source = ModelSource::detect(ckpt.to_str().unwrap()).unwrap();
-        assert!(matches!(
-            source,
-            ModelSource::SingleFile {
-                format: CheckpointFormat::Pickle,
-                version: None,
-                ..
-            }
-        ));
+        let message = error_text(detect(&ckpt));
+        assert!(
+            message.contains("m.ckpt") && message.contains("cannot read"),
+            "{message}"
+        );
         let txt = dir.path().join("notes.txt");
         std::fs::write(&txt, b"hello").unwrap();
-        assert!(
-            error_text(ModelSource::detect(txt.to_str().unwrap())).contains("unknown file type")
-        );
+        assert!(error_text(detect(&txt)).contains("unknown file type"));
     }
 
     #[test]
     fn diffusers_folders_need_their_index_or_unet_config() {
         let dir = tempfile::tempdir().unwrap();
-        let message = error_text(ModelSource::detect(dir.path().to_str().unwrap()));
+        let message = error_text(detect(dir.path()));
         assert!(
             message.contains("neither model_index.json nor unet/config.json"),
             "{message}"
@@ -460,22 +671,66 @@ mod tests {
         std::fs::create_dir(dir.path().join("unet")).unwrap();
         std::fs::write(
             dir.path().join("unet/config.json"),
-            r#"{"cross_attention_dim": 1024}"#,
+            r#"{"cross_attention_dim": 1024, "use_linear_projection": true}"#,
         )
         .unwrap();
-        let source = ModelSource::detect(dir.path().to_str().unwrap()).unwrap();
+        let source = detect(dir.path()).unwrap();
+        let v2 = Architecture {
+            version: SdVersion::V2,
+            cross_attention_dim: 1024,
+        };
         assert_eq!(
             source,
             ModelSource::Diffusers {
                 root: dir.path().to_path_buf(),
-                version: Some(SdVersion::V2)
+                architecture: Some(v2)
             }
         );
+        // The text encoder's activation outranks the projection kind.
+        std::fs::create_dir(dir.path().join("text_encoder")).unwrap();
+        std::fs::write(
+            dir.path().join("text_encoder/config.json"),
+            r#"{"hidden_act": "quick_gelu"}"#,
+        )
+        .unwrap();
+        let architecture = detect(dir.path()).unwrap().architecture().unwrap();
+        assert_eq!(architecture.version, SdVersion::V1);
         std::fs::write(dir.path().join("unet/config.json"), "{oops").unwrap();
-        assert!(
-            error_text(ModelSource::detect(dir.path().to_str().unwrap()))
-                .contains("not valid JSON")
+        assert!(error_text(detect(dir.path())).contains("not valid JSON"));
+        std::fs::write(
+            dir.path().join("unet/config.json"),
+            r#"{"cross_attention_dim": 2048, "addition_embed_type": "text_time"}"#,
+        )
+        .unwrap();
+        assert!(error_text(detect(dir.path())).contains("SDXL"));
+    }
+
+    #[test]
+    fn the_demo_and_tiny_models_are_accepted_with_their_width() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let demo = detect(&root.join("models/demo-sd")).unwrap();
+        assert_eq!(
+            demo.architecture().unwrap().to_string(),
+            "SD 1.x-style, cross-attention width 32"
         );
+        let fixtures = root.join("tests/fixtures");
+        for (name, version, width) in [
+            ("tiny-sd1", SdVersion::V1, 64),
+            ("tiny-sd2", SdVersion::V2, 128),
+            ("tiny-sd1.safetensors", SdVersion::V1, 64),
+            ("tiny-sd2.safetensors", SdVersion::V2, 128),
+            ("tiny-sd1.ckpt", SdVersion::V1, 64),
+        ] {
+            let architecture = detect(&fixtures.join(name)).unwrap().architecture();
+            assert_eq!(
+                architecture,
+                Some(Architecture {
+                    version,
+                    cross_attention_dim: width
+                }),
+                "{name}"
+            );
+        }
     }
 
     #[test]
@@ -498,7 +753,10 @@ mod tests {
             ModelSource::Hub {
                 id: "org/sd-model".into(),
                 snapshot: Some(snapshot),
-                version: Some(SdVersion::V1)
+                architecture: Some(Architecture {
+                    version: SdVersion::V1,
+                    cross_attention_dim: 768
+                })
             }
         );
         let missing = ModelSource::detect_with("org/other", &cache).unwrap();
@@ -508,8 +766,10 @@ mod tests {
     }
 
     #[test]
-    fn missing_paths_are_errors_that_name_them() {
-        let message = error_text(ModelSource::detect("./models/nope.safetensors"));
+    fn missing_paths_are_not_found_errors_that_name_them() {
+        let err = ModelSource::detect("./models/nope.safetensors").unwrap_err();
+        assert!(matches!(err, Error::Model(ModelError::NotFound { .. })));
+        let message = err.to_string();
         assert!(
             message.contains("./models/nope.safetensors") && message.contains("does not exist"),
             "{message}"

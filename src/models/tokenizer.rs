@@ -56,7 +56,55 @@ impl ClipTokenizer {
     /// Reads a tokenizer folder: `tokenizer.json`, or `vocab.json` + `merges.txt`, with the
     /// optional `tokenizer_config.json` / `special_tokens_map.json` (pad token, `model_max_length`).
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let files = TokenizerFiles::read(dir)?;
+        Self::from_files(TokenizerFiles::read(dir)?)
+    }
+
+    /// Builds the tokenizer from the text of a `vocab.json` and a `merges.txt` held in memory
+    /// (the copy of `models/clip-tokenizer` compiled into the binary), with CLIP's special
+    /// tokens as SD 1.x's tokenizer declares them: `<|startoftext|>`, and `<|endoftext|>` as end,
+    /// unknown and pad token; 77 ids. `origin` names the files in messages.
+    pub fn from_vocab_and_merges(vocab_json: &str, merges_txt: &str, origin: &str) -> Result<Self> {
+        let invalid = |message: String| -> Error {
+            ModelError::InvalidConfig {
+                origin: origin.to_string(),
+                message,
+            }
+            .into()
+        };
+        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(vocab_json)
+            .map_err(|e| {
+                invalid(format!(
+                    "the vocabulary is not a JSON object of token → id: {e}"
+                ))
+            })?;
+        let merges = merges_txt
+            .lines()
+            .filter(|line| !line.starts_with("#version") && !line.is_empty())
+            .map(|line| {
+                line.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| {
+                        invalid(format!(
+                            "`{line}` is not a merge (two tokens separated by one space)"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let special = |content: &str| AddedToken::from(content, true);
+        Self::from_files(TokenizerFiles {
+            vocab: vocab.into_iter().collect(),
+            merges,
+            vocab_origin: origin.into(),
+            added: Vec::new(),
+            bos: special("<|startoftext|>"),
+            eos: special("<|endoftext|>"),
+            unk: special("<|endoftext|>"),
+            pad: special("<|endoftext|>"),
+            max_length: super::tokenizer_files::DEFAULT_MAX_LENGTH,
+        })
+    }
+
+    fn from_files(files: TokenizerFiles) -> Result<Self> {
         let origin = files.vocab_origin.display().to_string();
         let build_error = |e: tokenizers::Error| -> Error {
             ModelError::InvalidConfig {

@@ -17,7 +17,7 @@ impl fmt::Display for Preflight {
             plan.config_path.display()
         )?;
         writeln!(f)?;
-        let version = match self.model.version() {
+        let version = match self.model.architecture() {
             Some(v) => format!(" ({v})"),
             None => String::new(),
         };
@@ -260,7 +260,7 @@ fn number(x: f64) -> String {
 mod tests {
     use super::super::DatasetFacts;
     use super::*;
-    use crate::models::source::{ModelSource, SdVersion};
+    use crate::models::source::{Architecture, ModelSource, SdVersion};
     use std::path::{Path, PathBuf};
 
     fn preflight(extra: &str, facts: DatasetFacts) -> Preflight {
@@ -270,7 +270,10 @@ mod tests {
             TrainPlan::from_yaml(&text, Path::new("configs/x.yaml"), &[], Path::new("/p")).unwrap();
         let model = ModelSource::Diffusers {
             root: PathBuf::from("/p/m"),
-            version: Some(SdVersion::V1),
+            architecture: Some(Architecture {
+                version: SdVersion::V1,
+                cross_attention_dim: 768,
+            }),
         };
         Preflight::new(plan, model, facts)
     }

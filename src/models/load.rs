@@ -1,1 +1,0 @@
-//! Loading a whole Stable Diffusion model from any source.

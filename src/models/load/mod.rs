@@ -1,0 +1,564 @@
+//! Loading a whole Stable Diffusion model from any source: a diffusers folder, a single LDM
+//! checkpoint (`.safetensors` / `.ckpt`) or a hub id.
+//!
+//! [`SdCheckpoint::open`] resolves every config (from the files, an LDM yaml, or the tensor
+//! shapes) and maps every weight key of the UNet, the text encoder and the VAE into its own
+//! [`WeightStore`] under diffusers names, without reading a weight (files are memory-mapped).
+//! Each component is then built on demand, and separately: the trainer drops the VAE once the
+//! latents are cached. Every build checks that the model consumed every tensor mapped to it, so
+//! a conversion bug or a mismatched config is an error that names the key, never a silently
+//! half-loaded model.
+//!
+//! - `diffusers`: the folder layout, weight-file choice (fp16 variants, shards, `.bin`).
+//! - `single_file`: the LDM checkpoint, split by component, with the keys every loader ignores.
+//! - `ldm_unet`, `ldm_vae`, `ldm_text`: LDM → diffusers key conversion and configs
+//!   inferred from tensor shapes; `ldm_yaml`: the LDM inference yaml beside a checkpoint.
+//! - `bundled_tokenizer`: the CLIP tokenizer compiled into the binary.
+
+mod bundled_tokenizer;
+mod diffusers;
+mod ldm_text;
+mod ldm_unet;
+mod ldm_vae;
+mod ldm_yaml;
+mod single_file;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+
+use super::clip_text::ClipTextModel;
+use super::clip_text_config::ClipTextConfig;
+use super::hub::HubCache;
+use super::noise::{NoiseSchedule, PredictionType};
+use super::source::{Architecture, ModelSource, SdVersion};
+use super::tokenizer::ClipTokenizer;
+use super::unet::UNet2DConditionModel;
+use super::unet_config::UNetConfig;
+use super::vae::AutoencoderKL;
+use super::vae_config::VaeConfig;
+use crate::error::ModelError;
+use crate::nn::weights::{Entry, TensorSource, Transform};
+use crate::nn::{AdapterProvider, Scope, WeightStore};
+use crate::{Error, Result};
+
+/// How to load a base model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// The dtype weights are converted to: f32 on the CPU; f16/bf16 for CUDA.
+    pub dtype: DType,
+    pub device: Device,
+    /// A diffusers weight variant (`fp16` reads `*.fp16.safetensors`). Without it the default
+    /// files are read, or the only variant a folder holds.
+    pub variant: Option<String>,
+    /// A tokenizer folder or hub id instead of the model's (single files carry none).
+    pub tokenizer: Option<String>,
+    /// A VAE instead of the model's: a diffusers VAE folder (or a whole diffusers model), a
+    /// single VAE checkpoint file (LDM layout), or a hub id.
+    pub vae: Option<String>,
+    /// Overrides the prediction type the model's scheduler config (or yaml) gives.
+    pub prediction_type: Option<PredictionType>,
+    /// Where hub ids are looked up and downloaded to.
+    pub hub_cache: HubCache,
+}
+
+impl Default for LoadOptions {
+    /// f32 on the CPU, the model's own files, the Hugging Face cache of the environment.
+    fn default() -> Self {
+        LoadOptions {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            variant: None,
+            tokenizer: None,
+            vae: None,
+            prediction_type: None,
+            hub_cache: HubCache::from_env(),
+        }
+    }
+}
+
+/// One component's weights under diffusers keys, ready to build the model from.
+pub(crate) struct ComponentWeights {
+    store: WeightStore,
+    /// Diffusers key → the key in the file, where they differ (for messages).
+    renamed: BTreeMap<String, String>,
+}
+
+/// A diffusers key and where its tensor lives in a file.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct MappedKey {
+    pub target: String,
+    pub file_key: String,
+    pub transform: Transform,
+}
+
+impl MappedKey {
+    /// `target` read from `file_key` as stored.
+    pub(crate) fn new(target: String, file_key: String) -> Self {
+        MappedKey {
+            target,
+            file_key,
+            transform: Transform::None,
+        }
+    }
+}
+
+impl ComponentWeights {
+    /// A store over `sources` holding each of their keys under `rename(key)`.
+    pub(crate) fn renamed(
+        sources: Vec<TensorSource>,
+        rename: &dyn Fn(&str) -> String,
+        options: &LoadOptions,
+    ) -> Self {
+        let mut store = WeightStore::new(options.dtype, options.device.clone());
+        let mut renamed = BTreeMap::new();
+        for source in sources {
+            let keys = source.keys_and_shapes();
+            let index = store.add_source(source);
+            for (key, _) in keys {
+                let target = rename(&key);
+                if target != key {
+                    renamed.insert(target.clone(), key.clone());
+                }
+                store.insert(
+                    target,
+                    Entry {
+                        source: index,
+                        key,
+                        transform: Transform::None,
+                    },
+                );
+            }
+        }
+        ComponentWeights { store, renamed }
+    }
+
+    /// A store over one source whose tensors are read under the given diffusers keys.
+    pub(crate) fn mapped(
+        source: TensorSource,
+        keys: Vec<MappedKey>,
+        options: &LoadOptions,
+    ) -> Self {
+        let mut store = WeightStore::new(options.dtype, options.device.clone());
+        let index = store.add_source(source);
+        let mut renamed = BTreeMap::new();
+        for key in keys {
+            if key.target != key.file_key {
+                renamed.insert(key.target.clone(), key.file_key.clone());
+            }
+            store.insert(
+                key.target,
+                Entry {
+                    source: index,
+                    key: key.file_key,
+                    transform: key.transform,
+                },
+            );
+        }
+        ComponentWeights { store, renamed }
+    }
+
+    /// The store the component is built from.
+    pub(crate) fn store(&self) -> &WeightStore {
+        &self.store
+    }
+
+    fn scope<'a>(&'a self, adapters: Option<&'a dyn AdapterProvider>) -> Scope<'a> {
+        let root = Scope::root(&self.store);
+        match adapters {
+            Some(provider) => root.with_adapters(provider),
+            None => root,
+        }
+    }
+
+    /// Builds a model with `build`, then insists every tensor was consumed; errors name the
+    /// key in the file too where it differs from the diffusers key.
+    fn build<T>(
+        &self,
+        adapters: Option<&dyn AdapterProvider>,
+        build: impl FnOnce(Scope) -> Result<T>,
+    ) -> Result<T> {
+        let model = build(self.scope(adapters)).map_err(|e| self.explain(e))?;
+        self.store.check_all_used().map_err(|e| self.explain(e))?;
+        Ok(model)
+    }
+
+    /// `key`, followed by the key it is read from when that differs; messages quote the whole
+    /// as `` `key` from `file key` ``.
+    fn in_file(&self, key: String) -> String {
+        match self.renamed.get(&key) {
+            Some(file_key) => format!("{key}` from `{file_key}"),
+            None => key,
+        }
+    }
+
+    fn explain(&self, error: Error) -> Error {
+        match error {
+            Error::Model(ModelError::WeightShape {
+                key,
+                origin,
+                expected,
+                found,
+            }) => ModelError::WeightShape {
+                key: self.in_file(key),
+                origin,
+                expected,
+                found,
+            }
+            .into(),
+            Error::Model(ModelError::UnusedWeights { origin, keys }) => ModelError::UnusedWeights {
+                origin,
+                keys: keys.into_iter().map(|k| self.in_file(k)).collect(),
+            }
+            .into(),
+            other => other,
+        }
+    }
+}
+
+/// Where the tokenizer comes from.
+#[derive(Debug, Clone, PartialEq)]
+enum TokenizerChoice {
+    /// A CLIP tokenizer folder.
+    Folder(PathBuf),
+    /// The copy of `models/clip-tokenizer` compiled into the binary.
+    Bundled,
+}
+
+/// A Stable Diffusion 1.x/2.x model opened from any source: configs resolved, every weight
+/// mapped (not read). Build its components with [`SdCheckpoint::unet`],
+/// [`SdCheckpoint::text_encoder`], [`SdCheckpoint::vae`]; see the module docs.
+pub struct SdCheckpoint {
+    description: String,
+    architecture: Architecture,
+    unet_config: UNetConfig,
+    text_config: ClipTextConfig,
+    vae_config: VaeConfig,
+    unet: ComponentWeights,
+    text_encoder: ComponentWeights,
+    vae: ComponentWeights,
+    tokenizer: TokenizerChoice,
+    /// The pad token to use instead of the tokenizer files' (`!` for SD 2.x when bundled).
+    pad_token: Option<&'static str>,
+    noise: NoiseSchedule,
+    notes: Vec<String>,
+}
+
+/// What a source-specific opener hands back.
+pub(crate) struct Opened {
+    pub description: String,
+    pub architecture: Architecture,
+    pub unet_config: UNetConfig,
+    pub text_config: ClipTextConfig,
+    pub unet: ComponentWeights,
+    pub text_encoder: ComponentWeights,
+    /// The VAE; `None` only when the file has none and `vae:` names one.
+    pub vae: Option<(VaeConfig, ComponentWeights)>,
+    /// A tokenizer folder, or `None` for the bundled tokenizer.
+    pub tokenizer: Option<PathBuf>,
+    /// The scheduler config, and where it came from (for the notes).
+    pub scheduler: super::noise::SchedulerConfig,
+    pub scheduler_origin: String,
+    /// Where the prediction type came from ("scheduler_config.json", "tiny-sd2.yaml", ...),
+    /// or `None` when it is a default the user may need to override.
+    pub prediction_origin: Option<String>,
+    pub notes: Vec<String>,
+}
+
+impl SdCheckpoint {
+    /// Opens the model `source` names: configs resolved and weights mapped, nothing read.
+    pub fn open(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
+        let opened = match source {
+            ModelSource::Diffusers { root, .. } => diffusers::open(root, options)?,
+            ModelSource::SingleFile { path, format, .. } => {
+                single_file::open(path, *format, options)?
+            }
+            ModelSource::Hub { id, .. } => {
+                let folder = diffusers::hub_snapshot(id, options)?;
+                let mut opened = diffusers::open(&folder, options)?;
+                opened.description = format!("hub model {id} ({})", folder.display());
+                opened
+            }
+        };
+        Self::finish(opened, options)
+    }
+
+    /// [`ModelSource::detect`] then [`SdCheckpoint::open`]: `base_model` is a folder, a
+    /// checkpoint file or a hub id.
+    pub fn open_path(base_model: &str, options: &LoadOptions) -> Result<Self> {
+        let source = ModelSource::detect_with(base_model, &options.hub_cache)?;
+        Self::open(&source, options)
+    }
+
+    fn finish(mut opened: Opened, options: &LoadOptions) -> Result<Self> {
+        let architecture = opened.architecture;
+        let mut notes = vec![format!(
+            "{architecture} ({})",
+            architecture.version.text_encoder_name()
+        )];
+
+        // The VAE override replaces the model's before anything is built.
+        let (vae_config, vae) = match (&options.vae, opened.vae.take()) {
+            (Some(given), own) => {
+                let base = own.map(|(c, _)| c).unwrap_or_default();
+                let (config, weights, note) = open_vae_override(given, &base, options)?;
+                opened.notes.push(note);
+                (config, weights)
+            }
+            (None, Some(own)) => own,
+            (None, None) => {
+                return Err(ModelError::InvalidConfig {
+                    origin: opened.description,
+                    message: "the model has no VAE; set `vae:` to one".to_string(),
+                }
+                .into())
+            }
+        };
+
+        // Prediction type: the user's override, else the files', else epsilon with a hint.
+        let mut scheduler = opened.scheduler.clone();
+        let prediction_note = match options.prediction_type {
+            Some(p) => {
+                scheduler.prediction_type = p.as_str().to_string();
+                format!("{} (set in the config)", p.as_str())
+            }
+            None => match &opened.prediction_origin {
+                Some(origin) => format!("{} (from {origin})", scheduler.prediction_type),
+                None => {
+                    let hint = if architecture.version == SdVersion::V2 {
+                        "; SD 2.x 768-v models predict v: set `prediction_type: v_prediction` for them"
+                    } else {
+                        ""
+                    };
+                    format!("{} (the default{hint})", scheduler.prediction_type)
+                }
+            },
+        };
+        let noise = NoiseSchedule::from_config(&scheduler, &opened.scheduler_origin)?;
+        notes.push(format!("prediction type: {prediction_note}"));
+
+        let (tokenizer, pad_token) = match (&options.tokenizer, opened.tokenizer.take()) {
+            (Some(given), _) => (
+                TokenizerChoice::Folder(resolve_tokenizer(given, options)?),
+                None,
+            ),
+            (None, Some(folder)) => (TokenizerChoice::Folder(folder), None),
+            (None, None) => {
+                let pad = (architecture.version == SdVersion::V2).then_some("!");
+                (TokenizerChoice::Bundled, pad)
+            }
+        };
+        notes.push(match (&tokenizer, pad_token) {
+            (TokenizerChoice::Folder(folder), _) => format!("tokenizer: {}", folder.display()),
+            (TokenizerChoice::Bundled, Some(pad)) => {
+                format!("tokenizer: bundled CLIP tokenizer, padding with `{pad}` as SD 2.x does")
+            }
+            (TokenizerChoice::Bundled, None) => "tokenizer: bundled CLIP tokenizer".to_string(),
+        });
+        notes.append(&mut opened.notes);
+
+        Ok(SdCheckpoint {
+            description: opened.description,
+            architecture,
+            unet_config: opened.unet_config,
+            text_config: opened.text_config,
+            vae_config,
+            unet: opened.unet,
+            text_encoder: opened.text_encoder,
+            vae,
+            tokenizer,
+            pad_token,
+            noise,
+            notes,
+        })
+    }
+
+    /// Builds the UNet; `adapters` is asked for an adapter at every Linear/Conv2d.
+    pub fn unet(&self, adapters: Option<&dyn AdapterProvider>) -> Result<UNet2DConditionModel> {
+        self.unet.build(adapters, |scope| {
+            UNet2DConditionModel::new(scope, &self.unet_config)
+        })
+    }
+
+    /// Builds the text encoder; adapters are asked with `text_model.`-prefixed paths.
+    pub fn text_encoder(&self, adapters: Option<&dyn AdapterProvider>) -> Result<ClipTextModel> {
+        self.text_encoder.build(adapters, |scope| {
+            ClipTextModel::new(scope, &self.text_config)
+        })
+    }
+
+    /// Builds the VAE (never adapted).
+    pub fn vae(&self) -> Result<AutoencoderKL> {
+        self.vae
+            .build(None, |scope| AutoencoderKL::new(scope, &self.vae_config))
+    }
+
+    /// Reads the tokenizer (a folder, or the bundled one) and checks that its ids fit the text
+    /// encoder's vocabulary.
+    pub fn tokenizer(&self) -> Result<ClipTokenizer> {
+        let mut tokenizer = match &self.tokenizer {
+            TokenizerChoice::Folder(folder) => ClipTokenizer::from_dir(folder)?,
+            TokenizerChoice::Bundled => bundled_tokenizer::load()?,
+        };
+        if let Some(pad) = self.pad_token {
+            tokenizer = tokenizer.with_pad_token(pad)?;
+        }
+        let (tokens, vocab) = (tokenizer.vocab_size(), self.text_config.vocab_size);
+        if tokens > vocab {
+            let origin = match &self.tokenizer {
+                TokenizerChoice::Folder(folder) => folder.display().to_string(),
+                TokenizerChoice::Bundled => "the bundled CLIP tokenizer".to_string(),
+            };
+            return Err(ModelError::InvalidConfig {
+                origin,
+                message: format!(
+                    "the tokenizer has {tokens} tokens but the text encoder of {} only {vocab}: \
+                     they do not belong together; set `tokenizer:` to this model's tokenizer",
+                    self.description
+                ),
+            }
+            .into());
+        }
+        Ok(tokenizer)
+    }
+
+    /// The training noise schedule (with the prediction type override applied).
+    pub fn noise_schedule(&self) -> &NoiseSchedule {
+        &self.noise
+    }
+
+    /// SD 1.x or 2.x.
+    pub fn version(&self) -> SdVersion {
+        self.architecture.version
+    }
+
+    /// The version and the cross-attention width.
+    pub fn architecture(&self) -> Architecture {
+        self.architecture
+    }
+
+    /// What was opened, in words (the folder, the file, the hub id).
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// What was found or inferred, one line each, for the run's log.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// The UNet's config.
+    pub fn unet_config(&self) -> &UNetConfig {
+        &self.unet_config
+    }
+
+    /// The text encoder's config.
+    pub fn text_encoder_config(&self) -> &ClipTextConfig {
+        &self.text_config
+    }
+
+    /// The VAE's config (its `scaling_factor` scales latents).
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae_config
+    }
+
+    /// The weights the UNet is built from (to list them, or to build with a custom scope).
+    pub fn unet_weights(&self) -> &WeightStore {
+        self.unet.store()
+    }
+
+    /// The weights the text encoder is built from.
+    pub fn text_encoder_weights(&self) -> &WeightStore {
+        self.text_encoder.store()
+    }
+
+    /// The weights the VAE is built from.
+    pub fn vae_weights(&self) -> &WeightStore {
+        self.vae.store()
+    }
+}
+
+/// A tokenizer given as a folder or a hub id.
+fn resolve_tokenizer(given: &str, options: &LoadOptions) -> Result<PathBuf> {
+    let path = Path::new(given);
+    if path.is_dir() {
+        // A whole diffusers model folder has its tokenizer in `tokenizer/`.
+        let nested = path.join("tokenizer");
+        return Ok(if nested.is_dir() && !has_tokenizer_files(path) {
+            nested
+        } else {
+            path.to_path_buf()
+        });
+    }
+    if super::source::is_hub_id(given) {
+        return diffusers::hub_tokenizer(given, options);
+    }
+    Err(ModelError::NotFound {
+        path: path.to_path_buf(),
+        hint: "check `tokenizer` in the config: it names a CLIP tokenizer folder (tokenizer.json, \
+               or vocab.json + merges.txt) or a hub id such as `openai/clip-vit-large-patch14`"
+            .to_string(),
+    }
+    .into())
+}
+
+fn has_tokenizer_files(dir: &Path) -> bool {
+    dir.join("tokenizer.json").is_file() || dir.join("vocab.json").is_file()
+}
+
+/// The VAE named by `vae:` with its config and a note; `base` is the model's own VAE config,
+/// whose scaling factor a single VAE file (which records none) keeps.
+fn open_vae_override(
+    given: &str,
+    base: &VaeConfig,
+    options: &LoadOptions,
+) -> Result<(VaeConfig, ComponentWeights, String)> {
+    let path = Path::new(given);
+    if path.is_dir() {
+        let folder = if path.join("config.json").is_file() {
+            path.to_path_buf()
+        } else if path.join("vae").join("config.json").is_file() {
+            path.join("vae")
+        } else {
+            return Err(ModelError::Unreadable {
+                path: path.to_path_buf(),
+                reason: "a VAE folder holds config.json and the weights (diffusers layout); \
+                         this one has no config.json (nor vae/config.json)"
+                    .to_string(),
+            }
+            .into());
+        };
+        let (config, weights, note) = diffusers::open_vae_folder(&folder, options)?;
+        return Ok((
+            config,
+            weights,
+            format!("VAE: {} ({note})", folder.display()),
+        ));
+    }
+    if path.is_file() {
+        let (config, weights) = single_file::open_vae_file(path, base, options)?;
+        return Ok((
+            config,
+            weights,
+            format!(
+                "VAE: {} (LDM layout, config inferred from the tensor shapes, scaling factor {} \
+                 kept from the base model)",
+                path.display(),
+                base.scaling_factor
+            ),
+        ));
+    }
+    if super::source::is_hub_id(given) {
+        let folder = diffusers::hub_vae(given, options)?;
+        let (config, weights, note) = diffusers::open_vae_folder(&folder, options)?;
+        return Ok((config, weights, format!("VAE: hub model {given} ({note})")));
+    }
+    Err(ModelError::NotFound {
+        path: path.to_path_buf(),
+        hint: "check `vae` in the config: it names a diffusers VAE folder, a VAE checkpoint file \
+               or a hub id such as `stabilityai/sd-vae-ft-mse`"
+            .to_string(),
+    }
+    .into())
+}
