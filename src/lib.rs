@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod label;
 pub mod models;
 pub mod nn;
 pub mod plan;
