@@ -18,12 +18,13 @@ use lora_trainer::label::{
 /// Caption a folder of images with CLIP (and BLIP on request), writing a metadata.csv that
 /// keeps every hand-edited caption.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// The folder of images to caption.
     #[arg(long, value_name = "DIR")]
     input: PathBuf,
-    /// The CSV to write [default: DIR/metadata.csv]. Existing rows are kept as they are.
+    /// The CSV to write [default: DIR/metadata.csv]. Existing rows are kept as they are; file
+    /// names in it are relative to --input (use that folder as train_data_dir).
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
     /// CLIP model: a local folder, or a hub id looked up in the Hugging Face cache.
