@@ -22,9 +22,10 @@ use rayon::prelude::*;
 
 pub use bucket::{BucketSet, BucketSize};
 pub use caption::{split_tags, CaptionOptions};
+pub use decode::{decode_oriented, to_rgb_on_white};
 pub use epoch::{Batch, BatchItem, ImageView};
-pub use listing::IMAGE_EXTENSIONS;
-pub use metadata::{CAPTION_COLUMNS, FILE_COLUMNS};
+pub use listing::{normalize_name, ImageFolder, IMAGE_EXTENSIONS};
+pub use metadata::{parse_metadata, Metadata, MetadataRow, CAPTION_COLUMNS, FILE_COLUMNS};
 pub use transform::RESIZE_FILTER;
 
 /// Everything the dataset needs from the validated config.

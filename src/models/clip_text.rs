@@ -74,20 +74,21 @@ struct ClipAttention {
 }
 
 impl ClipAttention {
-    fn new(scope: Scope, config: &ClipTextConfig) -> Result<Self> {
-        let h = config.hidden_size;
+    fn new(scope: Scope, shape: &ClipLayerShape) -> Result<Self> {
+        let h = shape.hidden_size;
         Ok(ClipAttention {
             q_proj: Linear::new(scope.pp("q_proj"), h, h, true)?,
             k_proj: Linear::new(scope.pp("k_proj"), h, h, true)?,
             v_proj: Linear::new(scope.pp("v_proj"), h, h, true)?,
             out_proj: Linear::new(scope.pp("out_proj"), h, h, true)?,
-            heads: config.num_attention_heads,
-            head_dim: config.head_dim(),
+            heads: shape.heads,
+            head_dim: h / shape.heads,
         })
     }
 
-    /// `x: [B, T, hidden]`, `mask: [T, T]` additive → `[B, T, hidden]`.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x: [B, T, hidden]`, `mask: [T, T]` additive (`None`: every token sees every other) →
+    /// `[B, T, hidden]`.
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, hidden) = x.dims3()?;
         let split_heads = |y: Tensor| -> Result<Tensor> {
             Ok(y.reshape((b, t, self.heads, self.head_dim))?
@@ -98,7 +99,10 @@ impl ClipAttention {
         let k = split_heads(self.k_proj.forward(x)?)?;
         let v = split_heads(self.v_proj.forward(x)?)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let mut scores = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
         let probs = activation::softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, hidden))?;
         self.out_proj.forward(&out)
@@ -114,21 +118,21 @@ struct ClipMlp {
 }
 
 impl ClipMlp {
-    fn new(scope: Scope, config: &ClipTextConfig) -> Result<Self> {
+    fn new(scope: Scope, shape: &ClipLayerShape) -> Result<Self> {
         Ok(ClipMlp {
             fc1: Linear::new(
                 scope.pp("fc1"),
-                config.hidden_size,
-                config.intermediate_size,
+                shape.hidden_size,
+                shape.intermediate_size,
                 true,
             )?,
             fc2: Linear::new(
                 scope.pp("fc2"),
-                config.intermediate_size,
-                config.hidden_size,
+                shape.intermediate_size,
+                shape.hidden_size,
                 true,
             )?,
-            activation: config.hidden_act,
+            activation: shape.activation,
         })
     }
 
@@ -143,9 +147,33 @@ impl ClipMlp {
     }
 }
 
-/// One pre-LayerNorm transformer layer (`encoder.layers.N`).
+/// The sizes of one CLIP transformer layer: the text and the vision towers share the layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct ClipLayerShape {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// Attention heads; `hidden_size` must be a multiple of it.
+    pub heads: usize,
+    pub layer_norm_eps: f64,
+    pub activation: ClipActivation,
+}
+
+impl From<&ClipTextConfig> for ClipLayerShape {
+    fn from(config: &ClipTextConfig) -> Self {
+        ClipLayerShape {
+            hidden_size: config.hidden_size,
+            intermediate_size: config.intermediate_size,
+            heads: config.num_attention_heads,
+            layer_norm_eps: config.layer_norm_eps,
+            activation: config.hidden_act,
+        }
+    }
+}
+
+/// One pre-LayerNorm transformer layer (`encoder.layers.N`), causal in the text tower and not
+/// in the vision tower (the caller's mask decides).
 #[derive(Debug, Clone)]
-struct ClipEncoderLayer {
+pub(crate) struct ClipEncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: ClipAttention,
     layer_norm2: LayerNorm,
@@ -153,18 +181,18 @@ struct ClipEncoderLayer {
 }
 
 impl ClipEncoderLayer {
-    fn new(scope: Scope, config: &ClipTextConfig) -> Result<Self> {
-        let (h, eps) = (config.hidden_size, config.layer_norm_eps);
+    pub(crate) fn new(scope: Scope, shape: &ClipLayerShape) -> Result<Self> {
+        let (h, eps) = (shape.hidden_size, shape.layer_norm_eps);
         Ok(ClipEncoderLayer {
             layer_norm1: LayerNorm::new(scope.pp("layer_norm1"), h, eps)?,
-            self_attn: ClipAttention::new(scope.pp("self_attn"), config)?,
+            self_attn: ClipAttention::new(scope.pp("self_attn"), shape)?,
             layer_norm2: LayerNorm::new(scope.pp("layer_norm2"), h, eps)?,
-            mlp: ClipMlp::new(scope.pp("mlp"), config)?,
+            mlp: ClipMlp::new(scope.pp("mlp"), shape)?,
         })
     }
 
-    /// `x: [B, T, hidden]` → `[B, T, hidden]`.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x: [B, T, hidden]`, `mask: [T, T]` additive or `None` → `[B, T, hidden]`.
+    pub(crate) fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = (x + self
             .self_attn
             .forward(&self.layer_norm1.forward(x)?, mask)?)?;
@@ -236,8 +264,9 @@ impl ClipTextModel {
 
     fn build(scope: Scope, config: &ClipTextConfig) -> Result<Self> {
         let embeddings = ClipTextEmbeddings::new(scope.pp("embeddings"), config)?;
+        let shape = ClipLayerShape::from(config);
         let layers = (0..config.num_hidden_layers)
-            .map(|i| ClipEncoderLayer::new(scope.pp("encoder").pp("layers").pp(i), config))
+            .map(|i| ClipEncoderLayer::new(scope.pp("encoder").pp("layers").pp(i), &shape))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = LayerNorm::new(
             scope.pp("final_layer_norm"),
@@ -281,7 +310,7 @@ impl ClipTextModel {
         let mut h = self.embeddings.forward(input_ids)?;
         let mask = causal_mask(input_ids.dim(1)?, h.dtype(), h.device())?;
         for layer in &self.layers[..layers + 1 - clip_skip] {
-            h = layer.forward(&h, &mask)?;
+            h = layer.forward(&h, Some(&mask))?;
         }
         self.final_layer_norm.forward(&h)
     }

@@ -1,8 +1,10 @@
 //! Stable Diffusion's components in our own code, with diffusers' module paths.
 
 pub mod attention;
+pub mod clip_model;
 pub mod clip_text;
 pub mod clip_text_config;
+pub mod clip_vision;
 mod config_json;
 pub mod embeddings;
 #[cfg(test)]
