@@ -28,7 +28,7 @@ struct Args {
     /// names in it are relative to --input (use that folder as train_data_dir).
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
-    /// CLIP model: a local folder, or a hub id looked up in the Hugging Face cache.
+    /// CLIP model: a local folder, or a hub id (read from the Hugging Face cache, downloaded into it when missing; HF_HUB_OFFLINE=1 forbids downloads).
     #[arg(long, value_name = "ID_OR_DIR", default_value = DEFAULT_CLIP_MODEL)]
     model: String,
     /// A folder of phrase lists (subjects.txt, media.txt, ...) instead of the built-in ones
