@@ -1,7 +1,6 @@
 //! `auto_label --input DIR [...]`: caption a folder of pictures with CLIP into the metadata.csv
 //! that `train` reads. Parses arguments, shows progress, prints the summary and errors.
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -88,7 +87,7 @@ fn main() -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -223,17 +222,3 @@ fn print_summary(summary: &LabelSummary) {
     println!("{line}");
 }
 
-/// The error and its causes, each said once ("a: b: c"), as ripgrep prints them.
-fn chain(e: &lora_trainer::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}

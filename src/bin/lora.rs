@@ -1,7 +1,6 @@
 //! `lora inspect FILE`: look into a LoRA file (format, base model, metadata, modules). Exit
 //! status 2 when the file is not a usable LoRA, with the reason.
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -33,23 +32,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
     }
 }
 
-/// The error and its causes, each said once ("a: b: c").
-fn chain(e: &lora_trainer::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
-}
