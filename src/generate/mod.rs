@@ -7,3 +7,13 @@
 
 pub mod samplers;
 pub mod schedule;
+pub mod error;
+pub mod lora_files;
+pub mod lora_stack;
+pub mod noise;
+pub mod output;
+pub mod pipeline;
+pub mod png_info;
+pub mod preview;
+pub mod prompt;
+pub mod run;

@@ -31,7 +31,7 @@ pub use dpmpp_2m::DpmPp2m;
 pub use euler_ancestral::EulerAncestral;
 pub use spacing::TimestepSpacing;
 
-use super::schedule::SamplingSchedule;
+use super::schedule::{SamplerConfig, SamplingSchedule};
 use crate::error::ModelError;
 use crate::Result;
 
@@ -78,10 +78,12 @@ impl SamplerKind {
 
     /// The spacing this sampler uses with `schedule`'s config.
     pub fn spacing(self, schedule: &SamplingSchedule) -> TimestepSpacing {
-        schedule
-            .config()
-            .timestep_spacing
-            .unwrap_or(self.default_spacing())
+        self.spacing_for(schedule.config())
+    }
+
+    /// The spacing this sampler uses with the sampling keys `config`.
+    pub fn spacing_for(self, config: &SamplerConfig) -> TimestepSpacing {
+        config.timestep_spacing.unwrap_or(self.default_spacing())
     }
 
     /// A sampler of this kind for `steps` steps on `schedule`.
