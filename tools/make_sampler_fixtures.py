@@ -19,6 +19,13 @@ pipeline that swaps schedulers), plus ``init_noise_sigma``.
 Samplers: DDIM (eta 0), Euler ancestral, DPM++ 2M (DPMSolverMultistepScheduler with solver_order 2,
 algorithm_type dpmsolver++, solver_type midpoint, lower_order_final True — the defaults).
 
+Also writes ``tests/fixtures/samplers/pipeline_tiny_sd1.safetensors``: diffusers'
+``StableDiffusionPipeline`` on ``tests/fixtures/tiny-sd1`` (64x64, CFG 7.5, prompt and negative prompt
+in the metadata) with each sampler from the given unit starting latents ``latents`` (and, for Euler
+ancestral, the recorded step noise ``euler_a.noise``): the decoded ``<sampler>.image`` ([1, 3, 64, 64],
+[-1, 1], before the 0..1 rescale) and the final ``<sampler>.latents``. That checks the whole loop:
+text encoding, guidance, model-input scaling, decoding.
+
 Usage: ``/work/venv/bin/python tools/make_sampler_fixtures.py`` (CPU, a few seconds; seeded, byte
 identical on a second run). Versions used: python 3.11, torch 2.15.0, diffusers 0.42.1, numpy 2.4.6.
 """
@@ -46,6 +53,10 @@ from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_mo
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "fixtures" / "samplers" / "trajectories.safetensors"
+PIPELINE_OUT = ROOT / "tests" / "fixtures" / "samplers" / "pipeline_tiny_sd1.safetensors"
+TINY_SD1 = ROOT / "tests" / "fixtures" / "tiny-sd1"
+PIPELINE = {"prompt": "a red cube on a table", "negative_prompt": "blurry", "steps": 5, "cfg": 7.5,
+            "width": 64, "height": 64}
 SHAPE = (1, 4, 4, 4)
 
 SD = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
@@ -177,5 +188,41 @@ def main() -> None:
     print(f"wrote {OUT.relative_to(ROOT)}: {len(cases)} cases, {OUT.stat().st_size} bytes")
 
 
+def pipeline_references() -> None:
+    """diffusers' whole text-to-image loop on the tiny model, for each sampler."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(TINY_SD1), safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(77)
+    latents = torch.randn((1, 4, 16, 16), generator=gen, dtype=torch.float32)
+    tensors = {"latents": latents}
+    for sampler, cls in SAMPLERS.items():
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        noise = RecordedNoise(torch.Generator().manual_seed(5))
+        original = euler_module.randn_tensor
+        euler_module.randn_tensor = noise
+        try:
+            out = pipe(PIPELINE["prompt"], negative_prompt=PIPELINE["negative_prompt"],
+                       num_inference_steps=PIPELINE["steps"], guidance_scale=PIPELINE["cfg"],
+                       width=PIPELINE["width"], height=PIPELINE["height"], latents=latents.clone(),
+                       output_type="latent").images
+        finally:
+            euler_module.randn_tensor = original
+        image = pipe.vae.decode(out / pipe.vae.config.scaling_factor).sample
+        tensors[f"{sampler}.latents"] = out.detach().contiguous()
+        tensors[f"{sampler}.image"] = image.detach().contiguous()
+        if sampler == "euler_a":
+            tensors["euler_a.noise"] = torch.cat(noise.drawn, 0).contiguous()
+        if not torch.isfinite(image).all():
+            raise SystemExit(f"fixture check failed: {sampler} pipeline image is not finite")
+    metadata = {"pipeline": json.dumps(PIPELINE, sort_keys=True),
+                "versions": json.dumps({"torch": torch.__version__, "diffusers": diffusers.__version__})}
+    save_sorted(dict(sorted(tensors.items())), PIPELINE_OUT, metadata)
+    print(f"wrote {PIPELINE_OUT.relative_to(ROOT)}: {PIPELINE_OUT.stat().st_size} bytes")
+
+
 if __name__ == "__main__":
     main()
+    pipeline_references()

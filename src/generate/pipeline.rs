@@ -10,7 +10,7 @@ use image::RgbImage;
 
 use super::error::GenerateError;
 use super::noise::{starting_noise, SeededStepNoise};
-use super::samplers::SamplerKind;
+use super::samplers::{SamplerKind, StepNoise};
 use super::schedule::SamplingSchedule;
 use crate::models::clip_text::ClipTextModel;
 use crate::models::tokenizer::ClipTokenizer;
@@ -87,10 +87,28 @@ impl Pipeline<'_> {
         self.decode(&latents)
     }
 
-    /// The sampled latents (scaled, as the UNet sees them): `[1, C, h, w]` f32.
+    /// The sampled latents (scaled, as the UNet sees them): `[1, C, h, w]` f32, from the
+    /// request's seeded noise.
     pub fn denoise(
         &self,
         request: &ImageRequest,
+        on_step: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let f = self.vae.config().downsampling_factor();
+        let channels = self.unet.config().in_channels;
+        let dims = [1, channels, request.height / f, request.width / f];
+        let unit_noise = starting_noise(request.seed, &dims, &self.device)?;
+        let mut noise = SeededStepNoise { seed: request.seed };
+        self.denoise_from(&unit_noise, request, &mut noise, on_step)
+    }
+
+    /// [`Pipeline::denoise`] from given unit-variance starting noise `[1, C, h, w]` and step
+    /// noise (the request's seed is not used).
+    pub fn denoise_from(
+        &self,
+        unit_noise: &Tensor,
+        request: &ImageRequest,
+        noise: &mut dyn StepNoise,
         on_step: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor> {
         let guided = request.cfg_scale > 1.0;
@@ -102,13 +120,8 @@ impl Pipeline<'_> {
             cond
         };
 
-        let f = self.vae.config().downsampling_factor();
-        let channels = self.unet.config().in_channels;
-        let dims = [1, channels, request.height / f, request.width / f];
         let mut sampler = request.sampler.build(self.schedule, request.steps)?;
-        let mut x = (starting_noise(request.seed, &dims, &self.device)?
-            * sampler.init_noise_sigma())?;
-        let mut noise = SeededStepNoise { seed: request.seed };
+        let mut x = (unit_noise.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
         let timesteps = sampler.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let input = sampler.scale_model_input(&x, i)?;
@@ -128,7 +141,7 @@ impl Pipeline<'_> {
                     .forward(&input, &t, &context)?
                     .to_dtype(DType::F32)?
             };
-            x = sampler.step(i, &output, &x, &mut noise)?;
+            x = sampler.step(i, &output, &x, noise)?;
             on_step(i + 1, timesteps.len());
         }
         Ok(x)
@@ -136,9 +149,13 @@ impl Pipeline<'_> {
 
     /// Scaled latents `[1, C, h, w]` → an RGB picture (VAE decode, `[-1, 1]` → 0..=255).
     pub fn decode(&self, latents: &Tensor) -> Result<RgbImage> {
+        to_rgb(&self.decode_latents(latents)?)
+    }
+
+    /// Scaled latents `[1, C, h, w]` → the decoded image `[1, 3, H, W]`, about [−1, 1], f32.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let z = self.vae.config().unscale_latents(latents)?;
-        let image = self.vae.decode(&z)?.to_dtype(DType::F32)?;
-        to_rgb(&image)
+        Ok(self.vae.decode(&z)?.to_dtype(DType::F32)?)
     }
 }
 
