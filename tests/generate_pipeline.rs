@@ -134,3 +134,34 @@ fn sizes_that_the_model_cannot_draw_are_refused_with_a_fix() {
         "--width: 100 is not a multiple of 8; use for example 96"
     );
 }
+
+#[test]
+fn a_single_file_checkpoint_draws_the_folder_picture() {
+    // Same weights in the LDM layout, same sampling schedule: the same latents.
+    let folder = tiny();
+    let options = lora_trainer::models::load::LoadOptions {
+        tokenizer: Some(fixture("tiny-sd1/tokenizer").display().to_string()),
+        ..Default::default()
+    };
+    let file = lora_trainer::models::load::SdCheckpoint::open_path(
+        fixture("tiny-sd1.safetensors").to_str().unwrap(),
+        &options,
+    )
+    .unwrap();
+    let r = request(21, SamplerKind::DpmPp2m);
+    let render = |ckpt: &lora_trainer::models::load::SdCheckpoint| {
+        with_pipeline(ckpt, &[], false, |p| {
+            let schedule = schedule(&folder);
+            let p = lora_trainer::generate::pipeline::Pipeline {
+                schedule: &schedule,
+                device: p.device.clone(),
+                ..*p
+            };
+            p.denoise(&r, &mut |_, _| {})
+        })
+        .unwrap()
+        .0
+    };
+    let diff = relative_difference(&render(&file), &render(&folder));
+    assert!(diff < 1e-5, "single file vs folder: {diff:e}");
+}
