@@ -16,7 +16,12 @@ use lora_trainer::lora::LoraFile;
 fn generate(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_generate"));
     // Small and quick unless the test says otherwise.
-    for (option, value) in [("--device", "cpu"), ("--width", "64"), ("--height", "64"), ("--steps", "2")] {
+    for (option, value) in [
+        ("--device", "cpu"),
+        ("--width", "64"),
+        ("--height", "64"),
+        ("--steps", "2"),
+    ] {
         if !args.contains(&option) {
             cmd.args([option, value]);
         }
@@ -94,10 +99,15 @@ fn folder_model_with_stacked_loras_writes_pngs_with_a1111_parameters() {
         &[],
     );
     let files = written(&o);
-    assert_eq!(files, vec![out.join("00000-42.png"), out.join("00001-43.png")]);
+    assert_eq!(
+        files,
+        vec![out.join("00000-42.png"), out.join("00001-43.png")]
+    );
 
     let bytes = std::fs::read(&files[1]).unwrap();
-    let text = read_parameters(&bytes).unwrap().expect("a parameters chunk");
+    let text = read_parameters(&bytes)
+        .unwrap()
+        .expect("a parameters chunk");
     let info = parse_infotext(&text);
     assert_eq!(info.prompt, "a neon city, <lora:neon:0.8> <lora:extra:0.5>");
     assert_eq!(info.negative_prompt, "blurry");
@@ -114,7 +124,10 @@ fn folder_model_with_stacked_loras_writes_pngs_with_a1111_parameters() {
             "Lora hashes",
             format!("extra: {}, neon: {}", hash(&extra), hash(&neon)),
         ),
-        ("Version", format!("lora-trainer {}", env!("CARGO_PKG_VERSION"))),
+        (
+            "Version",
+            format!("lora-trainer {}", env!("CARGO_PKG_VERSION")),
+        ),
     ];
     let got: Vec<(String, String)> = info.fields.clone();
     let want: Vec<(String, String)> = expected
@@ -180,12 +193,17 @@ fn single_file_and_hub_models_work() {
         &[],
         "file",
     );
-    let text = read_parameters(&std::fs::read(&file).unwrap()).unwrap().unwrap();
+    let text = read_parameters(&std::fs::read(&file).unwrap())
+        .unwrap()
+        .unwrap();
     let info = parse_infotext(&text);
     let sha = {
         use sha2::Digest;
         let digest = sha2::Sha256::digest(std::fs::read(&single).unwrap());
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     };
     assert_eq!(info.get("Model hash"), Some(&sha[..10]));
     assert_eq!(info.get("Model"), Some("tiny-sd1"));
@@ -197,7 +215,9 @@ fn single_file_and_hub_models_work() {
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "abc123").unwrap();
     let hub = run("org/tiny-sd1", &[], &[("HF_HUB_CACHE", &cache)], "hub");
-    let text = read_parameters(&std::fs::read(&hub).unwrap()).unwrap().unwrap();
+    let text = read_parameters(&std::fs::read(&hub).unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!(parse_infotext(&text).get("Model"), Some("org/tiny-sd1"));
 
     // The same files through the cache draw the same picture. (A single file samples with
@@ -232,7 +252,14 @@ fn bad_input_exits_2_with_the_reason() {
     let lora_dir = lora_dir.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["--model", model, "--prompt", "x <lora:neom:1>", "--lora-dir", lora_dir],
+            vec![
+                "--model",
+                model,
+                "--prompt",
+                "x <lora:neom:1>",
+                "--lora-dir",
+                lora_dir,
+            ],
             "<lora:neom:1>: no LoRA named `neom`",
         ),
         (
@@ -248,7 +275,14 @@ fn bad_input_exits_2_with_the_reason() {
             "does not exist",
         ),
         (
-            vec!["--model", model, "--prompt", "x", "--lora", "missing.safetensors"],
+            vec![
+                "--model",
+                model,
+                "--prompt",
+                "x",
+                "--lora",
+                "missing.safetensors",
+            ],
             "missing.safetensors does not exist",
         ),
         (
@@ -274,10 +308,22 @@ fn unmatched_lora_keys_fail_unless_lenient() {
     let name = lora_trainer::lora::LoraModel::Unet.kohya_name(&layers[0].1);
     let stray = "lora_unet_mid_block_attentions_5_proj_out";
     let tensors: std::collections::HashMap<String, candle_core::Tensor> = [
-        (format!("{name}.lora_down.weight"), good.down().as_tensor().clone()),
-        (format!("{name}.lora_up.weight"), good.up().as_tensor().clone()),
-        (format!("{stray}.lora_down.weight"), pseudo_random(&[4, 32], 1, 0.1)),
-        (format!("{stray}.lora_up.weight"), pseudo_random(&[32, 4], 2, 0.1)),
+        (
+            format!("{name}.lora_down.weight"),
+            good.down().as_tensor().clone(),
+        ),
+        (
+            format!("{name}.lora_up.weight"),
+            good.up().as_tensor().clone(),
+        ),
+        (
+            format!("{stray}.lora_down.weight"),
+            pseudo_random(&[4, 32], 1, 0.1),
+        ),
+        (
+            format!("{stray}.lora_up.weight"),
+            pseudo_random(&[32, 4], 2, 0.1),
+        ),
     ]
     .into_iter()
     .collect();

@@ -64,7 +64,9 @@ fn two_stacked_loras_equal_their_merged_sum() {
         .enumerate()
         .map(|(i, l)| {
             let pa = &a[i];
-            let pb = b.iter().find(|x| x.spec().path == l.1 && x.spec().model == l.0);
+            let pb = b
+                .iter()
+                .find(|x| x.spec().path == l.1 && x.spec().model == l.0);
             let mut downs = vec![pa.down().as_tensor().clone()];
             let mut ups = vec![(pa.up().as_tensor() * (wa * pa.spec().scale())).unwrap()];
             if let Some(pb) = pb {
@@ -87,8 +89,14 @@ fn two_stacked_loras_equal_their_merged_sum() {
     let single = latents(&ckpt, &[uses(&fm, 1.0)], &request);
     let base = latents(&ckpt, &[], &request);
     let diff = relative_difference(&stacked, &single);
-    assert!(diff < 1e-4, "stacked vs merged: relative difference {diff:e}");
-    assert!(relative_difference(&stacked, &base) > 1e-2, "the LoRAs do something");
+    assert!(
+        diff < 1e-4,
+        "stacked vs merged: relative difference {diff:e}"
+    );
+    assert!(
+        relative_difference(&stacked, &base) > 1e-2,
+        "the LoRAs do something"
+    );
 }
 
 /// `W + w · (alpha / rank) · up · down` for every module of `file`, computed from the file's own
@@ -108,10 +116,13 @@ fn merged_weights(
             .map(|(_, p)| p.clone())
             .unwrap_or_else(|| panic!("{} has no layer", m.name));
         // transformers 5 saves the text encoder without the `text_model.` prefix.
-        let key = [format!("{path}.weight"), format!("{}.weight", path.trim_start_matches("text_model."))]
-            .into_iter()
-            .find(|k| tensors.contains_key(k))
-            .unwrap_or_else(|| panic!("no weight for {path}"));
+        let key = [
+            format!("{path}.weight"),
+            format!("{}.weight", path.trim_start_matches("text_model.")),
+        ]
+        .into_iter()
+        .find(|k| tensors.contains_key(k))
+        .unwrap_or_else(|| panic!("no weight for {path}"));
         let w = &tensors[&key];
         let rank = m.rank();
         let up = m.up.to_dtype(DType::F32).unwrap();
@@ -219,7 +230,10 @@ fn a_third_party_kohya_file_acts_like_its_merged_weights() {
         .unwrap();
     let text_merged = te.forward(&ids).unwrap();
     let diff = relative_difference(&text_lora, &text_merged);
-    assert!(diff < 1e-4, "text encoder: adapters vs merged weights {diff:e}");
+    assert!(
+        diff < 1e-4,
+        "text encoder: adapters vs merged weights {diff:e}"
+    );
 }
 
 #[test]
@@ -255,7 +269,10 @@ fn modules_that_match_no_layer_are_named_or_skipped_when_lenient() {
         format!("{name}.lora_down.weight"),
         good.down().as_tensor().clone(),
     );
-    tensors.insert(format!("{name}.lora_up.weight"), good.up().as_tensor().clone());
+    tensors.insert(
+        format!("{name}.lora_up.weight"),
+        good.up().as_tensor().clone(),
+    );
     let stray = "lora_unet_down_blocks_7_attentions_0_transformer_blocks_0_attn1_to_q";
     tensors.insert(
         format!("{stray}.lora_down.weight"),
@@ -268,8 +285,7 @@ fn modules_that_match_no_layer_are_named_or_skipped_when_lenient() {
     let path = dir.path().join("other_model.safetensors");
     candle_core::safetensors::save(&tensors, &path).unwrap();
 
-    let err = with_pipeline(&ckpt, &[uses(&path, 1.0)], false, |_| Ok(()))
-        .unwrap_err();
+    let err = with_pipeline(&ckpt, &[uses(&path, 1.0)], false, |_| Ok(())).unwrap_err();
     assert_eq!(err.exit_code(), 2);
     let text = err.to_string();
     assert!(

@@ -126,8 +126,10 @@ fn without_guidance_the_negative_prompt_is_not_used() {
 #[test]
 fn sizes_that_the_model_cannot_draw_are_refused_with_a_fix() {
     let ckpt = tiny();
-    let (err, _) = with_pipeline(&ckpt, &[], false, |p| Ok(p.check_size(100, 64).unwrap_err()))
-        .unwrap();
+    let (err, _) = with_pipeline(&ckpt, &[], false, |p| {
+        Ok(p.check_size(100, 64).unwrap_err())
+    })
+    .unwrap();
     assert_eq!(err.exit_code(), 2);
     assert_eq!(
         err.to_string(),

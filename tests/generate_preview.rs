@@ -105,4 +105,11 @@ fn previews_are_files_and_tensorboard_images_with_fixed_seeds() {
         image::load_from_memory(png).unwrap().to_rgb8(),
         pixels(&first[1])
     );
+
+    // For `tools/read_tb_events.py DIR` (TensorBoard's own readers), as log_tensorboard does.
+    if let Some(keep) = std::env::var_os("LORA_TRAINER_PREVIEW_DEMO_DIR") {
+        let keep = std::path::PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).unwrap();
+        std::fs::copy(&files[0], keep.join(files[0].file_name().unwrap())).unwrap();
+    }
 }

@@ -125,7 +125,9 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
         lora_dir: args.lora_dir.clone(),
         steps: args.steps,
         cfg_scale: args.cfg,
-        seed: args.seed.unwrap_or_else(|| u64::from(rand::random::<u32>())),
+        seed: args
+            .seed
+            .unwrap_or_else(|| u64::from(rand::random::<u32>())),
         width: args.width,
         height: args.height,
         sampler: args.sampler,

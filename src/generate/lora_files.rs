@@ -132,11 +132,9 @@ fn find_lora(dir: &Path, name: &str, tag: &str) -> Result<PathBuf> {
         return Ok(direct);
     }
     if !dir.is_dir() {
-        return Err(GenerateError::new(
-            "--lora-dir",
-            format!("{} is not a folder", dir.display()),
-        )
-        .into());
+        return Err(
+            GenerateError::new("--lora-dir", format!("{} is not a folder", dir.display())).into(),
+        );
     }
     let mut files = Vec::new();
     collect_safetensors(dir, &mut files)?;
@@ -254,9 +252,8 @@ mod tests {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let t = candle_core::Tensor::zeros(1, candle_core::DType::F32, &candle_core::Device::Cpu)
             .unwrap();
-        let meta = metadata.map(|(k, v)| {
-            std::collections::HashMap::from([(k.to_string(), v.to_string())])
-        });
+        let meta = metadata
+            .map(|(k, v)| std::collections::HashMap::from([(k.to_string(), v.to_string())]));
         let bytes = safetensors::serialize([("a", &t)], meta).unwrap();
         std::fs::write(path, bytes).unwrap();
     }
@@ -278,7 +275,10 @@ mod tests {
         assert_eq!(found[0].path, dir.path().join("style.safetensors"));
         assert_eq!(found[1].path, dir.path().join("chars/hero.safetensors"));
         assert_eq!(found[2].path, dir.path().join("renamed.safetensors"));
-        assert_eq!((found[0].unet_weight, found[2].name.as_str()), (0.5, "cyberpunk_v1"));
+        assert_eq!(
+            (found[0].unet_weight, found[2].name.as_str()),
+            (0.5, "cyberpunk_v1")
+        );
         Ok(())
     }
 
@@ -307,10 +307,16 @@ mod tests {
         touch(&file, None);
         let arg = format!("{}:0.75", file.display());
         let u = LoraUse::from_arg(&arg)?;
-        assert_eq!((u.path.clone(), u.unet_weight, u.name.as_str()), (file.clone(), 0.75, "a"));
+        assert_eq!(
+            (u.path.clone(), u.unet_weight, u.name.as_str()),
+            (file.clone(), 0.75, "a")
+        );
         assert_eq!(u.webui_tag(), "<lora:a:0.75>");
         let u = LoraUse::from_arg(&file.display().to_string())?;
-        assert_eq!((u.unet_weight, u.webui_tag()), (1.0, "<lora:a:1>".to_string()));
+        assert_eq!(
+            (u.unet_weight, u.webui_tag()),
+            (1.0, "<lora:a:1>".to_string())
+        );
         let err = LoraUse::from_arg("missing.safetensors:0.5")
             .unwrap_err()
             .to_string();

@@ -5,8 +5,6 @@
 //! - [`schedule`]: what the samplers read from the model (`ᾱ`, prediction type, the sampling
 //!   keys of `scheduler_config.json`);
 
-pub mod samplers;
-pub mod schedule;
 pub mod error;
 pub mod lora_files;
 pub mod lora_stack;
@@ -17,3 +15,5 @@ pub mod png_info;
 pub mod preview;
 pub mod prompt;
 pub mod run;
+pub mod samplers;
+pub mod schedule;

@@ -39,7 +39,10 @@ pub struct SeededStepNoise {
 
 impl StepNoise for SeededStepNoise {
     fn noise(&mut self, step: usize, like: &Tensor) -> Result<Tensor> {
-        let values = normal_f32(&mut stream(self.seed, step as u64, STEP_NOISE), like.elem_count());
+        let values = normal_f32(
+            &mut stream(self.seed, step as u64, STEP_NOISE),
+            like.elem_count(),
+        );
         Ok(Tensor::from_vec(values, like.dims(), &Device::Cpu)?
             .to_device(like.device())?
             .to_dtype(like.dtype())?)

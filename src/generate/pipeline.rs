@@ -177,8 +177,10 @@ pub fn to_rgb(image: &Tensor) -> Result<RgbImage> {
         .to_dtype(DType::U8)?
         .to_vec1::<u8>()?;
     RgbImage::from_raw(w as u32, h as u32, pixels).ok_or_else(|| {
-        candle_core::Error::Msg(format!("cannot make a {w}×{h} picture from the decoded pixels"))
-            .into()
+        candle_core::Error::Msg(format!(
+            "cannot make a {w}×{h} picture from the decoded pixels"
+        ))
+        .into()
     })
 }
 

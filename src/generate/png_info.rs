@@ -274,9 +274,9 @@ pub fn write_png(path: &Path, image: &RgbImage, parameters: Option<&str>) -> Res
 /// The `parameters` text of a PNG (from `tEXt`, `zTXt` or `iTXt`), if it has one.
 pub fn read_parameters(png_bytes: &[u8]) -> Result<Option<String>> {
     let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
-    let reader = decoder.read_info().map_err(|e| {
-        Error::from(candle_core::Error::Msg(format!("not a readable PNG: {e}")))
-    })?;
+    let reader = decoder
+        .read_info()
+        .map_err(|e| Error::from(candle_core::Error::Msg(format!("not a readable PNG: {e}"))))?;
     let info = reader.info();
     let latin1 = info
         .uncompressed_latin1_text

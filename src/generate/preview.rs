@@ -205,7 +205,10 @@ mod tests {
         .unwrap();
         assert_eq!(p.prompt, "a neon city at night");
         assert_eq!(p.negative_prompt, "blurry, low quality");
-        assert_eq!((p.width, p.height, p.seed, p.steps), (640, 384, Some(42), 20));
+        assert_eq!(
+            (p.width, p.height, p.seed, p.steps),
+            (640, 384, Some(42), 20)
+        );
         assert_eq!(p.cfg_scale, 6.5);
         assert_eq!(p.sampler, Some(SamplerKind::EulerAncestral));
         let plain = SamplePrompt::parse_line("just a prompt").unwrap();
@@ -220,10 +223,7 @@ mod tests {
         let err = SamplePrompt::parse_lines(text, "prompts.txt")
             .unwrap_err()
             .to_string();
-        assert!(
-            err.starts_with("prompts.txt line 4: `--w wide`"),
-            "{err}"
-        );
+        assert!(err.starts_with("prompts.txt line 4: `--w wide`"), "{err}");
         let err = SamplePrompt::parse_line("x --cn image.png").unwrap_err();
         assert!(err.contains("`--cn`"), "{err}");
         let err = SamplePrompt::parse_line("x --ss lms").unwrap_err();

@@ -138,8 +138,14 @@ mod tests {
         assert_eq!(p.loras.len(), 2);
         assert_eq!(p.loras[0].name, "cyberpunk_v1");
         assert_eq!(p.loras[0].text, "<lora:cyberpunk_v1:0.8>");
-        assert_eq!((p.loras[0].text_encoder_weight, p.loras[0].unet_weight), (0.8, 0.8));
-        assert_eq!((p.loras[1].text_encoder_weight, p.loras[1].unet_weight), (1.0, 1.0));
+        assert_eq!(
+            (p.loras[0].text_encoder_weight, p.loras[0].unet_weight),
+            (0.8, 0.8)
+        );
+        assert_eq!(
+            (p.loras[1].text_encoder_weight, p.loras[1].unet_weight),
+            (1.0, 1.0)
+        );
         Ok(())
     }
 

@@ -155,7 +155,7 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
     }
 
     std::fs::create_dir_all(&options.out_dir).map_err(|e| Error::io(&options.out_dir, e))?;
-    let mut number = next_sequence_number(&options.out_dir)?;
+    let first_number = next_sequence_number(&options.out_dir)?;
     let mut written = Vec::new();
     for image_index in 0..options.count {
         let seed = options.seed.wrapping_add(image_index as u64);
@@ -189,11 +189,12 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
             lora_hashes: lora_hashes.clone(),
             version: version(),
         };
-        let path = options.out_dir.join(image_file_name(number, seed));
+        let path = options
+            .out_dir
+            .join(image_file_name(first_number + image_index, seed));
         write_png(&path, &image, Some(&parameters.to_infotext()))?;
         progress.saved(image_index, &path);
         written.push(path);
-        number += 1;
     }
     Ok(written)
 }
@@ -201,27 +202,25 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
 /// The model's name and A1111 short hash: a checkpoint file's stem and the first 10 hex digits
 /// of its sha256; a folder's name or the hub id, with no hash (A1111 hashes single files only).
 fn model_identity(model: &str, options: &LoadOptions) -> Result<(String, Option<String>)> {
-    Ok(
-        match ModelSource::detect_with(model, &options.hub_cache)? {
-            ModelSource::SingleFile { path, .. } => {
-                let name = path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| model.to_string());
-                (name, Some(file_sha256(&path)?[..10].to_string()))
-            }
-            ModelSource::Diffusers { root, .. } => {
-                let name = root
-                    .canonicalize()
-                    .unwrap_or(root.clone())
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| model.to_string());
-                (name, None)
-            }
-            ModelSource::Hub { id, .. } => (id, None),
-        },
-    )
+    Ok(match ModelSource::detect_with(model, &options.hub_cache)? {
+        ModelSource::SingleFile { path, .. } => {
+            let name = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.to_string());
+            (name, Some(file_sha256(&path)?[..10].to_string()))
+        }
+        ModelSource::Diffusers { root, .. } => {
+            let name = root
+                .canonicalize()
+                .unwrap_or(root.clone())
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| model.to_string());
+            (name, None)
+        }
+        ModelSource::Hub { id, .. } => (id, None),
+    })
 }
 
 /// The sha256 (hex) of a file, read in blocks.

@@ -217,7 +217,10 @@ mod tests {
         let err = SamplerConfig::from_json_str(r#"{"timestep_spacing": "karras"}"#, "s.json")
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("s.json: ") && err.contains("`karras`"), "{err}");
+        assert!(
+            err.starts_with("s.json: ") && err.contains("`karras`"),
+            "{err}"
+        );
     }
 
     #[test]

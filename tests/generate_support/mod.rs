@@ -27,8 +27,11 @@ pub fn fixture(path: &str) -> PathBuf {
 }
 
 pub fn tiny() -> SdCheckpoint {
-    SdCheckpoint::open_path(fixture("tiny-sd1").to_str().unwrap(), &LoadOptions::default())
-        .unwrap()
+    SdCheckpoint::open_path(
+        fixture("tiny-sd1").to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap()
 }
 
 /// A 64×64 request with guidance and a negative prompt, 3 steps.
@@ -47,8 +50,8 @@ pub fn request(seed: u64, sampler: SamplerKind) -> ImageRequest {
 
 /// The tiny model's sampling schedule (its own scheduler config).
 pub fn schedule(ckpt: &SdCheckpoint) -> SamplingSchedule {
-    let keys = SamplerConfig::from_file(&fixture("tiny-sd1/scheduler/scheduler_config.json"))
-        .unwrap();
+    let keys =
+        SamplerConfig::from_file(&fixture("tiny-sd1/scheduler/scheduler_config.json")).unwrap();
     SamplingSchedule::new(ckpt.noise_schedule(), keys)
 }
 

@@ -44,7 +44,10 @@ impl Ddim {
                 .collect(),
             TimestepSpacing::Leading => {
                 let ratio = (n / steps) as i64;
-                (0..steps as i64).rev().map(|i| i * ratio + offset).collect()
+                (0..steps as i64)
+                    .rev()
+                    .map(|i| i * ratio + offset)
+                    .collect()
             }
             TimestepSpacing::Trailing => {
                 let ratio = n as f64 / steps as f64;
@@ -112,13 +115,15 @@ impl DiffusionSampler for Ddim {
         let beta_t = 1.0 - alpha_t;
         let (mut x0, eps) = match self.prediction {
             PredictionType::Epsilon => {
-                let x0 = divide(&(sample - scale(model_output, beta_t.sqrt())?)?, alpha_t.sqrt())?;
+                let x0 = divide(
+                    &(sample - scale(model_output, beta_t.sqrt())?)?,
+                    alpha_t.sqrt(),
+                )?;
                 (x0, model_output.clone())
             }
             PredictionType::VPrediction => {
                 let x0 = (scale(sample, alpha_t.sqrt())? - scale(model_output, beta_t.sqrt())?)?;
-                let eps =
-                    (scale(model_output, alpha_t.sqrt())? + scale(sample, beta_t.sqrt())?)?;
+                let eps = (scale(model_output, alpha_t.sqrt())? + scale(sample, beta_t.sqrt())?)?;
                 (x0, eps)
             }
         };

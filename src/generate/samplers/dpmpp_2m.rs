@@ -83,7 +83,12 @@ impl DpmPp2m {
     }
 
     /// The clean-latent prediction `D` from the model's output at step `step`.
-    fn data_prediction(&self, step: usize, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
+    fn data_prediction(
+        &self,
+        step: usize,
+        model_output: &Tensor,
+        sample: &Tensor,
+    ) -> Result<Tensor> {
         let (alpha, sigma) = alpha_sigma(self.sigmas[step]);
         match self.prediction {
             PredictionType::Epsilon => divide(&(sample - scale(model_output, sigma)?)?, alpha),

@@ -57,11 +57,7 @@ impl EulerAncestral {
                     .collect()
             }
         };
-        let table: Vec<f64> = schedule
-            .sigma_table()
-            .into_iter()
-            .map(f64::from)
-            .collect();
+        let table: Vec<f64> = schedule.sigma_table().into_iter().map(f64::from).collect();
         let mut sigmas: Vec<f32> = timesteps
             .iter()
             .map(|&t| interp(t as f64, &table) as f32)

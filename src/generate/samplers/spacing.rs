@@ -67,13 +67,19 @@ pub(crate) fn linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// numpy fills them (`start + i · (second − first)`).
 pub(crate) fn arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let count = ((stop - start) / step).ceil();
-    if !(count > 0.0) || !count.is_finite() {
+    if count.is_nan() || count <= 0.0 || count.is_infinite() {
         return Vec::new();
     }
     let count = count as usize;
     let delta = (start + step) - start;
     (0..count)
-        .map(|i| if i == 0 { start } else { start + i as f64 * delta })
+        .map(|i| {
+            if i == 0 {
+                start
+            } else {
+                start + i as f64 * delta
+            }
+        })
         .collect()
 }
 
@@ -117,7 +123,10 @@ mod tests {
         assert!((a[1] - 666.666_666_666_666_7).abs() < 1e-9);
         assert!(arange(0.0, 0.0, 1.0).is_empty());
         // np.round([0.5, 1.5, 2.5, -0.5]) = [0, 2, 2, -0].
-        let r: Vec<f64> = [0.5, 1.5, 2.5, -0.5].iter().map(|&x| round_even(x)).collect();
+        let r: Vec<f64> = [0.5, 1.5, 2.5, -0.5]
+            .iter()
+            .map(|&x| round_even(x))
+            .collect();
         assert_eq!(r, vec![0.0, 2.0, 2.0, 0.0]);
         let table = [0.0, 10.0, 30.0];
         assert_eq!(interp(0.25, &table), 2.5);
