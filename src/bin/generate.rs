@@ -10,10 +10,12 @@ use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use lora_trainer::config::DeviceChoice;
+use lora_trainer::generate::error::GenerateError;
 use lora_trainer::generate::lora_files::LoraUse;
 use lora_trainer::generate::run::{run, GenerateOptions, GenerateProgress};
 use lora_trainer::generate::samplers::SamplerKind;
 use lora_trainer::models::load::LoadOptions;
+use lora_trainer::models::noise::PredictionType;
 
 /// Draw pictures from a Stable Diffusion 1.x/2.x model with LoRAs: `<lora:name:0.8>` in the
 /// prompt (found in --lora-dir) or --lora FILE:WEIGHT. Each picture is saved as
@@ -73,9 +75,20 @@ struct Args {
     /// A tokenizer folder or hub id (single-file models carry none).
     #[arg(long, value_name = "TOKENIZER")]
     tokenizer: Option<String>,
+    /// What the model predicts, when its files do not say (SD 2.x 768-v single files:
+    /// v_prediction).
+    #[arg(long, value_enum)]
+    prediction_type: Option<Prediction>,
     /// LoRA modules that match no layer of the model are warnings, not errors.
     #[arg(long)]
     lenient: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Prediction {
+    Epsilon,
+    #[value(name = "v_prediction")]
+    VPrediction,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -117,6 +130,13 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
         Precision::F16 => DType::F16,
         Precision::Bf16 => DType::BF16,
     };
+    if dtype == DType::BF16 && device.is_cpu() {
+        return Err(GenerateError::new(
+            "--precision bf16",
+            "the CPU has no bf16 convolutions; use f32 (or f16) on the CPU, bf16 on CUDA",
+        )
+        .into());
+    }
     let options = GenerateOptions {
         model: args.model.clone(),
         prompt: args.prompt.clone(),
@@ -140,6 +160,10 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
             device,
             vae: args.vae.clone(),
             tokenizer: args.tokenizer.clone(),
+            prediction_type: args.prediction_type.map(|p| match p {
+                Prediction::Epsilon => PredictionType::Epsilon,
+                Prediction::VPrediction => PredictionType::VPrediction,
+            }),
             ..LoadOptions::default()
         },
     };
