@@ -8,6 +8,7 @@
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod generate;
 pub mod label;
 pub mod log;
 pub mod lora;
