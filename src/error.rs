@@ -17,6 +17,12 @@ pub enum Error {
     /// A model file or folder cannot be used.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A LoRA target selection or a LoRA file cannot be used.
+    #[error(transparent)]
+    Lora(Box<crate::lora::LoraError>),
+    /// A `generate` option, prompt tag or prompt file is invalid.
+    #[error(transparent)]
+    Generate(#[from] crate::generate::error::GenerateError),
     /// Optimizer, optimizer state or schedule problems.
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
@@ -32,11 +38,21 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
+impl From<crate::lora::LoraError> for Error {
+    fn from(e: crate::lora::LoraError) -> Self {
+        Error::Lora(Box::new(e))
+    }
+}
+
 impl Error {
     /// Process exit status for this error: 2 when the user's input is at fault, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Dataset(_) | Error::Model(_) => 2,
+            Error::Config(_)
+            | Error::Dataset(_)
+            | Error::Model(_)
+            | Error::Lora(_)
+            | Error::Generate(_) => 2,
             Error::Train(e) if e.is_user_error() => 2,
             Error::Train(_) => 1,
             Error::Io { .. } | Error::Candle(_) => 1,

@@ -21,6 +21,10 @@ pub enum Purpose {
     LatentSample = 103,
     /// LoRA dropout masks of a micro-batch.
     AdapterDropout = 104,
+    /// The starting latent noise of a generated picture.
+    StartingNoise = 201,
+    /// An ancestral sampler's fresh noise at one step of a generated picture.
+    StepNoise = 202,
 }
 
 /// The stream for `purpose` at coordinates `(a, b, c)` of a run seeded with `seed`.

@@ -221,4 +221,3 @@ fn print_summary(summary: &LabelSummary) {
     }
     println!("{line}");
 }
-

@@ -1,8 +1,6 @@
 //! What can go wrong while generating, said so that the user can fix it: every message names
 //! the option, the prompt tag, the file or the prompt-file line at fault.
 
-use crate::error::ModelError;
-
 /// A generation problem: `origin` is where it comes from (`--width`, `<lora:x:0.8>`, a file,
 /// `prompts.txt line 3`), `problem` what is wrong there.
 #[derive(Debug, thiserror::Error)]
@@ -18,17 +16,5 @@ impl GenerateError {
             origin: origin.into(),
             message: message.into(),
         }
-    }
-}
-
-// The crate's `Error` has no variant for generation yet: every problem here is the user's input
-// (exit status 2), so it travels as a `ModelError` with the same text, as LoRA problems do.
-impl From<GenerateError> for crate::Error {
-    fn from(e: GenerateError) -> Self {
-        ModelError::InvalidConfig {
-            origin: e.origin,
-            message: e.message,
-        }
-        .into()
     }
 }

@@ -1,33 +1,19 @@
 //! The randomness of a picture, a function of its seed alone: the starting latent noise and the
-//! ancestral sampler's fresh noise at each step, each from its own ChaCha8 stream keyed like
-//! [`crate::rng`]'s (seed, coordinates, purpose) with purposes of its own. Drawn on the CPU and
+//! ancestral sampler's fresh noise at each step, each from its own [`crate::rng`] stream keyed by
+//! (seed, step, purpose). Drawn on the CPU and
 //! moved to the device, so a seed gives the same picture on every device (up to the device's
 //! arithmetic).
 
 use candle_core::{Device, Tensor};
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use super::samplers::StepNoise;
-use crate::rng::normal_f32;
+use crate::rng::{normal_f32, stream, Purpose};
 use crate::Result;
-
-/// The purposes of the streams here (distinct from [`crate::rng::Purpose`]'s values).
-const STARTING_NOISE: u32 = 201;
-const STEP_NOISE: u32 = 202;
-
-fn stream(seed: u64, index: u64, purpose: u32) -> ChaCha8Rng {
-    let mut key = [0u8; 32];
-    key[..8].copy_from_slice(&seed.to_le_bytes());
-    key[8..16].copy_from_slice(&index.to_le_bytes());
-    key[28..].copy_from_slice(&purpose.to_le_bytes());
-    ChaCha8Rng::from_seed(key)
-}
 
 /// Standard normal starting latents of shape `dims` for `seed` (f32 on `device`).
 pub fn starting_noise(seed: u64, dims: &[usize], device: &Device) -> Result<Tensor> {
     let n = dims.iter().product();
-    let values = normal_f32(&mut stream(seed, 0, STARTING_NOISE), n);
+    let values = normal_f32(&mut stream(seed, 0, 0, 0, Purpose::StartingNoise), n);
     Ok(Tensor::from_vec(values, dims, &Device::Cpu)?.to_device(device)?)
 }
 
@@ -40,7 +26,7 @@ pub struct SeededStepNoise {
 impl StepNoise for SeededStepNoise {
     fn noise(&mut self, step: usize, like: &Tensor) -> Result<Tensor> {
         let values = normal_f32(
-            &mut stream(self.seed, step as u64, STEP_NOISE),
+            &mut stream(self.seed, step as u64, 0, 0, Purpose::StepNoise),
             like.elem_count(),
         );
         Ok(Tensor::from_vec(values, like.dims(), &Device::Cpu)?

@@ -3,8 +3,6 @@
 
 use std::path::PathBuf;
 
-use crate::error::ModelError;
-
 /// A LoRA problem: `origin` is where it comes from (`target_modules`, a file path), `problem`
 /// what is wrong there.
 #[derive(Debug, thiserror::Error)]
@@ -109,17 +107,5 @@ impl LoraError {
             origin: path.into().display().to_string(),
             problem,
         }
-    }
-}
-
-// The crate's `Error` has no LoRA variant yet: a LoRA problem is the user's input at fault (exit
-// status 2), like an invalid model file, so it travels as a `ModelError` with the same text.
-impl From<LoraError> for crate::Error {
-    fn from(e: LoraError) -> Self {
-        ModelError::InvalidConfig {
-            origin: e.origin,
-            message: e.problem.to_string(),
-        }
-        .into()
     }
 }
