@@ -4,7 +4,7 @@ use std::fmt::{self, Write as _};
 
 use super::{Preflight, StepLimit};
 use crate::config::{LogWith, MixedPrecision, TrainPlan, Warmup};
-use crate::lora::report::thousands;
+use crate::log::thousands;
 
 /// How many checkpoint steps and buckets are listed before "…".
 const SHOWN: usize = 5;
