@@ -12,6 +12,7 @@ mod choices;
 mod error;
 mod fields;
 mod plan;
+mod resolved;
 mod yaml;
 
 use std::path::Path;
