@@ -288,3 +288,33 @@ fn latents_cached_to_disk_are_reused_and_give_the_same_result() {
     let (second, _) = tensors(&out.join("tiny.safetensors"));
     assert!(first == second);
 }
+
+#[test]
+fn previews_are_drawn_at_first_and_every_n_steps() {
+    let dir = project(
+        "epochs: 2\nsample_prompts: [\"striped picture --w 64 --h 64 --s 2\", \"a dot --s 2 --w 64 --h 64 --d 3\"]\n\
+         sample_every_n_steps: 3\nsample_at_first: true\nsample_sampler: euler_a\n",
+    );
+    run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    // 4 steps: previews before step 1, after step 3 and after the last step.
+    assert_eq!(
+        names(&out.join("samples")),
+        [
+            "tiny_000000_00_7.png",
+            "tiny_000000_01_3.png",
+            "tiny_000003_00_7.png",
+            "tiny_000003_01_3.png",
+            "tiny_000004_00_7.png",
+            "tiny_000004_01_3.png"
+        ]
+    );
+    let events = read_event_file(&event_files(&out.join("logs")).unwrap()[0]).unwrap();
+    let images = events
+        .iter()
+        .filter(|e| format!("{:?}", e.kind).contains("samples/0"))
+        .count();
+    assert_eq!(images, 6);
+    let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(config.contains("sample_sampler: \"euler_a\""), "{config}");
+}

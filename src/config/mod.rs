@@ -22,7 +22,10 @@ pub use choices::{
     SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
-pub use plan::{LoraSettings, ModelSettings, OutputSettings, TrainPlan, TrainingSettings};
+pub use plan::{
+    LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
+    TrainingSettings,
+};
 
 use fields::{Entry, Fields};
 use yaml::Value;

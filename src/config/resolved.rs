@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use super::choices::{TargetModules, Warmup};
-use super::plan::TrainPlan;
+use super::plan::{SamplePrompts, TrainPlan};
 
 /// Keys whose change does not change the trained weights: a run may be resumed with another
 /// value (more checkpoints, another log folder, another device...).
@@ -181,9 +181,22 @@ impl TrainPlan {
 }
 
 impl TrainPlan {
-    /// The preview-sampling keys (none yet).
+    /// The preview-sampling keys.
     fn sampling_entries(&self) -> Vec<(&'static str, Option<String>)> {
-        Vec::new()
+        let s = &self.sampling;
+        let prompts = s.prompts.as_ref().map(|p| match p {
+            SamplePrompts::File(file) => path(file),
+            SamplePrompts::Lines(lines) => {
+                let items: Vec<String> = lines.iter().map(|l| quoted(l)).collect();
+                format!("[{}]", items.join(", "))
+            }
+        });
+        vec![
+            ("sample_prompts", prompts),
+            ("sample_every_n_steps", s.every_n_steps.map(|n| n.to_string())),
+            ("sample_at_first", Some(s.at_first.to_string())),
+            ("sample_sampler", Some(quoted(s.sampler.as_str()))),
+        ]
     }
 }
 
@@ -234,7 +247,10 @@ mod tests {
              max_train_steps: 17\ncaption_prefix: 'a \"b\": c'\nlora_alpha: 0\nconv_lora: true\n\
              target_modules: [q_proj, \"to_*\"]\noptimizer: AdamW8bit\nsave_last_n: 2\n\
              caption_dropout_rate: 0.1\nmixed_precision: bf16\ndevice: cuda:1\n\
-             prediction_type: v_prediction\nadam_epsilon: 1e-8\n",
+             prediction_type: v_prediction\nadam_epsilon: 1e-8\n\
+             sample_prompts: [\"a cat --w 64 --d 3\", 'a \\\\ dog']\nsample_every_n_steps: 5\n\
+             sample_sampler: k_euler_a\nsample_at_first: true\n",
+            "sample_prompts: prompts.txt\n",
         ] {
             let plan = plan(extra);
             let back = read_back(&plan);

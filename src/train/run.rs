@@ -20,9 +20,14 @@ use super::optim::{build_optimizer, OptimizerSettings};
 use super::outputs::{base_model_version, prepare, run_metadata, unix_now, OutputUse};
 use super::schedule::LrSchedule;
 use super::text_cache::TextCache;
-use super::trainer::{param_groups, LatentSource, StepSettings, TextSource, Trainer};
+use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
 use super::{disk_latents, resume};
-use crate::config::{LogWith, PredictionType as ConfigPrediction, TrainPlan};
+use crate::config::{LogWith, PredictionType as ConfigPrediction, SamplePrompts, TrainPlan};
+use crate::generate::pipeline::Pipeline;
+use crate::generate::preview::{render_previews, PreviewSettings, SamplePrompt};
+use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
+use crate::models::hub::HubCache;
+use crate::models::noise::NoiseSchedule;
 use crate::dataset::{Batch, Dataset};
 use crate::log::tags::LOSS_EPOCH_AVERAGE;
 use crate::log::{
@@ -160,8 +165,9 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     };
     eprint!("{facts}");
 
+    let previews = Previews::load(plan, &noise)?;
+    let vae = checkpoint.vae()?;
     let latents = if t.cache_latents {
-        let vae = checkpoint.vae()?;
         let views = LatentCache::views_for_run(&dataset, steps.epochs_run().max(1));
         let mut bar = TaskProgress::new(options.display, "caching latents", views.len() as u64);
         let disk = t
@@ -179,17 +185,18 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         bar.finish();
         LatentSource::Cached(cache)
     } else {
-        LatentSource::Live(checkpoint.vae()?)
+        LatentSource::Live
     };
+    let keep_vae = !t.cache_latents || previews.is_some();
     let tokenizer = checkpoint.tokenizer()?;
     let d = &plan.data;
     let captions_fixed = !d.shuffle_caption && d.caption_dropout_rate == 0.0;
-    let text = if networks.text_encoder.is_none() && captions_fixed {
+    let text_cache = if networks.text_encoder.is_none() && captions_fixed {
         let captions: Vec<String> = (0..dataset.len())
             .flat_map(|i| (0..d.repeats.max(1)).map(move |r| (i, r)))
             .map(|(i, r)| dataset.sample(0, i, r).caption)
             .collect();
-        TextSource::Cached(TextCache::build(
+        Some(TextCache::build(
             captions.iter().map(String::as_str),
             &tokenizer,
             &text_encoder,
@@ -198,15 +205,15 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
             t.batch_size,
         )?)
     } else {
-        TextSource::Live {
-            encoder: text_encoder,
-            tokenizer,
-        }
+        None
     };
 
     let mut trainer = Trainer {
         unet,
-        text,
+        text_encoder,
+        tokenizer,
+        text_cache,
+        vae: keep_vae.then_some(vae),
         latents,
         noise,
         networks,
@@ -239,6 +246,7 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         progress: TrainProgress::new(options.display, steps.total_steps as u64, start_step as u64),
         files: Vec::new(),
         epoch_batches: None,
+        previews,
     };
     clock.steps_begin();
     let end = loop_state.run(&mut trainer, start_step, &options.stop, saved.as_ref());
@@ -275,6 +283,7 @@ struct Loop<'a> {
     files: Vec<PathBuf>,
     /// The batches of the epoch being trained.
     epoch_batches: Option<(usize, Vec<Batch>)>,
+    previews: Option<Previews>,
 }
 
 impl Loop<'_> {
@@ -292,6 +301,9 @@ impl Loop<'_> {
         let accumulation = steps.gradient_accumulation_steps.max(1);
         let batch_size = self.plan.training.batch_size;
         let mut step = start;
+        if start == 0 && self.plan.sampling.at_first {
+            self.render_previews(trainer, 0);
+        }
         while step < steps.total_steps {
             if stop.load(Ordering::SeqCst) {
                 return self.interrupted(trainer, step, start, saved);
@@ -342,6 +354,9 @@ impl Loop<'_> {
             }
             if self.preflight.checkpoints.is_checkpoint(step) {
                 self.checkpoint(trainer, step)?;
+            }
+            if self.plan.sampling.is_due(step, steps.total_steps) {
+                self.render_previews(trainer, step);
             }
         }
         let lora = self.save_lora(trainer, steps.total_steps, true)?;
@@ -432,6 +447,48 @@ impl Loop<'_> {
         Ok(saved.path)
     }
 
+    /// Draws the preview pictures with the adapters as they are after `step`; a failure is a
+    /// warning (the run goes on).
+    fn render_previews(&mut self, trainer: &Trainer, step: usize) {
+        let Some(previews) = &self.previews else {
+            return;
+        };
+        let Some(vae) = &trainer.vae else {
+            return;
+        };
+        trainer.networks.set_training(false);
+        let pipeline = Pipeline {
+            unet: &trainer.unet,
+            text_encoder: &trainer.text_encoder,
+            vae,
+            tokenizer: &trainer.tokenizer,
+            schedule: &previews.schedule,
+            clip_skip: self.plan.model.clip_skip,
+            device: trainer.device.clone(),
+        };
+        let result = render_previews(
+            &pipeline,
+            &previews.prompts,
+            &previews.settings,
+            step as u64,
+            self.events.as_mut(),
+        );
+        trainer.networks.set_training(true);
+        match result {
+            Ok(files) => {
+                self.progress.println(&format!(
+                    "previews at step {step}: {} picture(s) in {}",
+                    files.len(),
+                    previews.settings.output_dir.join("samples").display()
+                ));
+                self.files.extend(files);
+            }
+            Err(e) => self
+                .progress
+                .println(&format!("warning: previews at step {step} failed: {}", e.report())),
+        }
+    }
+
     /// Logs to TensorBoard; the first failure is reported and ends the logging, not the run.
     fn log(&mut self, write: impl FnOnce(&mut EventWriter) -> Result<()>) {
         if let Some(events) = self.events.as_mut() {
@@ -443,6 +500,42 @@ impl Loop<'_> {
                 self.events = None;
             }
         }
+    }
+}
+
+/// The preview prompts of a run and how to draw them.
+struct Previews {
+    prompts: Vec<SamplePrompt>,
+    settings: PreviewSettings,
+    schedule: SamplingSchedule,
+}
+
+impl Previews {
+    /// `None` without `sample_prompts`; an unreadable prompt file is an error now, before any
+    /// training.
+    fn load(plan: &TrainPlan, noise: &NoiseSchedule) -> Result<Option<Previews>> {
+        let sampling = &plan.sampling;
+        let prompts = match &sampling.prompts {
+            None => return Ok(None),
+            Some(SamplePrompts::File(path)) => SamplePrompt::read_file(path)?,
+            Some(SamplePrompts::Lines(lines)) => {
+                SamplePrompt::parse_lines(&lines.join("\n"), "sample_prompts")?
+            }
+        };
+        let keys = SamplerConfig::for_model(&plan.model.base_model, &HubCache::from_env())?;
+        Ok(Some(Previews {
+            prompts,
+            settings: PreviewSettings {
+                output_dir: plan.output.output_dir.clone(),
+                output_name: plan.output.output_name.clone(),
+                sampler: sampling.sampler,
+                seed: plan.data.seed,
+                model_name: std::path::Path::new(&plan.model.base_model)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned()),
+            },
+            schedule: SamplingSchedule::new(noise, keys),
+        }))
     }
 }
 

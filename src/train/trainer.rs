@@ -27,24 +27,13 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::Result;
 
-/// Where a micro-batch's text embedding comes from.
-pub enum TextSource {
-    /// Frozen encoder and fixed captions: every embedding computed once.
-    Cached(TextCache),
-    /// The encoder runs at every micro-batch: it is trained (it carries adapters), or captions
-    /// change between epochs (tag shuffling, caption dropout).
-    Live {
-        encoder: ClipTextModel,
-        tokenizer: ClipTokenizer,
-    },
-}
-
 /// Where a micro-batch's latents come from.
 pub enum LatentSource {
     /// Every view encoded before the first step (`cache_latents`).
     Cached(LatentCache),
-    /// The VAE encodes each micro-batch (`cache_latents: false`); the same draws as the cache.
-    Live(AutoencoderKL),
+    /// The VAE ([`Trainer::vae`]) encodes each micro-batch (`cache_latents: false`); the same
+    /// draws as the cache.
+    Live,
 }
 
 /// The loss options of a run.
@@ -74,7 +63,14 @@ pub struct StepReport {
 /// The models, caches, adapters and optimizer of a run.
 pub struct Trainer {
     pub unet: UNet2DConditionModel,
-    pub text: TextSource,
+    /// Carries adapters when it is trained.
+    pub text_encoder: ClipTextModel,
+    pub tokenizer: ClipTokenizer,
+    /// Every caption's embedding, when the text encoder is frozen and captions never change
+    /// (no tag shuffling, no caption dropout); otherwise the encoder runs at every micro-batch.
+    pub text_cache: Option<TextCache>,
+    /// Kept when latents are not cached or previews are drawn.
+    pub vae: Option<AutoencoderKL>,
     pub latents: LatentSource,
     pub noise: NoiseSchedule,
     pub networks: LoraNetworks,
@@ -146,10 +142,13 @@ impl Trainer {
     /// `[B, C, h, w]` f32 latents of a batch on the training device.
     fn latents_of(&self, dataset: &Dataset, batch: &Batch) -> Result<Tensor> {
         let views: Vec<ImageView> = batch.items.iter().map(|i| i.view()).collect();
-        match &self.latents {
-            LatentSource::Cached(cache) => cache.batch(&views, &self.device),
-            LatentSource::Live(vae) => {
+        match (&self.latents, &self.vae) {
+            (LatentSource::Cached(cache), _) => cache.batch(&views, &self.device),
+            (LatentSource::Live, Some(vae)) => {
                 encode_batch(dataset, &views, vae, self.settings.seed, &self.device)
+            }
+            (LatentSource::Live, None) => {
+                Err(TrainError::Usage("latents are not cached and no VAE is loaded".into()).into())
             }
         }
     }
@@ -157,11 +156,12 @@ impl Trainer {
     /// `[B, 77, hidden]` text embeddings of a batch's captions.
     fn context_of(&self, batch: &Batch) -> Result<Tensor> {
         let captions: Vec<&str> = batch.items.iter().map(|i| i.caption.as_str()).collect();
-        match &self.text {
-            TextSource::Cached(cache) => cache.batch(&captions, &self.device),
-            TextSource::Live { encoder, tokenizer } => {
-                let ids = tokenizer.input_ids(&captions, &self.device)?;
-                encoder.forward_with_clip_skip(&ids, self.settings.clip_skip)
+        match &self.text_cache {
+            Some(cache) => cache.batch(&captions, &self.device),
+            None => {
+                let ids = self.tokenizer.input_ids(&captions, &self.device)?;
+                self.text_encoder
+                    .forward_with_clip_skip(&ids, self.settings.clip_skip)
             }
         }
     }
