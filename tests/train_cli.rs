@@ -26,7 +26,7 @@ fn project(root: &Path) -> PathBuf {
         &config,
         format!(
             "train_data_dir: {data}\nmetadata_path: {data}/metadata.csv\nresolution: 64\nbase_model: {model}\n\
-             output_dir: {out}\nbatch_size: 1\nmax_train_steps: 24\nlearning_rate: 1e-3\n\
+             output_dir: {out}\nbatch_size: 1\nmax_train_steps: 10\nlearning_rate: 1e-3\n\
              train_text_encoder: false\ndevice: cpu\n",
             data = data.display(),
             model = model.display(),
@@ -71,7 +71,7 @@ fn sigint_saves_a_state_that_resumes_to_the_uninterrupted_result() {
     // Plain progress lines (stderr is not a terminal): the first comes after step 1.
     for line in lines.by_ref() {
         let line = line.unwrap();
-        let started = line.contains("step 1/24");
+        let started = line.contains("step 1/10");
         seen.push(line);
         if started {
             break;
@@ -86,7 +86,10 @@ fn sigint_saves_a_state_that_resumes_to_the_uninterrupted_result() {
     let code = child.wait().unwrap().code();
     let text = seen.join("\n");
     assert_eq!(code, Some(130), "{text}");
-    assert!(text.contains("resume with:") && text.contains("--resume"), "{text}");
+    assert!(
+        text.contains("resume with:") && text.contains("--resume"),
+        "{text}"
+    );
     let out = stopped.path().join("out/run");
     let states: Vec<_> = std::fs::read_dir(&out)
         .unwrap()
@@ -95,7 +98,10 @@ fn sigint_saves_a_state_that_resumes_to_the_uninterrupted_result() {
         .collect();
     assert_eq!(states.len(), 1, "{states:?}");
     assert!(!states[0].ends_with(".tmp"));
-    assert!(text.contains(&states[0]), "the message names the state: {text}");
+    assert!(
+        text.contains(&states[0]),
+        "the message names the state: {text}"
+    );
     assert!(!out.join("run.safetensors").exists());
     let summary = std::fs::read_to_string(out.join("train_summary.json")).unwrap();
     assert!(summary.contains("\"interrupted\": true"), "{summary}");

@@ -92,7 +92,12 @@ fn tensors(path: &Path) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, String>)
         .map(|(name, view)| (name, view.data().to_vec()))
         .collect();
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let meta = meta.metadata().clone().unwrap_or_default().into_iter().collect();
+    let meta = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     (tensors, meta)
 }
 
@@ -141,7 +146,11 @@ fn a_tiny_run_learns_and_writes_every_output() {
     assert!(config.contains("learning_rate: 0.01\n") && config.contains("output_name: \"tiny\""));
 
     let (lora, meta) = tensors(&out.join("tiny.safetensors"));
-    assert!(lora.keys().all(|k| k.starts_with("lora_unet_")), "{:?}", lora.keys());
+    assert!(
+        lora.keys().all(|k| k.starts_with("lora_unet_")),
+        "{:?}",
+        lora.keys()
+    );
     assert!(lora.keys().any(|k| k.ends_with(".lora_up.weight")));
     assert_eq!(meta["ss_steps"], "12");
     assert_eq!(meta["ss_output_name"], "tiny");
@@ -158,7 +167,10 @@ fn a_tiny_run_learns_and_writes_every_output() {
     assert_eq!(scalar_series(&events, "lr/unet").len(), 12);
     assert_eq!(scalar_series(&events, "norm/grad").len(), 12);
     let epochs = scalar_series(&events, "loss/epoch_average");
-    assert_eq!(epochs.iter().map(|p| p.0).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        epochs.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
     // Timesteps are random, so single epochs are noisy: compare the first two with the last two.
     let early = (epochs[0].1 + epochs[1].1) / 2.0;
     let late = (epochs[4].1 + epochs[5].1) / 2.0;
@@ -208,8 +220,14 @@ fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
     assert_eq!(report.summary.resumed_from_step, Some(3));
     let (resumed, resumed_meta) = tensors(&out.join("tiny.safetensors"));
     assert_eq!(whole.len(), resumed.len());
-    assert!(whole == resumed, "every tensor byte is the same after resuming");
-    assert_eq!(whole_meta["sshs_model_hash"], resumed_meta["sshs_model_hash"]);
+    assert!(
+        whole == resumed,
+        "every tensor byte is the same after resuming"
+    );
+    assert_eq!(
+        whole_meta["sshs_model_hash"],
+        resumed_meta["sshs_model_hash"]
+    );
     assert_eq!(
         whole_meta["ss_training_started_at"],
         resumed_meta["ss_training_started_at"]
@@ -225,7 +243,12 @@ fn resuming_with_a_config_that_changes_the_result_is_refused_by_name() {
     assert!(text.contains("`learning_rate`: 0.01 → 0.02"), "{text}");
     assert_eq!(e.exit_code(), 2);
     // Keys that do not change the weights may differ.
-    run_with(dir.path(), &["log_with=none", "save_steps=1"], Some("latest")).unwrap();
+    run_with(
+        dir.path(),
+        &["log_with=none", "save_steps=1"],
+        Some("latest"),
+    )
+    .unwrap();
     let e = run_with(dir.path(), &[], Some("/no/such/state")).unwrap_err();
     assert!(e.report().contains("no such folder"), "{}", e.report());
 }
@@ -243,8 +266,14 @@ fn a_non_finite_loss_stops_and_keeps_the_checkpoints_before_it() {
         .into_iter()
         .filter(|n| n.starts_with("state-step"))
         .collect();
-    assert!(!states.is_empty(), "the steps before the failure were saved");
-    assert!(text.contains(&format!("step {}", states.len() + 1)), "{text} {states:?}");
+    assert!(
+        !states.is_empty(),
+        "the steps before the failure were saved"
+    );
+    assert!(
+        text.contains(&format!("step {}", states.len() + 1)),
+        "{text} {states:?}"
+    );
     assert!(!out.join("tiny.safetensors").exists());
     assert!(!out.join("train_summary.json").exists());
 }
@@ -254,7 +283,11 @@ fn a_finished_run_is_not_overwritten() {
     let dir = project("epochs: 1\n");
     run_with(dir.path(), &[], None).unwrap();
     let e = run_with(dir.path(), &[], None).unwrap_err();
-    assert!(e.report().contains("already holds a finished run"), "{}", e.report());
+    assert!(
+        e.report().contains("already holds a finished run"),
+        "{}",
+        e.report()
+    );
     assert_eq!(e.exit_code(), 2);
 }
 
@@ -266,7 +299,11 @@ fn a_trained_text_encoder_and_live_latents_also_train() {
     );
     run_with(dir.path(), &[], None).unwrap();
     let (lora, _) = tensors(&out(dir.path()).join("tiny.safetensors"));
-    assert!(lora.keys().any(|k| k.starts_with("lora_te_")), "{:?}", lora.keys());
+    assert!(
+        lora.keys().any(|k| k.starts_with("lora_te_")),
+        "{:?}",
+        lora.keys()
+    );
     let events = read_event_file(&event_files(&out(dir.path()).join("logs")).unwrap()[0]).unwrap();
     let lr_te = scalar_series(&events, "lr/textencoder");
     assert_eq!(lr_te.len(), 2);
@@ -284,7 +321,11 @@ fn latents_cached_to_disk_are_reused_and_give_the_same_result() {
     std::fs::remove_file(out.join("tiny.safetensors")).unwrap();
     std::fs::remove_file(out.join("train_summary.json")).unwrap();
     run_with(dir.path(), &[], None).unwrap();
-    assert_eq!(names(&out.join("latent_cache")), cached, "no new file: all were reused");
+    assert_eq!(
+        names(&out.join("latent_cache")),
+        cached,
+        "no new file: all were reused"
+    );
     let (second, _) = tensors(&out.join("tiny.safetensors"));
     assert!(first == second);
 }

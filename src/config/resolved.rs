@@ -57,14 +57,23 @@ impl TrainPlan {
             ("caption_prefix", d.caption_prefix.as_deref().map(quoted)),
             ("shuffle_caption", Some(d.shuffle_caption.to_string())),
             ("keep_tokens", Some(d.keep_tokens.to_string())),
-            ("caption_dropout_rate", Some(d.caption_dropout_rate.to_string())),
-            ("skip_invalid_images", Some(d.skip_invalid_images.to_string())),
+            (
+                "caption_dropout_rate",
+                Some(d.caption_dropout_rate.to_string()),
+            ),
+            (
+                "skip_invalid_images",
+                Some(d.skip_invalid_images.to_string()),
+            ),
             ("seed", Some(d.seed.to_string())),
             ("base_model", Some(quoted(&m.base_model))),
             ("tokenizer", m.tokenizer.as_deref().map(quoted)),
             ("vae", m.vae.as_deref().map(quoted)),
             ("clip_skip", Some(m.clip_skip.to_string())),
-            ("prediction_type", m.prediction_type.map(|p| quoted(p.as_str()))),
+            (
+                "prediction_type",
+                m.prediction_type.map(|p| quoted(p.as_str())),
+            ),
             ("lora_rank", Some(l.rank.to_string())),
             ("lora_alpha", Some(float(l.alpha))),
             ("lora_dropout", Some(float(l.dropout))),
@@ -160,9 +169,7 @@ impl TrainPlan {
         let mine: Vec<_> = self.resolved_entries();
         let theirs: Vec<_> = other.resolved_entries();
         let value = |list: &[(&'static str, String)], key: &str| {
-            list.iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
+            list.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone())
         };
         let mut keys: Vec<&'static str> = mine.iter().chain(&theirs).map(|(k, _)| *k).collect();
         keys.dedup();
@@ -193,7 +200,10 @@ impl TrainPlan {
         });
         vec![
             ("sample_prompts", prompts),
-            ("sample_every_n_steps", s.every_n_steps.map(|n| n.to_string())),
+            (
+                "sample_every_n_steps",
+                s.every_n_steps.map(|n| n.to_string()),
+            ),
             ("sample_at_first", Some(s.at_first.to_string())),
             ("sample_sampler", Some(quoted(s.sampler.as_str()))),
         ]
@@ -254,7 +264,13 @@ mod tests {
         ] {
             let plan = plan(extra);
             let back = read_back(&plan);
-            assert_eq!(back, TrainPlan { warnings: back.warnings.clone(), ..plan });
+            assert_eq!(
+                back,
+                TrainPlan {
+                    warnings: back.warnings.clone(),
+                    ..plan
+                }
+            );
         }
     }
 
@@ -265,7 +281,9 @@ mod tests {
         let diffs = a.differences_that_matter(&b);
         assert_eq!(diffs.len(), 4, "{diffs:?}"); // learning_rate, unet_lr, text_encoder_lr, seed
         assert!(
-            diffs.iter().any(|d| d == "`learning_rate`: 0.0001 → 0.0002"),
+            diffs
+                .iter()
+                .any(|d| d == "`learning_rate`: 0.0001 → 0.0002"),
             "{diffs:?}"
         );
         assert!(diffs.iter().any(|d| d.starts_with("`seed`")));

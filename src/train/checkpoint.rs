@@ -168,7 +168,11 @@ pub fn read_state(dir: &Path) -> Result<SavedState> {
 impl SavedState {
     /// Puts the saved adapter weights and optimizer state into this run's networks and
     /// optimizer; every adapter of the run must be in the state and nothing else.
-    pub fn restore(&self, networks: &LoraNetworks, optimizer: &mut dyn ParamOptimizer) -> Result<()> {
+    pub fn restore(
+        &self,
+        networks: &LoraNetworks,
+        optimizer: &mut dyn ParamOptimizer,
+    ) -> Result<()> {
         let origin = self.dir.display().to_string();
         let mismatch = |message: String| -> Error {
             TrainError::Resume {
@@ -256,9 +260,8 @@ pub fn prune(output_dir: &Path, output_name: &str, keep: usize) -> Result<Vec<Pa
 /// Writes `bytes` to `path` atomically (temporary file, sync, rename).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp~");
-    let result = write_file(&tmp, bytes).and_then(|()| {
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
-    });
+    let result = write_file(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }

@@ -100,8 +100,15 @@ mod tests {
         assert!(c.device.is_cpu() && c.dtype == DType::F32 && c.warnings.is_empty());
         let c = Compute::resolve(DeviceChoice::Cpu, MixedPrecision::Bf16).unwrap();
         assert_eq!(c.dtype, DType::F32);
-        assert!(c.warnings[0].contains("mixed_precision: bf16"), "{:?}", c.warnings);
-        assert_eq!((c.device_name.as_str(), c.dtype_name.as_str()), ("cpu", "f32"));
+        assert!(
+            c.warnings[0].contains("mixed_precision: bf16"),
+            "{:?}",
+            c.warnings
+        );
+        assert_eq!(
+            (c.device_name.as_str(), c.dtype_name.as_str()),
+            ("cpu", "f32")
+        );
     }
 
     #[cfg(not(feature = "cuda"))]

@@ -63,7 +63,11 @@ pub fn prepare(plan: &TrainPlan, usage: OutputUse) -> Result<()> {
     })?;
     if usage == OutputUse::Overwrite {
         let mut old: Vec<PathBuf> = vec![final_file, summary];
-        old.extend(list_step_files(dir, &out.output_name).into_iter().map(|(_, p)| p));
+        old.extend(
+            list_step_files(dir, &out.output_name)
+                .into_iter()
+                .map(|(_, p)| p),
+        );
         old.extend(list_states(dir).into_iter().map(|(_, p)| p));
         for path in old.into_iter().filter(|p| p.exists()) {
             let removed = if path.is_dir() {
@@ -143,7 +147,10 @@ mod tests {
         fs::write(plan.output.final_file(), b"lora").unwrap();
         fs::write(out.join("run-step00000010.safetensors"), b"x").unwrap();
         let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
-        assert!(e.to_string().contains("already holds a finished run"), "{e}");
+        assert!(
+            e.to_string().contains("already holds a finished run"),
+            "{e}"
+        );
         assert!(e.to_string().contains("--overwrite"), "{e}");
         assert_eq!(e.exit_code(), 2);
         prepare(&plan, OutputUse::Resume)?;
@@ -165,6 +172,10 @@ mod tests {
         );
         let plan = TrainPlan::from_yaml(&text, Path::new("c.yaml"), &[], tmp.path()).unwrap();
         let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
-        assert!(e.report().contains("cannot create the output folder"), "{}", e.report());
+        assert!(
+            e.report().contains("cannot create the output folder"),
+            "{}",
+            e.report()
+        );
     }
 }

@@ -38,12 +38,13 @@ pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<Save
     let origin = dir.display().to_string();
     let saved_config = dir.join(CONFIG_FILE);
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let saved = TrainPlan::from_yaml(&state.config_yaml, &saved_config, &[], parent).map_err(
-        |e| TrainError::Resume {
-            origin: origin.clone(),
-            message: format!("its {CONFIG_FILE} cannot be read: {e}"),
-        },
-    )?;
+    let saved =
+        TrainPlan::from_yaml(&state.config_yaml, &saved_config, &[], parent).map_err(|e| {
+            TrainError::Resume {
+                origin: origin.clone(),
+                message: format!("its {CONFIG_FILE} cannot be read: {e}"),
+            }
+        })?;
     let differences = saved.differences_that_matter(plan);
     if !differences.is_empty() {
         return Err(TrainError::Resume {
@@ -53,7 +54,11 @@ pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<Save
                  resuming would not give the run that was started. Put the old value(s) back \
                  (the state's {CONFIG_FILE} lists them all), or start a new run in another \
                  `output_dir`",
-                if differences.len() == 1 { "one key" } else { "these keys" },
+                if differences.len() == 1 {
+                    "one key"
+                } else {
+                    "these keys"
+                },
                 differences.join("; ")
             ),
         }

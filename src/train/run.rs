@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::checkpoint::{prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT};
+use super::checkpoint::{
+    prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT,
+};
 use super::device::Compute;
 use super::latents::LatentCache;
 use super::optim::{build_optimizer, OptimizerSettings};
@@ -23,19 +25,19 @@ use super::text_cache::TextCache;
 use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
 use super::{disk_latents, resume};
 use crate::config::{LogWith, PredictionType as ConfigPrediction, SamplePrompts, TrainPlan};
+use crate::dataset::{Batch, Dataset};
 use crate::generate::pipeline::Pipeline;
 use crate::generate::preview::{render_previews, PreviewSettings, SamplePrompt};
 use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
-use crate::models::hub::HubCache;
-use crate::models::noise::NoiseSchedule;
-use crate::dataset::{Batch, Dataset};
 use crate::log::tags::LOSS_EPOCH_AVERAGE;
 use crate::log::{
     DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StartupFacts, StepScalars,
     StepStatus, TaskProgress, TrainProgress, TrainSummary,
 };
 use crate::lora::{LoraNetworks, NetworkOptions, TrainingMetadata};
+use crate::models::hub::HubCache;
 use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::noise::NoiseSchedule;
 use crate::models::noise::PredictionType;
 use crate::plan::Preflight;
 use crate::Result;
@@ -152,7 +154,11 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         device: compute.device_name.clone(),
         dtype: compute.dtype_name.clone(),
         model_source: checkpoint.description().to_string(),
-        model_version: Some(format!("{} ({})", checkpoint.version(), noise.prediction_type().as_str())),
+        model_version: Some(format!(
+            "{} ({})",
+            checkpoint.version(),
+            noise.prediction_type().as_str()
+        )),
         images: dataset.len(),
         repeats: plan.data.repeats,
         lora_modules: report.unet.modules + report.text_encoder.as_ref().map_or(0, |r| r.modules),
@@ -360,8 +366,7 @@ impl Loop<'_> {
             }
         }
         let lora = self.save_lora(trainer, steps.total_steps, true)?;
-        self.progress
-            .println(&format!("saved {}", lora.display()));
+        self.progress.println(&format!("saved {}", lora.display()));
         Ok((RunEnd::Finished { lora }, steps.total_steps))
     }
 
@@ -369,10 +374,8 @@ impl Loop<'_> {
     fn checkpoint(&mut self, trainer: &Trainer, step: usize) -> Result<()> {
         self.save_lora(trainer, step, false)?;
         let state = self.save_state(trainer, step)?;
-        self.progress.println(&format!(
-            "checkpoint at step {step}: {}",
-            state.display()
-        ));
+        self.progress
+            .println(&format!("checkpoint at step {step}: {}", state.display()));
         let out = &self.plan.output;
         if let Some(keep) = out.save_last_n {
             prune(&out.output_dir, &out.output_name, keep)?;
@@ -483,9 +486,10 @@ impl Loop<'_> {
                 ));
                 self.files.extend(files);
             }
-            Err(e) => self
-                .progress
-                .println(&format!("warning: previews at step {step} failed: {}", e.report())),
+            Err(e) => self.progress.println(&format!(
+                "warning: previews at step {step} failed: {}",
+                e.report()
+            )),
         }
     }
 

@@ -85,7 +85,12 @@ pub struct Trainer {
 impl Trainer {
     /// Optimizer step `step` (0-based: the number of steps already taken) over `batches`, one
     /// micro-batch each (1 ≤ `batches.len()` ≤ `gradient_accumulation_steps`).
-    pub fn step(&mut self, dataset: &Dataset, step: usize, batches: &[Batch]) -> Result<StepReport> {
+    pub fn step(
+        &mut self,
+        dataset: &Dataset,
+        step: usize,
+        batches: &[Batch],
+    ) -> Result<StepReport> {
         if batches.is_empty() {
             return Err(TrainError::Usage(format!("step {step} has no batch")).into());
         }
