@@ -29,7 +29,13 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
     let output = output(f, cwd);
     let sampling = sampling(f, cwd);
     let (data, model, output) = (data?, model?, output?);
-    let warnings = warnings(f, &data, &lora, &training);
+    let mut warnings = warnings(f, &data, &lora, &training);
+    if sampling.prompts.is_some() && sampling.every_n_steps.is_none() && !sampling.at_first {
+        warnings.push(format!(
+            "{}: no preview will be drawn: set `sample_every_n_steps` (or `sample_at_first: true`)",
+            f.location_of("sample_prompts", &[])
+        ));
+    }
     Some(TrainPlan {
         config_path: config_path.to_path_buf(),
         data,

@@ -1,9 +1,10 @@
-//! Training: a whole run ([`run::train`]), one optimizer step ([`trainer`]), the loss of a
+//! Training: a whole run ([`run::train`]) and its preparation ([`setup`]), one optimizer step
+//! ([`trainer`]), the loss of a
 //! micro-batch ([`step`]), the caches that spare the VAE and the text encoder ([`latents`],
 //! [`disk_latents`], [`text_cache`]), optimizers with saveable state ([`optim`]), gradient
 //! clipping ([`clip_grad`]), learning-rate schedules ([`schedule`]), the device and precision
 //! ([`device`]), resumable states ([`checkpoint`], [`resume`]), the output folder
-//! ([`outputs`]) and stop requests ([`interrupt`]).
+//! ([`outputs`]), preview pictures ([`previews`]) and stop requests ([`interrupt`]).
 //!
 //! Everything here is deterministic and holds no global state: the same gradients and learning
 //! rates give bit-identical parameters, also across a save/restore of the optimizer state, and
@@ -18,9 +19,11 @@ pub mod interrupt;
 pub mod latents;
 pub mod optim;
 pub mod outputs;
+pub mod previews;
 pub mod resume;
 pub mod run;
 pub mod schedule;
+pub mod setup;
 pub mod step;
 pub mod text_cache;
 pub mod trainer;

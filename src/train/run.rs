@@ -17,28 +17,19 @@ use super::checkpoint::{
     prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT,
 };
 use super::device::Compute;
-use super::latents::LatentCache;
-use super::optim::{build_optimizer, OptimizerSettings};
-use super::outputs::{base_model_version, prepare, run_metadata, unix_now, OutputUse};
-use super::schedule::LrSchedule;
-use super::text_cache::TextCache;
-use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
-use super::{disk_latents, resume};
-use crate::config::{LogWith, PredictionType as ConfigPrediction, SamplePrompts, TrainPlan};
+use super::outputs::{prepare, run_metadata, unix_now, OutputUse};
+use super::previews::Previews;
+use super::resume;
+use super::setup::{set_up, Setup};
+use super::trainer::Trainer;
+use crate::config::{LogWith, TrainPlan};
 use crate::dataset::{Batch, Dataset};
-use crate::generate::pipeline::Pipeline;
-use crate::generate::preview::{render_previews, PreviewSettings, SamplePrompt};
-use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
 use crate::log::tags::LOSS_EPOCH_AVERAGE;
 use crate::log::{
-    DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StartupFacts, StepScalars,
-    StepStatus, TaskProgress, TrainProgress, TrainSummary,
+    DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StepScalars, StepStatus,
+    TrainProgress, TrainSummary,
 };
-use crate::lora::{LoraNetworks, NetworkOptions, TrainingMetadata};
-use crate::models::hub::HubCache;
-use crate::models::load::{LoadOptions, SdCheckpoint};
-use crate::models::noise::NoiseSchedule;
-use crate::models::noise::PredictionType;
+use crate::lora::TrainingMetadata;
 use crate::plan::Preflight;
 use crate::Result;
 
@@ -114,127 +105,19 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
-    let load = LoadOptions {
-        dtype: compute.dtype,
-        device: compute.device.clone(),
-        tokenizer: plan.model.tokenizer.clone(),
-        vae: plan.model.vae.clone(),
-        prediction_type: plan.model.prediction_type.map(|p| match p {
-            ConfigPrediction::Epsilon => PredictionType::Epsilon,
-            ConfigPrediction::VPrediction => PredictionType::VPrediction,
-        }),
-        ..LoadOptions::default()
-    };
-    let checkpoint = SdCheckpoint::open_path(&plan.model.base_model, &load)?;
     let dataset = Dataset::open(&plan.dataset_spec())?;
-    let seed = plan.data.seed;
-    let networks = LoraNetworks::new(
-        &plan.lora,
-        Some(checkpoint.version()),
-        NetworkOptions::new(seed, &compute.device),
+    let Setup {
+        mut trainer,
+        base,
+        previews,
+    } = set_up(
+        plan,
+        &steps,
+        &compute,
+        &dataset,
+        saved.as_ref(),
+        options.display,
     )?;
-    let unet = checkpoint.unet(Some(&networks.unet))?;
-    let text_encoder = match &networks.text_encoder {
-        Some(te) => checkpoint.text_encoder(Some(te))?,
-        None => checkpoint.text_encoder(None)?,
-    };
-    networks.check_built()?;
-    let t = &plan.training;
-    let (groups, base_lrs) = param_groups(&networks, t.unet_lr, t.text_encoder_lr, t.weight_decay);
-    let mut optimizer = build_optimizer(OptimizerSettings::from_training(t), groups)?;
-    if let Some(state) = &saved {
-        state.restore(&networks, optimizer.as_mut())?;
-    }
-    let schedule = LrSchedule::from_training(t, steps.total_steps)?;
-    let noise = checkpoint.noise_schedule().clone();
-    let base = base_model_version(checkpoint.version(), noise.prediction_type());
-
-    let report = networks.report();
-    let facts = StartupFacts {
-        device: compute.device_name.clone(),
-        dtype: compute.dtype_name.clone(),
-        model_source: checkpoint.description().to_string(),
-        model_version: Some(format!(
-            "{} ({})",
-            checkpoint.version(),
-            noise.prediction_type().as_str()
-        )),
-        images: dataset.len(),
-        repeats: plan.data.repeats,
-        lora_modules: report.unet.modules + report.text_encoder.as_ref().map_or(0, |r| r.modules),
-        lora_parameters: report.total_parameters() as u64,
-        rank: plan.lora.rank,
-        alpha: plan.lora.alpha as f32,
-        total_steps: steps.total_steps as u64,
-        epochs: steps.epochs_run() as u64,
-        resume_step: saved.as_ref().map(|s| s.manifest.step as u64),
-    };
-    eprint!("{facts}");
-
-    let previews = Previews::load(plan, &noise)?;
-    let vae = checkpoint.vae()?;
-    let latents = if t.cache_latents {
-        let views = LatentCache::views_for_run(&dataset, steps.epochs_run().max(1));
-        let mut bar = TaskProgress::new(options.display, "caching latents", views.len() as u64);
-        let disk = t
-            .cache_latents_to_disk
-            .then(|| disk_latents::DiskLatents::new(&out.output_dir, plan, &dataset));
-        let cache = disk_latents::build(
-            &dataset,
-            &views,
-            &vae,
-            seed,
-            t.batch_size,
-            disk.as_ref(),
-            |n| bar.inc(n),
-        )?;
-        bar.finish();
-        LatentSource::Cached(cache)
-    } else {
-        LatentSource::Live
-    };
-    let keep_vae = !t.cache_latents || previews.is_some();
-    let tokenizer = checkpoint.tokenizer()?;
-    let d = &plan.data;
-    let captions_fixed = !d.shuffle_caption && d.caption_dropout_rate == 0.0;
-    let text_cache = if networks.text_encoder.is_none() && captions_fixed {
-        let captions: Vec<String> = (0..dataset.len())
-            .flat_map(|i| (0..d.repeats.max(1)).map(move |r| (i, r)))
-            .map(|(i, r)| dataset.sample(0, i, r).caption)
-            .collect();
-        Some(TextCache::build(
-            captions.iter().map(String::as_str),
-            &tokenizer,
-            &text_encoder,
-            &compute.device,
-            plan.model.clip_skip,
-            t.batch_size,
-        )?)
-    } else {
-        None
-    };
-
-    let mut trainer = Trainer {
-        unet,
-        text_encoder,
-        tokenizer,
-        text_cache,
-        vae: keep_vae.then_some(vae),
-        latents,
-        noise,
-        networks,
-        optimizer,
-        schedule,
-        base_lrs,
-        settings: StepSettings {
-            seed,
-            max_grad_norm: t.max_grad_norm,
-            min_snr_gamma: t.min_snr_gamma,
-            noise_offset: t.noise_offset,
-            clip_skip: plan.model.clip_skip,
-        },
-        device: compute.device.clone(),
-    };
     let started_at = saved
         .as_ref()
         .map_or_else(unix_now, |s| s.manifest.training_started_at);
@@ -273,7 +156,10 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         files_written: loop_state.files.clone(),
     };
     let summary = TrainSummary::new(&clock, outcome);
-    summary.write(&out.output_dir)?;
+    // A run stopped before its first step leaves no summary: there is nothing to protect.
+    if end != (RunEnd::Interrupted { state: None }) {
+        summary.write(&out.output_dir)?;
+    }
     Ok(RunReport { end, summary })
 }
 
@@ -450,39 +336,22 @@ impl Loop<'_> {
         Ok(saved.path)
     }
 
-    /// Draws the preview pictures with the adapters as they are after `step`; a failure is a
-    /// warning (the run goes on).
+    /// Draws the previews after `step` (0: before the first); a failure is a warning.
     fn render_previews(&mut self, trainer: &Trainer, step: usize) {
         let Some(previews) = &self.previews else {
             return;
         };
-        let Some(vae) = &trainer.vae else {
-            return;
-        };
-        trainer.networks.set_training(false);
-        let pipeline = Pipeline {
-            unet: &trainer.unet,
-            text_encoder: &trainer.text_encoder,
-            vae,
-            tokenizer: &trainer.tokenizer,
-            schedule: &previews.schedule,
-            clip_skip: self.plan.model.clip_skip,
-            device: trainer.device.clone(),
-        };
-        let result = render_previews(
-            &pipeline,
-            &previews.prompts,
-            &previews.settings,
-            step as u64,
+        match previews.render(
+            trainer,
+            self.plan.model.clip_skip,
+            step,
             self.events.as_mut(),
-        );
-        trainer.networks.set_training(true);
-        match result {
+        ) {
             Ok(files) => {
                 self.progress.println(&format!(
                     "previews at step {step}: {} picture(s) in {}",
                     files.len(),
-                    previews.settings.output_dir.join("samples").display()
+                    previews.folder().display()
                 ));
                 self.files.extend(files);
             }
@@ -504,42 +373,6 @@ impl Loop<'_> {
                 self.events = None;
             }
         }
-    }
-}
-
-/// The preview prompts of a run and how to draw them.
-struct Previews {
-    prompts: Vec<SamplePrompt>,
-    settings: PreviewSettings,
-    schedule: SamplingSchedule,
-}
-
-impl Previews {
-    /// `None` without `sample_prompts`; an unreadable prompt file is an error now, before any
-    /// training.
-    fn load(plan: &TrainPlan, noise: &NoiseSchedule) -> Result<Option<Previews>> {
-        let sampling = &plan.sampling;
-        let prompts = match &sampling.prompts {
-            None => return Ok(None),
-            Some(SamplePrompts::File(path)) => SamplePrompt::read_file(path)?,
-            Some(SamplePrompts::Lines(lines)) => {
-                SamplePrompt::parse_lines(&lines.join("\n"), "sample_prompts")?
-            }
-        };
-        let keys = SamplerConfig::for_model(&plan.model.base_model, &HubCache::from_env())?;
-        Ok(Some(Previews {
-            prompts,
-            settings: PreviewSettings {
-                output_dir: plan.output.output_dir.clone(),
-                output_name: plan.output.output_name.clone(),
-                sampler: sampling.sampler,
-                seed: plan.data.seed,
-                model_name: std::path::Path::new(&plan.model.base_model)
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned()),
-            },
-            schedule: SamplingSchedule::new(noise, keys),
-        }))
     }
 }
 
