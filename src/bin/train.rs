@@ -1,12 +1,16 @@
-//! `train --config FILE [--set key=value]... [--dry-run]`: parse arguments, run, print errors.
+//! `train --config FILE [--set key=value]... [--dry-run] [--resume DIR|latest] [--overwrite]`:
+//! parse arguments, run, print errors. Exit status: 0 done, 1 failure, 2 bad input, 130 stopped
+//! by Ctrl-C / SIGTERM (with a resumable state).
 
-use std::error::Error as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 use lora_trainer::config::TrainPlan;
+use lora_trainer::log::DisplayMode;
 use lora_trainer::plan::Preflight;
+use lora_trainer::train::interrupt::install_stop_handler;
+use lora_trainer::train::{train, RunEnd, RunOptions};
 
 /// Train a Stable Diffusion LoRA adapter from a YAML config.
 #[derive(Debug, Parser)]
@@ -21,6 +25,15 @@ struct Args {
     /// Check the config, dataset and base model, print the plan, and write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Continue a stopped run: a `state-step…` folder of the output folder, or `latest`.
+    #[arg(long, value_name = "DIR|latest", conflicts_with = "overwrite")]
+    resume: Option<String>,
+    /// Replace a finished run found in `output_dir` (its LoRA files, states and summary).
+    #[arg(long)]
+    overwrite: bool,
+    /// No progress bar or progress lines.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -28,7 +41,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -44,24 +57,59 @@ fn run(args: &Args) -> lora_trainer::Result<ExitCode> {
     for warning in preflight.warnings() {
         eprintln!("warning: {warning}");
     }
-    eprintln!(
-        "error: training is not implemented yet in this build; run with --dry-run to check the \
-         config, the dataset and the base model"
-    );
-    Ok(ExitCode::from(1))
+    let options = RunOptions {
+        resume: args.resume.clone(),
+        overwrite: args.overwrite,
+        display: DisplayMode::detect(args.quiet),
+        stop: install_stop_handler()?,
+    };
+    let report = train(preflight, &options)?;
+    match report.end {
+        RunEnd::Finished { lora } => {
+            eprintln!("done: {}", lora.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        RunEnd::Interrupted { state: Some(state) } => {
+            eprintln!(
+                "stopped after step {}; the state is in {}\nresume with:\n  {}",
+                report.summary.steps,
+                state.display(),
+                resume_command(args, &state)
+            );
+            Ok(ExitCode::from(130))
+        }
+        RunEnd::Interrupted { state: None } => {
+            eprintln!("stopped before the first step; nothing to resume");
+            Ok(ExitCode::from(130))
+        }
+    }
 }
 
-/// The error and its causes, each said once ("a: b: c"), as ripgrep prints them.
-fn chain(e: &lora_trainer::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
+/// The command that continues the run from `state`, with this run's config and overrides.
+fn resume_command(args: &Args, state: &std::path::Path) -> String {
+    let mut words = vec![
+        "cargo run --release --bin train --".to_string(),
+        "--config".to_string(),
+        shell_word(&args.config.to_string_lossy()),
+    ];
+    for set in &args.overrides {
+        words.push("--set".into());
+        words.push(shell_word(set));
     }
-    text
+    words.push("--resume".into());
+    words.push(shell_word(&state.to_string_lossy()));
+    words.join(" ")
+}
+
+/// `word`, quoted for a POSIX shell when it needs to be.
+fn shell_word(word: &str) -> String {
+    let plain = !word.is_empty()
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:,+@%".contains(&b));
+    if plain {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', "'\\''"))
+    }
 }

@@ -10,9 +10,14 @@ use super::choices::{
 use super::fields::{
     choice, count, flag, non_negative, number, positive, rate, small_count, text, Fields,
 };
-use super::plan::{LoraSettings, ModelSettings, OutputSettings, TrainPlan, TrainingSettings};
+use super::plan::{
+    LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
+    TrainingSettings,
+};
 use super::yaml::Value;
 use crate::dataset::DatasetSpec;
+use crate::generate::preview::SamplePrompt;
+use crate::generate::samplers::SamplerKind;
 use crate::models::source::is_hub_id;
 
 /// Reads every key; the plan, or every problem found.
@@ -22,8 +27,15 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
     let lora = lora(f, cwd);
     let training = training(f);
     let output = output(f, cwd);
+    let sampling = sampling(f, cwd);
     let (data, model, output) = (data?, model?, output?);
-    let warnings = warnings(f, &data, &lora, &training);
+    let mut warnings = warnings(f, &data, &lora, &training);
+    if sampling.prompts.is_some() && sampling.every_n_steps.is_none() && !sampling.at_first {
+        warnings.push(format!(
+            "{}: no preview will be drawn: set `sample_every_n_steps` (or `sample_at_first: true`)",
+            f.location_of("sample_prompts", &[])
+        ));
+    }
     Some(TrainPlan {
         config_path: config_path.to_path_buf(),
         data,
@@ -31,8 +43,43 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
         lora,
         training,
         output,
+        sampling,
         warnings,
     })
+}
+
+/// kohya's preview keys: `sample_prompts` (a file, or a list of prompt lines),
+/// `sample_every_n_steps`, `sample_at_first`, `sample_sampler`.
+fn sampling(f: &mut Fields, cwd: &Path) -> SamplingSettings {
+    let prompts = f.get("sample_prompts", &[], |v: &Value| match v {
+        Value::Seq(items) => {
+            let mut lines = Vec::new();
+            for item in items {
+                let line = item.as_text().map(str::trim).unwrap_or("");
+                SamplePrompt::parse_line(line)
+                    .map_err(|e| format!("prompt {} of the list: {e}", lines.len() + 1))?;
+                lines.push(line.to_string());
+            }
+            if lines.is_empty() {
+                return Err("the list is empty: give at least one prompt".into());
+            }
+            Ok(SamplePrompts::Lines(lines))
+        }
+        _ => Ok(SamplePrompts::File(resolve(cwd, &text(v)?))),
+    });
+    let every_n_steps = f.get("sample_every_n_steps", &[], count(1));
+    let at_first = f.get("sample_at_first", &[], flag).unwrap_or(false);
+    let sampler = f
+        .get("sample_sampler", &[], |v: &Value| {
+            text(v)?.parse::<SamplerKind>()
+        })
+        .unwrap_or(SamplerKind::Ddim);
+    SamplingSettings {
+        prompts,
+        every_n_steps,
+        at_first,
+        sampler,
+    }
 }
 
 fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {

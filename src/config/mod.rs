@@ -12,6 +12,7 @@ mod choices;
 mod error;
 mod fields;
 mod plan;
+mod resolved;
 mod yaml;
 
 use std::path::Path;
@@ -21,7 +22,10 @@ pub use choices::{
     SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
-pub use plan::{LoraSettings, ModelSettings, OutputSettings, TrainPlan, TrainingSettings};
+pub use plan::{
+    LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
+    TrainingSettings,
+};
 
 use fields::{Entry, Fields};
 use yaml::Value;

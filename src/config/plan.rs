@@ -20,6 +20,8 @@ pub struct TrainPlan {
     pub lora: LoraSettings,
     pub training: TrainingSettings,
     pub output: OutputSettings,
+    /// Preview pictures during training.
+    pub sampling: SamplingSettings,
     /// Settings that are valid but probably not what the user meant (printed, not fatal).
     pub warnings: Vec<String>,
 }
@@ -136,5 +138,37 @@ impl OutputSettings {
     /// A step checkpoint's file name: `<output_name>-step00000100.safetensors`.
     pub fn step_file_name(&self, step: usize) -> String {
         format!("{}-step{step:08}.safetensors", self.output_name)
+    }
+}
+
+/// Where the preview prompts come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplePrompts {
+    /// A text file, one prompt per line (kohya's `sample_prompts` file).
+    File(PathBuf),
+    /// The lines given in the config.
+    Lines(Vec<String>),
+}
+
+/// Preview pictures during training (kohya's `sample_*` keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingSettings {
+    /// `None`: no previews.
+    pub prompts: Option<SamplePrompts>,
+    /// Render after every this many optimizer steps (and after the last step).
+    pub every_n_steps: Option<usize>,
+    /// Also render before the first step.
+    pub at_first: bool,
+    /// The sampler of prompts without `--ss`: `ddim`, `euler_a` or `dpmpp_2m`.
+    pub sampler: crate::generate::samplers::SamplerKind,
+}
+
+impl SamplingSettings {
+    /// Whether previews are rendered after optimizer step `step` (1-based) of `total`.
+    pub fn is_due(&self, step: usize, total: usize) -> bool {
+        self.prompts.is_some()
+            && self
+                .every_n_steps
+                .is_some_and(|n| n > 0 && (step % n == 0 || step == total))
     }
 }

@@ -505,3 +505,36 @@ fn dataset_spec_carries_the_data_settings() {
     assert_eq!(spec.caption_dropout_rate, 0.25);
     assert_eq!(spec.train_data_dir, PathBuf::from("/work/project/data/x"));
 }
+
+#[test]
+fn preview_keys_take_a_file_or_a_list_and_check_each_prompt() {
+    let p = plan("sample_prompts: prompts.txt\nsample_every_n_steps: 50\n");
+    assert_eq!(
+        p.sampling.prompts,
+        Some(SamplePrompts::File(PathBuf::from(
+            "/work/project/prompts.txt"
+        )))
+    );
+    assert_eq!(p.sampling.every_n_steps, Some(50));
+    assert_eq!(p.sampling.sampler.as_str(), "ddim");
+    assert!(p.sampling.is_due(50, 120) && p.sampling.is_due(120, 120));
+    assert!(!p.sampling.is_due(60, 120));
+    assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+    let p = plan("sample_prompts: [\"a cat --w 64\", dog]\nsample_sampler: k_euler_a\n");
+    assert_eq!(
+        p.sampling.prompts,
+        Some(SamplePrompts::Lines(vec![
+            "a cat --w 64".into(),
+            "dog".into()
+        ]))
+    );
+    assert_eq!(p.sampling.sampler.as_str(), "euler_a");
+    assert!(
+        p.warnings[0].contains("no preview will be drawn"),
+        "{:?}",
+        p.warnings
+    );
+    assert!(problem("sample_prompts: [\"a cat --w wide\"]\n").contains("prompt 1 of the list"));
+    assert!(problem("sample_sampler: plms\n").contains("ddim"));
+    assert!(!plan("").sampling.is_due(1, 1), "no prompts, no previews");
+}

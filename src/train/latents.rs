@@ -66,6 +66,16 @@ impl LatentCache {
         Ok(LatentCache { latents })
     }
 
+    /// Adds (or replaces) the latents of one view (`[C, h, w]` f32).
+    pub fn insert(&mut self, view: ImageView, latent: Tensor) {
+        self.latents.insert(view, latent);
+    }
+
+    /// The latents of one view, if cached.
+    pub fn get(&self, view: &ImageView) -> Option<&Tensor> {
+        self.latents.get(view)
+    }
+
     /// Number of cached views.
     pub fn len(&self) -> usize {
         self.latents.len()

@@ -1,0 +1,352 @@
+//! The resumable state of a run on disk (the writer; *when* to write is
+//! [`crate::plan::CheckpointSchedule`]'s business).
+//!
+//! ```text
+//! <output_dir>/state-step00000100/
+//!     state.json             step, epoch, position in the epoch, loss curves, seed, optimizer
+//!     adapters.safetensors   every lora_down / lora_up in f32, under its kohya key
+//!     optimizer.safetensors  the optimizer's tensors (moments, 8-bit codes and scales)
+//!     optimizer.json         the optimizer's scalars (per-parameter step counts)
+//!     config.yaml            the resolved config the run trained with
+//! ```
+//!
+//! The folder is written as `state-step00000100.tmp/` and renamed when complete, so a folder
+//! without `.tmp` is always whole. The random draws of a step are keyed by the step
+//! ([`crate::rng`]) and the data order by the epoch, so these files are all a run needs to
+//! continue bit-identically. [`prune`] keeps the newest `save_last_n` step LoRA files and state
+//! folders.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::optim::{OptimizerState, ParamOptimizer, StateScalars};
+use super::TrainError;
+use crate::log::LossTracker;
+use crate::lora::LoraNetworks;
+use crate::{Error, Result};
+
+/// The version of the state folder's layout.
+pub const STATE_FORMAT: u32 = 1;
+const MANIFEST: &str = "state.json";
+const ADAPTERS: &str = "adapters.safetensors";
+const OPTIMIZER_TENSORS: &str = "optimizer.safetensors";
+const OPTIMIZER_SCALARS: &str = "optimizer.json";
+/// The resolved config inside a state folder (and in `output_dir`).
+pub const CONFIG_FILE: &str = "config.yaml";
+
+/// `state-step00000100`.
+pub fn state_dir_name(step: usize) -> String {
+    format!("state-step{step:08}")
+}
+
+/// Where a run stands after an optimizer step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateManifest {
+    pub format: u32,
+    /// Optimizer steps done.
+    pub step: usize,
+    /// The 0-based epoch the next step belongs to.
+    pub epoch: usize,
+    /// Batches of that epoch already trained on.
+    pub batch_in_epoch: usize,
+    pub total_steps: usize,
+    pub seed: u64,
+    /// The optimizer's name as the config spells it.
+    pub optimizer: String,
+    /// The loss curves' state, so a resumed run continues its averages.
+    pub loss: LossTracker,
+    /// Unix seconds when the run first started (kept across resumes for the LoRA metadata).
+    pub training_started_at: f64,
+    /// The program that wrote it.
+    pub written_by: String,
+}
+
+/// A state folder read back.
+#[derive(Debug)]
+pub struct SavedState {
+    pub dir: PathBuf,
+    pub manifest: StateManifest,
+    /// Kohya key → f32 tensor on the CPU.
+    pub adapters: HashMap<String, Tensor>,
+    pub optimizer: OptimizerState,
+    /// The text of the resolved config it was written with.
+    pub config_yaml: String,
+}
+
+/// Writes `state-stepNNNNNNNN/` into `output_dir` atomically; returns the folder.
+pub fn write_state(
+    output_dir: &Path,
+    manifest: &StateManifest,
+    networks: &LoraNetworks,
+    optimizer: &dyn ParamOptimizer,
+    config_yaml: &str,
+) -> Result<PathBuf> {
+    let name = state_dir_name(manifest.step);
+    let dir = output_dir.join(&name);
+    let tmp = output_dir.join(format!("{name}.tmp"));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let result = (|| -> Result<()> {
+        let adapters: HashMap<String, Tensor> = networks
+            .networks()
+            .flat_map(|n| n.named_vars())
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
+        save_tensors(&adapters, &tmp.join(ADAPTERS))?;
+        let state = optimizer.state_tensors()?;
+        save_tensors(&state.tensors, &tmp.join(OPTIMIZER_TENSORS))?;
+        write_file(&tmp.join(OPTIMIZER_SCALARS), &to_json(&state.scalars)?)?;
+        write_file(&tmp.join(CONFIG_FILE), config_yaml.as_bytes())?;
+        write_file(&tmp.join(MANIFEST), &to_json(manifest)?)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    replace_dir(&tmp, &dir)?;
+    Ok(dir)
+}
+
+/// Reads a state folder written by [`write_state`].
+pub fn read_state(dir: &Path) -> Result<SavedState> {
+    let origin = dir.display().to_string();
+    let damaged = |what: String| -> Error {
+        TrainError::Resume {
+            origin: origin.clone(),
+            message: format!(
+                "{what}; the folder is not a whole state written by `train` (use another \
+                 `state-step…` folder, or start a new run)"
+            ),
+        }
+        .into()
+    };
+    if !dir.is_dir() {
+        return Err(TrainError::Resume {
+            origin: origin.clone(),
+            message: "no such folder; give a `state-step…` folder of the output folder, or \
+                      `latest`"
+                .into(),
+        }
+        .into());
+    }
+    let read = |name: &str| fs::read(dir.join(name)).map_err(|e| damaged(format!("{name}: {e}")));
+    let manifest: StateManifest = serde_json::from_slice(&read(MANIFEST)?)
+        .map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
+    if manifest.format != STATE_FORMAT {
+        return Err(damaged(format!(
+            "its format is {}, this program reads {STATE_FORMAT}",
+            manifest.format
+        )));
+    }
+    let load = |name: &str| {
+        candle_core::safetensors::load(dir.join(name), &Device::Cpu)
+            .map_err(|e| damaged(format!("{name}: {e}")))
+    };
+    let adapters = load(ADAPTERS)?;
+    let tensors = load(OPTIMIZER_TENSORS)?;
+    let scalars: StateScalars = serde_json::from_slice(&read(OPTIMIZER_SCALARS)?)
+        .map_err(|e| damaged(format!("{OPTIMIZER_SCALARS}: {e}")))?;
+    let config_yaml = String::from_utf8(read(CONFIG_FILE)?)
+        .map_err(|e| damaged(format!("{CONFIG_FILE}: {e}")))?;
+    Ok(SavedState {
+        dir: dir.to_path_buf(),
+        manifest,
+        adapters,
+        optimizer: OptimizerState { tensors, scalars },
+        config_yaml,
+    })
+}
+
+impl SavedState {
+    /// Puts the saved adapter weights and optimizer state into this run's networks and
+    /// optimizer; every adapter of the run must be in the state and nothing else.
+    pub fn restore(
+        &self,
+        networks: &LoraNetworks,
+        optimizer: &mut dyn ParamOptimizer,
+    ) -> Result<()> {
+        let origin = self.dir.display().to_string();
+        let mismatch = |message: String| -> Error {
+            TrainError::Resume {
+                origin: origin.clone(),
+                message: format!("{message}; resume with the config the state was written with"),
+            }
+            .into()
+        };
+        let vars: Vec<_> = networks.networks().flat_map(|n| n.named_vars()).collect();
+        if vars.len() != self.adapters.len() {
+            return Err(mismatch(format!(
+                "it holds {} adapter tensors, this run has {}",
+                self.adapters.len(),
+                vars.len()
+            )));
+        }
+        for (name, var) in &vars {
+            let saved = self
+                .adapters
+                .get(name)
+                .ok_or_else(|| mismatch(format!("it has no weights for `{name}`")))?;
+            if saved.dims() != var.dims() {
+                return Err(mismatch(format!(
+                    "`{name}` is {:?} in the state, {:?} in this run",
+                    saved.dims(),
+                    var.dims()
+                )));
+            }
+            var.set(&saved.to_dtype(var.dtype())?.to_device(var.device())?)?;
+        }
+        optimizer.load_state(&self.optimizer, &origin)?;
+        Ok(())
+    }
+}
+
+/// Every `state-stepNNNNNNNN` folder of `output_dir`, by step (folders still `.tmp` are not).
+pub fn list_states(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    list_numbered(output_dir, "state-step", "")
+}
+
+/// Every `<output_name>-stepNNNNNNNN.safetensors` of `output_dir`, by step.
+pub fn list_step_files(output_dir: &Path, output_name: &str) -> Vec<(usize, PathBuf)> {
+    list_numbered(output_dir, &format!("{output_name}-step"), ".safetensors")
+}
+
+fn list_numbered(dir: &Path, prefix: &str, suffix: &str) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<(usize, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+            (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| digits.parse().ok().map(|n| (n, e.path())))
+                .flatten()
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Keeps the newest `keep` step LoRA files and state folders; returns what was removed.
+pub fn prune(output_dir: &Path, output_name: &str, keep: usize) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for list in [
+        list_step_files(output_dir, output_name),
+        list_states(output_dir),
+    ] {
+        let excess = list.len().saturating_sub(keep);
+        for (_, path) in list.into_iter().take(excess) {
+            let result = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            result.map_err(|e| Error::io(&path, e))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp~");
+    let result = write_file(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut file = fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    file.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let cpu: HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
+    candle_core::safetensors::save(&cpu, path).map_err(|e| match e {
+        candle_core::Error::Io(io) => Error::io(path, io),
+        other => Error::io(path, std::io::Error::other(other.to_string())),
+    })?;
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::io("state.json", std::io::Error::other(e.to_string())))?;
+    bytes.push(b'\n');
+    Ok(bytes)
+}
+
+/// Moves the finished `tmp` folder to `dir`, replacing an older folder of that name.
+fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        let old = dir.with_extension("old");
+        let _ = fs::remove_dir_all(&old);
+        fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    if let Some(parent) = dir.parent() {
+        let _ = fs::File::open(parent).and_then(|f| f.sync_all());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_step_files_and_states() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let d = dir.path();
+        for step in [10, 20, 30] {
+            fs::write(d.join(format!("run-step{step:08}.safetensors")), b"x").unwrap();
+            fs::create_dir(d.join(state_dir_name(step))).unwrap();
+        }
+        fs::write(d.join("run.safetensors"), b"final").unwrap();
+        fs::write(d.join("other-step00000010.safetensors"), b"x").unwrap();
+        fs::create_dir(d.join("state-step00000040.tmp")).unwrap();
+        let removed = prune(d, "run", 2)?;
+        assert_eq!(removed.len(), 2);
+        let steps = |l: Vec<(usize, PathBuf)>| l.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
+        assert_eq!(steps(list_step_files(d, "run")), [20, 30]);
+        assert_eq!(steps(list_states(d)), [20, 30]);
+        assert!(d.join("run.safetensors").exists());
+        assert!(d.join("other-step00000010.safetensors").exists());
+        assert!(d.join("state-step00000040.tmp").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_or_partial_state_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_state(&dir.path().join("state-step00000001")).unwrap_err();
+        assert!(e.to_string().contains("no such folder"), "{e}");
+        let partial = dir.path().join("state-step00000002");
+        fs::create_dir(&partial).unwrap();
+        let e = read_state(&partial).unwrap_err();
+        assert!(e.to_string().contains("state.json"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+    }
+}

@@ -1,0 +1,181 @@
+//! The output folder of a run: refusing to overwrite a finished run, making sure the folder is
+//! writable before any heavy work, and the LoRA header a run writes into each file.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::checkpoint::{list_states, list_step_files, write_atomically, CONFIG_FILE};
+use super::TrainError;
+use crate::config::TrainPlan;
+use crate::dataset::Dataset;
+use crate::log::summary::SUMMARY_FILE;
+use crate::log::TrainSummary;
+use crate::lora::{BaseModelVersion, TrainingMetadata};
+use crate::models::noise::PredictionType;
+use crate::models::source::SdVersion;
+use crate::plan::StepPlan;
+use crate::{Error, Result};
+
+/// What a new run may do with an output folder that already holds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputUse {
+    /// A fresh run: refuse a folder holding a finished or interrupted run.
+    Fresh,
+    /// `--overwrite`: remove that run's LoRA files, states and summary first.
+    Overwrite,
+    /// `--resume`: continue the run the folder holds.
+    Resume,
+}
+
+/// Checks and prepares `output_dir`, then writes the resolved config into it. Errors: a folder
+/// that holds a finished run (fresh runs only), an unwritable folder.
+pub fn prepare(plan: &TrainPlan, usage: OutputUse) -> Result<()> {
+    let out = &plan.output;
+    let dir = &out.output_dir;
+    let final_file = out.final_file();
+    let summary = dir.join(SUMMARY_FILE);
+    if usage == OutputUse::Fresh && (final_file.exists() || summary.exists()) {
+        let interrupted = TrainSummary::read(&summary).is_ok_and(|s| s.interrupted);
+        let what = if final_file.exists() {
+            format!("a finished run ({})", final_file.display())
+        } else if interrupted {
+            "an interrupted run".to_string()
+        } else {
+            format!("a run ({SUMMARY_FILE})")
+        };
+        let resume = if interrupted || !list_states(dir).is_empty() {
+            "; `--resume latest` continues it"
+        } else {
+            ""
+        };
+        return Err(TrainError::OutputTaken(format!(
+            "{} already holds {what}{resume}. Choose another `output_dir` (or `output_name`), \
+             or pass `--overwrite` to replace it",
+            dir.display()
+        ))
+        .into());
+    }
+    fs::create_dir_all(dir).map_err(|e| {
+        Error::io(
+            dir,
+            std::io::Error::new(e.kind(), format!("cannot create the output folder: {e}")),
+        )
+    })?;
+    if usage == OutputUse::Overwrite {
+        let mut old: Vec<PathBuf> = vec![final_file, summary];
+        old.extend(
+            list_step_files(dir, &out.output_name)
+                .into_iter()
+                .map(|(_, p)| p),
+        );
+        old.extend(list_states(dir).into_iter().map(|(_, p)| p));
+        for path in old.into_iter().filter(|p| p.exists()) {
+            let removed = if path.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            removed.map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    write_atomically(&dir.join(CONFIG_FILE), plan.to_resolved_yaml().as_bytes())
+}
+
+/// `ss_base_model_version` of a base model.
+pub fn base_model_version(version: SdVersion, prediction: PredictionType) -> BaseModelVersion {
+    match (version, prediction) {
+        (SdVersion::V1, _) => BaseModelVersion::SdV1,
+        (SdVersion::V2, PredictionType::VPrediction) => BaseModelVersion::SdV2V,
+        (SdVersion::V2, _) => BaseModelVersion::SdV2,
+    }
+}
+
+/// The header fields that stay the same for every file of a run; each save sets `epoch`,
+/// `steps` and (for the final file) `training_finished_at`.
+pub fn run_metadata(
+    plan: &TrainPlan,
+    steps: &StepPlan,
+    dataset: &Dataset,
+    base: BaseModelVersion,
+    started_at: f64,
+) -> TrainingMetadata {
+    let mut m = TrainingMetadata::from_plan(plan, steps);
+    m.base_model_version = base;
+    m.num_train_images = dataset.len() * plan.data.repeats.max(1) as usize;
+    m.training_started_at = started_at;
+    let folder = folder_name(&plan.data.train_data_dir);
+    m.add_tag_frequency(
+        format!("{}_{folder}", plan.data.repeats.max(1)),
+        dataset.tag_frequency(),
+    );
+    m
+}
+
+fn folder_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "images".into())
+}
+
+/// Unix seconds now.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(dir: &Path) -> TrainPlan {
+        let text = format!(
+            "train_data_dir: d\nbase_model: ./m\noutput_dir: {}\n",
+            dir.join("run").display()
+        );
+        TrainPlan::from_yaml(&text, Path::new("c.yaml"), &[], dir).unwrap()
+    }
+
+    #[test]
+    fn a_finished_run_is_refused_unless_overwritten() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let plan = plan(tmp.path());
+        prepare(&plan, OutputUse::Fresh)?;
+        let out = &plan.output.output_dir;
+        assert!(out.join(CONFIG_FILE).is_file());
+        fs::write(plan.output.final_file(), b"lora").unwrap();
+        fs::write(out.join("run-step00000010.safetensors"), b"x").unwrap();
+        let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
+        assert!(
+            e.to_string().contains("already holds a finished run"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("--overwrite"), "{e}");
+        assert_eq!(e.exit_code(), 2);
+        prepare(&plan, OutputUse::Resume)?;
+        assert!(plan.output.final_file().exists());
+        prepare(&plan, OutputUse::Overwrite)?;
+        assert!(!plan.output.final_file().exists());
+        assert!(!out.join("run-step00000010.safetensors").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn an_unwritable_output_dir_is_a_clear_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blocker = tmp.path().join("file");
+        fs::write(&blocker, b"not a folder").unwrap();
+        let text = format!(
+            "train_data_dir: d\nbase_model: ./m\noutput_dir: {}\n",
+            blocker.join("run").display()
+        );
+        let plan = TrainPlan::from_yaml(&text, Path::new("c.yaml"), &[], tmp.path()).unwrap();
+        let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
+        assert!(
+            e.report().contains("cannot create the output folder"),
+            "{}",
+            e.report()
+        );
+    }
+}

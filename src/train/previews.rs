@@ -1,0 +1,91 @@
+//! Preview pictures during training (`sample_prompts`): the prompts read once at the start,
+//! drawn with the models and adapters of the run as they are after a step, into
+//! `<output_dir>/samples/` and TensorBoard's Images tab ([`crate::generate::preview`]).
+
+use std::path::PathBuf;
+
+use super::trainer::Trainer;
+use crate::config::{SamplePrompts, TrainPlan};
+use crate::generate::pipeline::Pipeline;
+use crate::generate::preview::{render_previews, PreviewSettings, SamplePrompt};
+use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
+use crate::log::EventWriter;
+use crate::models::hub::HubCache;
+use crate::models::noise::NoiseSchedule;
+use crate::Result;
+
+/// The preview prompts of a run and how to draw them.
+pub struct Previews {
+    prompts: Vec<SamplePrompt>,
+    settings: PreviewSettings,
+    schedule: SamplingSchedule,
+}
+
+impl Previews {
+    /// `None` without `sample_prompts`; an unreadable prompt file is an error now, before any
+    /// training.
+    pub fn load(plan: &TrainPlan, noise: &NoiseSchedule) -> Result<Option<Previews>> {
+        let sampling = &plan.sampling;
+        let prompts = match &sampling.prompts {
+            None => return Ok(None),
+            Some(SamplePrompts::File(path)) => SamplePrompt::read_file(path)?,
+            Some(SamplePrompts::Lines(lines)) => {
+                SamplePrompt::parse_lines(&lines.join("\n"), "sample_prompts")?
+            }
+        };
+        let keys = SamplerConfig::for_model(&plan.model.base_model, &HubCache::from_env())?;
+        Ok(Some(Previews {
+            prompts,
+            settings: PreviewSettings {
+                output_dir: plan.output.output_dir.clone(),
+                output_name: plan.output.output_name.clone(),
+                sampler: sampling.sampler,
+                seed: plan.data.seed,
+                model_name: std::path::Path::new(&plan.model.base_model)
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned()),
+            },
+            schedule: SamplingSchedule::new(noise, keys),
+        }))
+    }
+}
+
+impl Previews {
+    /// Where the pictures go.
+    pub fn folder(&self) -> PathBuf {
+        self.settings.output_dir.join("samples")
+    }
+
+    /// Draws every prompt with `trainer`'s models as they are after optimizer step `step`
+    /// (adapter dropout off while drawing); returns the files written.
+    pub fn render(
+        &self,
+        trainer: &Trainer,
+        clip_skip: usize,
+        step: usize,
+        events: Option<&mut EventWriter>,
+    ) -> Result<Vec<PathBuf>> {
+        let Some(vae) = &trainer.vae else {
+            return Ok(Vec::new());
+        };
+        trainer.networks.set_training(false);
+        let pipeline = Pipeline {
+            unet: &trainer.unet,
+            text_encoder: &trainer.text_encoder,
+            vae,
+            tokenizer: &trainer.tokenizer,
+            schedule: &self.schedule,
+            clip_skip,
+            device: trainer.device.clone(),
+        };
+        let result = render_previews(
+            &pipeline,
+            &self.prompts,
+            &self.settings,
+            step as u64,
+            events,
+        );
+        trainer.networks.set_training(true);
+        result
+    }
+}

@@ -1,0 +1,397 @@
+//! A whole training run, from a checked plan to the exported LoRA: prepare the output folder,
+//! load the model and build the adapters, restore a state when resuming, cache latents and text
+//! embeddings, then step through the epochs, logging and checkpointing, until the last step, a
+//! stop request (Ctrl-C / SIGTERM) or an error.
+//!
+//! The order of the data is a function of (seed, epoch) and every random draw of a step a
+//! function of (seed, step), so the loop needs nothing but the step counter to know where it is:
+//! step `s` trains on batches `[k·A, (k+1)·A)` of epoch `s / steps_per_epoch`, where
+//! `k = s mod steps_per_epoch` and `A` is `gradient_accumulation_steps`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::checkpoint::{
+    prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT,
+};
+use super::device::Compute;
+use super::outputs::{prepare, run_metadata, unix_now, OutputUse};
+use super::previews::Previews;
+use super::resume;
+use super::setup::{set_up, Setup};
+use super::trainer::Trainer;
+use crate::config::{LogWith, TrainPlan};
+use crate::dataset::{Batch, Dataset};
+use crate::log::tags::LOSS_EPOCH_AVERAGE;
+use crate::log::{
+    DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StepScalars, StepStatus,
+    TrainProgress, TrainSummary,
+};
+use crate::lora::TrainingMetadata;
+use crate::plan::Preflight;
+use crate::Result;
+
+/// How to run, besides the plan.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// `--resume`: a state folder, or `latest`.
+    pub resume: Option<String>,
+    /// `--overwrite`: replace a finished run in `output_dir`.
+    pub overwrite: bool,
+    pub display: DisplayMode,
+    /// Set (by a Ctrl-C / SIGTERM handler) to stop after the current step with a saved state.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RunOptions {
+    /// A fresh run with the display chosen by the terminal and no stop handler.
+    pub fn new() -> Self {
+        RunOptions {
+            resume: None,
+            overwrite: false,
+            display: DisplayMode::detect(false),
+            stop: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions::new()
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// Every step done; the final LoRA written.
+    Finished { lora: PathBuf },
+    /// Stopped on request; `state` continues it (`None` when no step was done yet).
+    Interrupted { state: Option<PathBuf> },
+}
+
+/// What a run did.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub end: RunEnd,
+    pub summary: TrainSummary,
+}
+
+/// Trains the LoRA `preflight` describes; prints start-up lines and progress to stderr.
+pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
+    let plan = &preflight.plan;
+    let steps = preflight.steps;
+    let out = &plan.output;
+    let resume_dir = match &options.resume {
+        Some(arg) => Some(resume::locate(arg, &out.output_dir)?),
+        None => None,
+    };
+    let saved = match &resume_dir {
+        Some(dir) => Some(resume::open_for(dir, plan, steps.total_steps)?),
+        None => None,
+    };
+    let usage = match (&saved, options.overwrite) {
+        (Some(_), _) => OutputUse::Resume,
+        (None, true) => OutputUse::Overwrite,
+        (None, false) => OutputUse::Fresh,
+    };
+    prepare(plan, usage)?;
+    let start_step = saved.as_ref().map_or(0, |s| s.manifest.step);
+    let mut clock = RunClock::start(start_step as u64);
+
+    let compute = Compute::resolve(plan.training.device, plan.training.mixed_precision)?;
+    for warning in &compute.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let dataset = Dataset::open(&plan.dataset_spec())?;
+    let Setup {
+        mut trainer,
+        base,
+        previews,
+    } = set_up(
+        plan,
+        &steps,
+        &compute,
+        &dataset,
+        saved.as_ref(),
+        options.display,
+    )?;
+    let started_at = saved
+        .as_ref()
+        .map_or_else(unix_now, |s| s.manifest.training_started_at);
+    let metadata = run_metadata(plan, &steps, &dataset, base, started_at);
+    let mut loop_state = Loop {
+        plan,
+        preflight: &preflight,
+        dataset: &dataset,
+        metadata,
+        tracker: saved
+            .as_ref()
+            .map(|s| s.manifest.loss.clone())
+            .unwrap_or_else(|| LossTracker::new(steps.steps_per_epoch)),
+        events: open_events(plan, start_step),
+        progress: TrainProgress::new(options.display, steps.total_steps as u64, start_step as u64),
+        files: Vec::new(),
+        epoch_batches: None,
+        previews,
+    };
+    clock.steps_begin();
+    let end = loop_state.run(&mut trainer, start_step, &options.stop, saved.as_ref());
+    loop_state.progress.finish();
+    if let Some(events) = loop_state.events.take() {
+        if let Err(e) = events.close() {
+            eprintln!("warning: TensorBoard log: {}", e.report());
+        }
+    }
+    let (end, done) = end?;
+    let outcome = RunOutcome {
+        interrupted: matches!(end, RunEnd::Interrupted { .. }),
+        steps: done as u64,
+        total_steps: steps.total_steps as u64,
+        epochs: (done / steps.steps_per_epoch.max(1)) as u64,
+        final_loss: loop_state.tracker.current(),
+        average_loss: loop_state.tracker.average(),
+        files_written: loop_state.files.clone(),
+    };
+    let summary = TrainSummary::new(&clock, outcome);
+    // A run stopped before its first step leaves no summary: there is nothing to protect.
+    if end != (RunEnd::Interrupted { state: None }) {
+        summary.write(&out.output_dir)?;
+    }
+    Ok(RunReport { end, summary })
+}
+
+/// The state of the step loop.
+struct Loop<'a> {
+    plan: &'a TrainPlan,
+    preflight: &'a Preflight,
+    dataset: &'a Dataset,
+    metadata: TrainingMetadata,
+    tracker: LossTracker,
+    events: Option<EventWriter>,
+    progress: TrainProgress,
+    files: Vec<PathBuf>,
+    /// The batches of the epoch being trained.
+    epoch_batches: Option<(usize, Vec<Batch>)>,
+    previews: Option<Previews>,
+}
+
+impl Loop<'_> {
+    /// Steps from `start` to the end (or a stop request); returns how it ended and the steps
+    /// done.
+    fn run(
+        &mut self,
+        trainer: &mut Trainer,
+        start: usize,
+        stop: &AtomicBool,
+        saved: Option<&SavedState>,
+    ) -> Result<(RunEnd, usize)> {
+        let steps = self.preflight.steps;
+        let per_epoch = steps.steps_per_epoch.max(1);
+        let accumulation = steps.gradient_accumulation_steps.max(1);
+        let batch_size = self.plan.training.batch_size;
+        let mut step = start;
+        if start == 0 && self.plan.sampling.at_first {
+            self.render_previews(trainer, 0);
+        }
+        while step < steps.total_steps {
+            if stop.load(Ordering::SeqCst) {
+                return self.interrupted(trainer, step, start, saved);
+            }
+            let epoch = step / per_epoch;
+            let k = step % per_epoch;
+            if k == 0 {
+                self.tracker.start_epoch();
+            }
+            if self.epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                self.epoch_batches = Some((epoch, self.dataset.epoch_batches(epoch, batch_size)));
+            }
+            let batches = &self.epoch_batches.as_ref().map_or(&[][..], |(_, b)| b);
+            let from = (k * accumulation).min(batches.len());
+            let to = ((k + 1) * accumulation).min(batches.len());
+            let began = Instant::now();
+            let report = trainer.step(self.dataset, step, &batches[from..to])?;
+            step += 1;
+            self.tracker.record(report.loss);
+            let average = self.tracker.average().unwrap_or(report.loss);
+            let seconds = began.elapsed().as_secs_f32();
+            let scalars = StepScalars {
+                loss: report.loss,
+                average_loss: average,
+                lr_unet: report.lrs.first().copied(),
+                lr_text_encoder: trainer
+                    .networks
+                    .text_encoder
+                    .as_ref()
+                    .and(report.lrs.get(1).copied()),
+                grad_norm: Some(report.grad_norm as f32),
+                samples_per_sec: (seconds > 0.0).then(|| report.samples as f32 / seconds),
+            };
+            self.log(|w| w.add_scalars(&scalars.tagged(), step as u64));
+            self.progress.update(&StepStatus {
+                epoch: epoch as u64 + 1,
+                epochs: steps.epochs_run() as u64,
+                step: step as u64,
+                loss: report.loss,
+                average_loss: average,
+                lr: report.lrs.first().copied().unwrap_or(0.0),
+            });
+            let epoch_done = step % per_epoch == 0 || step == steps.total_steps;
+            if epoch_done {
+                if let Some(avg) = self.tracker.epoch_average() {
+                    self.log(|w| w.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch as u64 + 1));
+                }
+            }
+            if self.preflight.checkpoints.is_checkpoint(step) {
+                self.checkpoint(trainer, step)?;
+            }
+            if self.plan.sampling.is_due(step, steps.total_steps) {
+                self.render_previews(trainer, step);
+            }
+        }
+        let lora = self.save_lora(trainer, steps.total_steps, true)?;
+        self.progress.println(&format!("saved {}", lora.display()));
+        Ok((RunEnd::Finished { lora }, steps.total_steps))
+    }
+
+    /// A step LoRA file and a state folder after `step`, then the pruning of old ones.
+    fn checkpoint(&mut self, trainer: &Trainer, step: usize) -> Result<()> {
+        self.save_lora(trainer, step, false)?;
+        let state = self.save_state(trainer, step)?;
+        self.progress
+            .println(&format!("checkpoint at step {step}: {}", state.display()));
+        let out = &self.plan.output;
+        if let Some(keep) = out.save_last_n {
+            prune(&out.output_dir, &out.output_name, keep)?;
+        }
+        Ok(())
+    }
+
+    /// Saves a state for a stop request; nothing when no step was done in this process (a
+    /// resumed run's state is already on disk).
+    fn interrupted(
+        &mut self,
+        trainer: &Trainer,
+        step: usize,
+        start: usize,
+        saved: Option<&SavedState>,
+    ) -> Result<(RunEnd, usize)> {
+        let state = if step > start {
+            Some(self.save_state(trainer, step)?)
+        } else {
+            saved.map(|s| s.dir.clone())
+        };
+        Ok((RunEnd::Interrupted { state }, step))
+    }
+
+    fn save_state(&mut self, trainer: &Trainer, step: usize) -> Result<PathBuf> {
+        let steps = self.preflight.steps;
+        let per_epoch = steps.steps_per_epoch.max(1);
+        let manifest = StateManifest {
+            format: STATE_FORMAT,
+            step,
+            epoch: step / per_epoch,
+            batch_in_epoch: (step % per_epoch) * steps.gradient_accumulation_steps.max(1),
+            total_steps: steps.total_steps,
+            seed: self.plan.data.seed,
+            optimizer: self.plan.training.optimizer.to_string(),
+            loss: self.tracker.clone(),
+            training_started_at: self.metadata.training_started_at,
+            written_by: format!("lora-trainer {}", env!("CARGO_PKG_VERSION")),
+        };
+        let dir = write_state(
+            &self.plan.output.output_dir,
+            &manifest,
+            &trainer.networks,
+            trainer.optimizer.as_ref(),
+            &self.plan.to_resolved_yaml(),
+        )?;
+        debug_assert!(dir.ends_with(state_dir_name(step)));
+        self.files.push(dir.clone());
+        Ok(dir)
+    }
+
+    fn save_lora(&mut self, trainer: &Trainer, step: usize, last: bool) -> Result<PathBuf> {
+        let out = &self.plan.output;
+        let per_epoch = self.preflight.steps.steps_per_epoch.max(1);
+        let mut metadata = self.metadata.clone();
+        metadata.steps = step;
+        metadata.epoch = step.div_ceil(per_epoch);
+        let path = if last {
+            metadata.training_finished_at = Some(unix_now());
+            out.final_file()
+        } else {
+            out.output_dir.join(out.step_file_name(step))
+        };
+        let lora = &self.plan.lora;
+        let saved = trainer.networks.save(
+            &path,
+            lora.save_format,
+            lora.save_precision,
+            &metadata.to_header(),
+        )?;
+        self.files.push(saved.path.clone());
+        Ok(saved.path)
+    }
+
+    /// Draws the previews after `step` (0: before the first); a failure is a warning.
+    fn render_previews(&mut self, trainer: &Trainer, step: usize) {
+        let Some(previews) = &self.previews else {
+            return;
+        };
+        match previews.render(
+            trainer,
+            self.plan.model.clip_skip,
+            step,
+            self.events.as_mut(),
+        ) {
+            Ok(files) => {
+                self.progress.println(&format!(
+                    "previews at step {step}: {} picture(s) in {}",
+                    files.len(),
+                    previews.folder().display()
+                ));
+                self.files.extend(files);
+            }
+            Err(e) => self.progress.println(&format!(
+                "warning: previews at step {step} failed: {}",
+                e.report()
+            )),
+        }
+    }
+
+    /// Logs to TensorBoard; the first failure is reported and ends the logging, not the run.
+    fn log(&mut self, write: impl FnOnce(&mut EventWriter) -> Result<()>) {
+        if let Some(events) = self.events.as_mut() {
+            if let Err(e) = write(events) {
+                self.progress.println(&format!(
+                    "warning: TensorBoard logging stopped: {}",
+                    e.report()
+                ));
+                self.events = None;
+            }
+        }
+    }
+}
+
+/// The TensorBoard writer, when `log_with: tensorboard`; a failure to create it is a warning.
+fn open_events(plan: &TrainPlan, start_step: usize) -> Option<EventWriter> {
+    if plan.output.log_with != LogWith::Tensorboard {
+        return None;
+    }
+    let log_dir = &plan.output.log_dir;
+    let writer = if start_step > 0 {
+        EventWriter::create_resumed(log_dir, start_step as u64)
+    } else {
+        EventWriter::create(log_dir)
+    };
+    match writer {
+        Ok(w) => Some(w),
+        Err(e) => {
+            eprintln!("warning: no TensorBoard log: {}", e.report());
+            None
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Everything before the first step: the base model loaded on the run's device and precision,
+//! the LoRA adapters built into it (and restored from a state when resuming), the optimizer and
+//! schedule, the start-up lines, the latent and text caches, and the preview prompts.
+
+use super::checkpoint::SavedState;
+use super::device::Compute;
+use super::disk_latents::{self, DiskLatents};
+use super::latents::LatentCache;
+use super::optim::{build_optimizer, OptimizerSettings};
+use super::outputs::base_model_version;
+use super::previews::Previews;
+use super::schedule::LrSchedule;
+use super::text_cache::TextCache;
+use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
+use crate::config::{PredictionType as ConfigPrediction, TrainPlan};
+use crate::dataset::Dataset;
+use crate::log::{DisplayMode, StartupFacts, TaskProgress};
+use crate::lora::{BaseModelVersion, LoraNetworks, NetworkOptions};
+use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::noise::PredictionType;
+use crate::plan::StepPlan;
+use crate::Result;
+
+/// A run ready for its first step.
+pub struct Setup {
+    pub trainer: Trainer,
+    /// `ss_base_model_version` of the base model.
+    pub base: BaseModelVersion,
+    pub previews: Option<Previews>,
+}
+
+/// Loads and builds everything the steps need; prints the start-up lines to stderr and shows
+/// the latent caching's progress in `display`.
+pub fn set_up(
+    plan: &TrainPlan,
+    steps: &StepPlan,
+    compute: &Compute,
+    dataset: &Dataset,
+    saved: Option<&SavedState>,
+    display: DisplayMode,
+) -> Result<Setup> {
+    let load = LoadOptions {
+        dtype: compute.dtype,
+        device: compute.device.clone(),
+        tokenizer: plan.model.tokenizer.clone(),
+        vae: plan.model.vae.clone(),
+        prediction_type: plan.model.prediction_type.map(|p| match p {
+            ConfigPrediction::Epsilon => PredictionType::Epsilon,
+            ConfigPrediction::VPrediction => PredictionType::VPrediction,
+        }),
+        ..LoadOptions::default()
+    };
+    let checkpoint = SdCheckpoint::open_path(&plan.model.base_model, &load)?;
+    let seed = plan.data.seed;
+    let networks = LoraNetworks::new(
+        &plan.lora,
+        Some(checkpoint.version()),
+        NetworkOptions::new(seed, &compute.device),
+    )?;
+    let unet = checkpoint.unet(Some(&networks.unet))?;
+    let text_encoder = match &networks.text_encoder {
+        Some(te) => checkpoint.text_encoder(Some(te))?,
+        None => checkpoint.text_encoder(None)?,
+    };
+    networks.check_built()?;
+    let t = &plan.training;
+    let (groups, base_lrs) = param_groups(&networks, t.unet_lr, t.text_encoder_lr, t.weight_decay);
+    let mut optimizer = build_optimizer(OptimizerSettings::from_training(t), groups)?;
+    if let Some(state) = saved {
+        state.restore(&networks, optimizer.as_mut())?;
+    }
+    let schedule = LrSchedule::from_training(t, steps.total_steps)?;
+    let noise = checkpoint.noise_schedule().clone();
+    let base = base_model_version(checkpoint.version(), noise.prediction_type());
+
+    let report = networks.report();
+    let facts = StartupFacts {
+        device: compute.device_name.clone(),
+        dtype: compute.dtype_name.clone(),
+        model_source: checkpoint.description().to_string(),
+        model_version: Some(format!(
+            "{} ({})",
+            checkpoint.version(),
+            noise.prediction_type().as_str()
+        )),
+        images: dataset.len(),
+        repeats: plan.data.repeats,
+        lora_modules: report.unet.modules + report.text_encoder.as_ref().map_or(0, |r| r.modules),
+        lora_parameters: report.total_parameters() as u64,
+        rank: plan.lora.rank,
+        alpha: plan.lora.alpha as f32,
+        total_steps: steps.total_steps as u64,
+        epochs: steps.epochs_run() as u64,
+        resume_step: saved.map(|s| s.manifest.step as u64),
+    };
+    eprint!("{facts}");
+
+    let previews = Previews::load(plan, &noise)?;
+    let vae = checkpoint.vae()?;
+    let latents = if t.cache_latents {
+        let views = LatentCache::views_for_run(dataset, steps.epochs_run().max(1));
+        let mut bar = TaskProgress::new(display, "caching latents", views.len() as u64);
+        let disk = t
+            .cache_latents_to_disk
+            .then(|| DiskLatents::new(&plan.output.output_dir, plan, dataset));
+        let cache = disk_latents::build(
+            dataset,
+            &views,
+            &vae,
+            seed,
+            t.batch_size,
+            disk.as_ref(),
+            |n| bar.inc(n),
+        )?;
+        bar.finish();
+        LatentSource::Cached(cache)
+    } else {
+        LatentSource::Live
+    };
+    let keep_vae = !t.cache_latents || previews.is_some();
+    let tokenizer = checkpoint.tokenizer()?;
+    let d = &plan.data;
+    let captions_fixed = !d.shuffle_caption && d.caption_dropout_rate == 0.0;
+    let text_cache = if networks.text_encoder.is_none() && captions_fixed {
+        let captions: Vec<String> = (0..dataset.len())
+            .flat_map(|i| (0..d.repeats.max(1)).map(move |r| (i, r)))
+            .map(|(i, r)| dataset.sample(0, i, r).caption)
+            .collect();
+        Some(TextCache::build(
+            captions.iter().map(String::as_str),
+            &tokenizer,
+            &text_encoder,
+            &compute.device,
+            plan.model.clip_skip,
+            t.batch_size,
+        )?)
+    } else {
+        None
+    };
+
+    let trainer = Trainer {
+        unet,
+        text_encoder,
+        tokenizer,
+        text_cache,
+        vae: keep_vae.then_some(vae),
+        latents,
+        noise,
+        networks,
+        optimizer,
+        schedule,
+        base_lrs,
+        settings: StepSettings {
+            seed,
+            max_grad_norm: t.max_grad_norm,
+            min_snr_gamma: t.min_snr_gamma,
+            noise_offset: t.noise_offset,
+            clip_skip: plan.model.clip_skip,
+        },
+        device: compute.device.clone(),
+    };
+    Ok(Setup {
+        trainer,
+        base,
+        previews,
+    })
+}

@@ -1,0 +1,361 @@
+//! Whole training runs on the tiny SD1 fixture: the loss falls, the files appear under the
+//! right names, TensorBoard events read back, `save_last_n` prunes, a resumed run ends
+//! bit-identical to an uninterrupted one, a non-finite loss stops cleanly, and an output folder
+//! holding a finished run is not overwritten. The CLI side (SIGINT, exit codes) is in
+//! tests/train_cli.rs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use lora_trainer::config::TrainPlan;
+use lora_trainer::log::event_reader::{event_files, read_event_file, scalar_series};
+use lora_trainer::log::{DisplayMode, TrainSummary};
+use lora_trainer::plan::Preflight;
+use lora_trainer::train::{train, RunEnd, RunOptions, RunReport};
+
+/// A project in a temporary folder: 4 pictures with captions and a config using the tiny SD1
+/// fixture, every path absolute.
+fn project(extra: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut csv = String::from("filename,prompt\n");
+    for i in 0..4u32 {
+        let name = format!("img{i}.png");
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            let stripe = ((x / 8 + y / 8 + i) % 2) as u8;
+            image::Rgb([stripe * 200 + (i * 10) as u8, (y * 3) as u8, (i * 60) as u8])
+        })
+        .save(data.join(&name))
+        .unwrap();
+        csv.push_str(&format!("{name},\"striped picture {i}\"\n"));
+    }
+    std::fs::write(data.join("metadata.csv"), csv).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
+    let base = format!(
+        "train_data_dir: {data}\nmetadata_path: {data}/metadata.csv\nresolution: 64\n\
+         base_model: {model}\noutput_dir: {out}\nlora_rank: 4\nbatch_size: 2\nepochs: 6\n\
+         learning_rate: 1e-2\nseed: 7\ndevice: cpu\ntrain_text_encoder: false\n",
+        data = data.display(),
+        model = model.display(),
+        out = root.join("out/tiny").display(),
+    );
+    // `extra` replaces the base lines of the keys it sets.
+    let key = |line: &str| line.split(':').next().unwrap_or("").trim().to_string();
+    let overridden: Vec<String> = extra.lines().map(key).collect();
+    let mut config: String = base
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    config.push_str(extra);
+    std::fs::write(root.join("config.yaml"), config).unwrap();
+    dir
+}
+
+fn run_with(dir: &Path, sets: &[&str], resume: Option<&str>) -> lora_trainer::Result<RunReport> {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    let plan = TrainPlan::load(&dir.join("config.yaml"), &sets)?;
+    let preflight = Preflight::check(plan)?;
+    let options = RunOptions {
+        resume: resume.map(str::to_string),
+        overwrite: false,
+        display: DisplayMode::Quiet,
+        stop: Arc::new(AtomicBool::new(false)),
+    };
+    train(preflight, &options)
+}
+
+fn out(dir: &Path) -> PathBuf {
+    dir.join("out/tiny")
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Tensor name → raw bytes of a safetensors file, and its metadata.
+fn tensors(path: &Path) -> (BTreeMap<String, Vec<u8>>, BTreeMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let tensors = file
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.data().to_vec()))
+        .collect();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    (tensors, meta)
+}
+
+#[test]
+fn a_tiny_run_learns_and_writes_every_output() {
+    let dir = project("save_steps: 4\nsave_last_n: 2\n");
+    let report = run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    assert_eq!(
+        report.end,
+        RunEnd::Finished {
+            lora: out.join("tiny.safetensors")
+        }
+    );
+    // 4 pictures, batch 2: 2 steps per epoch, 12 in all; checkpoints at 4 and 8, then 12 is
+    // the final file. save_last_n: 2 keeps both.
+    assert_eq!(
+        names(&out),
+        [
+            "config.yaml",
+            "logs",
+            "state-step00000004",
+            "state-step00000008",
+            "tiny-step00000004.safetensors",
+            "tiny-step00000008.safetensors",
+            "tiny.safetensors",
+            "train_summary.json"
+        ]
+    );
+    assert_eq!(
+        names(&out.join("state-step00000008")),
+        [
+            "adapters.safetensors",
+            "config.yaml",
+            "optimizer.json",
+            "optimizer.safetensors",
+            "state.json"
+        ]
+    );
+    let summary = TrainSummary::read(&out.join("train_summary.json")).unwrap();
+    assert_eq!((summary.steps, summary.total_steps), (12, 12));
+    assert!(!summary.interrupted);
+    assert_eq!(summary.files_written.len(), 5);
+
+    let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(config.contains("learning_rate: 0.01\n") && config.contains("output_name: \"tiny\""));
+
+    let (lora, meta) = tensors(&out.join("tiny.safetensors"));
+    assert!(
+        lora.keys().all(|k| k.starts_with("lora_unet_")),
+        "{:?}",
+        lora.keys()
+    );
+    assert!(lora.keys().any(|k| k.ends_with(".lora_up.weight")));
+    assert_eq!(meta["ss_steps"], "12");
+    assert_eq!(meta["ss_output_name"], "tiny");
+    let (step8, meta8) = tensors(&out.join("tiny-step00000008.safetensors"));
+    assert_eq!(meta8["ss_steps"], "8");
+    assert_ne!(step8, lora, "the step checkpoint holds earlier weights");
+
+    let files = event_files(&out.join("logs")).unwrap();
+    assert_eq!(files.len(), 1);
+    let events = read_event_file(&files[0]).unwrap();
+    let current = scalar_series(&events, "loss/current");
+    assert_eq!(current.len(), 12);
+    assert_eq!(current.first().map(|p| p.0), Some(1));
+    assert_eq!(scalar_series(&events, "lr/unet").len(), 12);
+    assert_eq!(scalar_series(&events, "norm/grad").len(), 12);
+    let epochs = scalar_series(&events, "loss/epoch_average");
+    assert_eq!(
+        epochs.iter().map(|p| p.0).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
+    // Timesteps are random, so single epochs are noisy: compare the first two with the last two.
+    let early = (epochs[0].1 + epochs[1].1) / 2.0;
+    let late = (epochs[4].1 + epochs[5].1) / 2.0;
+    assert!(
+        late < 0.95 * early,
+        "the loss falls: epoch averages {epochs:?}"
+    );
+}
+
+#[test]
+fn save_last_n_prunes_older_checkpoints() {
+    let dir = project("save_steps: 2\nsave_last_n: 2\nepochs: 4\n");
+    run_with(dir.path(), &[], None).unwrap();
+    // Checkpoints at 2, 4, 6 (8 is the final step): the newest two are kept.
+    let out = out(dir.path());
+    let kept: Vec<String> = names(&out)
+        .into_iter()
+        .filter(|n| n.contains("step"))
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "state-step00000004",
+            "state-step00000006",
+            "tiny-step00000004.safetensors",
+            "tiny-step00000006.safetensors"
+        ]
+    );
+}
+
+#[test]
+fn a_resumed_run_ends_bit_identical_to_an_uninterrupted_one() {
+    // Accumulation, dropout, min-SNR, noise offset, flips, a schedule and AdamW8bit: everything
+    // that draws randomness or keeps state.
+    let extra = "save_steps: 3\nepochs: 3\ngradient_accumulation_steps: 2\nbatch_size: 1\n\
+                 lora_dropout: 0.1\nmin_snr_gamma: 5\nnoise_offset: 0.05\nflip_aug: true\n\
+                 scheduler: cosine\nlr_warmup_steps: 2\noptimizer: AdamW8bit\n";
+    let dir = project(extra);
+    run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    let (whole, whole_meta) = tensors(&out.join("tiny.safetensors"));
+    let summary = TrainSummary::read(&out.join("train_summary.json")).unwrap();
+    assert_eq!(summary.total_steps, 6);
+
+    let report = run_with(dir.path(), &[], Some("latest")).unwrap();
+    assert!(matches!(report.end, RunEnd::Finished { .. }));
+    assert_eq!(report.summary.resumed_from_step, Some(3));
+    let (resumed, resumed_meta) = tensors(&out.join("tiny.safetensors"));
+    assert_eq!(whole.len(), resumed.len());
+    assert!(
+        whole == resumed,
+        "every tensor byte is the same after resuming"
+    );
+    assert_eq!(
+        whole_meta["sshs_model_hash"],
+        resumed_meta["sshs_model_hash"]
+    );
+    assert_eq!(
+        whole_meta["ss_training_started_at"],
+        resumed_meta["ss_training_started_at"]
+    );
+}
+
+#[test]
+fn resuming_with_a_config_that_changes_the_result_is_refused_by_name() {
+    let dir = project("save_steps: 2\nepochs: 2\n");
+    run_with(dir.path(), &[], None).unwrap();
+    let e = run_with(dir.path(), &["learning_rate=2e-2"], Some("latest")).unwrap_err();
+    let text = e.report();
+    assert!(text.contains("`learning_rate`: 0.01 → 0.02"), "{text}");
+    assert_eq!(e.exit_code(), 2);
+    // Keys that do not change the weights may differ.
+    run_with(
+        dir.path(),
+        &["log_with=none", "save_steps=1"],
+        Some("latest"),
+    )
+    .unwrap();
+    let e = run_with(dir.path(), &[], Some("/no/such/state")).unwrap_err();
+    assert!(e.report().contains("no such folder"), "{}", e.report());
+}
+
+#[test]
+fn a_non_finite_loss_stops_and_keeps_the_checkpoints_before_it() {
+    let dir = project("save_steps: 1\nlearning_rate: 1e30\nmax_grad_norm: 0\n");
+    let e = run_with(dir.path(), &[], None).unwrap_err();
+    let text = e.report();
+    assert!(text.contains("not a finite number"), "{text}");
+    assert!(text.contains("Lower `learning_rate`"), "{text}");
+    assert_eq!(e.exit_code(), 1);
+    let out = out(dir.path());
+    let states: Vec<String> = names(&out)
+        .into_iter()
+        .filter(|n| n.starts_with("state-step"))
+        .collect();
+    assert!(
+        !states.is_empty(),
+        "the steps before the failure were saved"
+    );
+    assert!(
+        text.contains(&format!("step {}", states.len() + 1)),
+        "{text} {states:?}"
+    );
+    assert!(!out.join("tiny.safetensors").exists());
+    assert!(!out.join("train_summary.json").exists());
+}
+
+#[test]
+fn a_finished_run_is_not_overwritten() {
+    let dir = project("epochs: 1\n");
+    run_with(dir.path(), &[], None).unwrap();
+    let e = run_with(dir.path(), &[], None).unwrap_err();
+    assert!(
+        e.report().contains("already holds a finished run"),
+        "{}",
+        e.report()
+    );
+    assert_eq!(e.exit_code(), 2);
+}
+
+#[test]
+fn a_trained_text_encoder_and_live_latents_also_train() {
+    let dir = project(
+        "epochs: 1\ntrain_text_encoder: true\ncache_latents: false\nshuffle_caption: true\n\
+         clip_skip: 2\ntext_encoder_lr: 5e-3\n",
+    );
+    run_with(dir.path(), &[], None).unwrap();
+    let (lora, _) = tensors(&out(dir.path()).join("tiny.safetensors"));
+    assert!(
+        lora.keys().any(|k| k.starts_with("lora_te_")),
+        "{:?}",
+        lora.keys()
+    );
+    let events = read_event_file(&event_files(&out(dir.path()).join("logs")).unwrap()[0]).unwrap();
+    let lr_te = scalar_series(&events, "lr/textencoder");
+    assert_eq!(lr_te.len(), 2);
+    assert!((lr_te[0].1 - 5e-3).abs() < 1e-9);
+}
+
+#[test]
+fn latents_cached_to_disk_are_reused_and_give_the_same_result() {
+    let dir = project("epochs: 1\ncache_latents_to_disk: true\nflip_aug: true\n");
+    run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    let cached = names(&out.join("latent_cache"));
+    assert!(!cached.is_empty());
+    let (first, _) = tensors(&out.join("tiny.safetensors"));
+    std::fs::remove_file(out.join("tiny.safetensors")).unwrap();
+    std::fs::remove_file(out.join("train_summary.json")).unwrap();
+    run_with(dir.path(), &[], None).unwrap();
+    assert_eq!(
+        names(&out.join("latent_cache")),
+        cached,
+        "no new file: all were reused"
+    );
+    let (second, _) = tensors(&out.join("tiny.safetensors"));
+    assert!(first == second);
+}
+
+#[test]
+fn previews_are_drawn_at_first_and_every_n_steps() {
+    let dir = project(
+        "epochs: 2\nsample_prompts: [\"striped picture --w 64 --h 64 --s 2\", \"a dot --s 2 --w 64 --h 64 --d 3\"]\n\
+         sample_every_n_steps: 3\nsample_at_first: true\nsample_sampler: euler_a\n",
+    );
+    run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    // 4 steps: previews before step 1, after step 3 and after the last step.
+    assert_eq!(
+        names(&out.join("samples")),
+        [
+            "tiny_000000_00_7.png",
+            "tiny_000000_01_3.png",
+            "tiny_000003_00_7.png",
+            "tiny_000003_01_3.png",
+            "tiny_000004_00_7.png",
+            "tiny_000004_01_3.png"
+        ]
+    );
+    let events = read_event_file(&event_files(&out.join("logs")).unwrap()[0]).unwrap();
+    let images = events
+        .iter()
+        .filter(|e| format!("{:?}", e.kind).contains("samples/0"))
+        .count();
+    assert_eq!(images, 6);
+    let config = std::fs::read_to_string(out.join("config.yaml")).unwrap();
+    assert!(config.contains("sample_sampler: \"euler_a\""), "{config}");
+}
