@@ -185,12 +185,17 @@ fn a_broken_dataset_exits_with_status_2() {
 }
 
 #[test]
-fn training_with_an_incomplete_model_names_the_missing_file() {
-    // The fake model passes the dry run's header checks but has no text-encoder config: real
-    // training (tests/train_run.rs) stops when it loads the model, naming the file.
+fn an_incomplete_model_is_refused_before_training_naming_the_missing_file() {
     let dir = project("");
-    let out = train(dir.path(), &["--config", "train.yaml"]);
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("text_encoder/config.json"), "{err}");
+    std::fs::remove_file(dir.path().join("models/tiny-sd/text_encoder/config.json")).unwrap();
+    for args in [
+        &["--config", "train.yaml", "--dry-run"][..],
+        &["--config", "train.yaml"][..],
+    ] {
+        let out = train(dir.path(), args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("text_encoder/config.json"), "{err}");
+    }
+    assert!(!dir.path().join("output").exists());
 }
