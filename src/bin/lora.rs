@@ -1,6 +1,7 @@
 //! `lora inspect FILE`: look into a LoRA file (format, base model, metadata, modules). Exit
 //! status 2 when the file is not a usable LoRA, with the reason.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,10 +25,20 @@ enum Command {
     },
 }
 
+/// Prints to stdout; a closed pipe (`lora inspect F | head`) ends the output quietly.
+fn print_text(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to stdout: {e}");
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match &args.command {
-        Command::Inspect { file } => Inspection::read(file).map(|i| print!("{i}")),
+        Command::Inspect { file } => Inspection::read(file).map(|i| print_text(&i.to_string())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
