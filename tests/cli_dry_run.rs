@@ -18,7 +18,7 @@ fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// A tiny project: 3 images with metadata.csv, a fake diffusers model folder, a config.
+/// A tiny project: 3 images with metadata.csv, the tiny SD 1.x fixture model, a config.
 fn project(extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
@@ -35,18 +35,10 @@ fn project(extra: &str) -> tempfile::TempDir {
         csv.push_str(&format!("{name},\"a shape, number {i}\"\n"));
     }
     std::fs::write(data.join("metadata.csv"), csv).unwrap();
-    let model = root.join("models/tiny-sd");
-    std::fs::create_dir_all(model.join("unet")).unwrap();
-    std::fs::write(
-        model.join("model_index.json"),
-        r#"{"_class_name": "StableDiffusionPipeline"}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        model.join("unet/config.json"),
-        r#"{"cross_attention_dim": 768}"#,
-    )
-    .unwrap();
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1"),
+        &root.join("models/tiny-sd"),
+    );
     let config = format!(
         "train_data_dir: ./data/shapes\nmetadata_path: ./data/shapes/metadata.csv\n\
          base_model: ./models/tiny-sd\nresolution: 64\nbatch_size: 2\nepochs: 3\n\
@@ -54,6 +46,20 @@ fn project(extra: &str) -> tempfile::TempDir {
     );
     std::fs::write(root.join("train.yaml"), config).unwrap();
     dir
+}
+
+/// Copies the folder `from` to `to`, recursively.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
 }
 
 /// Every file under `root`, relative, sorted.
@@ -149,7 +155,7 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
     for expected in [
         "Dry run of train.yaml",
         "diffusers folder",
-        "(SD 1.x)",
+        "(SD 1.x-style",
         "3 images × 1 repeats = 3 samples per epoch, at 64 px",
         "batch size 2 × gradient accumulation 1 = effective batch 2",
         "2 batches per epoch → 2 optimizer steps per epoch",
@@ -158,6 +164,7 @@ fn a_dry_run_prints_the_plan_and_writes_nothing() {
         "step checkpoints: 2 of them, after steps 2, 4",
         "shapes_v1-step00000002.safetensors",
         "shapes_v1.safetensors",
+        "modules: UNet: ",
     ] {
         assert!(
             stdout.contains(expected),
@@ -178,12 +185,17 @@ fn a_broken_dataset_exits_with_status_2() {
 }
 
 #[test]
-fn training_with_an_incomplete_model_names_the_missing_file() {
-    // The fake model passes the dry run's header checks but has no text-encoder config: real
-    // training (tests/train_run.rs) stops when it loads the model, naming the file.
+fn an_incomplete_model_is_refused_before_training_naming_the_missing_file() {
     let dir = project("");
-    let out = train(dir.path(), &["--config", "train.yaml"]);
-    let err = text(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("text_encoder/config.json"), "{err}");
+    std::fs::remove_file(dir.path().join("models/tiny-sd/text_encoder/config.json")).unwrap();
+    for args in [
+        &["--config", "train.yaml", "--dry-run"][..],
+        &["--config", "train.yaml"][..],
+    ] {
+        let out = train(dir.path(), args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("text_encoder/config.json"), "{err}");
+    }
+    assert!(!dir.path().join("output").exists());
 }

@@ -242,6 +242,21 @@ fn a_broken_folder_names_the_file() {
 }
 
 #[test]
+fn a_folder_without_a_component_config_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(&fixture("tiny-sd1"), dir.path());
+    std::fs::remove_file(dir.path().join("text_encoder/config.json")).unwrap();
+    let error = open_error(&dir.path().display().to_string());
+    let message = error.to_string();
+    assert!(
+        matches!(error, Error::Model(ModelError::NotFound { .. }))
+            && message.contains("text_encoder/config.json")
+            && error.exit_code() == 2,
+        "{message}"
+    );
+}
+
+#[test]
 fn missing_paths_are_not_found() {
     let err = open_error("./models/does-not-exist.safetensors");
     assert!(

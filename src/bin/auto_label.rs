@@ -94,7 +94,7 @@ fn main() -> ExitCode {
 }
 
 fn run_args(args: &Args) -> lora_trainer::Result<LabelSummary> {
-    let device = device(args.device)?;
+    let device = args.device.device()?;
     let cache = if args.no_cache {
         EmbeddingCache::disabled()
     } else {
@@ -129,20 +129,6 @@ fn run_args(args: &Args) -> lora_trainer::Result<LabelSummary> {
         hub_cache: HubCache::from_env(),
     };
     run(&options, &Bar::new())
-}
-
-fn device(choice: DeviceChoice) -> lora_trainer::Result<candle_core::Device> {
-    Ok(match choice {
-        DeviceChoice::Cpu => candle_core::Device::Cpu,
-        DeviceChoice::Cuda(n) => candle_core::Device::new_cuda(n)?,
-        DeviceChoice::Auto => {
-            if candle_core::utils::cuda_is_available() {
-                candle_core::Device::new_cuda(0).unwrap_or(candle_core::Device::Cpu)
-            } else {
-                candle_core::Device::Cpu
-            }
-        }
-    })
 }
 
 /// An indicatif bar on stderr (hidden when stderr is not a terminal).

@@ -2,7 +2,6 @@
 //! that carry A1111's generation parameters. Parses arguments, shows progress, prints errors
 //! (exit status 2 when the input is at fault).
 
-use std::error::Error as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -112,7 +111,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", e.report());
             ExitCode::from(e.exit_code() as u8)
         }
     }
@@ -124,7 +123,7 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
         .iter()
         .map(|a| LoraUse::from_arg(a))
         .collect::<lora_trainer::Result<Vec<_>>>()?;
-    let device = device(args.device)?;
+    let device = args.device.device()?;
     let dtype = match args.precision {
         Precision::F32 => DType::F32,
         Precision::F16 => DType::F16,
@@ -168,20 +167,6 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
         },
     };
     run(&options, &mut Bar::new())
-}
-
-fn device(choice: DeviceChoice) -> lora_trainer::Result<candle_core::Device> {
-    Ok(match choice {
-        DeviceChoice::Cpu => candle_core::Device::Cpu,
-        DeviceChoice::Cuda(n) => candle_core::Device::new_cuda(n)?,
-        DeviceChoice::Auto => {
-            if candle_core::utils::cuda_is_available() {
-                candle_core::Device::new_cuda(0).unwrap_or(candle_core::Device::Cpu)
-            } else {
-                candle_core::Device::Cpu
-            }
-        }
-    })
 }
 
 /// An indicatif bar on stderr over all pictures' steps.
@@ -228,19 +213,4 @@ impl GenerateProgress for Bar {
     fn saved(&mut self, _image: usize, path: &Path) {
         self.bar.suspend(|| eprintln!("saved {}", path.display()));
     }
-}
-
-/// The error and its causes, each said once ("a: b: c").
-fn chain(e: &lora_trainer::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }

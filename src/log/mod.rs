@@ -22,3 +22,29 @@ pub use startup::StartupFacts;
 pub use summary::{RunClock, RunOutcome, TrainSummary};
 pub use tags::StepScalars;
 pub use tensorboard::EventWriter;
+
+/// An integer with thousands separators: `1234567` → `1,234,567`.
+pub fn thousands(n: impl std::fmt::Display) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && c.is_ascii_digit() && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::thousands;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(123_456_789u64), "123,456,789");
+    }
+}

@@ -5,6 +5,8 @@
 
 use std::fmt;
 
+use super::thousands;
+
 /// What the user should see confirmed before training starts.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct StartupFacts {
@@ -41,13 +43,13 @@ impl StartupFacts {
             format!("model     {model}"),
             format!(
                 "images    {} × {} repeats = {} samples per epoch",
-                thousands(self.images as u64),
+                thousands(self.images),
                 self.repeats,
                 thousands(samples)
             ),
             format!(
                 "LoRA      {} modules, {} parameters (rank {}, alpha {})",
-                thousands(self.lora_modules as u64),
+                thousands(self.lora_modules),
                 thousands(self.lora_parameters),
                 self.rank,
                 self.alpha
@@ -76,19 +78,6 @@ impl fmt::Display for StartupFacts {
         }
         Ok(())
     }
-}
-
-/// `1234567` → `1,234,567`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -131,13 +120,5 @@ mod tests {
             fresh.lines()[1],
             "model     models/demo-sd (diffusers folder)"
         );
-    }
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(123_456_789), "123,456,789");
     }
 }

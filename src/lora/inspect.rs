@@ -8,7 +8,7 @@ use candle_core::DType;
 
 use super::file::{FileModule, LoraFile, LoraFormat};
 use super::names::LoraModel;
-use super::report::thousands;
+use crate::log::thousands;
 use crate::Result;
 
 /// Metadata values longer than this are shortened.

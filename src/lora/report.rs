@@ -10,6 +10,7 @@ use super::names::LoraModel;
 use super::network::LoraNetworks;
 use super::targets::ModuleSpec;
 use crate::config::LoraSettings;
+use crate::log::thousands;
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_text_config::ClipTextConfig;
 use crate::models::source::SdVersion;
@@ -114,31 +115,5 @@ impl fmt::Display for LoraReport {
             Some(te) => write!(f, "; {te}"),
             None => write!(f, "; text encoder: not trained"),
         }
-    }
-}
-
-/// `1234567` → `1,234,567`.
-pub fn thousands(n: usize) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn thousands_separators() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1234567), "1,234,567");
     }
 }

@@ -32,7 +32,7 @@ pub struct ClipModelConfig {
 impl ClipModelConfig {
     /// Reads a CLIP model's `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::models::config_json::read_model_file(path)?;
         Self::from_json(&text, &path.display().to_string())
     }
 

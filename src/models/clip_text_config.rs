@@ -77,7 +77,7 @@ impl ClipTextConfig {
     /// Reads `text_encoder/config.json` (a `CLIPTextConfig`) or a CLIP model's `config.json`
     /// (a `CLIPConfig` with `text_config` inside).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::models::config_json::read_model_file(path)?;
         Self::from_json(&text, &path.display().to_string())
     }
 

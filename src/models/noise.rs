@@ -84,7 +84,7 @@ pub struct NoiseSchedule {
 impl NoiseSchedule {
     /// Reads `scheduler_config.json` (any DDPM-family scheduler's).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::models::config_json::read_model_file(path)?;
         let config: SchedulerConfig =
             serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig {
                 origin: path.display().to_string(),

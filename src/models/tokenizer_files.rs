@@ -169,7 +169,7 @@ fn invalid(path: &Path, message: &str) -> Error {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::models::config_json::read_model_file(path)?;
     serde_json::from_str(&text).map_err(|e| invalid(path, &format!("not valid JSON: {e}")))
 }
 
@@ -243,7 +243,7 @@ fn read_vocab_json(path: &Path) -> Result<Vocab> {
 /// `merges.txt`: one `left right` pair per line, best first; `#version` lines are skipped (as
 /// the tokenizers library does).
 fn read_merges_txt(path: &Path) -> Result<Merges> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::models::config_json::read_model_file(path)?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.starts_with("#version"))

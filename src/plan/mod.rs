@@ -9,7 +9,9 @@ pub mod steps;
 
 use crate::config::TrainPlan;
 use crate::dataset::Dataset;
-use crate::models::source::ModelSource;
+use crate::lora::report::LoraReport;
+use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::source::{is_hub_id, ModelSource};
 use crate::Result;
 pub use steps::{CheckpointSchedule, StepLimit, StepPlan};
 
@@ -37,6 +39,9 @@ pub struct Preflight {
     pub dataset: DatasetFacts,
     pub steps: StepPlan,
     pub checkpoints: CheckpointSchedule,
+    /// The adapters the run will train, counted from the model configs; `None` until
+    /// [`Preflight::count_adapters`] ran (or when the model is a hub id not downloaded yet).
+    pub lora: Option<LoraReport>,
 }
 
 impl Preflight {
@@ -44,7 +49,32 @@ impl Preflight {
     pub fn check(plan: TrainPlan) -> Result<Preflight> {
         let model = ModelSource::detect(&plan.model.base_model)?;
         let dataset = open_dataset(&plan)?;
-        Ok(Preflight::new(plan, model, dataset))
+        let mut preflight = Preflight::new(plan, model, dataset);
+        preflight.count_adapters()?;
+        Ok(preflight)
+    }
+
+    /// Counts the LoRA modules and parameters from the base model's configs, on shape-only
+    /// weights (nothing is read but headers and configs). Fails as training would when
+    /// `target_modules` matches nothing or `network_weights` does not fit. A hub model is
+    /// counted only when it is in the local cache: a dry run downloads nothing.
+    pub fn count_adapters(&mut self) -> Result<()> {
+        if let ModelSource::Hub { snapshot: None, .. } = self.model {
+            return Ok(());
+        }
+        let local_vae = self.plan.model.vae.clone().filter(|v| !is_hub_id(v));
+        let options = LoadOptions {
+            vae: local_vae,
+            ..LoadOptions::default()
+        };
+        let checkpoint = SdCheckpoint::open(&self.model, &options)?;
+        self.lora = Some(LoraReport::from_configs(
+            &self.plan.lora,
+            Some(checkpoint.version()),
+            checkpoint.unet_config(),
+            checkpoint.text_encoder_config(),
+        )?);
+        Ok(())
     }
 
     /// The step arithmetic for a model and dataset already checked.
@@ -58,6 +88,7 @@ impl Preflight {
             dataset,
             steps,
             checkpoints,
+            lora: None,
         }
     }
 

@@ -4,6 +4,7 @@ use std::fmt::{self, Write as _};
 
 use super::{Preflight, StepLimit};
 use crate::config::{LogWith, MixedPrecision, TrainPlan, Warmup};
+use crate::log::thousands;
 
 /// How many checkpoint steps and buckets are listed before "…".
 const SHOWN: usize = 5;
@@ -25,7 +26,7 @@ impl fmt::Display for Preflight {
         section(f, "Dataset", &self.dataset_lines())?;
         section(f, "Steps", &self.step_lines())?;
         section(f, "Optimizer", &optimizer_lines(plan))?;
-        section(f, "LoRA", &lora_lines(plan))?;
+        section(f, "LoRA", &self.lora_lines())?;
         section(f, "Output", &self.output_lines())?;
         let warnings = self.warnings();
         if !warnings.is_empty() {
@@ -214,37 +215,45 @@ fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
     lines
 }
 
-fn lora_lines(plan: &TrainPlan) -> Vec<String> {
-    let l = &plan.lora;
-    let mut lines = vec![
-        format!(
-            "rank {}, alpha {} (scale {}), dropout {}",
-            l.rank,
-            number(l.alpha),
-            number(l.scale()),
-            number(l.dropout)
-        ),
-        format!(
-            "targets: {}; text encoder {}; conv LoRA {}",
-            l.target_modules,
-            if l.train_text_encoder {
-                "trained"
-            } else {
-                "frozen"
+impl Preflight {
+    fn lora_lines(&self) -> Vec<String> {
+        let l = &self.plan.lora;
+        let mut lines = vec![
+            format!(
+                "rank {}, alpha {} (scale {}), dropout {}",
+                l.rank,
+                number(l.alpha),
+                number(l.scale()),
+                number(l.dropout)
+            ),
+            format!(
+                "targets: {}; text encoder {}; conv LoRA {}",
+                l.target_modules,
+                if l.train_text_encoder {
+                    "trained"
+                } else {
+                    "frozen"
+                },
+                if l.conv_lora {
+                    format!("rank {}, alpha {}", l.conv_rank, number(l.conv_alpha))
+                } else {
+                    "off".into()
+                }
+            ),
+            match &self.lora {
+                Some(report) => format!(
+                    "modules: {report}; {} trainable parameters in all",
+                    thousands(report.total_parameters())
+                ),
+                None => "modules: counted once the hub model is downloaded".to_string(),
             },
-            if l.conv_lora {
-                format!("rank {}, alpha {}", l.conv_rank, number(l.conv_alpha))
-            } else {
-                "off".into()
-            }
-        ),
-        "LoRA modules: computed once the model code lands".to_string(),
-        format!("saved as {} in {}", l.save_format, l.save_precision),
-    ];
-    if let Some(w) = &l.network_weights {
-        lines.push(format!("starts from {}", w.display()));
+            format!("saved as {} in {}", l.save_format, l.save_precision),
+        ];
+        if let Some(w) = &l.network_weights {
+            lines.push(format!("starts from {}", w.display()));
+        }
+        lines
     }
-    lines
 }
 
 /// `2e-4` rather than `0.0002`; `0.9`, `16` as usual.
@@ -309,7 +318,7 @@ mod tests {
             "learning-rate warm-up: 6 steps (0.1 of the total steps)",
             "AdamW, learning rate 2e-4 (UNet 2e-4, text encoder 2e-4)",
             "rank 8, alpha 16 (scale 2), dropout 0",
-            "LoRA modules: computed once the model code lands",
+            "modules: counted once the hub model is downloaded",
             "step checkpoints: 5 of them, after steps 10, 20, 30, 40, 50",
             "named style_v1-step00000010.safetensors",
             "final LoRA: /p/out/style_v1/style_v1.safetensors",

@@ -5,15 +5,11 @@
 //! `p ← p·(1 − lr·wd)` (decoupled weight decay, first), `m ← m + (1−β₁)(g − m)`,
 //! `v ← β₂v + (1−β₂)g²`, `p ← p − (lr / (1−β₁ᵗ)) · m / (√v / √(1−β₂ᵗ) + ε)`.
 
-use std::collections::HashSet;
-
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::{
-    check_groups, check_lrs, check_saved, grad_of, saved_tensor, steps_of, OptimizerState,
-    ParamGroup, ParamOptimizer, StateScalars,
-};
+use super::slots::{load_slots, save_slots};
+use super::{check_groups, check_lrs, grad_of, OptimizerState, ParamGroup, ParamOptimizer};
 use crate::config::Optimizer;
 use crate::train::TrainError;
 
@@ -52,6 +48,9 @@ impl AdamWSettings {
         Ok(())
     }
 }
+
+/// The names of the saved moments (torch's).
+const MOMENTS: [&str; 2] = ["exp_avg", "exp_avg_sq"];
 
 /// The two moments of one parameter and the number of steps it took.
 #[derive(Debug, Clone)]
@@ -176,56 +175,27 @@ impl ParamOptimizer for AdamW {
     }
 
     fn state_tensors(&self) -> Result<OptimizerState, TrainError> {
-        let mut tensors = std::collections::HashMap::new();
-        let mut steps = Vec::new();
-        for (group, slots) in self.groups.iter().zip(&self.state) {
-            for (param, slot) in group.params.iter().zip(slots) {
-                if let Some(m) = slot {
-                    tensors.insert(format!("{}.exp_avg", param.name), m.exp_avg.copy()?);
-                    tensors.insert(format!("{}.exp_avg_sq", param.name), m.exp_avg_sq.copy()?);
-                    steps.push((param.name.as_str(), m.step));
-                }
-            }
-        }
-        Ok(OptimizerState {
-            tensors,
-            scalars: StateScalars {
-                optimizer: self.kind().as_str().to_string(),
-                steps: steps_of(steps.into_iter()),
-            },
+        save_slots(self.kind(), &self.groups, &self.state, &MOMENTS, |m| {
+            (m.step, vec![&m.exp_avg, &m.exp_avg_sq])
         })
     }
 
     fn load_state(&mut self, state: &OptimizerState, origin: &str) -> Result<(), TrainError> {
-        let expected: HashSet<String> = state
-            .scalars
-            .steps
-            .keys()
-            .flat_map(|n| [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")])
-            .collect();
-        check_saved(state, origin, self.kind(), &self.groups, &expected)?;
-        let mut restored = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut slots = Vec::with_capacity(group.params.len());
-            for param in &group.params {
-                let Some(&step) = state.scalars.steps.get(&param.name) else {
-                    slots.push(None);
-                    continue;
-                };
-                let (shape, device) = (param.var.dims(), param.var.device());
-                let tensor = |suffix: &str| {
-                    let key = format!("{}.{suffix}", param.name);
-                    saved_tensor(state, origin, &key, DType::F32, shape, device)
-                };
-                slots.push(Some(AdamMoments {
+        self.state = load_slots(
+            self.kind(),
+            &self.groups,
+            state,
+            origin,
+            &MOMENTS,
+            |step, t| {
+                let [exp_avg, exp_avg_sq] = <[Tensor; 2]>::try_from(t).expect("two moments");
+                AdamMoments {
                     step,
-                    exp_avg: tensor("exp_avg")?,
-                    exp_avg_sq: tensor("exp_avg_sq")?,
-                }));
-            }
-            restored.push(slots);
-        }
-        self.state = restored;
+                    exp_avg,
+                    exp_avg_sq,
+                }
+            },
+        )?;
         Ok(())
     }
 }

@@ -2,15 +2,11 @@
 //! semantics, in f32 tensor operations on the parameters' device:
 //! `p ← p·(1 − lr·wd)`, `p ← p − lr·sign(β₁m + (1−β₁)g)`, `m ← β₂m + (1−β₂)g`.
 
-use std::collections::{HashMap, HashSet};
-
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::{
-    check_groups, check_lrs, check_saved, grad_of, saved_tensor, steps_of, OptimizerState,
-    ParamGroup, ParamOptimizer, StateScalars,
-};
+use super::slots::{load_slots, save_slots};
+use super::{check_groups, check_lrs, grad_of, OptimizerState, ParamGroup, ParamOptimizer};
 use crate::config::Optimizer;
 use crate::train::TrainError;
 
@@ -100,56 +96,23 @@ impl ParamOptimizer for Lion {
     }
 
     fn state_tensors(&self) -> Result<OptimizerState, TrainError> {
-        let mut tensors = HashMap::new();
-        let mut steps = Vec::new();
-        for (group, slots) in self.groups.iter().zip(&self.state) {
-            for (param, slot) in group.params.iter().zip(slots) {
-                if let Some(m) = slot {
-                    tensors.insert(format!("{}.exp_avg", param.name), m.exp_avg.copy()?);
-                    steps.push((param.name.as_str(), m.step));
-                }
-            }
-        }
-        Ok(OptimizerState {
-            tensors,
-            scalars: StateScalars {
-                optimizer: self.kind().as_str().to_string(),
-                steps: steps_of(steps.into_iter()),
-            },
+        save_slots(self.kind(), &self.groups, &self.state, &["exp_avg"], |m| {
+            (m.step, vec![&m.exp_avg])
         })
     }
 
     fn load_state(&mut self, state: &OptimizerState, origin: &str) -> Result<(), TrainError> {
-        let expected: HashSet<String> = state
-            .scalars
-            .steps
-            .keys()
-            .map(|n| format!("{n}.exp_avg"))
-            .collect();
-        check_saved(state, origin, self.kind(), &self.groups, &expected)?;
-        let mut restored = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut slots = Vec::with_capacity(group.params.len());
-            for param in &group.params {
-                let slot = match state.scalars.steps.get(&param.name) {
-                    None => None,
-                    Some(&step) => Some(LionMomentum {
-                        step,
-                        exp_avg: saved_tensor(
-                            state,
-                            origin,
-                            &format!("{}.exp_avg", param.name),
-                            DType::F32,
-                            param.var.dims(),
-                            param.var.device(),
-                        )?,
-                    }),
-                };
-                slots.push(slot);
-            }
-            restored.push(slots);
-        }
-        self.state = restored;
+        self.state = load_slots(
+            self.kind(),
+            &self.groups,
+            state,
+            origin,
+            &["exp_avg"],
+            |step, mut t| LionMomentum {
+                step,
+                exp_avg: t.remove(0),
+            },
+        )?;
         Ok(())
     }
 }

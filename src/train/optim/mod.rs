@@ -20,6 +20,7 @@ mod adamw8bit;
 mod lion;
 mod quantize;
 mod sgd;
+mod slots;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 

@@ -3,15 +3,11 @@
 //! `b ← g` (first step) or `b ← μb + (1−dampening)g`, then `g ← b` (or `g + μb`, Nesterov),
 //! and `p ← p − lr·g`.
 
-use std::collections::{HashMap, HashSet};
-
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
-use super::{
-    check_groups, check_lrs, check_saved, grad_of, saved_tensor, steps_of, OptimizerState,
-    ParamGroup, ParamOptimizer, StateScalars,
-};
+use super::slots::{load_slots, save_slots};
+use super::{check_groups, check_lrs, grad_of, OptimizerState, ParamGroup, ParamOptimizer};
 use crate::config::Optimizer;
 use crate::train::TrainError;
 
@@ -62,6 +58,15 @@ impl Sgd {
 
     fn has_momentum(&self) -> bool {
         self.settings.momentum != 0.0
+    }
+
+    /// The saved tensors of a parameter: the momentum buffer, when there is momentum.
+    fn names(&self) -> &'static [&'static str] {
+        if self.has_momentum() {
+            &["momentum_buffer"]
+        } else {
+            &[]
+        }
     }
 }
 
@@ -118,66 +123,28 @@ impl ParamOptimizer for Sgd {
     }
 
     fn state_tensors(&self) -> Result<OptimizerState, TrainError> {
-        let mut tensors = HashMap::new();
-        let mut steps = Vec::new();
-        for (group, slots) in self.groups.iter().zip(&self.state) {
-            for (param, slot) in group.params.iter().zip(slots) {
-                let Some(slot) = slot else { continue };
-                if let Some(b) = &slot.momentum_buffer {
-                    tensors.insert(format!("{}.momentum_buffer", param.name), b.copy()?);
-                }
-                steps.push((param.name.as_str(), slot.step));
-            }
-        }
-        Ok(OptimizerState {
-            tensors,
-            scalars: StateScalars {
-                optimizer: self.kind().as_str().to_string(),
-                steps: steps_of(steps.into_iter()),
-            },
-        })
+        save_slots(
+            self.kind(),
+            &self.groups,
+            &self.state,
+            self.names(),
+            |slot| (slot.step, slot.momentum_buffer.iter().collect()),
+        )
     }
 
     fn load_state(&mut self, state: &OptimizerState, origin: &str) -> Result<(), TrainError> {
-        let expected: HashSet<String> = if self.has_momentum() {
-            state
-                .scalars
-                .steps
-                .keys()
-                .map(|n| format!("{n}.momentum_buffer"))
-                .collect()
-        } else {
-            HashSet::new()
-        };
-        check_saved(state, origin, self.kind(), &self.groups, &expected)?;
-        let mut restored = Vec::with_capacity(self.groups.len());
-        for group in &self.groups {
-            let mut slots = Vec::with_capacity(group.params.len());
-            for param in &group.params {
-                let Some(&step) = state.scalars.steps.get(&param.name) else {
-                    slots.push(None);
-                    continue;
-                };
-                let momentum_buffer = if self.has_momentum() {
-                    Some(saved_tensor(
-                        state,
-                        origin,
-                        &format!("{}.momentum_buffer", param.name),
-                        DType::F32,
-                        param.var.dims(),
-                        param.var.device(),
-                    )?)
-                } else {
-                    None
-                };
-                slots.push(Some(SgdSlot {
-                    step,
-                    momentum_buffer,
-                }));
-            }
-            restored.push(slots);
-        }
-        self.state = restored;
+        let names = self.names();
+        self.state = load_slots(
+            self.kind(),
+            &self.groups,
+            state,
+            origin,
+            names,
+            |step, t| SgdSlot {
+                step,
+                momentum_buffer: t.into_iter().next(),
+            },
+        )?;
         Ok(())
     }
 }
