@@ -31,24 +31,18 @@ impl Compute {
     /// Resolves the config's device and precision. `device: cuda:N` without CUDA (not built with
     /// `--features cuda`, or no such GPU) is an error naming the fix; `auto` falls back to the CPU.
     pub fn resolve(choice: DeviceChoice, precision: MixedPrecision) -> Result<Compute, TrainError> {
-        let (device, device_name) = match choice {
-            DeviceChoice::Cpu => (Device::Cpu, "cpu".to_string()),
-            DeviceChoice::Cuda(n) => match Device::new_cuda(n) {
-                Ok(d) => (d, format!("cuda:{n}")),
-                Err(e) => {
-                    return Err(TrainError::Settings {
-                        key: "device".into(),
-                        message: format!(
-                            "`cuda:{n}` is not usable ({e}); build with `cargo build --release \
-                             --features cuda` on a machine with that GPU, or set `device: cpu`"
-                        ),
-                    })
-                }
-            },
-            DeviceChoice::Auto => match Device::new_cuda(0) {
-                Ok(d) if d.is_cuda() => (d, "cuda:0".to_string()),
-                _ => (Device::Cpu, "cpu".to_string()),
-            },
+        let device = choice.device().map_err(|e| TrainError::Settings {
+            key: "device".into(),
+            message: format!(
+                "`{choice}` is not usable ({}); build with `cargo build --release --features \
+                 cuda` on a machine with that GPU, or set `device: cpu`",
+                e.report()
+            ),
+        })?;
+        let device_name = match (&device, choice) {
+            (Device::Cpu, _) => "cpu".to_string(),
+            (_, DeviceChoice::Cuda(n)) => format!("cuda:{n}"),
+            _ => "cuda:0".to_string(),
         };
         let mut warnings = Vec::new();
         let half = match precision {
