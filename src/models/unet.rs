@@ -28,6 +28,7 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    gradient_checkpointing: bool,
 }
 
 impl UNet2DConditionModel {
@@ -144,12 +145,34 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out,
             conv_out,
+            gradient_checkpointing: false,
         })
     }
 
     /// The config the model was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Turns gradient checkpointing on or off (off after [`UNet2DConditionModel::new`]): every
+    /// ResnetBlock2D and Transformer2DModel of the down, mid and up blocks then keeps only its
+    /// input and recomputes its activations in backward (exact same gradients, less memory, about
+    /// one more forward pass of time). The training loop sets it from
+    /// `training.gradient_checkpointing`.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+        self.down_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+        self.mid_block.set_gradient_checkpointing(on);
+        self.up_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The dtype of the weights (inputs are converted to it).

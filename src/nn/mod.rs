@@ -8,7 +8,11 @@
 
 pub mod activation;
 pub mod adapter;
+pub mod checkpoint;
+pub mod alloc;
 pub mod conv;
+pub mod flops;
+pub mod frozen;
 pub mod gradcheck;
 pub mod linear;
 pub mod norm;
