@@ -49,8 +49,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    lora_trainer::nn::runtime::tune_process();
     let args = Args::parse();
-    lora_trainer::nn::alloc::keep_freed_memory();
     if args.plain_ops {
         lora_trainer::nn::frozen::set_enabled(false);
     }

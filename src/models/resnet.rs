@@ -126,14 +126,14 @@ impl ResnetBlock2D {
     }
 
     fn run(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = activation::silu(&self.norm1.forward(x)?)?;
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&activation::silu(temb)?)?;
             let (b, c) = t.dims2()?;
             h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
         }
-        let h = activation::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,

@@ -11,7 +11,7 @@ use super::unet_blocks::{
     CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock, DownBlock2D, DownBlockConfig,
     TransformerSettings, UNetMidBlock2DCrossAttn, UpBlock, UpBlock2D, UpBlockConfig,
 };
-use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, Scope};
+use crate::nn::{Conv2d, ConvConfig, GroupNorm, Scope};
 use crate::Result;
 
 pub use super::unet_config::{DownBlockType, UNetConfig, UpBlockType};
@@ -264,7 +264,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &mut skips, &temb, &context, upsample_size)?;
             trace(&format!("up_blocks.{i}"), &h)?;
         }
-        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         let out = self.conv_out.forward(&h)?;
         trace("conv_out", &out)?;
         Ok(out)
