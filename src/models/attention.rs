@@ -1,8 +1,9 @@
 //! Attention, the transformer blocks and Transformer2DModel.
 //!
-//! [`scaled_dot_product_attention`] is the single place where attention is computed, so that a
-//! memory-efficient kernel can replace it later. It is built from matmul and our own softmax
-//! (`candle_nn`'s softmax and `sdpa` have no backward, DESIGN.md §7).
+//! [`scaled_dot_product_attention`] is the single place where attention is computed: on the CPU
+//! in f32/f64 by the memory-efficient kernel of [`crate::nn::mem_attention`], otherwise naively
+//! from matmul and our own softmax (`candle_nn`'s softmax and `sdpa` have no backward,
+//! DESIGN.md §7).
 
 use std::sync::Arc;
 
@@ -32,6 +33,19 @@ pub fn scaled_dot_product_attention(
         Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
     };
     let (q, k, v) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+    if crate::nn::mem_attention::applies(&q) {
+        let flat = |t: &Tensor, n: usize| t.reshape((b * heads, n, d));
+        let out = crate::nn::mem_attention::attention(
+            &flat(&q, nq)?,
+            &flat(&k, nk)?,
+            &flat(&v, nk)?,
+            (d as f64).powf(-0.5),
+        )?;
+        return Ok(out
+            .reshape((b, heads, nq, d))?
+            .transpose(1, 2)?
+            .reshape((b, nq, inner))?);
+    }
     let dtype = q.dtype();
     let (q, k) = if upcast && !matches!(dtype, DType::F32 | DType::F64) {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)

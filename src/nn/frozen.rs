@@ -45,13 +45,18 @@ pub fn with_plain_ops<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// Whether the custom ops are on for this thread (the process-wide switch and
+/// [`with_plain_ops`]).
+pub fn enabled_here() -> bool {
+    ENABLED.load(Ordering::Relaxed) && !PLAIN_HERE.with(Cell::get)
+}
+
 /// Whether a layer with input `x` and these parameters takes the custom-op path: a CPU input,
 /// the ops enabled, and no parameter that wants a gradient (a weight that is a `Var`, as in the
 /// models' gradient checks, keeps candle's ops and gets its gradient).
 pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu()
-        && ENABLED.load(Ordering::Relaxed)
-        && !PLAIN_HERE.with(Cell::get)
+        && enabled_here()
         && !weight.track_op()
         && !bias.is_some_and(Tensor::track_op)
 }

@@ -15,6 +15,7 @@ pub mod frozen;
 pub mod fused_norm;
 pub mod gradcheck;
 pub mod linear;
+pub mod mem_attention;
 pub mod norm;
 pub mod runtime;
 pub mod weights;
