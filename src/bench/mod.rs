@@ -147,7 +147,10 @@ pub struct Measurement {
 impl Measurement {
     /// The fastest step.
     pub fn min_seconds(&self) -> f64 {
-        self.step_seconds.iter().copied().fold(f64::INFINITY, f64::min)
+        self.step_seconds
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
     }
 
     /// The median step.
@@ -249,7 +252,8 @@ pub fn build_unet(
     };
     let networks = LoraNetworks::new(&settings, None, NetworkOptions::new(seed, device))?;
     let store = WeightStore::random(seed, DType::F32, device.clone());
-    let unet = UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
+    let unet =
+        UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
     networks.check_built()?;
     Ok((unet, networks))
 }
@@ -283,7 +287,11 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     let latent_dims = options.latent_dims(config.in_channels);
     let mut rng = crate::rng::stream(options.seed, 0, 0, 0, crate::rng::Purpose::Noise);
     let n: usize = latent_dims.iter().product();
-    let latents = Tensor::from_vec(crate::rng::normal_f32(&mut rng, n), latent_dims.as_slice(), &device)?;
+    let latents = Tensor::from_vec(
+        crate::rng::normal_f32(&mut rng, n),
+        latent_dims.as_slice(),
+        &device,
+    )?;
     let context_dims = (options.batch, options.tokens, config.cross_attention_dim[0]);
     let m = context_dims.0 * context_dims.1 * context_dims.2;
     let context = Tensor::from_vec(crate::rng::normal_f32(&mut rng, m), context_dims, &device)?;
@@ -309,7 +317,15 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     for step in 0..options.warmup + options.steps {
         let start = Instant::now();
         networks.set_step(step as u64, 0);
-        let draws = Draws::sample(options.seed, step as u64, 0, &latent_dims, 1000, 0.0, &device)?;
+        let draws = Draws::sample(
+            options.seed,
+            step as u64,
+            0,
+            &latent_dims,
+            1000,
+            0.0,
+            &device,
+        )?;
         let loss = diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?;
         let grads = loss.loss.backward()?;
         optimizer.step(&grads, &[1e-4])?;
@@ -378,7 +394,12 @@ mod tests {
         // 2 down/up CrossAttn blocks + mid, to_q and to_v each: r·(in + out) parameters.
         assert!(m.lora_parameters > 0 && m.lora_parameters % 8 == 0);
         assert!(flops.0 > 1_000_000, "{flops:?}");
-        assert!(BenchOptions { resolution: 100, ..options }.check().is_err());
+        assert!(BenchOptions {
+            resolution: 100,
+            ..options
+        }
+        .check()
+        .is_err());
         Ok(())
     }
 
@@ -407,8 +428,10 @@ mod tests {
                 },
                 None,
             )?;
-            let unet =
-                UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
+            let unet = UNet2DConditionModel::new(
+                Scope::root(&store).with_adapters(&networks.unet),
+                &config,
+            )?;
             (unet, networks)
         };
         let params: usize = networks.unet.modules().iter().map(|m| m.parameters()).sum();

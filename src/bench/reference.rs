@@ -64,7 +64,10 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )));
     }
-    let last = stdout.lines().rev().find(|l| l.trim_start().starts_with('{'));
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
     let report: ScriptReport = last
         .ok_or_else(|| failure(format!("{} printed no JSON line", script.display())))
         .and_then(|l| {

@@ -517,9 +517,16 @@ mod tests {
             conv_rank: 2,
             conv_alpha: 1.0,
             target_modules: TargetModules::Names(
-                ["to_q", "to_v", "ff.net.2", "conv1", "conv_shortcut", "proj_in"]
-                    .map(String::from)
-                    .to_vec(),
+                [
+                    "to_q",
+                    "to_v",
+                    "ff.net.2",
+                    "conv1",
+                    "conv_shortcut",
+                    "proj_in",
+                ]
+                .map(String::from)
+                .to_vec(),
             ),
             train_text_encoder: false,
             network_weights: None,
@@ -532,7 +539,8 @@ mod tests {
         };
         let networks = LoraNetworks::new(&settings, None, options)?;
         let store = WeightStore::random(9, DType::F64, Device::Cpu);
-        let unet = UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
+        let unet =
+            UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
         let mut rng = ChaCha8Rng::seed_from_u64(6);
         // A fresh adapter has up = 0 and so no gradient for down: start from random matrices.
         for adapter in networks.unet.adapters() {
@@ -555,7 +563,11 @@ mod tests {
                 let out = model.forward(&sample, &t, context.as_tensor())?;
                 let grads = (out * &weights)?.sum_all()?.backward()?;
                 let mut all = Vec::new();
-                for (name, v) in vars.iter().map(|(n, v)| (n.as_str(), v)).chain([("context", &context)]) {
+                for (name, v) in vars
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v))
+                    .chain([("context", &context)])
+                {
                     match grads.get(v.as_tensor()) {
                         Some(g) => all.push(g.clone()),
                         None => panic!("{name}: no gradient"),

@@ -108,8 +108,12 @@ impl CrossAttnDownBlock2D {
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `x: [B, in, H, W]`, `temb: [B, temb]`, `context: [B, T, cross]` → the block output
@@ -156,7 +160,9 @@ impl DownBlock2D {
 
     /// Turns gradient checkpointing of every resnet on or off.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
     }
 
     /// Like [`CrossAttnDownBlock2D::forward`] without the context.
@@ -244,8 +250,12 @@ impl UNetMidBlock2DCrossAttn {
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `x: [B, C, H, W]` → `[B, C, H, W]`.
@@ -347,8 +357,12 @@ impl CrossAttnUpBlock2D {
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
-        self.attentions.iter_mut().for_each(|a| a.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `x: [B, prev, H, W]`; each resnet concatenates the last of `skips` (which it removes) on
@@ -394,7 +408,9 @@ impl UpBlock2D {
 
     /// Turns gradient checkpointing of every resnet on or off.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        self.resnets.iter_mut().for_each(|r| r.set_gradient_checkpointing(on));
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
     }
 
     /// Like [`CrossAttnUpBlock2D::forward`] without the context.

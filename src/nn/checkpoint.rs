@@ -188,7 +188,12 @@ mod tests {
             }
         }
         // An untracked side input gets no gradient and is not required.
-        let ckpt = checkpoint(x.as_tensor(), &side.as_tensor().detach(), &[a.clone()], f)?;
+        let ckpt = checkpoint(
+            x.as_tensor(),
+            &side.as_tensor().detach(),
+            std::slice::from_ref(&a),
+            f,
+        )?;
         let g = ckpt.sum_all()?.backward()?;
         assert!(g.get(x.as_tensor()).is_some() && g.get(a.as_tensor()).is_some());
         Ok(())

@@ -238,7 +238,10 @@ pub fn conv2d_input_grad(
     let (h, w) = input_hw;
     let weight = weight.to_dtype(grad.dtype())?;
     // [out, B·Ho·Wo]: batch merged into the columns, one product for the whole batch.
-    let g = grad.transpose(0, 1)?.contiguous()?.reshape((c_out, b * ho * wo))?;
+    let g = grad
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((c_out, b * ho * wo))?;
     let wt = weight.reshape((c_out, c_in * k * k))?.t()?;
     let cols = wt.matmul(&g)?; // [in·k·k, B·Ho·Wo]
     if k == 1 && stride == 1 && padding == 0 {
@@ -387,7 +390,10 @@ mod tests {
             (Some(dx), Some(want)) => assert!(max_diff(dx, want)? < 1e-12),
             _ => panic!("no input gradient"),
         }
-        assert!(g_ours.get(weight.as_tensor()).is_none(), "frozen weight got a gradient");
+        assert!(
+            g_ours.get(weight.as_tensor()).is_none(),
+            "frozen weight got a gradient"
+        );
         assert!(g_plain.get(weight.as_tensor()).is_some());
         Ok(())
     }
@@ -412,7 +418,13 @@ mod tests {
             let bias = randn(&mut rng, &[c_out], 1.0, 0.0)?;
             let loss = || -> Result<Tensor> {
                 let y = conv2d(x.as_tensor(), &weight, Some(&bias), padding, stride)?;
-                let plain = conv2d_plain(&x.as_tensor().detach(), &weight, Some(&bias), padding, stride)?;
+                let plain = conv2d_plain(
+                    &x.as_tensor().detach(),
+                    &weight,
+                    Some(&bias),
+                    padding,
+                    stride,
+                )?;
                 assert!(max_diff(&y, &plain)? < 1e-12);
                 weighted_sum(&y, 3)
             };

@@ -211,7 +211,9 @@ impl Params {
 fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&v[start..end]),
-        None => Err(candle_core::Error::Msg("fused norm: non-contiguous input".into())),
+        None => Err(candle_core::Error::Msg(
+            "fused norm: non-contiguous input".into(),
+        )),
     }
 }
 
@@ -305,13 +307,21 @@ mod tests {
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    fn reference_group_norm(x: &Tensor, w: &Tensor, b: &Tensor, groups: usize, eps: f64) -> Result<Tensor> {
+    fn reference_group_norm(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let xg = x.reshape((dims[0], groups, ()))?;
         let mean = xg.mean_keepdim(D::Minus1)?;
         let centered = xg.broadcast_sub(&mean)?;
         let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(dims.as_slice())?;
+        let normed = centered
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
         Ok(normed
             .broadcast_mul(&w.reshape((1, dims[1], 1, 1))?)?
             .broadcast_add(&b.reshape((1, dims[1], 1, 1))?)?)
@@ -335,7 +345,10 @@ mod tests {
             let loss = || -> Result<Tensor> {
                 Ok((group_norm(x.as_tensor(), &w, &b, 3, 1e-5, silu)? * &mix)?.sum_all()?)
             };
-            let check = GradCheck { samples: 16, ..GradCheck::default() };
+            let check = GradCheck {
+                samples: 16,
+                ..GradCheck::default()
+            };
             let failures = check.failures(loss, &[(format!("x (silu {silu})"), x.clone())])?;
             assert!(failures.is_empty(), "{failures:?}");
         }
@@ -359,8 +372,13 @@ mod tests {
             .broadcast_add(&b)?;
         assert!((&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
         let mix = randn(&mut rng, &[2, 3, 5], 1.0, 0.0)?;
-        let loss = || -> Result<Tensor> { Ok((layer_norm(x.as_tensor(), &w, &b, 1e-5)? * &mix)?.sum_all()?) };
-        let check = GradCheck { samples: 16, ..GradCheck::default() };
+        let loss = || -> Result<Tensor> {
+            Ok((layer_norm(x.as_tensor(), &w, &b, 1e-5)? * &mix)?.sum_all()?)
+        };
+        let check = GradCheck {
+            samples: 16,
+            ..GradCheck::default()
+        };
         let failures = check.failures(loss, &[("x".to_string(), x.clone())])?;
         assert!(failures.is_empty(), "{failures:?}");
         Ok(())

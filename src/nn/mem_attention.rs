@@ -168,7 +168,9 @@ mod tests {
 
     fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let s = (q.matmul(&k.t()?)? * scale)?;
-        let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?.exp()?;
+        let e = s
+            .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
+            .exp()?;
         Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)?)
     }
 
@@ -183,9 +185,19 @@ mod tests {
         let g_want = (&want * &mix)?.sum_all()?.backward()?;
         // Blocks of 1, 3 and all 7 query rows (the last block shorter than the others).
         for rows in [1, 3, 7] {
-            let (out, lse) = forward_blocks(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, rows)?;
-            let op = MemAttention { output: Mutex::new(Some(out)), lse, scale: 0.5, rows };
-            let got = q.as_tensor().apply_op3_arc(k.as_tensor(), v.as_tensor(), Arc::new(Box::new(op)))?;
+            let (out, lse) =
+                forward_blocks(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, rows)?;
+            let op = MemAttention {
+                output: Mutex::new(Some(out)),
+                lse,
+                scale: 0.5,
+                rows,
+            };
+            let got = q.as_tensor().apply_op3_arc(
+                k.as_tensor(),
+                v.as_tensor(),
+                Arc::new(Box::new(op)),
+            )?;
             let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(diff < 1e-12, "rows {rows}: {diff}");
             let g = (&got * &mix)?.sum_all()?.backward()?;

@@ -358,12 +358,18 @@ impl WeightStore {
 }
 
 /// The value [`WeightStore::random`] gives the weight `key` of `shape`.
-fn random_weight(seed: u64, key: &str, shape: &Shape, dtype: DType, device: &Device) -> Result<Tensor> {
+fn random_weight(
+    seed: u64,
+    key: &str,
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
     use rand::{Rng, SeedableRng};
     // FNV-1a of the key, mixed with the seed: one independent stream per weight.
-    let hash = key
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ hash);
     let dims = shape.dims();
     let n = shape.elem_count();
