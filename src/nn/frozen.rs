@@ -97,7 +97,7 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let y = conv2d_plain(&x.detach(), weight, bias, padding, stride)?;
+    let y = conv2d_gemm(&x.detach(), weight, bias, padding, stride)?;
     let (_, _, h, w) = x.dims4()?;
     attach(
         x,
@@ -124,6 +124,130 @@ pub fn conv2d_plain(
         y = y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?;
     }
     Ok(y)
+}
+
+/// The forward of [`conv2d`] as one matrix product: `W [out, in·k·k] · im2col(x)`, then the bias.
+/// 1×1 kernels with stride 1 skip the unfolding.
+fn conv2d_gemm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (b, c_in, h, w) = x.dims4()?;
+    let (c_out, _, k, _) = weight.dims4()?;
+    if !matches!(x.dtype(), DType::F32 | DType::F64) || x.dtype() != weight.dtype() {
+        return conv2d_plain(x, weight, bias, padding, stride);
+    }
+    let ho = (h + 2 * padding - k) / stride + 1;
+    let wo = (w + 2 * padding - k) / stride + 1;
+    let cols = if k == 1 && stride == 1 && padding == 0 {
+        x.transpose(0, 1)?
+            .contiguous()?
+            .reshape((c_in, b * h * w))?
+    } else {
+        let op = Im2Col {
+            b,
+            c_in,
+            k,
+            h,
+            w,
+            ho,
+            wo,
+            stride,
+            padding,
+        };
+        x.contiguous()?.apply_op1_no_bwd(&op)?
+    };
+    let mut y = weight.reshape((c_out, c_in * k * k))?.matmul(&cols)?; // [out, B·Ho·Wo]
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.reshape((c_out, 1))?)?;
+    }
+    let y = y.reshape((c_out, b, ho, wo))?;
+    Ok(if b == 1 {
+        y.reshape((1, c_out, ho, wo))?
+    } else {
+        y.transpose(0, 1)?.contiguous()?
+    })
+}
+
+/// Unfolds `[B, in, H, W]` into the columns `[in·k·k, B·Ho·Wo]` of a convolution (zeros where a
+/// window leaves the padded input): the inverse bookkeeping of [`Col2Im`].
+struct Im2Col {
+    b: usize,
+    c_in: usize,
+    k: usize,
+    h: usize,
+    w: usize,
+    ho: usize,
+    wo: usize,
+    stride: usize,
+    padding: usize,
+}
+
+impl Im2Col {
+    fn run<T: Copy + Default + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+        let Im2Col {
+            b,
+            c_in,
+            k,
+            h,
+            w,
+            ho,
+            wo,
+            stride,
+            padding,
+        } = *self;
+        let ncols = b * ho * wo;
+        let mut cols = vec![T::default(); c_in * k * k * ncols];
+        // One task per row (input channel, ky, kx).
+        cols.par_chunks_mut(ncols).enumerate().for_each(|(r, dst)| {
+            let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
+            for n in 0..b {
+                let src = &x[(n * c_in + c) * h * w..][..h * w];
+                let out = &mut dst[n * ho * wo..][..ho * wo];
+                for oy in 0..ho {
+                    let y = (oy * stride + ky) as isize - padding as isize;
+                    if y < 0 || y >= h as isize {
+                        continue;
+                    }
+                    let src_row = &src[y as usize * w..][..w];
+                    let out_row = &mut out[oy * wo..][..wo];
+                    for (ox, o) in out_row.iter_mut().enumerate() {
+                        let xx = (ox * stride + kx) as isize - padding as isize;
+                        if xx >= 0 && xx < w as isize {
+                            *o = src_row[xx as usize];
+                        }
+                    }
+                }
+            }
+        });
+        cols
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("im2col: input not contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
+            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
+            _ => return Err(candle_core::Error::Msg("im2col: f32 and f64 only".into())),
+        };
+        let rows = self.c_in * self.k * self.k;
+        Ok((out, Shape::from((rows, self.b * self.ho * self.wo))))
+    }
 }
 
 /// Makes `y` (computed from `x` without a graph) the result of a custom op on `x` whose
