@@ -142,6 +142,8 @@ pub struct Measurement {
     pub lora_parameters: usize,
     /// The last step's loss (a sanity check: finite, of order one).
     pub last_loss: f32,
+    /// Library versions and settings of the reference run, printed under the table.
+    pub versions: Option<String>,
 }
 
 impl Measurement {
@@ -217,6 +219,9 @@ impl BenchReport {
             ));
         }
         if let Some(r) = &self.reference {
+            if let Some(v) = &r.versions {
+                out.push_str(&format!("({}: {v})\n", r.name));
+            }
             out.push_str(&format!(
                 "\nspeed-up (min over min): {:.2}×\n",
                 r.min_seconds() / self.ours.min_seconds()
@@ -342,6 +347,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             peak_rss_bytes: peak_rss_bytes(),
             lora_parameters,
             last_loss,
+            versions: None,
         },
         training_flops,
     ))
@@ -374,6 +380,7 @@ mod tests {
             peak_rss_bytes: None,
             lora_parameters: 0,
             last_loss: 0.0,
+            versions: None,
         };
         assert_eq!(m.min_seconds(), 1.0);
         assert_eq!(m.median_seconds(), 2.5);

@@ -74,10 +74,11 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
             serde_json::from_str(l).map_err(|e| failure(format!("unreadable JSON line `{l}`: {e}")))
         })?;
     Ok(Measurement {
-        name: format!("diffusers+peft ({})", report.versions),
+        name: "diffusers+peft".to_string(),
         step_seconds: report.step_seconds,
         peak_rss_bytes: report.peak_rss_bytes,
         lora_parameters: report.lora_parameters,
         last_loss: report.last_loss,
+        versions: Some(report.versions),
     })
 }
