@@ -5,6 +5,7 @@
 //! tokenizer, noise schedule, all built on the layers of [`nn`]) → training → checkpoints and the
 //! exported `.safetensors` LoRA. The binaries in `src/bin/` only parse arguments and print errors.
 
+pub mod bench;
 pub mod config;
 pub mod dataset;
 pub mod error;

@@ -224,6 +224,11 @@ impl LoraAdapter {
 }
 
 impl Adapter for LoraAdapter {
+    /// `lora_down` and `lora_up`.
+    fn trainable_vars(&self) -> Vec<Var> {
+        vec![self.down.clone(), self.up.clone()]
+    }
+
     /// `x`: the layer's input (`[..., in]` or `[B, in, H, W]`, any float dtype) → the adapter's
     /// contribution in the layer output's shape and `x`'s dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

@@ -1,11 +1,15 @@
 //! Attention, the transformer blocks and Transformer2DModel.
 //!
-//! [`scaled_dot_product_attention`] is the single place where attention is computed, so that a
-//! memory-efficient kernel can replace it later. It is built from matmul and our own softmax
-//! (`candle_nn`'s softmax and `sdpa` have no backward, DESIGN.md §7).
+//! [`scaled_dot_product_attention`] is the single place where attention is computed: on the CPU
+//! in f32/f64 by the memory-efficient kernel of [`crate::nn::mem_attention`], otherwise naively
+//! from matmul and our own softmax (`candle_nn`'s softmax and `sdpa` have no backward,
+//! DESIGN.md §7).
 
-use candle_core::{DType, Tensor};
+use std::sync::Arc;
 
+use candle_core::{DType, Tensor, Var};
+
+use crate::nn::checkpoint::{checkpoint, Segment};
 use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, LayerNorm, Linear, Scope};
 use crate::Result;
 
@@ -24,10 +28,24 @@ pub fn scaled_dot_product_attention(
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
     let d = inner / heads;
+    crate::nn::flops::add_attention(4 * (b * nq * nk * inner) as u64);
     let split = |t: &Tensor, n: usize| -> Result<Tensor> {
         Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
     };
     let (q, k, v) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+    if crate::nn::mem_attention::applies(&q) {
+        let flat = |t: &Tensor, n: usize| t.reshape((b * heads, n, d));
+        let out = crate::nn::mem_attention::attention(
+            &flat(&q, nq)?,
+            &flat(&k, nk)?,
+            &flat(&v, nk)?,
+            (d as f64).powf(-0.5),
+        )?;
+        return Ok(out
+            .reshape((b, heads, nq, d))?
+            .transpose(1, 2)?
+            .reshape((b, nq, inner))?);
+    }
     let dtype = q.dtype();
     let (q, k) = if upcast && !matches!(dtype, DType::F32 | DType::F64) {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
@@ -81,6 +99,14 @@ impl Attention {
         })
     }
 
+    /// The trainable tensors of the adapters on the four projections.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
+            .iter()
+            .flat_map(|l| l.trainable_vars())
+            .collect()
+    }
+
     /// `x: [B, N, query_dim]`, `context: [B, T, context_dim]` (or `None`: attend to `x`) →
     /// `[B, N, query_dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
@@ -111,6 +137,13 @@ impl FeedForward {
             out: Linear::new(net.pp(2), inner, dim, true)?,
             inner,
         })
+    }
+
+    /// The trainable tensors of the adapters on both layers.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = self.proj.trainable_vars();
+        vars.extend(self.out.trainable_vars());
+        vars
     }
 
     /// `x: [B, N, dim]` → `[B, N, dim]`.
@@ -170,6 +203,14 @@ impl BasicTransformerBlock {
         })
     }
 
+    /// The trainable tensors of the adapters inside the block.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = self.attn1.trainable_vars();
+        vars.extend(self.attn2.trainable_vars());
+        vars.extend(self.ff.trainable_vars());
+        vars
+    }
+
     /// `x: [B, N, dim]`, `context: [B, T, cross_attention_dim]` → `[B, N, dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
@@ -190,6 +231,13 @@ enum Projection {
 }
 
 impl Projection {
+    fn trainable_vars(&self) -> Vec<Var> {
+        match self {
+            Projection::Conv(c) => c.trainable_vars(),
+            Projection::Linear(l) => l.trainable_vars(),
+        }
+    }
+
     fn new(scope: Scope, in_dim: usize, out_dim: usize, linear: bool) -> Result<Self> {
         Ok(if linear {
             Projection::Linear(Linear::new(scope, in_dim, out_dim, true)?)
@@ -227,6 +275,8 @@ pub struct Transformer2DModel {
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
+    /// Recompute this model in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl Transformer2DModel {
@@ -260,11 +310,37 @@ impl Transformer2DModel {
                 c.in_channels,
                 c.use_linear_projection,
             )?,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Turns gradient checkpointing of this model on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// The trainable tensors of the adapters inside this model.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = self.proj_in.trainable_vars();
+        for block in &self.transformer_blocks {
+            vars.extend(block.trainable_vars());
+        }
+        vars.extend(self.proj_out.trainable_vars());
+        vars
     }
 
     /// `x: [B, C, H, W]`, `context: [B, T, cross_attention_dim]` → `[B, C, H, W]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if self.gradient_checkpointing {
+            let model = self.clone();
+            let f: Arc<Segment> = Arc::new(move |x: &Tensor, c: &Tensor| model.run(x, c));
+            checkpoint(x, context, &self.trainable_vars(), f)
+        } else {
+            self.run(x, context)
+        }
+    }
+
+    fn run(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (b, _, h, w) = x.dims4()?;
         let normed = self.norm.forward(x)?;
         let to_tokens = |t: &Tensor| -> Result<Tensor> {

@@ -6,8 +6,11 @@
 //! candle's conv2d with stride 2 fails in backward when H and W differ in parity; latents whose
 //! sides are multiples of 8 (images that are multiples of 64 px) never hit it.
 
-use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
+use candle_core::{Device, Tensor, Var};
+
+use crate::nn::checkpoint::{checkpoint, Segment};
 use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, Linear, Scope};
 use crate::Result;
 
@@ -35,6 +38,8 @@ pub struct ResnetBlock2D {
     conv2: Conv2d,
     conv_shortcut: Option<Conv2d>,
     output_scale_factor: f64,
+    /// Recompute this block in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl ResnetBlock2D {
@@ -85,20 +90,50 @@ impl ResnetBlock2D {
             )?,
             conv_shortcut,
             output_scale_factor: c.output_scale_factor,
+            gradient_checkpointing: false,
         })
+    }
+
+    /// Turns gradient checkpointing of this block on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// The trainable tensors of the adapters inside this block.
+    pub fn trainable_vars(&self) -> Vec<Var> {
+        let mut vars = self.conv1.trainable_vars();
+        vars.extend(self.conv2.trainable_vars());
+        if let Some(c) = &self.conv_shortcut {
+            vars.extend(c.trainable_vars());
+        }
+        if let Some(p) = &self.time_emb_proj {
+            vars.extend(p.trainable_vars());
+        }
+        vars
     }
 
     /// `x: [B, in, H, W]`, `temb: [B, temb_channels]` (ignored by blocks without a time
     /// projection) → `[B, out, H, W]`.
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let h = activation::silu(&self.norm1.forward(x)?)?;
+        match temb {
+            Some(temb) if self.gradient_checkpointing => {
+                let block = self.clone();
+                let f: Arc<Segment> = Arc::new(move |x: &Tensor, t: &Tensor| block.run(x, Some(t)));
+                checkpoint(x, temb, &self.trainable_vars(), f)
+            }
+            _ => self.run(x, temb),
+        }
+    }
+
+    fn run(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.norm1.forward_silu(x)?;
         let mut h = self.conv1.forward(&h)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&activation::silu(temb)?)?;
             let (b, c) = t.dims2()?;
             h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
         }
-        let h = activation::silu(&self.norm2.forward(&h)?)?;
+        let h = self.norm2.forward_silu(&h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,

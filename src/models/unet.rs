@@ -11,7 +11,7 @@ use super::unet_blocks::{
     CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock, DownBlock2D, DownBlockConfig,
     TransformerSettings, UNetMidBlock2DCrossAttn, UpBlock, UpBlock2D, UpBlockConfig,
 };
-use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, Scope};
+use crate::nn::{Conv2d, ConvConfig, GroupNorm, Scope};
 use crate::Result;
 
 pub use super::unet_config::{DownBlockType, UNetConfig, UpBlockType};
@@ -28,6 +28,7 @@ pub struct UNet2DConditionModel {
     up_blocks: Vec<UpBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
+    gradient_checkpointing: bool,
 }
 
 impl UNet2DConditionModel {
@@ -144,12 +145,34 @@ impl UNet2DConditionModel {
             up_blocks,
             conv_norm_out,
             conv_out,
+            gradient_checkpointing: false,
         })
     }
 
     /// The config the model was built from.
     pub fn config(&self) -> &UNetConfig {
         &self.config
+    }
+
+    /// Turns gradient checkpointing on or off (off after [`UNet2DConditionModel::new`]): every
+    /// ResnetBlock2D and Transformer2DModel of the down, mid and up blocks then keeps only its
+    /// input and recomputes its activations in backward (exact same gradients, less memory, about
+    /// one more forward pass of time). The training loop sets it from
+    /// `training.gradient_checkpointing`.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+        self.down_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+        self.mid_block.set_gradient_checkpointing(on);
+        self.up_blocks
+            .iter_mut()
+            .for_each(|b| b.set_gradient_checkpointing(on));
+    }
+
+    /// Whether gradient checkpointing is on.
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.gradient_checkpointing
     }
 
     /// The dtype of the weights (inputs are converted to it).
@@ -241,7 +264,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &mut skips, &temb, &context, upsample_size)?;
             trace(&format!("up_blocks.{i}"), &h)?;
         }
-        let h = activation::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         let out = self.conv_out.forward(&h)?;
         trace("conv_out", &out)?;
         Ok(out)
@@ -470,6 +493,107 @@ mod tests {
             "up_blocks.1.upsamplers.0.conv",
         ] {
             assert!(seen.contains_key(path), "{path}");
+        }
+        Ok(())
+    }
+
+    /// The LoRA (and text-context) gradients of a tiny UNet with frozen base weights are the same
+    /// with candle's ops, with our frozen-layer custom ops, and with gradient checkpointing on
+    /// top (dropout active: the recomputation must draw the forward's masks).
+    #[test]
+    fn frozen_ops_and_checkpointing_keep_the_lora_gradients() -> Result<()> {
+        use crate::config::{LoraSettings, SaveFormat, SavePrecision, TargetModules};
+        use crate::lora::{LoraNetworks, NetworkOptions};
+        use candle_core::Var;
+
+        let config = tiny_config()?;
+        let settings = LoraSettings {
+            rank: 2,
+            alpha: 2.0,
+            dropout: 0.2,
+            rank_dropout: 0.0,
+            module_dropout: 0.0,
+            conv_lora: true,
+            conv_rank: 2,
+            conv_alpha: 1.0,
+            target_modules: TargetModules::Names(
+                [
+                    "to_q",
+                    "to_v",
+                    "ff.net.2",
+                    "conv1",
+                    "conv_shortcut",
+                    "proj_in",
+                ]
+                .map(String::from)
+                .to_vec(),
+            ),
+            train_text_encoder: false,
+            network_weights: None,
+            save_precision: SavePrecision::Fp16,
+            save_format: SaveFormat::Kohya,
+        };
+        let options = NetworkOptions {
+            dtype: DType::F64,
+            ..NetworkOptions::new(5, &Device::Cpu)
+        };
+        let networks = LoraNetworks::new(&settings, None, options)?;
+        let store = WeightStore::random(9, DType::F64, Device::Cpu);
+        let unet =
+            UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        // A fresh adapter has up = 0 and so no gradient for down: start from random matrices.
+        for adapter in networks.unet.adapters() {
+            let up = randn(&mut rng, adapter.up().dims(), 0.5, 0.0)?;
+            adapter.up().set(&up)?;
+        }
+        networks.set_training(true);
+        networks.set_step(3, 1);
+        let vars = networks.unet.named_vars();
+        assert!(vars.len() >= 20, "{} LoRA tensors", vars.len());
+        let sample = randn(&mut rng, &[2, 4, 8, 8], 1.0, 0.0)?;
+        let context = Var::from_tensor(&randn(&mut rng, &[2, 3, 6], 1.0, 0.0)?)?;
+        let weights = randn(&mut rng, &[2, 4, 8, 8], 1.0, 0.0)?;
+        let t = Tensor::new(&[10u32, 600], &Device::Cpu)?;
+
+        let gradients = |checkpointing: bool, plain: bool| -> Result<Vec<Tensor>> {
+            let mut model = unet.clone();
+            model.set_gradient_checkpointing(checkpointing);
+            let run = || -> Result<Vec<Tensor>> {
+                let out = model.forward(&sample, &t, context.as_tensor())?;
+                let grads = (out * &weights)?.sum_all()?.backward()?;
+                let mut all = Vec::new();
+                for (name, v) in vars
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v))
+                    .chain([("context", &context)])
+                {
+                    match grads.get(v.as_tensor()) {
+                        Some(g) => all.push(g.clone()),
+                        None => panic!("{name}: no gradient"),
+                    }
+                }
+                Ok(all)
+            };
+            if plain {
+                crate::nn::frozen::with_plain_ops(run)
+            } else {
+                run()
+            }
+        };
+        let reference = gradients(false, true)?;
+        for (checkpointing, plain) in [(false, false), (true, false), (true, true)] {
+            let got = gradients(checkpointing, plain)?;
+            for ((name, _), (a, b)) in vars.iter().zip(got.iter().zip(&reference)) {
+                let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
+                let diff = max_diff(a, b)? / scale;
+                assert!(
+                    diff < 1e-9,
+                    "{name} (checkpointing {checkpointing}, plain {plain}): {diff}"
+                );
+            }
+            let n = reference.len() - 1;
+            assert!(max_diff(&got[n], &reference[n])? < 1e-9, "context gradient");
         }
         Ok(())
     }

@@ -106,6 +106,16 @@ impl CrossAttnDownBlock2D {
         })
     }
 
+    /// Turns gradient checkpointing of every resnet and transformer on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
+    }
+
     /// `x: [B, in, H, W]`, `temb: [B, temb]`, `context: [B, T, cross]` → the block output
     /// `[B, out, H', W']` and the states kept for the skip connections (each resnet+attention
     /// output, then the downsampled output).
@@ -148,6 +158,13 @@ impl DownBlock2D {
         })
     }
 
+    /// Turns gradient checkpointing of every resnet on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+    }
+
     /// Like [`CrossAttnDownBlock2D::forward`] without the context.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<(Tensor, Vec<Tensor>)> {
         let mut h = x.clone();
@@ -172,6 +189,14 @@ pub enum DownBlock {
 }
 
 impl DownBlock {
+    /// Turns gradient checkpointing of the block's resnets and transformers on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        match self {
+            DownBlock::CrossAttn(b) => b.set_gradient_checkpointing(on),
+            DownBlock::Plain(b) => b.set_gradient_checkpointing(on),
+        }
+    }
+
     /// See [`CrossAttnDownBlock2D::forward`].
     pub fn forward(
         &self,
@@ -221,6 +246,16 @@ impl UNetMidBlock2DCrossAttn {
             resnets,
             attentions,
         })
+    }
+
+    /// Turns gradient checkpointing of every resnet and transformer on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
     }
 
     /// `x: [B, C, H, W]` → `[B, C, H, W]`.
@@ -320,6 +355,16 @@ impl CrossAttnUpBlock2D {
         })
     }
 
+    /// Turns gradient checkpointing of every resnet and transformer on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+        self.attentions
+            .iter_mut()
+            .for_each(|a| a.set_gradient_checkpointing(on));
+    }
+
     /// `x: [B, prev, H, W]`; each resnet concatenates the last of `skips` (which it removes) on
     /// the channel axis. The upsampler doubles the size, or resizes to `upsample_size`.
     pub fn forward(
@@ -361,6 +406,13 @@ impl UpBlock2D {
         })
     }
 
+    /// Turns gradient checkpointing of every resnet on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.resnets
+            .iter_mut()
+            .for_each(|r| r.set_gradient_checkpointing(on));
+    }
+
     /// Like [`CrossAttnUpBlock2D::forward`] without the context.
     pub fn forward(
         &self,
@@ -389,6 +441,14 @@ pub enum UpBlock {
 }
 
 impl UpBlock {
+    /// Turns gradient checkpointing of the block's resnets and transformers on or off.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        match self {
+            UpBlock::CrossAttn(b) => b.set_gradient_checkpointing(on),
+            UpBlock::Plain(b) => b.set_gradient_checkpointing(on),
+        }
+    }
+
     /// See [`CrossAttnUpBlock2D::forward`].
     pub fn forward(
         &self,

@@ -7,7 +7,7 @@
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 
 use crate::Result;
 
@@ -34,6 +34,12 @@ pub trait Adapter: Debug + Send + Sync {
     /// The adapter's contribution for the layer input `x`; it has the layer output's shape
     /// (`[..., out_features]` for a linear layer, `[B, out_channels, H', W']` for a convolution).
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The adapter's trainable tensors (gradient checkpointing must know which tensors a
+    /// recomputed segment uses). Adapters that are not trained return none.
+    fn trainable_vars(&self) -> Vec<Var> {
+        Vec::new()
+    }
 }
 
 /// Decides, per layer, whether an adapter is attached.

@@ -1,10 +1,12 @@
-//! A frozen 2-D convolution with an optional adapter.
+//! A frozen 2-D convolution with an optional adapter. On the CPU the frozen convolution is a custom
+//! op whose backward computes the input gradient only ([`super::frozen`]).
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::adapter::{Adapter, LayerKind};
+use super::frozen;
 use super::weights::Scope;
 use crate::Result;
 
@@ -68,10 +70,13 @@ impl Conv2d {
 
     /// `x: [B, in, H, W]` → `[B, out, H', W']` with `H' = (H + 2·padding − k) / stride + 1`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = x.conv2d(&self.weight, self.config.padding, self.config.stride, 1, 1)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(&bias.reshape((1, bias.dim(0)?, 1, 1))?)?;
-        }
+        let (pad, stride) = (self.config.padding, self.config.stride);
+        let mut y = if frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+            frozen::conv2d(x, &self.weight, self.bias.as_ref(), pad, stride)?
+        } else {
+            frozen::conv2d_plain(x, &self.weight, self.bias.as_ref(), pad, stride)?
+        };
+        super::flops::add_dense(2 * (y.elem_count() * self.weight.elem_count() / y.dim(1)?) as u64);
         if let Some(adapter) = &self.adapter {
             y = (y + adapter.forward(x)?)?;
         }
@@ -91,6 +96,14 @@ impl Conv2d {
     /// Stride and padding.
     pub fn config(&self) -> ConvConfig {
         self.config
+    }
+
+    /// The attached adapter's trainable tensors (none without an adapter).
+    pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
+        self.adapter
+            .as_ref()
+            .map(|a| a.trainable_vars())
+            .unwrap_or_default()
     }
 
     /// The attached adapter, if any.

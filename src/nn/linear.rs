@@ -1,10 +1,12 @@
-//! A frozen linear layer with an optional adapter.
+//! A frozen linear layer with an optional adapter. On the CPU the frozen product is a custom op
+//! whose backward computes the input gradient only ([`super::frozen`]).
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::adapter::{Adapter, LayerKind};
+use super::frozen;
 use super::weights::Scope;
 use crate::Result;
 
@@ -51,15 +53,12 @@ impl Linear {
         let dims = x.dims();
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features.max(1);
-        let mut out_dims = dims.to_vec();
-        let last = out_dims.len() - 1;
-        out_dims[last] = self.out_features();
-        let flat = x.reshape((rows, in_features))?;
-        let mut y = flat.matmul(&self.weight.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let mut y = y.reshape(out_dims)?;
+        super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
+        let mut y = if frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+            frozen::linear(x, &self.weight, self.bias.as_ref())?
+        } else {
+            frozen::linear_plain(x, &self.weight, self.bias.as_ref())?
+        };
         if let Some(adapter) = &self.adapter {
             y = (y + adapter.forward(x)?)?;
         }
@@ -74,6 +73,14 @@ impl Linear {
     /// The bias, `[out_features]`, if the layer has one.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
+    }
+
+    /// The attached adapter's trainable tensors (none without an adapter).
+    pub fn trainable_vars(&self) -> Vec<candle_core::Var> {
+        self.adapter
+            .as_ref()
+            .map(|a| a.trainable_vars())
+            .unwrap_or_default()
     }
 
     /// The attached adapter, if any.

@@ -8,10 +8,16 @@
 
 pub mod activation;
 pub mod adapter;
+pub mod checkpoint;
 pub mod conv;
+pub mod flops;
+pub mod frozen;
+pub mod fused_norm;
 pub mod gradcheck;
 pub mod linear;
+pub mod mem_attention;
 pub mod norm;
+pub mod runtime;
 pub mod weights;
 
 pub use adapter::{Adapter, AdapterProvider, LayerKind};

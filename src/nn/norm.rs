@@ -1,4 +1,6 @@
-//! Group and layer normalisation from primitive ops (candle's fused layer norm has no backward).
+//! Group and layer normalisation: our fused custom ops ([`super::fused_norm`]) for frozen
+//! parameters on the CPU, otherwise primitive candle ops (candle's fused layer norm has no
+//! backward).
 
 use candle_core::{DType, Tensor, D};
 
@@ -40,6 +42,35 @@ impl GroupNorm {
     /// `x: [B, C, ...]` → same shape; statistics over each group of channels and all positions,
     /// computed in f32 at least.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused_norm::applies(x, &self.weight, &self.bias) {
+            return super::fused_norm::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                false,
+            );
+        }
+        self.forward_primitive(x)
+    }
+
+    /// `silu(self.forward(x))`, fused into one op where [`super::fused_norm`] applies.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused_norm::applies(x, &self.weight, &self.bias) {
+            return super::fused_norm::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                true,
+            );
+        }
+        Ok(self.forward_primitive(x)?.silu()?)
+    }
+
+    fn forward_primitive(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
@@ -88,6 +119,9 @@ impl LayerNorm {
 
     /// `x: [..., dim]` → same shape, computed in f32 at least.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if super::fused_norm::applies(x, &self.weight, &self.bias) {
+            return super::fused_norm::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         let dtype = x.dtype();
         let work = if dtype == DType::F64 {
             DType::F64

@@ -157,6 +157,9 @@ pub struct WeightStore {
     /// Every read returns zeros of the requested shape without touching memory (see
     /// [`WeightStore::shape_only`]).
     shape_only: bool,
+    /// Every read returns fresh random values drawn from this seed and the key (see
+    /// [`WeightStore::random`]).
+    random_seed: Option<u64>,
 }
 
 impl WeightStore {
@@ -169,6 +172,7 @@ impl WeightStore {
             dtype,
             device,
             shape_only: false,
+            random_seed: None,
         }
     }
 
@@ -179,6 +183,17 @@ impl WeightStore {
     pub fn shape_only(dtype: DType, device: Device) -> Self {
         WeightStore {
             shape_only: true,
+            ..WeightStore::new(dtype, device)
+        }
+    }
+
+    /// A store that answers every read with random values of the requested shape, drawn from a
+    /// generator seeded by `seed` and the key (so a weight does not depend on the order of
+    /// reads): matrices and kernels uniform with variance 1/fan_in, norm scales 1, other vectors
+    /// (biases) uniform in ±0.05. For benchmarks: an SD-sized model with no checkpoint on disk.
+    pub fn random(seed: u64, dtype: DType, device: Device) -> Self {
+        WeightStore {
+            random_seed: Some(seed),
             ..WeightStore::new(dtype, device)
         }
     }
@@ -229,7 +244,7 @@ impl WeightStore {
 
     /// Whether a tensor is stored under `key` (always true for a shape-only store).
     pub fn contains(&self, key: &str) -> bool {
-        self.shape_only || self.entries.contains_key(key)
+        self.shape_only || self.random_seed.is_some() || self.entries.contains_key(key)
     }
 
     /// Every key of the store, sorted.
@@ -254,6 +269,10 @@ impl WeightStore {
         if self.shape_only {
             let zero = Tensor::zeros((), self.dtype, &self.device)?;
             return Ok(zero.broadcast_as(shape)?);
+        }
+        if let Some(seed) = self.random_seed {
+            self.mark_used(key);
+            return random_weight(seed, key, &shape, self.dtype, &self.device);
         }
         let entry = self
             .entries
@@ -336,6 +355,35 @@ impl WeightStore {
         }
         .into()
     }
+}
+
+/// The value [`WeightStore::random`] gives the weight `key` of `shape`.
+fn random_weight(
+    seed: u64,
+    key: &str,
+    shape: &Shape,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    use rand::{Rng, SeedableRng};
+    // FNV-1a of the key, mixed with the seed: one independent stream per weight.
+    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ hash);
+    let dims = shape.dims();
+    let n = shape.elem_count();
+    let is_norm = key.rsplit('.').nth(1).is_some_and(|m| m.contains("norm"));
+    let values: Vec<f32> = if dims.len() >= 2 {
+        let fan_in: usize = dims[1..].iter().product();
+        let bound = (3.0 / fan_in.max(1) as f32).sqrt();
+        (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+    } else if is_norm && key.ends_with(".weight") {
+        vec![1.0; n]
+    } else {
+        (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect()
+    };
+    Ok(Tensor::from_vec(values, dims, device)?.to_dtype(dtype)?)
 }
 
 /// A view of a [`WeightStore`] at one module path, plus the adapter provider of the model being

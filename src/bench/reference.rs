@@ -1,0 +1,84 @@
+//! The reference side of the benchmark: `tools/bench_diffusers.py` (diffusers + peft) run as a
+//! child process on the same shapes, answering with one JSON line.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+
+use super::{BenchOptions, Measurement};
+use crate::Result;
+
+/// The script, relative to the repository root (the bench runs from there with `cargo run`).
+pub const SCRIPT: &str = "tools/bench_diffusers.py";
+
+/// What the script prints as its last line.
+#[derive(Debug, Deserialize)]
+struct ScriptReport {
+    step_seconds: Vec<f64>,
+    peak_rss_bytes: Option<u64>,
+    lora_parameters: usize,
+    last_loss: f32,
+    versions: String,
+}
+
+fn failure(message: String) -> crate::Error {
+    candle_core::Error::Msg(format!("bench --reference: {message}")).into()
+}
+
+/// Runs `python tools/bench_diffusers.py` with `options` and reads its measurement.
+pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measurement> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT);
+    let output = Command::new(python)
+        .arg(&script)
+        .args(["--preset", options.preset.name()])
+        .args(["--resolution", &options.resolution.to_string()])
+        .args(["--batch", &options.batch.to_string()])
+        .args(["--rank", &options.rank.to_string()])
+        .args(["--steps", &options.steps.to_string()])
+        .args(["--warmup", &options.warmup.to_string()])
+        .args(["--tokens", &options.tokens.to_string()])
+        .args(["--seed", &options.seed.to_string()])
+        .args(
+            options
+                .gradient_checkpointing
+                .then_some("--gradient-checkpointing"),
+        )
+        .output()
+        .map_err(|e| {
+            failure(format!(
+                "cannot start `{}`: {e}; give the Python that has torch, diffusers and peft \
+                 (for example /work/venv/bin/python)",
+                python.display()
+            ))
+        })?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(15).collect();
+        return Err(failure(format!(
+            "`{} {}` failed ({}):\n{}",
+            python.display(),
+            script.display(),
+            output.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )));
+    }
+    let last = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'));
+    let report: ScriptReport = last
+        .ok_or_else(|| failure(format!("{} printed no JSON line", script.display())))
+        .and_then(|l| {
+            serde_json::from_str(l).map_err(|e| failure(format!("unreadable JSON line `{l}`: {e}")))
+        })?;
+    Ok(Measurement {
+        name: "diffusers+peft".to_string(),
+        step_seconds: report.step_seconds,
+        peak_rss_bytes: report.peak_rss_bytes,
+        lora_parameters: report.lora_parameters,
+        last_loss: report.last_loss,
+        versions: Some(report.versions),
+    })
+}

@@ -1,0 +1,80 @@
+//! `bench`: seconds per LoRA training step, peak memory and GFLOP/s on an SD-shaped UNet with
+//! random weights; with `--reference PYTHON`, diffusers + peft side by side.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use lora_trainer::bench::{self, BenchOptions, Preset};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum PresetArg {
+    /// The SD 1.5 UNet architecture (860 M parameters).
+    Sd15,
+    /// The bundled demo model's tiny UNet.
+    Tiny,
+}
+
+/// Times LoRA training steps (forward, backward, AdamW) in the cached-latent setting: random
+/// weights, latents and text context, LoRA on every UNet to_q/to_v.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    #[arg(long, value_enum, default_value = "sd15")]
+    preset: PresetArg,
+    /// Image side in pixels (a multiple of 64); the latent side is an eighth of it.
+    #[arg(long, default_value_t = 256)]
+    resolution: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// LoRA rank (alpha = rank).
+    #[arg(long, default_value_t = 8)]
+    rank: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed steps before them.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Recompute each transformer and resnet block in backward instead of keeping its activations.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// Use candle's ordinary ops for the frozen layers instead of our custom ops (for
+    /// before/after comparisons).
+    #[arg(long)]
+    plain_ops: bool,
+    /// Also run tools/bench_diffusers.py with this Python (one with torch, diffusers, peft).
+    #[arg(long, value_name = "PYTHON")]
+    reference: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    lora_trainer::nn::runtime::tune_process();
+    let args = Args::parse();
+    if args.plain_ops {
+        lora_trainer::nn::frozen::set_enabled(false);
+    }
+    let options = BenchOptions {
+        preset: match args.preset {
+            PresetArg::Sd15 => Preset::Sd15,
+            PresetArg::Tiny => Preset::Tiny,
+        },
+        resolution: args.resolution,
+        batch: args.batch,
+        rank: args.rank,
+        steps: args.steps,
+        warmup: args.warmup,
+        gradient_checkpointing: args.gradient_checkpointing,
+        ..BenchOptions::default()
+    };
+    match bench::run(&options, args.reference.as_ref()) {
+        Ok(report) => {
+            print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.report());
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! Group and layer normalisation (optionally followed by SiLU) as single custom ops with an
+//! exact, hand-written backward, for frozen affine parameters on the CPU.
+//!
+//! Built from primitive ops (as [`super::norm`] does otherwise), a group norm + SiLU is about a
+//! dozen full-size tensors in forward and more in backward, and the gradients candle computes
+//! for the broadcast scale and shift stay in the `GradStore` until backward ends (DESIGN.md §7).
+//! Here forward is one pass for the statistics and one for the output, and backward one pass per
+//! group, keeping only the input and two numbers per group. The scale and shift are frozen: they
+//! get no gradient (a trainable one keeps the primitive-op path, see [`applies`]).
+//!
+//! Both norms are the same computation over contiguous segments: a group norm of `[B, C, H, W]`
+//! normalises each sample's run of `C/G · H·W` values, a layer norm each row of `D` values. The
+//! statistics are accumulated in f64.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Whether the fused op serves this call: f32/f64 on the CPU, frozen affine parameters, and the
+/// frozen-layer switch of [`super::frozen`] on.
+pub fn applies(x: &Tensor, weight: &Tensor, bias: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == weight.dtype()
+        && super::frozen::applies_to(x, weight, Some(bias))
+}
+
+/// Group norm of `x: [B, C, ...]` with `groups`, scale/shift `[C]`, then SiLU when `silu`.
+pub fn group_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let dims = x.dims();
+    let c = dims[1];
+    let inner: usize = dims[2..].iter().product();
+    let spec = Segments {
+        len: c / groups * inner,
+        groups,
+        channels_per_group: c / groups,
+        inner,
+    };
+    run(x, weight, bias, spec, eps, silu)
+}
+
+/// Layer norm of `x: [..., D]` over the last dimension with scale/shift `[D]`.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let spec = Segments {
+        len: d,
+        groups: 1,
+        channels_per_group: d,
+        inner: 1,
+    };
+    run(x, weight, bias, spec, eps, false)
+}
+
+/// How the input splits into normalised segments and which affine channel each value uses:
+/// value `i` of segment `s` belongs to channel `(s mod groups) · channels_per_group + i / inner`.
+#[derive(Debug, Clone, Copy)]
+struct Segments {
+    len: usize,
+    groups: usize,
+    channels_per_group: usize,
+    inner: usize,
+}
+
+impl Segments {
+    fn channel(&self, segment: usize, i: usize) -> usize {
+        (segment % self.groups) * self.channels_per_group + i / self.inner
+    }
+}
+
+fn run(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    spec: Segments,
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let to_f64 = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    };
+    let op = Norm {
+        params: Arc::new(Params {
+            spec,
+            eps,
+            silu,
+            weight: to_f64(weight)?,
+            bias: to_f64(bias)?,
+        }),
+        stats: Arc::new(Mutex::new(Vec::new())),
+    };
+    let x = x.contiguous()?;
+    Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
+}
+
+struct Params {
+    spec: Segments,
+    eps: f64,
+    silu: bool,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+}
+
+/// Forward op; keeps `(mean, 1/σ)` per segment for its backward.
+struct Norm {
+    params: Arc<Params>,
+    stats: Arc<Mutex<Vec<(f64, f64)>>>,
+}
+
+/// Backward op: `(x, dY) → dX`.
+struct NormGrad {
+    params: Arc<Params>,
+    stats: Vec<(f64, f64)>,
+}
+
+/// The float types the kernels run on.
+trait Real: Copy + Send + Sync + 'static {
+    fn get(self) -> f64;
+    fn put(v: f64) -> Self;
+}
+
+impl Real for f32 {
+    fn get(self) -> f64 {
+        f64::from(self)
+    }
+    fn put(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Real for f64 {
+    fn get(self) -> f64 {
+        self
+    }
+    fn put(v: f64) -> Self {
+        v
+    }
+}
+
+fn sigmoid(v: f64) -> f64 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl Params {
+    fn forward<T: Real>(&self, x: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
+        let n = self.spec.len;
+        let mut y = vec![T::put(0.0); x.len()];
+        let mut stats = vec![(0.0, 0.0); x.len() / n.max(1)];
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(s, ((ys, xs), st))| {
+                let mean = xs.iter().map(|v| v.get()).sum::<f64>() / n as f64;
+                let var = xs.iter().map(|v| (v.get() - mean).powi(2)).sum::<f64>() / n as f64;
+                let rstd = 1.0 / (var + self.eps).sqrt();
+                *st = (mean, rstd);
+                for (i, (yv, xv)) in ys.iter_mut().zip(xs).enumerate() {
+                    let c = self.spec.channel(s, i);
+                    let out = (xv.get() - mean) * rstd * self.weight[c] + self.bias[c];
+                    *yv = T::put(if self.silu { out * sigmoid(out) } else { out });
+                }
+            });
+        (y, stats)
+    }
+
+    fn backward<T: Real>(&self, x: &[T], dy: &[T], stats: &[(f64, f64)]) -> Vec<T> {
+        let n = self.spec.len;
+        let mut dx = vec![T::put(0.0); x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+            .enumerate()
+            .for_each(|(s, (dxs, (xs, dys)))| {
+                let (mean, rstd) = stats[s];
+                // dx̂ = dY' · γ, with dY' the gradient before SiLU.
+                let dxhat = |i: usize| -> (f64, f64) {
+                    let c = self.spec.channel(s, i);
+                    let xhat = (xs[i].get() - mean) * rstd;
+                    let mut g = dys[i].get();
+                    if self.silu {
+                        let out = xhat * self.weight[c] + self.bias[c];
+                        let sg = sigmoid(out);
+                        g *= sg * (1.0 + out * (1.0 - sg));
+                    }
+                    (g * self.weight[c], xhat)
+                };
+                let (mut sum1, mut sum2) = (0.0, 0.0);
+                for i in 0..n {
+                    let (d, xhat) = dxhat(i);
+                    sum1 += d;
+                    sum2 += d * xhat;
+                }
+                let (m1, m2) = (sum1 / n as f64, sum2 / n as f64);
+                for (i, out) in dxs.iter_mut().enumerate() {
+                    let (d, xhat) = dxhat(i);
+                    *out = T::put(rstd * (d - m1 - xhat * m2));
+                }
+            });
+        dx
+    }
+}
+
+fn contiguous<'a, T>(v: &'a [T], layout: &Layout) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => Err(candle_core::Error::Msg(
+            "fused norm: non-contiguous input".into(),
+        )),
+    }
+}
+
+fn unsupported() -> candle_core::Error {
+    candle_core::Error::Msg("fused norm: f32 and f64 only".into())
+}
+
+impl CustomOp1 for Norm {
+    fn name(&self) -> &'static str {
+        "fused-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (out, stats) = match storage {
+            CpuStorage::F32(v) => {
+                let (y, s) = self.params.forward(contiguous(v, layout)?);
+                (CpuStorage::F32(y), s)
+            }
+            CpuStorage::F64(v) => {
+                let (y, s) = self.params.forward(contiguous(v, layout)?);
+                (CpuStorage::F64(y), s)
+            }
+            _ => return Err(unsupported()),
+        };
+        *self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused norm: poisoned lock".into()))? = stats;
+        Ok((out, layout.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let stats = self
+            .stats
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused norm: poisoned lock".into()))?
+            .clone();
+        let op = NormGrad {
+            params: self.params.clone(),
+            stats,
+        };
+        let grad = grad.to_dtype(arg.dtype())?.contiguous()?;
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad, &op)?))
+    }
+}
+
+impl CustomOp2 for NormGrad {
+    fn name(&self) -> &'static str {
+        "fused-norm-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.params.backward(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                &self.stats,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(self.params.backward(
+                contiguous(x, l1)?,
+                contiguous(g, l2)?,
+                &self.stats,
+            )),
+            _ => return Err(unsupported()),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::random_weights::randn;
+    use crate::nn::gradcheck::GradCheck;
+    use candle_core::{Var, D};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    fn reference_group_norm(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        groups: usize,
+        eps: f64,
+    ) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let xg = x.reshape((dims[0], groups, ()))?;
+        let mean = xg.mean_keepdim(D::Minus1)?;
+        let centered = xg.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centered
+            .broadcast_div(&(var + eps)?.sqrt()?)?
+            .reshape(dims.as_slice())?;
+        Ok(normed
+            .broadcast_mul(&w.reshape((1, dims[1], 1, 1))?)?
+            .broadcast_add(&b.reshape((1, dims[1], 1, 1))?)?)
+    }
+
+    #[test]
+    fn group_norm_and_silu_match_the_definition_and_finite_differences() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 6, 3, 4], 1.5, 0.3)?)?;
+        let w = randn(&mut rng, &[6], 0.5, 1.0)?;
+        let b = randn(&mut rng, &[6], 0.5, 0.0)?;
+        let mix = randn(&mut rng, &[2, 6, 3, 4], 1.0, 0.0)?;
+        for silu in [false, true] {
+            let got = group_norm(x.as_tensor(), &w, &b, 3, 1e-5, silu)?;
+            let mut want = reference_group_norm(x.as_tensor(), &w, &b, 3, 1e-5)?;
+            if silu {
+                want = want.silu()?;
+            }
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "silu {silu}: {diff}");
+            let loss = || -> Result<Tensor> {
+                Ok((group_norm(x.as_tensor(), &w, &b, 3, 1e-5, silu)? * &mix)?.sum_all()?)
+            };
+            let check = GradCheck {
+                samples: 16,
+                ..GradCheck::default()
+            };
+            let failures = check.failures(loss, &[(format!("x (silu {silu})"), x.clone())])?;
+            assert!(failures.is_empty(), "{failures:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_matches_the_definition_and_finite_differences() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 5], 1.0, -0.4)?)?;
+        let w = randn(&mut rng, &[5], 0.5, 1.0)?;
+        let b = randn(&mut rng, &[5], 0.5, 0.0)?;
+        let got = layer_norm(x.as_tensor(), &w, &b, 1e-5)?;
+        let xt = x.as_tensor();
+        let mean = xt.mean_keepdim(D::Minus1)?;
+        let centered = xt.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        let want = centered
+            .broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(&w)?
+            .broadcast_add(&b)?;
+        assert!((&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        let mix = randn(&mut rng, &[2, 3, 5], 1.0, 0.0)?;
+        let loss = || -> Result<Tensor> {
+            Ok((layer_norm(x.as_tensor(), &w, &b, 1e-5)? * &mix)?.sum_all()?)
+        };
+        let check = GradCheck {
+            samples: 16,
+            ..GradCheck::default()
+        };
+        let failures = check.failures(loss, &[("x".to_string(), x.clone())])?;
+        assert!(failures.is_empty(), "{failures:?}");
+        Ok(())
+    }
+}

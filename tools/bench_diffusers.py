@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Reference side of `cargo run --release --bin bench -- --reference PYTHON`.
+
+diffusers + peft on the shapes the Rust bench uses: UNet2DConditionModel from SD 1.5's config
+(or the bundled demo model's) with random init, peft LoraConfig(r, alpha=r, target to_q/to_v),
+cached-latent setting (random latents and text context, no VAE or text encoder), DDPM noise,
+MSE on epsilon, torch.optim.AdamW on the LoRA parameters, torch.set_num_threads(2) by default.
+Prints a human line per step on stderr and one JSON line on stdout (read by the bench binary).
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+SD15 = {
+    "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False, "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+}
+
+
+def unet_config(preset):
+    if preset == "sd15":
+        return dict(SD15)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", "models", "demo-sd", "unet", "config.json")) as f:
+        config = json.load(f)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--preset", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=77)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    a = p.parse_args()
+
+    import torch
+    import diffusers
+    import peft
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    config = unet_config(a.preset)
+    unet = UNet2DConditionModel.from_config(config)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_v"]))
+    if a.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000)
+
+    side = a.resolution // 8
+    latents = torch.randn(a.batch, config["in_channels"], side, side)
+    context = torch.randn(a.batch, a.tokens, config["cross_attention_dim"])
+    times = []
+    loss = torch.tensor(float("nan"))
+    for step in range(a.warmup + a.steps):
+        start = time.perf_counter()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (a.batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        pred = unet(noisy, t, context).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        print(f"step {step}: {elapsed:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
+        if step >= a.warmup:
+            times.append(elapsed)
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    print(json.dumps({
+        "step_seconds": times,
+        "min_seconds": min(times),
+        "median_seconds": statistics.median(times),
+        "peak_rss_bytes": rss,
+        "lora_parameters": n_params,
+        "last_loss": float(loss.item()),
+        "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+                    f"peft {peft.__version__}, {a.threads} threads",
+    }))
+
+
+if __name__ == "__main__":
+    main()
