@@ -102,6 +102,7 @@ fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
 }
 
 fn main() -> ExitCode {
+    lora_trainer::nn::runtime::tune_process();
     let args = Args::parse();
     match run_args(&args) {
         Ok(files) => {

@@ -37,6 +37,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    lora_trainer::nn::runtime::tune_process();
     let args = Args::parse();
     match run(&args) {
         Ok(code) => code,

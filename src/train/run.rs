@@ -105,12 +105,6 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
-    if plan.training.gradient_checkpointing {
-        eprintln!(
-            "warning: `gradient_checkpointing` is not implemented yet and has no effect: \
-             training keeps every activation for the backward pass"
-        );
-    }
     let dataset = Dataset::open(&plan.dataset_spec())?;
     let Setup {
         mut trainer,

@@ -57,7 +57,8 @@ pub fn set_up(
         Some(checkpoint.version()),
         NetworkOptions::new(seed, &compute.device),
     )?;
-    let unet = checkpoint.unet(Some(&networks.unet))?;
+    let mut unet = checkpoint.unet(Some(&networks.unet))?;
+    unet.set_gradient_checkpointing(plan.training.gradient_checkpointing);
     let text_encoder = match &networks.text_encoder {
         Some(te) => checkpoint.text_encoder(Some(te))?,
         None => checkpoint.text_encoder(None)?,
