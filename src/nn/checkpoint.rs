@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, Var};
 
-use super::frozen::cpu_storage;
+use super::frozen::hand_over;
 use crate::Result;
 
 /// A model segment: `f(x, side)`.
@@ -117,13 +117,7 @@ impl CustomOp3 for Checkpoint {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("checkpoint: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("checkpoint: forward ran twice".into()))?;
-        Ok((cpu_storage(&y)?, y.shape().clone()))
+        hand_over(&self.output, "checkpoint")
     }
 
     fn bwd(

@@ -297,13 +297,7 @@ impl CustomOp1 for Bridge {
         _storage: &CpuStorage,
         _layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("frozen layer: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("frozen layer: forward ran twice".into()))?;
-        Ok((cpu_storage(&y)?, y.shape().clone()))
+        hand_over(&self.output, "frozen layer")
     }
 
     fn bwd(
@@ -330,6 +324,21 @@ impl CustomOp1 for Bridge {
         };
         Ok(Some(dx))
     }
+}
+
+/// The result of a custom op whose forward ran before the op entered candle's graph (our ops
+/// compute with tensors, then hand the result over): taken out of `slot`, once, as candle's
+/// forward output. `op` names the op in errors.
+pub(crate) fn hand_over(
+    slot: &Mutex<Option<Tensor>>,
+    op: &str,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let y = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward ran twice")))?;
+    Ok((cpu_storage(&y)?, y.shape().clone()))
 }
 
 /// A contiguous copy of a CPU tensor's elements as a `CpuStorage`.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use super::frozen::cpu_storage;
+use super::frozen::hand_over;
 use crate::Result;
 
 /// Scores kept at once, per block of queries (elements): 4 Mi, 16 MiB in f32.
@@ -134,13 +134,7 @@ impl CustomOp3 for MemAttention {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let y = self
-            .output
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("attention: forward ran twice".into()))?;
-        Ok((cpu_storage(&y)?, y.shape().clone()))
+        hand_over(&self.output, "attention")
     }
 
     fn bwd(
