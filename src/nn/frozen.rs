@@ -147,7 +147,7 @@ fn conv2d_gemm(
             .contiguous()?
             .reshape((c_in, b * h * w))?
     } else {
-        let op = Im2Col {
+        let op = Im2Col(ConvGeometry {
             b,
             c_in,
             k,
@@ -157,7 +157,7 @@ fn conv2d_gemm(
             wo,
             stride,
             padding,
-        };
+        });
         x.contiguous()?.apply_op1_no_bwd(&op)?
     };
     let mut y = weight.reshape((c_out, c_in * k * k))?.matmul(&cols)?; // [out, B·Ho·Wo]
@@ -172,9 +172,10 @@ fn conv2d_gemm(
     })
 }
 
-/// Unfolds `[B, in, H, W]` into the columns `[in·k·k, B·Ho·Wo]` of a convolution (zeros where a
-/// window leaves the padded input): the inverse bookkeeping of [`Col2Im`].
-struct Im2Col {
+/// The sizes of one convolution: batch, input channels, kernel side, input and output sides,
+/// stride and padding — what unfolding ([`Im2Col`]) and folding back ([`Col2Im`]) both need.
+#[derive(Debug, Clone, Copy)]
+struct ConvGeometry {
     b: usize,
     c_in: usize,
     k: usize,
@@ -186,9 +187,13 @@ struct Im2Col {
     padding: usize,
 }
 
+/// Unfolds `[B, in, H, W]` into the columns `[in·k·k, B·Ho·Wo]` of a convolution (zeros where a
+/// window leaves the padded input): the inverse bookkeeping of [`Col2Im`].
+struct Im2Col(ConvGeometry);
+
 impl Im2Col {
     fn run<T: Copy + Default + Send + Sync>(&self, x: &[T]) -> Vec<T> {
-        let Im2Col {
+        let ConvGeometry {
             b,
             c_in,
             k,
@@ -198,7 +203,7 @@ impl Im2Col {
             wo,
             stride,
             padding,
-        } = *self;
+        } = self.0;
         let ncols = b * ho * wo;
         let mut cols = vec![T::default(); c_in * k * k * ncols];
         // One task per row (input channel, ky, kx).
@@ -245,8 +250,8 @@ impl CustomOp1 for Im2Col {
             CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
             _ => return Err(candle_core::Error::Msg("im2col: f32 and f64 only".into())),
         };
-        let rows = self.c_in * self.k * self.k;
-        Ok((out, Shape::from((rows, self.b * self.ho * self.wo))))
+        let g = self.0;
+        Ok((out, Shape::from((g.c_in * g.k * g.k, g.b * g.ho * g.wo))))
     }
 }
 
@@ -383,7 +388,7 @@ pub fn conv2d_input_grad(
             .transpose(0, 1)?
             .contiguous()?);
     }
-    let op = Col2Im {
+    let op = Col2Im(ConvGeometry {
         b,
         c_in,
         k,
@@ -393,27 +398,17 @@ pub fn conv2d_input_grad(
         wo,
         stride,
         padding,
-    };
+    });
     Ok(cols.apply_op1_no_bwd(&op)?)
 }
 
 /// Scatters the columns `[in·k·k, B·Ho·Wo]` of an unfolded convolution back onto the input grid
 /// `[B, in, H, W]`, adding where windows overlap.
-struct Col2Im {
-    b: usize,
-    c_in: usize,
-    k: usize,
-    h: usize,
-    w: usize,
-    ho: usize,
-    wo: usize,
-    stride: usize,
-    padding: usize,
-}
+struct Col2Im(ConvGeometry);
 
 impl Col2Im {
     fn run<T: Copy + Default + std::ops::AddAssign + Send + Sync>(&self, cols: &[T]) -> Vec<T> {
-        let Col2Im {
+        let ConvGeometry {
             b,
             c_in,
             k,
@@ -423,7 +418,7 @@ impl Col2Im {
             wo,
             stride,
             padding,
-        } = *self;
+        } = self.0;
         let plane = h * w;
         let ncols = b * ho * wo;
         let mut out = vec![T::default(); b * c_in * plane];
@@ -482,7 +477,8 @@ impl CustomOp1 for Col2Im {
                 ))
             }
         };
-        Ok((out, Shape::from((self.b, self.c_in, self.h, self.w))))
+        let g = self.0;
+        Ok((out, Shape::from((g.b, g.c_in, g.h, g.w))))
     }
 }
 

@@ -140,11 +140,17 @@ pub trait DiffusionSampler: Send {
     /// `linspace`).
     fn timesteps(&self) -> &[f64];
 
-    /// The factor unit noise is scaled by to make the first sample.
-    fn init_noise_sigma(&self) -> f64;
+    /// The factor unit noise is scaled by to make the first sample (1 for samplers that work
+    /// on the unscaled sample, as DDIM and DPM++ do).
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
 
-    /// The model's input at step `step` for the sample `sample`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Result<Tensor>;
+    /// The model's input at step `step` for the sample `sample` (the sample itself unless the
+    /// sampler scales it, as Euler's do).
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
 
     /// The sample after step `step`, from the model's (guided) output at that step. Steps must
     /// be taken in order, once each (multistep samplers remember earlier outputs).
