@@ -21,6 +21,7 @@ use crate::lora::{LoraNetworks, NetworkOptions};
 use crate::models::noise::{NoiseSchedule, SchedulerConfig};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::flops::{self, TrainingFlops};
+use crate::nn::profile;
 use crate::nn::{Scope, WeightStore};
 use crate::train::optim::{AdamW, AdamWSettings, ParamGroup, ParamOptimizer};
 use crate::train::step::{diffusion_loss, Draws};
@@ -83,6 +84,8 @@ pub struct BenchOptions {
     /// Untimed steps first (allocator and caches warm up).
     pub warmup: usize,
     pub gradient_checkpointing: bool,
+    /// Time each kind of op during the timed steps ([`crate::nn::profile`]).
+    pub breakdown: bool,
     /// Text-context tokens (77 for CLIP).
     pub tokens: usize,
     pub seed: u64,
@@ -98,6 +101,7 @@ impl Default for BenchOptions {
             steps: 3,
             warmup: 1,
             gradient_checkpointing: false,
+            breakdown: false,
             tokens: 77,
             seed: 0,
         }
@@ -144,6 +148,8 @@ pub struct Measurement {
     pub last_loss: f32,
     /// Library versions and settings of the reference run, printed under the table.
     pub versions: Option<String>,
+    /// Seconds per kind of op over the timed steps, when asked for (`--breakdown`).
+    pub breakdown: Vec<profile::Entry>,
 }
 
 impl Measurement {
@@ -218,6 +224,7 @@ impl BenchReport {
                 m.last_loss
             ));
         }
+        out.push_str(&breakdown_table(&self.ours));
         if let Some(r) = &self.reference {
             if let Some(v) = &r.versions {
                 out.push_str(&format!("({}: {v})\n", r.name));
@@ -229,6 +236,35 @@ impl BenchReport {
         }
         out
     }
+}
+
+/// Seconds per timed step for each kind of op (empty without `--breakdown`).
+fn breakdown_table(m: &Measurement) -> String {
+    if m.breakdown.is_empty() {
+        return String::new();
+    }
+    let steps = m.step_seconds.len().max(1) as f64;
+    let step = m.step_seconds.iter().sum::<f64>() / steps;
+    let mut out = format!(
+        "\n{} per step (of {step:.3} s):\n{:<28} {:>8} {:>8} {:>6} {:>8}\n",
+        m.name, "op", "calls", "seconds", "share", "GFLOP/s"
+    );
+    for e in &m.breakdown {
+        let rate = if e.flops > 0 {
+            format!("{:.1}", e.flops as f64 / e.seconds / 1e9)
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "{:<28} {:>8} {:>8.3} {:>5.1}% {:>8}\n",
+            e.name,
+            (e.calls as f64 / steps).round(),
+            e.seconds / steps,
+            100.0 * e.seconds / steps / step,
+            rate
+        ));
+    }
+    out
 }
 
 /// The UNet of `preset` with random weights and LoRA adapters (rank `rank`, alpha = rank) on
@@ -277,6 +313,14 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     options.check()?;
     let device = Device::Cpu;
     let (mut unet, networks) = build_unet(options.preset, options.rank, options.seed, &device)?;
+    if options.breakdown {
+        if let Some(rss) = peak_rss_bytes() {
+            eprintln!(
+                "peak resident memory after building the model: {:.2} GiB",
+                rss as f64 / (1u64 << 30) as f64
+            );
+        }
+    }
     unet.set_gradient_checkpointing(options.gradient_checkpointing);
     networks.set_training(true);
     let config = unet.config().clone();
@@ -320,6 +364,10 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     let mut step_seconds = Vec::with_capacity(options.steps);
     let mut last_loss = f32::NAN;
     for step in 0..options.warmup + options.steps {
+        if step == options.warmup && options.breakdown {
+            profile::take();
+            profile::enable(true);
+        }
         let start = Instant::now();
         networks.set_step(step as u64, 0);
         let draws = Draws::sample(
@@ -331,15 +379,30 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             0.0,
             &device,
         )?;
-        let loss = diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?;
-        let grads = loss.loss.backward()?;
-        optimizer.step(&grads, &[1e-4])?;
-        drop(grads);
+        let loss = {
+            let _t = profile::scope("step: forward and loss");
+            diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?
+        };
+        let grads = {
+            let _t = profile::scope("step: backward");
+            loss.loss.backward()?
+        };
+        {
+            let _t = profile::scope("step: optimizer");
+            optimizer.step(&grads, &[1e-4])?;
+            drop(grads);
+        }
         last_loss = loss.value;
         if step >= options.warmup {
             step_seconds.push(start.elapsed().as_secs_f64());
         }
     }
+    profile::enable(false);
+    let breakdown = if options.breakdown {
+        profile::take()
+    } else {
+        Vec::new()
+    };
     Ok((
         Measurement {
             name: "lora-trainer".into(),
@@ -348,6 +411,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             lora_parameters,
             last_loss,
             versions: None,
+            breakdown,
         },
         training_flops,
     ))
@@ -381,6 +445,7 @@ mod tests {
             lora_parameters: 0,
             last_loss: 0.0,
             versions: None,
+            breakdown: Vec::new(),
         };
         assert_eq!(m.min_seconds(), 1.0);
         assert_eq!(m.median_seconds(), 2.5);

@@ -80,5 +80,6 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
         lora_parameters: report.lora_parameters,
         last_loss: report.last_loss,
         versions: Some(report.versions),
+        breakdown: Vec::new(),
     })
 }

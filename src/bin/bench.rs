@@ -39,6 +39,9 @@ struct Args {
     /// Recompute each transformer and resnet block in backward instead of keeping its activations.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Also print the seconds per step spent in each kind of op (frozen layers, attention, norms).
+    #[arg(long)]
+    breakdown: bool,
     /// Use candle's ordinary ops for the frozen layers instead of our custom ops (for
     /// before/after comparisons).
     #[arg(long)]
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         steps: args.steps,
         warmup: args.warmup,
         gradient_checkpointing: args.gradient_checkpointing,
+        breakdown: args.breakdown,
         ..BenchOptions::default()
     };
     match bench::run(&options, args.reference.as_ref()) {

@@ -232,6 +232,7 @@ impl Adapter for LoraAdapter {
     /// `x`: the layer's input (`[..., in]` or `[B, in, H, W]`, any float dtype) → the adapter's
     /// contribution in the layer output's shape and `x`'s dtype.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = crate::nn::profile::scope("lora adapter");
         let d = self.dropout;
         let mut rng = (self.state.is_training() && d.any()).then(|| {
             let (step, micro_batch) = self.state.position();

@@ -29,23 +29,13 @@ pub fn scaled_dot_product_attention(
     let nk = k.dim(1)?;
     let d = inner / heads;
     crate::nn::flops::add_attention(4 * (b * nq * nk * inner) as u64);
+    if crate::nn::mem_attention::applies(q) {
+        return crate::nn::mem_attention::attention(q, k, v, heads, (d as f64).powf(-0.5));
+    }
     let split = |t: &Tensor, n: usize| -> Result<Tensor> {
         Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
     };
     let (q, k, v) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
-    if crate::nn::mem_attention::applies(&q) {
-        let flat = |t: &Tensor, n: usize| t.reshape((b * heads, n, d));
-        let out = crate::nn::mem_attention::attention(
-            &flat(&q, nq)?,
-            &flat(&k, nk)?,
-            &flat(&v, nk)?,
-            (d as f64).powf(-0.5),
-        )?;
-        return Ok(out
-            .reshape((b, heads, nq, d))?
-            .transpose(1, 2)?
-            .reshape((b, nq, inner))?);
-    }
     let dtype = q.dtype();
     let (q, k) = if upcast && !matches!(dtype, DType::F32 | DType::F64) {
         (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
@@ -149,12 +139,19 @@ impl FeedForward {
     /// `x: [B, N, dim]` → `[B, N, dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        if crate::nn::geglu::applies(&h) {
+            return self.out.forward(&crate::nn::geglu::geglu(&h)?);
+        }
         let last = h.rank() - 1;
         let (value, gate) = (
             h.narrow(last, 0, self.inner)?,
             h.narrow(last, self.inner, self.inner)?,
         );
-        self.out.forward(&(value * activation::gelu(&gate)?)?)
+        let hidden = {
+            let _t = crate::nn::profile::scope("geglu");
+            (value * activation::gelu(&gate)?)?
+        };
+        self.out.forward(&hidden)
     }
 }
 

@@ -3,25 +3,27 @@
 //!
 //! candle's own `matmul`/`conv2d` backward computes a gradient for every operand (DESIGN.md §7):
 //! each frozen weight costs a full `dW` in time, and the gradients of untracked operands (the
-//! weight, the broadcast bias) stay in the `GradStore` until backward ends. Here the forward runs
-//! on the detached input (no graph), and a one-input custom op hands its result to the graph with
-//! a backward that computes `dX` and nothing else. LoRA adapters keep their own, ordinary path,
-//! so their gradients flow as before.
+//! weight, the broadcast bias) stay in the `GradStore` until backward ends. Here a one-input
+//! custom op computes the layer's forward as one matrix product straight into its output buffer
+//! (prefilled with the bias, so no extra pass), and its backward computes `dX` and nothing else.
+//! LoRA adapters keep their own, ordinary path, so their gradients flow as before.
 //!
-//! The convolution's `dX` is `col2im(Wᵀ · dY)`: one matrix product with the weight viewed as
-//! `[out, in·k·k]` (no flipped copy of the kernel), then the columns are scattered back onto the
-//! input grid. This handles any stride and padding, odd and even sizes alike, and replaces
-//! candle's `conv_transpose2d` (a direct loop on the CPU).
+//! The convolution's forward is `W [out, in·k·k] · im2col(x)`; its `dX` is `col2im(Wᵀ · dY)`:
+//! one matrix product with the weight read transposed in place (no flipped copy of the kernel),
+//! then the columns are scattered back onto the input grid. This handles any stride and padding,
+//! odd and even sizes alike, and replaces candle's `conv_transpose2d` (a direct loop on the CPU).
 //!
-//! Only CPU tensors take this path ([`applies_to`]); on other devices the layers use candle's
-//! ordinary ops.
+//! Only f32/f64 CPU tensors take this path ([`applies_to`]); on other devices and dtypes the
+//! layers use candle's ordinary ops.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
+
+use super::dense::{self, product, slice, with_slice, Elem, Mat, Threads};
 
 use crate::Result;
 
@@ -51,26 +53,38 @@ pub fn enabled_here() -> bool {
     ENABLED.load(Ordering::Relaxed) && !PLAIN_HERE.with(Cell::get)
 }
 
-/// Whether a layer with input `x` and these parameters takes the custom-op path: a CPU input,
-/// the ops enabled, and no parameter that wants a gradient (a weight that is a `Var`, as in the
-/// models' gradient checks, keeps candle's ops and gets its gradient).
+/// Whether a layer with input `x` and these parameters takes the custom-op path: a CPU input in
+/// f32 or f64 with parameters of the same dtype, the ops enabled, and no parameter that wants a
+/// gradient (a weight that is a `Var`, as in the models' gradient checks, keeps candle's ops and
+/// gets its gradient).
 pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu()
+        && matches!(x.dtype(), DType::F32 | DType::F64)
+        && weight.dtype() == x.dtype()
+        && bias.is_none_or(|b| b.dtype() == x.dtype())
         && enabled_here()
         && !weight.track_op()
         && !bias.is_some_and(Tensor::track_op)
 }
 
-/// `y = x Wᵀ + b` with `W: [out, in]` frozen; `x: [..., in]` → `[..., out]`.
+/// `y = x Wᵀ + b` with `W: [out, in]` frozen; `x: [..., in]` → `[..., out]` (f32 or f64, one
+/// dtype throughout).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let y = linear_plain(&x.detach(), weight, bias)?;
-    attach(
-        x,
-        y,
-        Backward::Linear {
-            weight: weight.clone(),
-        },
-    )
+    let flops = 2 * x.elem_count() as u64 * weight.dim(0)? as u64;
+    let _t = super::profile::scope_flops("frozen linear", flops);
+    let (out, in_features) = weight.dims2()?;
+    if x.dim(D::Minus1)? != in_features {
+        return Err(candle_core::Error::Msg(format!(
+            "linear: input {:?} does not end in the weight's {in_features} input features",
+            x.dims()
+        ))
+        .into());
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    apply(x, weight, bias, Layer::Linear { out }, Shape::from(dims))
 }
 
 /// The forward of [`linear`] with ordinary candle ops.
@@ -89,7 +103,7 @@ pub fn linear_plain(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Resul
 }
 
 /// 2-D convolution with a frozen square kernel `W: [out, in, k, k]` and bias `[out]`;
-/// `x: [B, in, H, W]` → `[B, out, H', W']`.
+/// `x: [B, in, H, W]` → `[B, out, H', W']` (f32 or f64, one dtype throughout).
 pub fn conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -97,18 +111,38 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let y = conv2d_gemm(&x.detach(), weight, bias, padding, stride)?;
-    let (_, _, h, w) = x.dims4()?;
-    attach(
-        x,
-        y,
-        Backward::Conv2d {
-            weight: weight.clone(),
-            padding,
-            stride,
-            input_hw: (h, w),
-        },
-    )
+    let _t = super::profile::scope_flops("frozen conv", conv_flops(x, weight, padding, stride)?);
+    let (b, c_in, h, w) = x.dims4()?;
+    let (c_out, c_in_w, k, k2) = weight.dims4()?;
+    if c_in_w != c_in || k2 != k || stride == 0 || h + 2 * padding < k || w + 2 * padding < k {
+        return Err(candle_core::Error::Msg(format!(
+            "conv2d: input {:?} does not fit kernel {:?} (padding {padding}, stride {stride})",
+            x.dims(),
+            weight.dims()
+        ))
+        .into());
+    }
+    let geometry = ConvGeometry {
+        b,
+        c_in,
+        k,
+        h,
+        w,
+        ho: (h + 2 * padding - k) / stride + 1,
+        wo: (w + 2 * padding - k) / stride + 1,
+        stride,
+        padding,
+    };
+    let shape = Shape::from((b, c_out, geometry.ho, geometry.wo));
+    apply(x, weight, bias, Layer::Conv { geometry, c_out }, shape)
+}
+
+/// The multiply-add FLOPs of a convolution's forward.
+fn conv_flops(x: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<u64> {
+    let (b, _, h, w) = x.dims4()?;
+    let (c_out, c_in, k, _) = weight.dims4()?;
+    let side = |n: usize| (n + 2 * padding).saturating_sub(k) / stride.max(1) + 1;
+    Ok(2 * (b * c_out * side(h) * side(w) * c_in * k * k) as u64)
 }
 
 /// The forward of [`conv2d`] with ordinary candle ops.
@@ -126,50 +160,241 @@ pub fn conv2d_plain(
     Ok(y)
 }
 
-/// The forward of [`conv2d`] as one matrix product: `W [out, in·k·k] · im2col(x)`, then the bias.
-/// 1×1 kernels with stride 1 skip the unfolding.
-fn conv2d_gemm(
+/// Runs `layer` on `x` as a custom op (one with a backward when `x` needs a gradient).
+fn apply(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
-    padding: usize,
-    stride: usize,
+    layer: Layer,
+    output: Shape,
 ) -> Result<Tensor> {
-    let (b, c_in, h, w) = x.dims4()?;
-    let (c_out, _, k, _) = weight.dims4()?;
-    if !matches!(x.dtype(), DType::F32 | DType::F64) || x.dtype() != weight.dtype() {
-        return conv2d_plain(x, weight, bias, padding, stride);
-    }
-    let ho = (h + 2 * padding - k) / stride + 1;
-    let wo = (w + 2 * padding - k) / stride + 1;
-    let cols = if k == 1 && stride == 1 && padding == 0 {
-        x.transpose(0, 1)?
-            .contiguous()?
-            .reshape((c_in, b * h * w))?
-    } else {
-        let op = Im2Col(ConvGeometry {
-            b,
-            c_in,
-            k,
-            h,
-            w,
-            ho,
-            wo,
-            stride,
-            padding,
-        });
-        x.contiguous()?.apply_op1_no_bwd(&op)?
+    let op = Frozen {
+        weight: weight.contiguous()?,
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        layer,
+        output,
     };
-    let mut y = weight.reshape((c_out, c_in * k * k))?.matmul(&cols)?; // [out, B·Ho·Wo]
-    if let Some(bias) = bias {
-        y = y.broadcast_add(&bias.reshape((c_out, 1))?)?;
-    }
-    let y = y.reshape((c_out, b, ho, wo))?;
-    Ok(if b == 1 {
-        y.reshape((1, c_out, ho, wo))?
+    let x = x.contiguous()?;
+    Ok(if x.track_op() {
+        x.apply_op1(op)?
     } else {
-        y.transpose(0, 1)?.contiguous()?
+        x.apply_op1_no_bwd(&op)?
     })
+}
+
+/// Which frozen layer, with what it needs besides its parameters.
+#[derive(Debug, Clone, Copy)]
+enum Layer {
+    Linear {
+        out: usize,
+    },
+    Conv {
+        geometry: ConvGeometry,
+        c_out: usize,
+    },
+}
+
+impl Layer {
+    fn name(&self) -> &'static str {
+        match self {
+            Layer::Linear { .. } => "frozen linear",
+            Layer::Conv { .. } => "frozen conv",
+        }
+    }
+}
+
+/// The custom op of a frozen layer: forward is one product into the output buffer (the bias
+/// prefilled), backward the input gradient only.
+struct Frozen {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    layer: Layer,
+    output: Shape,
+}
+
+impl Frozen {
+    fn forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
+        let name = self.layer.name();
+        with_slice(&self.weight, name, |w| {
+            let run = |b: Option<&[T]>| match self.layer {
+                Layer::Linear { out } => dense::linear(x, w, b, out),
+                Layer::Conv { geometry, c_out } => conv_forward(geometry, x, w, b, c_out),
+            };
+            match &self.bias {
+                Some(bias) => with_slice(bias, name, |b| Ok(run(Some(b)))),
+                None => Ok(run(None)),
+            }
+        })
+    }
+}
+
+impl CustomOp1 for Frozen {
+    fn name(&self) -> &'static str {
+        match self.layer {
+            Layer::Linear { .. } => "frozen-linear",
+            Layer::Conv { .. } => "frozen-conv2d",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.layer.name();
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice(storage, layout, name)?)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.forward(slice(storage, layout, name)?)?),
+            _ => return Err(candle_core::Error::Msg(format!("{name}: f32 and f64 only"))),
+        };
+        Ok((out, self.output.clone()))
+    }
+
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        // The input gradient is one product of the forward's size: dY's elements times the
+        // weight's fan-in.
+        let fan_in = self.weight.elem_count() / self.weight.dim(0)?.max(1);
+        let flops = 2 * grad.elem_count() as u64 * fan_in as u64;
+        let name = match self.layer {
+            Layer::Linear { .. } => "frozen linear backward",
+            Layer::Conv { .. } => "frozen conv backward",
+        };
+        let _t = super::profile::scope_flops(name, flops);
+        let op = InputGrad {
+            weight: self.weight.clone(),
+            layer: self.layer,
+            input: arg.shape().clone(),
+        };
+        Ok(Some(
+            grad.to_dtype(arg.dtype())?
+                .contiguous()?
+                .apply_op1_no_bwd(&op)?,
+        ))
+    }
+}
+
+/// `dX` of a frozen layer from `dY` (a custom op without backward, to reach the CPU slices).
+struct InputGrad {
+    weight: Tensor,
+    layer: Layer,
+    input: Shape,
+}
+
+impl InputGrad {
+    fn run<T: Elem>(&self, grad: &[T]) -> candle_core::Result<Vec<T>> {
+        with_slice(&self.weight, self.layer.name(), |w| {
+            Ok(match self.layer {
+                Layer::Linear { out } => dense::linear_input_grad(grad, w, out),
+                Layer::Conv { geometry, c_out } => conv_input_grad(geometry, grad, w, c_out),
+            })
+        })
+    }
+}
+
+impl CustomOp1 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.layer.name();
+        let out = match storage {
+            CpuStorage::F32(_) => CpuStorage::F32(self.run(slice(storage, layout, name)?)?),
+            CpuStorage::F64(_) => CpuStorage::F64(self.run(slice(storage, layout, name)?)?),
+            _ => return Err(candle_core::Error::Msg(format!("{name}: f32 and f64 only"))),
+        };
+        Ok((out, self.input.clone()))
+    }
+}
+
+/// A convolution's forward as `W [out, in·k·k] · im2col(x)` per sample, into `[B, out, Ho·Wo]`
+/// prefilled with the bias. 1×1 kernels with stride 1 and no padding read `x` as the columns.
+fn conv_forward<T: Elem>(
+    g: ConvGeometry,
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    c_out: usize,
+) -> Vec<T> {
+    let fan_in = g.c_in * g.k * g.k;
+    let hw_out = g.ho * g.wo;
+    let cols_owned;
+    // The columns, their row stride, and where sample n's columns start.
+    let (cols, cols_rs, per_sample) = if g.pointwise() {
+        (x, g.h * g.w, g.c_in * g.h * g.w)
+    } else {
+        let _t = super::profile::scope("im2col (in frozen conv)");
+        cols_owned = Im2Col(g).run(x);
+        (&cols_owned[..], g.b * hw_out, hw_out)
+    };
+    let mut y = match bias {
+        Some(b) => (0..g.b)
+            .flat_map(|_| b.iter().flat_map(|v| std::iter::repeat_n(*v, hw_out)))
+            .collect(),
+        None => vec![T::default(); g.b * c_out * hw_out],
+    };
+    for n in 0..g.b {
+        // SAFETY: w is out × in·k·k; the columns of sample n are in·k·k × Ho·Wo with row
+        // stride cols_rs; y's block of sample n is out × Ho·Wo.
+        unsafe {
+            product(
+                (c_out, hw_out, fan_in),
+                y.as_mut_ptr().add(n * c_out * hw_out),
+                hw_out,
+                Mat::rows(w, fan_in),
+                Mat::rows(&cols[n * per_sample..], cols_rs),
+                T::from_f64(1.0),
+                bias.is_some(),
+                Threads::All,
+            )
+        };
+    }
+    y
+}
+
+/// `dX` of a convolution: `col2im(Wᵀ · dY)` per sample (1×1 kernels with stride 1 and no padding
+/// write `Wᵀ · dY` straight into `dX`). `grad: [B, out, Ho·Wo]` → `[B, in, H·W]`.
+fn conv_input_grad<T: Elem>(g: ConvGeometry, grad: &[T], w: &[T], c_out: usize) -> Vec<T> {
+    let fan_in = g.c_in * g.k * g.k;
+    let hw_out = g.ho * g.wo;
+    let pointwise = g.pointwise();
+    let (rows_total, dst_rs, per_sample) = if pointwise {
+        (g.b * g.c_in * g.h * g.w, g.h * g.w, g.c_in * g.h * g.w)
+    } else {
+        (fan_in * g.b * hw_out, g.b * hw_out, hw_out)
+    };
+    let mut cols = vec![T::default(); rows_total];
+    for n in 0..g.b {
+        // SAFETY: Wᵀ is in·k·k × out (w read transposed); dY of sample n is out × Ho·Wo; the
+        // destination block of sample n is in·k·k × Ho·Wo with row stride dst_rs.
+        unsafe {
+            product(
+                (fan_in, hw_out, c_out),
+                cols.as_mut_ptr().add(n * per_sample),
+                dst_rs,
+                Mat::transposed(w, fan_in),
+                Mat::rows(&grad[n * c_out * hw_out..], hw_out),
+                T::from_f64(1.0),
+                false,
+                Threads::All,
+            )
+        };
+    }
+    if pointwise {
+        cols
+    } else {
+        let _t = super::profile::scope("col2im (in conv backward)");
+        Col2Im(g).run(&cols)
+    }
 }
 
 /// The sizes of one convolution: batch, input channels, kernel side, input and output sides,
@@ -185,6 +410,13 @@ struct ConvGeometry {
     wo: usize,
     stride: usize,
     padding: usize,
+}
+
+impl ConvGeometry {
+    /// A 1×1 kernel with stride 1 and no padding: the input is its own column matrix.
+    fn pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.padding == 0
+    }
 }
 
 /// Unfolds `[B, in, H, W]` into the columns `[in·k·k, B·Ho·Wo]` of a convolution (zeros where a
@@ -230,176 +462,6 @@ impl Im2Col {
         });
         cols
     }
-}
-
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "im2col"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("im2col: input not contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
-            _ => return Err(candle_core::Error::Msg("im2col: f32 and f64 only".into())),
-        };
-        let g = self.0;
-        Ok((out, Shape::from((g.c_in * g.k * g.k, g.b * g.ho * g.wo))))
-    }
-}
-
-/// Makes `y` (computed from `x` without a graph) the result of a custom op on `x` whose
-/// backward is `backward`. When `x` needs no gradient, `y` is returned as is.
-fn attach(x: &Tensor, y: Tensor, backward: Backward) -> Result<Tensor> {
-    if !x.track_op() {
-        return Ok(y);
-    }
-    let op = Bridge {
-        output: Mutex::new(Some(y)),
-        backward,
-    };
-    Ok(x.apply_op1_arc(Arc::new(Box::new(op)))?)
-}
-
-/// What the backward of a frozen layer needs (the weight, never the input).
-#[derive(Debug)]
-enum Backward {
-    Linear {
-        weight: Tensor,
-    },
-    Conv2d {
-        weight: Tensor,
-        padding: usize,
-        stride: usize,
-        input_hw: (usize, usize),
-    },
-}
-
-/// The custom op: its forward hands over the precomputed output (taken, so the graph does not
-/// keep a second copy), its backward computes `dX`.
-struct Bridge {
-    output: Mutex<Option<Tensor>>,
-    backward: Backward,
-}
-
-impl CustomOp1 for Bridge {
-    fn name(&self) -> &'static str {
-        match self.backward {
-            Backward::Linear { .. } => "frozen-linear",
-            Backward::Conv2d { .. } => "frozen-conv2d",
-        }
-    }
-
-    fn cpu_fwd(
-        &self,
-        _storage: &CpuStorage,
-        _layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        hand_over(&self.output, "frozen layer")
-    }
-
-    fn bwd(
-        &self,
-        arg: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dx = match &self.backward {
-            Backward::Linear { weight } => {
-                let out = weight.dim(0)?;
-                let rows = grad.elem_count() / out.max(1);
-                grad.reshape((rows, out))?
-                    .matmul(&weight.to_dtype(grad.dtype())?)?
-                    .reshape(arg.shape())?
-            }
-            Backward::Conv2d {
-                weight,
-                padding,
-                stride,
-                input_hw,
-            } => conv2d_input_grad(grad, weight, *padding, *stride, *input_hw)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
-        };
-        Ok(Some(dx))
-    }
-}
-
-/// The result of a custom op whose forward ran before the op entered candle's graph (our ops
-/// compute with tensors, then hand the result over): taken out of `slot`, once, as candle's
-/// forward output. `op` names the op in errors.
-pub(crate) fn hand_over(
-    slot: &Mutex<Option<Tensor>>,
-    op: &str,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let y = slot
-        .lock()
-        .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward ran twice")))?;
-    Ok((cpu_storage(&y)?, y.shape().clone()))
-}
-
-/// A contiguous copy of a CPU tensor's elements as a `CpuStorage`.
-pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => CpuStorage::F32(t.to_vec1()?),
-        DType::F64 => CpuStorage::F64(t.to_vec1()?),
-        DType::F16 => CpuStorage::F16(t.to_vec1()?),
-        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen layer: unsupported dtype {other:?}"
-            )))
-        }
-    })
-}
-
-/// `dX` of a convolution: `col2im(Wᵀ · dY)`. `grad: [B, out, Ho, Wo]`, `weight: [out, in, k, k]`
-/// → `[B, in, H, W]` with `(H, W) = input_hw`.
-pub fn conv2d_input_grad(
-    grad: &Tensor,
-    weight: &Tensor,
-    padding: usize,
-    stride: usize,
-    input_hw: (usize, usize),
-) -> Result<Tensor> {
-    let (b, c_out, ho, wo) = grad.dims4()?;
-    let (_, c_in, k, _) = weight.dims4()?;
-    let (h, w) = input_hw;
-    let weight = weight.to_dtype(grad.dtype())?;
-    // [out, B·Ho·Wo]: batch merged into the columns, one product for the whole batch.
-    let g = grad
-        .transpose(0, 1)?
-        .contiguous()?
-        .reshape((c_out, b * ho * wo))?;
-    let wt = weight.reshape((c_out, c_in * k * k))?.t()?;
-    let cols = wt.matmul(&g)?; // [in·k·k, B·Ho·Wo]
-    if k == 1 && stride == 1 && padding == 0 {
-        return Ok(cols
-            .reshape((c_in, b, h, w))?
-            .transpose(0, 1)?
-            .contiguous()?);
-    }
-    let op = Col2Im(ConvGeometry {
-        b,
-        c_in,
-        k,
-        h,
-        w,
-        ho,
-        wo,
-        stride,
-        padding,
-    });
-    Ok(cols.apply_op1_no_bwd(&op)?)
 }
 
 /// Scatters the columns `[in·k·k, B·Ho·Wo]` of an unfolded convolution back onto the input grid
@@ -449,37 +511,35 @@ impl Col2Im {
     }
 }
 
-impl CustomOp1 for Col2Im {
-    fn name(&self) -> &'static str {
-        "col2im"
-    }
+/// The result of a custom op whose forward ran before the op entered candle's graph (our ops
+/// compute with tensors, then hand the result over): taken out of `slot`, once, as candle's
+/// forward output. `op` names the op in errors.
+pub(crate) fn hand_over(
+    slot: &Mutex<Option<Tensor>>,
+    op: &str,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let y = slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward ran twice")))?;
+    Ok((cpu_storage(&y)?, y.shape().clone()))
+}
 
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let n = layout.shape().elem_count();
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("col2im: columns not contiguous".into()))?;
-        if end - start != n {
-            return Err(candle_core::Error::Msg("col2im: wrong column count".into()));
+/// A contiguous copy of a CPU tensor's elements as a `CpuStorage`.
+pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => CpuStorage::F32(t.to_vec1()?),
+        DType::F64 => CpuStorage::F64(t.to_vec1()?),
+        DType::F16 => CpuStorage::F16(t.to_vec1()?),
+        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
+        other => {
+            return Err(candle_core::Error::Msg(format!(
+                "frozen layer: unsupported dtype {other:?}"
+            )))
         }
-        let out = match storage {
-            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[start..end])),
-            CpuStorage::F64(v) => CpuStorage::F64(self.run(&v[start..end])),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[start..end])),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[start..end])),
-            _ => {
-                return Err(candle_core::Error::Msg(
-                    "col2im: unsupported dtype (f32, f64, f16, bf16 only)".into(),
-                ))
-            }
-        };
-        let g = self.0;
-        Ok((out, Shape::from((g.b, g.c_in, g.h, g.w))))
-    }
+    })
 }
 
 #[cfg(test)]

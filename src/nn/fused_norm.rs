@@ -84,6 +84,7 @@ fn run(
     eps: f64,
     silu: bool,
 ) -> Result<Tensor> {
+    let _t = super::profile::scope("norm");
     let to_f64 = |t: &Tensor| -> Result<Vec<f64>> {
         Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
     };
@@ -255,6 +256,7 @@ impl CustomOp1 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        let _t = super::profile::scope("norm backward");
         let stats = self
             .stats
             .lock()

@@ -1,24 +1,32 @@
-//! Memory-efficient attention with a real backward: the scores are computed a block of queries
-//! at a time and never kept; backward recomputes them from `q`, `k` and each row's log-sum-exp.
+//! Fused, memory-efficient attention on the CPU with a real backward: per head and block of query
+//! rows, the scores are computed, soft-maxed and multiplied by `v` while they sit in the cache,
+//! and never kept; backward recomputes them from `q`, `k` and each row's log-sum-exp.
 //!
-//! Naive attention built from candle ops keeps the scores, their exponentials and the
-//! probabilities (each `[B·heads, Nq, Nk]`) for backward, ~2 GiB per self-attention layer and
-//! sample at 512 px in f32 (DESIGN.md §7). Here forward keeps `q`, `k`, `v`, the output and one
-//! number per query row; at any moment only one block of `rows × Nk` scores exists. Backward,
-//! per block: `P = exp(q kᵀ·s − lse)`, `dV += Pᵀ dO`, `dP = dO vᵀ`, `dS = P ∘ (dP − rowsum(dO ∘ O))`,
-//! `dQ = dS k·s`, `dK += dSᵀ q·s`. The softmax is computed in the inputs' dtype, f32 or f64 (the
-//! op only serves those; diffusers' `upcast_attention` concerns half precision, which keeps the
-//! naive path).
+//! Attention built from candle ops keeps the scores, their exponentials and the probabilities
+//! (each `[B·heads, Nq, Nk]`) for backward, ~2 GiB per self-attention layer and sample at 512 px
+//! in f32 (DESIGN.md §7), and streams each of them through memory once per element-wise op. Here
+//! forward keeps nothing but one number per query row (the inputs and the output are kept by the
+//! graph anyway); a block's scores (`ROWS × Nk`) live in a per-task buffer. The heads are read
+//! in place from the projections' `[B, N, heads·d]` layout (strided matrix products), so no
+//! transposed copies are made either way.
+//!
+//! Backward, per head and block: `P = exp(q kᵀ·s − lse)`, `dV += Pᵀ dO`, `dP = dO vᵀ`,
+//! `dS = P ∘ (dP − rowsum(dO ∘ O))`, `dQ = dS k·s`, `dK += dSᵀ q·s`. The softmax is computed in
+//! the inputs' dtype, f32 or f64 (the op only serves those; diffusers' `upcast_attention`
+//! concerns half precision, which keeps the naive path).
 
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
-use super::frozen::hand_over;
+use super::dense::{product, slice, with_slice, Mat, Shared, Threads};
+
 use crate::Result;
 
-/// Scores kept at once, per block of queries (elements): 4 Mi, 16 MiB in f32.
-const BLOCK_ELEMENTS: usize = 1 << 22;
+/// Query rows per block: 64 rows of 1024 keys are 256 KiB of f32 scores, which stay in a core's
+/// L2 cache between the two products that use them.
+const ROWS: usize = 64;
 
 /// Whether [`attention`] serves these inputs (CPU, f32/f64, the custom ops switched on).
 pub fn applies(q: &Tensor) -> bool {
@@ -27,114 +35,443 @@ pub fn applies(q: &Tensor) -> bool {
         && super::frozen::enabled_here()
 }
 
-/// `softmax(q kᵀ · scale) v` for `q: [N, Nq, d]`, `k, v: [N, Nk, d]` (N = batch · heads) →
-/// `[N, Nq, d]`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let rows = block_rows(&q, &k)?;
-    let (out, lse) = forward_blocks(&q.detach(), &k.detach(), &v.detach(), scale, rows)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(out);
+/// `softmax(q kᵀ · scale) v` per head, for `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` →
+/// `[B, Nq, heads·d]` (head `h` is columns `h·d..(h+1)·d`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, nq, inner) = q.dims3()?;
+    let (bk, nk, inner_k) = k.dims3()?;
+    let _t = super::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
+    if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        ))
+        .into());
     }
-    let op = MemAttention {
-        output: Mutex::new(Some(out)),
-        lse,
-        scale,
-        rows,
+    let op = FusedAttention {
+        dims: Dims {
+            b,
+            nq,
+            nk,
+            heads,
+            d: inner / heads,
+            scale,
+        },
+        lse: Mutex::new(None),
     };
-    Ok(q.apply_op3_arc(&k, &v, Arc::new(Box::new(op)))?)
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(if q.track_op() || k.track_op() || v.track_op() {
+        q.apply_op3(&k, &v, op)?
+    } else {
+        q.apply_op3_no_bwd(&k, &v, &op)?
+    })
 }
 
-fn block_rows(q: &Tensor, k: &Tensor) -> Result<usize> {
-    let (n, nq, _) = q.dims3()?;
-    let nk = k.dim(1)?;
-    Ok((BLOCK_ELEMENTS / (n * nk).max(1)).clamp(1, nq.max(1)))
-}
-
-/// The output and each query row's log-sum-exp `[N, Nq, 1]`.
-fn forward_blocks(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// The sizes of one attention call.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    nq: usize,
+    nk: usize,
+    heads: usize,
+    d: usize,
     scale: f64,
-    rows: usize,
-) -> Result<(Tensor, Tensor)> {
-    let nq = q.dim(1)?;
-    let kt = k.t()?;
-    let mut outs = Vec::new();
-    let mut lses = Vec::new();
-    let mut start = 0;
-    while start < nq {
-        let len = rows.min(nq - start);
-        let s = (q.narrow(1, start, len)?.matmul(&kt)? * scale)?;
-        let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let sum = e.sum_keepdim(D::Minus1)?;
-        outs.push(e.broadcast_div(&sum)?.matmul(v)?);
-        lses.push((sum.log()? + max)?);
-        start += len;
+}
+
+impl Dims {
+    fn inner(&self) -> usize {
+        self.heads * self.d
     }
-    Ok((Tensor::cat(&outs, 1)?, Tensor::cat(&lses, 1)?))
 }
 
-struct MemAttention {
-    output: Mutex<Option<Tensor>>,
-    lse: Tensor,
-    scale: f64,
-    rows: usize,
+/// The custom op; forward leaves each query row's log-sum-exp here for backward.
+struct FusedAttention {
+    dims: Dims,
+    lse: Mutex<Option<Lse>>,
 }
 
-impl MemAttention {
-    fn backward(
+enum Lse {
+    F32(Vec<f32>),
+    F64(Vec<f64>),
+}
+
+/// The element types the kernel serves: the softmax's exponential and maximum per type.
+trait Elem: super::dense::Elem {
+    /// `x ← exp(x − shift)`; returns the sum.
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> Self;
+    fn row_max(row: &[Self]) -> Self;
+    fn ln(self) -> Self;
+}
+
+impl Elem for f32 {
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> Self {
+        super::fast_math::exp_sub_sum(row, shift)
+    }
+    fn row_max(row: &[Self]) -> Self {
+        super::fast_math::max(row)
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+}
+
+impl Elem for f64 {
+    fn exp_sub_sum(row: &mut [Self], shift: Self) -> Self {
+        row.iter_mut().fold(0.0, |s, x| {
+            *x = (*x - shift).exp();
+            s + *x
+        })
+    }
+    fn row_max(row: &[Self]) -> Self {
+        row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x))
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+}
+
+/// Forward: the output `[B, Nq, heads·d]` and the log-sum-exp `[B, heads, Nq]`.
+fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
+    let Dims {
+        b,
+        nq,
+        nk,
+        heads,
+        d,
+        scale,
+    } = dims;
+    let inner = dims.inner();
+    let mut out = vec![T::default(); b * nq * inner];
+    let mut lse = vec![T::default(); b * heads * nq];
+    let out_ptr = Shared(out.as_mut_ptr());
+    // One task per (sample, head, block of rows): each writes its own rows of `lse` and its own
+    // rows × head columns of `out`.
+    lse.par_chunks_mut(nq.max(1))
+        .enumerate()
+        .flat_map(|(bh, head_lse)| {
+            head_lse
+                .par_chunks_mut(ROWS)
+                .enumerate()
+                .map(move |(block, rows)| (bh, block, rows))
+        })
+        .for_each_init(
+            || vec![T::default(); ROWS * nk],
+            |scores, (bh, block, lse_rows)| {
+                let (bi, h) = (bh / heads, bh % heads);
+                let r0 = block * ROWS;
+                let len = lse_rows.len();
+                let q_blk = Mat {
+                    ptr: q[(bi * nq + r0) * inner + h * d..].as_ptr(),
+                    rs: inner,
+                    cs: 1,
+                };
+                // kᵀ of this head: element (c, j) = k[bi, j, h·d + c].
+                let kt = Mat {
+                    ptr: k[bi * nk * inner + h * d..].as_ptr(),
+                    rs: 1,
+                    cs: inner,
+                };
+                let v_h = Mat {
+                    ptr: v[bi * nk * inner + h * d..].as_ptr(),
+                    rs: inner,
+                    cs: 1,
+                };
+                let s = &mut scores[..len * nk];
+                // SAFETY: q, k, v are whole [B, N, inner] slices; s is len × nk.
+                unsafe {
+                    product(
+                        (len, nk, d),
+                        s.as_mut_ptr(),
+                        nk,
+                        q_blk,
+                        kt,
+                        T::from_f64(scale),
+                        false,
+                        Threads::This,
+                    )
+                };
+                let mut inv_sums = [0f64; ROWS];
+                for (i, row) in s.chunks_exact_mut(nk).enumerate() {
+                    let max = T::row_max(row);
+                    let sum = T::exp_sub_sum(row, max);
+                    lse_rows[i] = max + sum.ln();
+                    inv_sums[i] = 1.0 / sum.to_f64();
+                }
+                // SAFETY: rows r0..r0+len, columns h·d..(h+1)·d of `out` belong to this task
+                // alone; `out` outlives the parallel loop.
+                unsafe {
+                    let dst = out_ptr.get().add((bi * nq + r0) * inner + h * d);
+                    let p = Mat {
+                        ptr: s.as_ptr(),
+                        rs: nk,
+                        cs: 1,
+                    };
+                    product(
+                        (len, d, nk),
+                        dst,
+                        inner,
+                        p,
+                        v_h,
+                        T::from_f64(1.0),
+                        false,
+                        Threads::This,
+                    );
+                    for (i, inv) in inv_sums.iter().take(len).enumerate() {
+                        let row = std::slice::from_raw_parts_mut(dst.add(i * inner), d);
+                        let inv = T::from_f64(*inv);
+                        row.iter_mut().for_each(|x| *x *= inv);
+                    }
+                }
+            },
+        );
+    (out, lse)
+}
+
+/// Backward: `(dq, dk, dv)`, each in its input's layout.
+fn backward<T: Elem>(
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    grad: &[T],
+    lse: &[T],
+    dims: Dims,
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let Dims {
+        b,
+        nq,
+        nk,
+        heads,
+        d,
+        scale,
+    } = dims;
+    let inner = dims.inner();
+    let mut dq = vec![T::default(); b * nq * inner];
+    let mut dk = vec![T::default(); b * nk * inner];
+    let mut dv = vec![T::default(); b * nk * inner];
+    let (dq_ptr, dk_ptr, dv_ptr) = (
+        Shared(dq.as_mut_ptr()),
+        Shared(dk.as_mut_ptr()),
+        Shared(dv.as_mut_ptr()),
+    );
+    let scale_t = T::from_f64(scale);
+    let one = T::from_f64(1.0);
+    // One task per (sample, head): it owns that head's columns of dq, dk and dv.
+    (0..b * heads).into_par_iter().for_each_init(
+        || (vec![T::default(); ROWS * nk], vec![T::default(); ROWS * nk]),
+        |(p_buf, dp_buf), bh| {
+            let (bi, h) = (bh / heads, bh % heads);
+            let head = |t: &[T], n: usize| t[bi * n * inner + h * d..].as_ptr();
+            let kt = Mat {
+                ptr: head(k, nk),
+                rs: 1,
+                cs: inner,
+            };
+            let vt = Mat {
+                ptr: head(v, nk),
+                rs: 1,
+                cs: inner,
+            };
+            let k_h = Mat {
+                ptr: head(k, nk),
+                rs: inner,
+                cs: 1,
+            };
+            for (block, r0) in (0..nq).step_by(ROWS).enumerate() {
+                let len = ROWS.min(nq - r0);
+                let row0 = (bi * nq + r0) * inner + h * d;
+                let q_blk = Mat {
+                    ptr: q[row0..].as_ptr(),
+                    rs: inner,
+                    cs: 1,
+                };
+                let g_blk = Mat {
+                    ptr: grad[row0..].as_ptr(),
+                    rs: inner,
+                    cs: 1,
+                };
+                let p = &mut p_buf[..len * nk];
+                let dp = &mut dp_buf[..len * nk];
+                // SAFETY (all products below): inputs are whole slices of their shapes; p and dp
+                // are len × nk; the dq rows r0..r0+len and the dk/dv rows of this sample, each
+                // restricted to head h's columns, belong to this task alone.
+                unsafe {
+                    product(
+                        (len, nk, d),
+                        p.as_mut_ptr(),
+                        nk,
+                        q_blk,
+                        kt,
+                        scale_t,
+                        false,
+                        Threads::This,
+                    );
+                    product(
+                        (len, nk, d),
+                        dp.as_mut_ptr(),
+                        nk,
+                        g_blk,
+                        vt,
+                        one,
+                        false,
+                        Threads::This,
+                    );
+                }
+                let lse_rows = &lse[(bi * heads + h) * nq + r0..][..len];
+                for (i, (p_row, dp_row)) in p
+                    .chunks_exact_mut(nk)
+                    .zip(dp.chunks_exact_mut(nk))
+                    .enumerate()
+                {
+                    T::exp_sub_sum(p_row, lse_rows[i]);
+                    let o = &out[row0 + i * inner..][..d];
+                    let g = &grad[row0 + i * inner..][..d];
+                    let delta = o
+                        .iter()
+                        .zip(g)
+                        .fold(0.0, |s, (o, g)| s + o.to_f64() * g.to_f64());
+                    let delta = T::from_f64(delta);
+                    // dS = P ∘ (dP − delta), written over dP.
+                    for (ds, p) in dp_row.iter_mut().zip(p_row.iter()) {
+                        *ds = *p * (*ds - delta);
+                    }
+                }
+                let (p_t, ds, ds_t) = (
+                    Mat {
+                        ptr: p.as_ptr(),
+                        rs: 1,
+                        cs: nk,
+                    },
+                    Mat {
+                        ptr: dp.as_ptr(),
+                        rs: nk,
+                        cs: 1,
+                    },
+                    Mat {
+                        ptr: dp.as_ptr(),
+                        rs: 1,
+                        cs: nk,
+                    },
+                );
+                let acc = block > 0;
+                unsafe {
+                    let kv0 = bi * nk * inner + h * d;
+                    product(
+                        (nk, d, len),
+                        dv_ptr.get().add(kv0),
+                        inner,
+                        p_t,
+                        g_blk,
+                        one,
+                        acc,
+                        Threads::This,
+                    );
+                    product(
+                        (len, d, nk),
+                        dq_ptr.get().add(row0),
+                        inner,
+                        ds,
+                        k_h,
+                        scale_t,
+                        false,
+                        Threads::This,
+                    );
+                    product(
+                        (nk, d, len),
+                        dk_ptr.get().add(kv0),
+                        inner,
+                        ds_t,
+                        q_blk,
+                        scale_t,
+                        acc,
+                        Threads::This,
+                    );
+                }
+            }
+        },
+    );
+    (dq, dk, dv)
+}
+
+impl FusedAttention {
+    fn store(&self, lse: Lse) -> candle_core::Result<()> {
+        *self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))? = Some(lse);
+        Ok(())
+    }
+
+    fn backward_typed<T: Elem>(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), out.detach());
-        let grad = grad.to_dtype(q.dtype())?.contiguous()?;
-        let nq = q.dim(1)?;
-        let kt = k.t()?;
-        let vt = v.t()?;
-        let delta = (&grad * &out)?.sum_keepdim(D::Minus1)?; // [N, Nq, 1]
-        let mut dq = Vec::new();
-        let mut dk = k.zeros_like()?;
-        let mut dv = v.zeros_like()?;
-        let mut start = 0;
-        while start < nq {
-            let len = self.rows.min(nq - start);
-            let qc = q.narrow(1, start, len)?;
-            let gc = grad.narrow(1, start, len)?;
-            let s = (qc.matmul(&kt)? * self.scale)?;
-            let p = s.broadcast_sub(&self.lse.narrow(1, start, len)?)?.exp()?;
-            dv = (dv + p.t()?.matmul(&gc)?)?;
-            let dp = gc.matmul(&vt)?;
-            let ds = (p * dp.broadcast_sub(&delta.narrow(1, start, len)?)?)?;
-            dq.push((ds.matmul(&k)? * self.scale)?);
-            dk = (dk + (ds.t()?.matmul(&qc)? * self.scale)?)?;
-            start += len;
-        }
-        Ok((Tensor::cat(&dq, 1)?, dk, dv))
+        tensors: [&Tensor; 5],
+        lse: &[T],
+    ) -> candle_core::Result<[Tensor; 3]> {
+        let [q, k, v, o, g] = tensors;
+        let (dq, dk, dv) = with_slice::<T, _>(q, "attention", |q| {
+            with_slice::<T, _>(k, "attention", |k| {
+                with_slice::<T, _>(v, "attention", |v| {
+                    with_slice::<T, _>(o, "attention", |o| {
+                        with_slice::<T, _>(g, "attention", |g| {
+                            Ok(backward(q, k, v, o, g, lse, self.dims))
+                        })
+                    })
+                })
+            })
+        })?;
+        let to = |v: Vec<T>, t: &Tensor| Tensor::from_vec(v, t.shape(), &Device::Cpu);
+        Ok([
+            to(dq, tensors[0])?,
+            to(dk, tensors[1])?,
+            to(dv, tensors[2])?,
+        ])
     }
 }
 
-impl CustomOp3 for MemAttention {
+impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
-        "mem-attention"
+        "fused-attention"
     }
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        hand_over(&self.output, "attention")
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                let (out, lse) = forward::<f32>(
+                    slice(s1, l1, "attention")?,
+                    slice(s2, l2, "attention")?,
+                    slice(s3, l3, "attention")?,
+                    self.dims,
+                );
+                self.store(Lse::F32(lse))?;
+                CpuStorage::F32(out)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                let (out, lse) = forward::<f64>(
+                    slice(s1, l1, "attention")?,
+                    slice(s2, l2, "attention")?,
+                    slice(s3, l3, "attention")?,
+                    self.dims,
+                );
+                self.store(Lse::F64(lse))?;
+                CpuStorage::F64(out)
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(
+                    "attention: q, k, v must all be f32 or all f64".into(),
+                ))
+            }
+        };
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -145,9 +482,26 @@ impl CustomOp3 for MemAttention {
         res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = self
-            .backward(q, k, v, res, grad)
-            .map_err(|e| candle_core::Error::Msg(format!("attention backward: {e}")))?;
+        // Five products of `q kᵀ`'s size: the scores again, dP, dV, dQ and dK.
+        let d = self.dims;
+        let flops = 10 * (d.b * d.nq * d.nk * d.inner()) as u64;
+        let _t = super::profile::scope_flops("attention backward", flops);
+        let grad = grad.to_dtype(q.dtype())?.contiguous()?;
+        let res = res.contiguous()?;
+        let tensors = [q, k, v, &res, &grad];
+        let lse = self
+            .lse
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("attention: poisoned lock".into()))?;
+        let [dq, dk, dv] = match lse.as_ref() {
+            Some(Lse::F32(l)) => self.backward_typed::<f32>(tensors, l)?,
+            Some(Lse::F64(l)) => self.backward_typed::<f64>(tensors, l)?,
+            None => {
+                return Err(candle_core::Error::Msg(
+                    "attention: backward before forward".into(),
+                ))
+            }
+        };
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -156,57 +510,92 @@ impl CustomOp3 for MemAttention {
 mod tests {
     use super::*;
     use crate::models::random_weights::randn;
-    use candle_core::Var;
+    use candle_core::{Var, D};
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-        let s = (q.matmul(&k.t()?)? * scale)?;
+    /// Attention from candle ops, heads split out: the reference.
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+        let (b, nq, inner) = q.dims3()?;
+        let nk = k.dim(1)?;
+        let d = inner / heads;
+        let split = |t: &Tensor, n| -> Result<Tensor> {
+            Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) = (split(q, nq)?, split(k, nk)?, split(v, nk)?);
+        let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
         let e = s
             .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
             .exp()?;
-        Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(v)?)
+        let o = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&v)?;
+        Ok(o.transpose(1, 2)?.reshape((b, nq, inner))?)
+    }
+
+    fn check(dtype: DType, b: usize, nq: usize, nk: usize, heads: usize, tol: f64) -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let d = 5;
+        let mut var = |n: usize| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &randn(&mut rng, &[b, n, heads * d], 1.0, 0.0)?.to_dtype(dtype)?,
+            )?)
+        };
+        let (q, k, v) = (var(nq)?, var(nk)?, var(nk)?);
+        let mix = randn(&mut rng, &[b, nq, heads * d], 1.0, 0.0)?.to_dtype(dtype)?;
+        let want = naive(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, 0.5)?;
+        let g_want = (&want * &mix)?.sum_all()?.backward()?;
+        let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), heads, 0.5)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            Ok((a - b)?
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?)
+        };
+        let diff = max_diff(&got, &want)?;
+        assert!(
+            diff < tol,
+            "{dtype:?} {b}×{nq}×{nk}×{heads}: output differs by {diff}"
+        );
+        let g = (&got * &mix)?.sum_all()?.backward()?;
+        for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+            match (g.get(t.as_tensor()), g_want.get(t.as_tensor())) {
+                (Some(a), Some(b)) => {
+                    let d = max_diff(a, b)?;
+                    assert!(
+                        d < tol,
+                        "{dtype:?} {b}×{nq}×{nk}×{heads}: d{name} differs by {d}"
+                    );
+                }
+                _ => panic!("d{name} missing"),
+            }
+        }
+        Ok(())
     }
 
     #[test]
-    fn blocked_attention_equals_naive_attention_and_its_gradients() -> Result<()> {
-        let mut rng = ChaCha8Rng::seed_from_u64(8);
-        let q = Var::from_tensor(&randn(&mut rng, &[3, 7, 4], 1.0, 0.0)?)?;
-        let k = Var::from_tensor(&randn(&mut rng, &[3, 5, 4], 1.0, 0.0)?)?;
-        let v = Var::from_tensor(&randn(&mut rng, &[3, 5, 4], 1.0, 0.0)?)?;
-        let mix = randn(&mut rng, &[3, 7, 4], 1.0, 0.0)?;
-        let want = naive(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5)?;
-        let g_want = (&want * &mix)?.sum_all()?.backward()?;
-        // Blocks of 1, 3 and all 7 query rows (the last block shorter than the others).
-        for rows in [1, 3, 7] {
-            let (out, lse) =
-                forward_blocks(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5, rows)?;
-            let op = MemAttention {
-                output: Mutex::new(Some(out)),
-                lse,
-                scale: 0.5,
-                rows,
-            };
-            let got = q.as_tensor().apply_op3_arc(
-                k.as_tensor(),
-                v.as_tensor(),
-                Arc::new(Box::new(op)),
-            )?;
-            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
-            assert!(diff < 1e-12, "rows {rows}: {diff}");
-            let g = (&got * &mix)?.sum_all()?.backward()?;
-            for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
-                match (g.get(t.as_tensor()), g_want.get(t.as_tensor())) {
-                    (Some(a), Some(b)) => {
-                        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
-                        assert!(d < 1e-12, "rows {rows}, d{name}: {d}");
-                    }
-                    _ => panic!("d{name} missing"),
-                }
-            }
+    fn fused_attention_equals_naive_attention_and_its_gradients() -> Result<()> {
+        // Query counts below, at and above a block, with a last block shorter than the others;
+        // self- and cross-attention lengths; one and several samples and heads.
+        for (b, nq, nk, heads) in [
+            (1, 7, 5, 1),
+            (2, 64, 64, 3),
+            (1, 150, 77, 2),
+            (2, 129, 200, 4),
+        ] {
+            check(DType::F64, b, nq, nk, heads, 1e-12)?;
+            check(DType::F32, b, nq, nk, heads, 2e-5)?;
         }
-        // Through the public entry point.
-        let got = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), 0.5)?;
+        Ok(())
+    }
+
+    #[test]
+    fn without_gradients_it_returns_the_same_output() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let q = randn(&mut rng, &[1, 70, 8], 1.0, 0.0)?;
+        let k = randn(&mut rng, &[1, 9, 8], 1.0, 0.0)?;
+        let v = randn(&mut rng, &[1, 9, 8], 1.0, 0.0)?;
+        let got = attention(&q, &k, &v, 2, 0.3)?;
+        let want = naive(&q, &k, &v, 2, 0.3)?;
         assert!((&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
         Ok(())
     }

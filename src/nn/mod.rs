@@ -10,13 +10,17 @@ pub mod activation;
 pub mod adapter;
 pub mod checkpoint;
 pub mod conv;
+pub mod dense;
+pub mod fast_math;
 pub mod flops;
 pub mod frozen;
 pub mod fused_norm;
+pub mod geglu;
 pub mod gradcheck;
 pub mod linear;
 pub mod mem_attention;
 pub mod norm;
+pub mod profile;
 pub mod runtime;
 pub mod weights;
 

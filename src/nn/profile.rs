@@ -1,0 +1,100 @@
+//! Wall-clock time per kind of op, for `bench --breakdown`: where a training step's time goes.
+//!
+//! Off by default, when a [`scope`] costs one relaxed atomic load. The ops call it at their
+//! leaves (a frozen layer's product, attention, a norm), on the thread that asked for the op,
+//! so nested work on worker threads is counted in its caller's entry. Backward ops that candle
+//! runs itself (element-wise, reshapes, the adapters' products) have no entry: they are the
+//! step's time minus the entries.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+static ON: AtomicBool = AtomicBool::new(false);
+static TABLE: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+
+/// One kind of op: how many times it ran and its total seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub name: &'static str,
+    pub calls: u64,
+    pub seconds: f64,
+    /// The matrix-product FLOPs these calls performed (0 where not counted).
+    pub flops: u64,
+}
+
+/// Turns the timing on or off process-wide.
+pub fn enable(on: bool) {
+    ON.store(on, Ordering::Relaxed);
+}
+
+/// Times the rest of the caller's block under `name` (when the timing is on).
+pub fn scope(name: &'static str) -> Option<Scope> {
+    scope_flops(name, 0)
+}
+
+/// [`scope`] for an op that performs `flops` floating-point operations in matrix products.
+pub fn scope_flops(name: &'static str, flops: u64) -> Option<Scope> {
+    ON.load(Ordering::Relaxed).then(|| Scope {
+        name,
+        flops,
+        start: Instant::now(),
+    })
+}
+
+/// The entries so far, in the order first seen, and clears them.
+pub fn take() -> Vec<Entry> {
+    std::mem::take(&mut *TABLE.lock().unwrap_or_else(|e| e.into_inner()))
+}
+
+/// A running measurement; recorded when dropped.
+pub struct Scope {
+    name: &'static str,
+    flops: u64,
+    start: Instant,
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        let seconds = self.start.elapsed().as_secs_f64();
+        let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
+        match table.iter_mut().find(|e| e.name == self.name) {
+            Some(e) => {
+                e.calls += 1;
+                e.seconds += seconds;
+                e.flops += self.flops;
+            }
+            None => table.push(Entry {
+                name: self.name,
+                calls: 1,
+                seconds,
+                flops: self.flops,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_only_when_on() {
+        // One test owns the global switch, so the two halves cannot race with another test.
+        take();
+        drop(scope("off"));
+        assert!(take().is_empty());
+        enable(true);
+        drop(scope("a"));
+        drop(scope("a"));
+        drop(scope_flops("b", 7));
+        enable(false);
+        let t = take();
+        assert_eq!(
+            t.iter()
+                .map(|e| (e.name, e.calls, e.flops))
+                .collect::<Vec<_>>(),
+            [("a", 2, 0), ("b", 1, 7)]
+        );
+    }
+}
