@@ -238,6 +238,43 @@ impl BenchReport {
     }
 }
 
+/// What the graph of `loss` keeps alive for backward: the distinct CPU buffers of its tensors
+/// (views count once), in total and by shape (the largest eight).
+fn kept_for_backward(loss: &Tensor) -> String {
+    use std::collections::HashMap;
+    let mut buffers: HashMap<usize, (usize, Vec<usize>)> = HashMap::new();
+    for t in loss.sorted_nodes() {
+        let (storage, _) = t.storage_and_layout();
+        if let candle_core::Storage::Cpu(cpu) = &*storage {
+            let (key, bytes) = match cpu {
+                candle_core::CpuStorage::F32(v) => (v.as_ptr() as usize, v.len() * 4),
+                candle_core::CpuStorage::F64(v) => (v.as_ptr() as usize, v.len() * 8),
+                _ => continue,
+            };
+            buffers.entry(key).or_insert((bytes, t.dims().to_vec()));
+        }
+    }
+    let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+    let total: usize = buffers.values().map(|(b, _)| b).sum();
+    let mut by_shape: HashMap<Vec<usize>, (usize, usize)> = HashMap::new();
+    for (bytes, dims) in buffers.values() {
+        let e = by_shape.entry(dims.clone()).or_default();
+        e.0 += 1;
+        e.1 += bytes;
+    }
+    let mut shapes: Vec<_> = by_shape.into_iter().collect();
+    shapes.sort_by_key(|(_, (_, bytes))| std::cmp::Reverse(*bytes));
+    let mut out = format!(
+        "kept for backward: {} buffers, {:.1} MiB; largest by shape:\n",
+        buffers.len(),
+        mib(total)
+    );
+    for (dims, (n, bytes)) in shapes.iter().take(8) {
+        out.push_str(&format!("  {:>8.1} MiB  {n:>4} × {dims:?}\n", mib(*bytes)));
+    }
+    out
+}
+
 /// Seconds per timed step for each kind of op (empty without `--breakdown`).
 fn breakdown_table(m: &Measurement) -> String {
     if m.breakdown.is_empty() {
@@ -383,6 +420,9 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             let _t = profile::scope("step: forward and loss");
             diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?
         };
+        if options.breakdown && step == options.warmup {
+            eprint!("{}", kept_for_backward(&loss.loss));
+        }
         let grads = {
             let _t = profile::scope("step: backward");
             loss.loss.backward()?

@@ -22,7 +22,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::random::{self, purpose};
 use super::targets::ModuleSpec;
-use crate::nn::{Adapter, LayerKind};
+use crate::nn::{Adapter, LayerKind, LowRank};
 use crate::Result;
 
 /// Training mode and position of a network, shared by all its adapters.
@@ -227,6 +227,20 @@ impl Adapter for LoraAdapter {
     /// `lora_down` and `lora_up`.
     fn trainable_vars(&self) -> Vec<Var> {
         vec![self.down.clone(), self.up.clone()]
+    }
+
+    /// A linear adapter whose dropouts are all off (or not in training) is a plain low-rank
+    /// product; the layer fuses it (same maths, fewer tensors kept for backward).
+    fn low_rank(&self) -> Option<LowRank> {
+        let dropping = self.state.is_training() && self.dropout.any();
+        match self.spec.layer {
+            LayerKind::Linear { .. } if !dropping => Some(LowRank {
+                down: self.down.as_tensor().clone(),
+                up: self.up.as_tensor().clone(),
+                scale: self.spec.scale(),
+            }),
+            _ => None,
+        }
     }
 
     /// `x`: the layer's input (`[..., in]` or `[B, in, H, W]`, any float dtype) → the adapter's

@@ -100,12 +100,29 @@ impl Attention {
     /// `x: [B, N, query_dim]`, `context: [B, T, context_dim]` (or `None`: attend to `x`) →
     /// `[B, N, query_dim]`.
     pub fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let h = self.attend(x, context)?;
+        self.to_out.forward(&h)
+    }
+
+    /// `forward(x, context) + residual`, the output projection and the sum in one op where the
+    /// layers allow it.
+    pub fn forward_add(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        let h = self.attend(x, context)?;
+        self.to_out.forward_add(&h, residual)
+    }
+
+    /// The attention's output before `to_out`, `[B, N, heads·head_dim]`.
+    fn attend(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x)?;
         let k = self.to_k.forward(context)?;
         let v = self.to_v.forward(context)?;
-        let h = scaled_dot_product_attention(&q, &k, &v, self.heads, self.upcast)?;
-        self.to_out.forward(&h)
+        scaled_dot_product_attention(&q, &k, &v, self.heads, self.upcast)
     }
 }
 
@@ -138,9 +155,33 @@ impl FeedForward {
 
     /// `x: [B, N, dim]` → `[B, N, dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, None)
+    }
+
+    /// `forward(x) + residual`, the sum fused into the last op where the layers allow it.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Some(residual))
+    }
+
+    fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let h = self.proj.forward(x)?;
+        let add = |y: Tensor| -> Result<Tensor> {
+            Ok(match residual {
+                Some(r) => (y + r)?,
+                None => y,
+            })
+        };
         if crate::nn::geglu::applies(&h) {
-            return self.out.forward(&crate::nn::geglu::geglu(&h)?);
+            let (w, b) = (self.out.weight(), self.out.bias());
+            if self.out.adapter().is_none() && crate::nn::frozen::applies_to(&h, w, b) {
+                crate::nn::flops::add_dense(2 * (h.elem_count() / 2 * w.dim(0)?) as u64);
+                return crate::nn::geglu::geglu_linear(&h, w, b, residual);
+            }
+            let g = crate::nn::geglu::geglu(&h)?;
+            return match residual {
+                Some(r) => self.out.forward_add(&g, r),
+                None => self.out.forward(&g),
+            };
         }
         let last = h.rank() - 1;
         let (value, gate) = (
@@ -151,7 +192,7 @@ impl FeedForward {
             let _t = crate::nn::profile::scope("geglu");
             (value * activation::gelu(&gate)?)?
         };
-        self.out.forward(&hidden)
+        add(self.out.forward(&hidden)?)
     }
 }
 
@@ -210,12 +251,11 @@ impl BasicTransformerBlock {
 
     /// `x: [B, N, dim]`, `context: [B, T, cross_attention_dim]` → `[B, N, dim]`.
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self
+        let x = self.attn1.forward_add(&self.norm1.forward(x)?, None, x)?;
+        let x = self
             .attn2
-            .forward(&self.norm2.forward(&x)?, Some(context))?
-            + &x)?;
-        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+            .forward_add(&self.norm2.forward(&x)?, Some(context), &x)?;
+        self.ff.forward_add(&self.norm3.forward(&x)?, &x)
     }
 }
 
@@ -358,7 +398,7 @@ impl Transformer2DModel {
                 .contiguous()?)
         };
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_image(&tokens)?)?,
+            Projection::Conv(conv) => return conv.forward_add(&to_image(&tokens)?, x),
             Projection::Linear(linear) => to_image(&linear.forward(&tokens)?)?,
         };
         Ok((out + x)?)

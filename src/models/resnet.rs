@@ -134,17 +134,15 @@ impl ResnetBlock2D {
             h = h.broadcast_add(&t.reshape((b, c, 1, 1))?)?;
         }
         let h = self.norm2.forward_silu(&h)?;
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
         };
-        let out = (shortcut + h)?;
         if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            Ok((out / self.output_scale_factor)?)
+            return self.conv2.forward_add(&h, &shortcut);
         }
+        let out = (shortcut + self.conv2.forward(&h)?)?;
+        Ok((out / self.output_scale_factor)?)
     }
 }
 

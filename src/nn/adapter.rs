@@ -40,6 +40,22 @@ pub trait Adapter: Debug + Send + Sync {
     fn trainable_vars(&self) -> Vec<Var> {
         Vec::new()
     }
+
+    /// On a linear layer, the adapter as a plain low-rank product, `scale · x downᵀ upᵀ`, when
+    /// that is all it computes for this call (no dropout, no casts): the layer may then fold it
+    /// into its own fused op ([`super::frozen::linear_low_rank`]) instead of calling
+    /// [`Adapter::forward`]. `None` (the default) keeps the separate path.
+    fn low_rank(&self) -> Option<LowRank> {
+        None
+    }
+}
+
+/// An adapter that is `scale · x downᵀ upᵀ` with `down: [rank, in]` and `up: [out, rank]`.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    pub down: Tensor,
+    pub up: Tensor,
+    pub scale: f64,
 }
 
 /// Decides, per layer, whether an adapter is attached.

@@ -142,8 +142,55 @@ pub(crate) fn with_slice<T: WithDType, R>(
 /// output costs little.
 const FEW_ROWS: usize = 256;
 
+/// What a product's output starts from before `x Wᵀ` is added: the bias (per output feature or
+/// channel) and a residual of the output's shape, each optional.
+#[derive(Clone, Copy)]
+pub(crate) struct Start<'a, T> {
+    pub bias: Option<&'a [T]>,
+    pub residual: Option<&'a [T]>,
+}
+
+impl<'a, T: Elem> Start<'a, T> {
+    pub fn bias(bias: Option<&'a [T]>) -> Self {
+        Start {
+            bias,
+            residual: None,
+        }
+    }
+
+    /// Whether the product adds to a prefilled buffer (else it overwrites zeros).
+    pub fn any(&self) -> bool {
+        self.bias.is_some()
+    }
+
+    /// `groups` blocks of `channels × run` values: `bias[c]` on every value of channel `c` (a
+    /// linear layer's rows are groups of `out` channels with run 1), zeros without a bias.
+    pub fn fill(&self, groups: usize, channels: usize, run: usize) -> Vec<T> {
+        match self.bias {
+            Some(b) => (0..groups)
+                .flat_map(|_| b.iter().flat_map(|v| std::iter::repeat_n(*v, run)))
+                .collect(),
+            None => vec![T::default(); groups * channels * run],
+        }
+    }
+
+    /// Adds the residual, after the product: `(x Wᵀ + b) + r` rounds exactly as the separate
+    /// add does, so a fused layer and an unfused one (with a zero adapter) agree bit for bit.
+    pub fn finish(&self, mut y: Vec<T>) -> Vec<T> {
+        if let Some(r) = self.residual {
+            y.iter_mut().zip(r).for_each(|(y, r)| *y += *r);
+        }
+        y
+    }
+}
+
 /// `y = x Wᵀ + b` for `x: [rows, in]`, `W: [out, in]`, `b: [out]` → `[rows, out]`.
 pub(crate) fn linear<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, out: usize) -> Vec<T> {
+    linear_from(x, w, Start::bias(bias), out)
+}
+
+/// [`linear`] added to `start` (bias and residual `[rows, out]`).
+pub(crate) fn linear_from<T: Elem>(x: &[T], w: &[T], start: Start<T>, out: usize) -> Vec<T> {
     let in_f = w.len() / out.max(1);
     let rows = x.len() / in_f.max(1);
     if rows <= FEW_ROWS {
@@ -161,12 +208,9 @@ pub(crate) fn linear<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, out: usize) 
                 Threads::All,
             )
         };
-        return transpose_add(&yt, out, rows, bias);
+        return start.finish(transpose_add(&yt, out, rows, start.fill(rows, out, 1)));
     }
-    let mut y = match bias {
-        Some(b) => b.repeat(rows),
-        None => vec![T::default(); rows * out],
-    };
+    let mut y = start.fill(rows, out, 1);
     // SAFETY: x is rows × in, w is out × in (read transposed), y is rows × out.
     unsafe {
         product(
@@ -176,21 +220,17 @@ pub(crate) fn linear<T: Elem>(x: &[T], w: &[T], bias: Option<&[T]>, out: usize) 
             Mat::rows(x, in_f),
             Mat::transposed(w, in_f),
             T::from_f64(1.0),
-            bias.is_some(),
+            start.any(),
             Threads::All,
         )
     };
-    y
+    start.finish(y)
 }
 
-/// The transpose `[cols, rows]` of row-major `a: [rows, cols]`, plus `bias[c]` on column `c` of
-/// the result, in tiles that stay in the L1 cache.
-fn transpose_add<T: Elem>(a: &[T], rows: usize, cols: usize, bias: Option<&[T]>) -> Vec<T> {
+/// `t + aᵀ` for row-major `a: [rows, cols]` and `t: [cols, rows]`, in tiles that stay in the
+/// L1 cache.
+fn transpose_add<T: Elem>(a: &[T], rows: usize, cols: usize, mut t: Vec<T>) -> Vec<T> {
     const TILE: usize = 16;
-    let mut t = match bias {
-        Some(b) => b.repeat(cols),
-        None => vec![T::default(); rows * cols],
-    };
     for r0 in (0..rows).step_by(TILE) {
         for c0 in (0..cols).step_by(TILE) {
             for c in c0..(c0 + TILE).min(cols) {
@@ -223,6 +263,133 @@ pub(crate) fn linear_input_grad<T: Elem>(grad: &[T], w: &[T], out: usize) -> Vec
         )
     };
     dx
+}
+
+/// A frozen linear layer with a low-rank adapter: `y = x Wᵀ + b + s · (x Dᵀ) Uᵀ` for
+/// `D: [r, in]` (down), `U: [out, r]` (up).
+pub(crate) fn linear_low_rank<T: Elem>(
+    x: &[T],
+    w: &[T],
+    bias: Option<&[T]>,
+    down: &[T],
+    up: &[T],
+    scale: f64,
+    out: usize,
+) -> Vec<T> {
+    let mut y = linear(x, w, bias, out);
+    let hidden = low_rank_hidden(x, down, w.len() / out.max(1));
+    let rank = up.len() / out.max(1);
+    let rows = hidden.len() / rank.max(1);
+    // SAFETY: hidden is rows × r, up is out × r (read transposed), y is rows × out.
+    unsafe {
+        product(
+            (rows, out, rank),
+            y.as_mut_ptr(),
+            out,
+            Mat::rows(&hidden, rank),
+            Mat::transposed(up, rank),
+            T::from_f64(scale),
+            true,
+            Threads::All,
+        )
+    };
+    y
+}
+
+/// `x Dᵀ: [rows, r]` for `x: [rows, in]`, `D: [r, in]`.
+fn low_rank_hidden<T: Elem>(x: &[T], down: &[T], in_f: usize) -> Vec<T> {
+    let rank = down.len() / in_f.max(1);
+    let rows = x.len() / in_f.max(1);
+    let mut hidden = vec![T::default(); rows * rank];
+    // SAFETY: x is rows × in, down is r × in (read transposed), hidden is rows × r.
+    unsafe {
+        product(
+            (rows, rank, in_f),
+            hidden.as_mut_ptr(),
+            rank,
+            Mat::rows(x, in_f),
+            Mat::transposed(down, in_f),
+            T::from_f64(1.0),
+            false,
+            Threads::All,
+        )
+    };
+    hidden
+}
+
+/// The gradients of [`linear_low_rank`] from `dY: [rows, out]`: `dX` (when `want_dx`), `dD` and
+/// `dU`. With `u = dY U`: `dX = dY W + s · u D`, `dD = s · uᵀ x`, `dU = s · dYᵀ (x Dᵀ)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn linear_low_rank_grads<T: Elem>(
+    x: &[T],
+    w: &[T],
+    down: &[T],
+    up: &[T],
+    grad: &[T],
+    scale: f64,
+    out: usize,
+    want_dx: bool,
+) -> (Option<Vec<T>>, Vec<T>, Vec<T>) {
+    let in_f = w.len() / out.max(1);
+    let rank = up.len() / out.max(1);
+    let rows = grad.len() / out.max(1);
+    let s = T::from_f64(scale);
+    let mut u = vec![T::default(); rows * rank];
+    let mut d_down = vec![T::default(); rank * in_f];
+    let mut d_up = vec![T::default(); out * rank];
+    let hidden = low_rank_hidden(x, down, in_f);
+    // SAFETY: every operand is a whole slice of the shape its product names (grad rows × out,
+    // up out × r, down r × in, x rows × in, u and hidden rows × r); outputs are fresh buffers.
+    unsafe {
+        product(
+            (rows, rank, out),
+            u.as_mut_ptr(),
+            rank,
+            Mat::rows(grad, out),
+            Mat::rows(up, rank),
+            T::from_f64(1.0),
+            false,
+            Threads::All,
+        );
+        product(
+            (rank, in_f, rows),
+            d_down.as_mut_ptr(),
+            in_f,
+            Mat::transposed(&u, rank),
+            Mat::rows(x, in_f),
+            s,
+            false,
+            Threads::All,
+        );
+        product(
+            (out, rank, rows),
+            d_up.as_mut_ptr(),
+            rank,
+            Mat::transposed(grad, out),
+            Mat::rows(&hidden, rank),
+            s,
+            false,
+            Threads::All,
+        );
+    }
+    let dx = want_dx.then(|| {
+        let mut dx = linear_input_grad(grad, w, out);
+        // SAFETY: u is rows × r, down is r × in, dx is rows × in.
+        unsafe {
+            product(
+                (rows, in_f, rank),
+                dx.as_mut_ptr(),
+                in_f,
+                Mat::rows(&u, rank),
+                Mat::rows(down, in_f),
+                s,
+                true,
+                Threads::All,
+            )
+        };
+        dx
+    });
+    (dx, d_down, d_up)
 }
 
 #[cfg(test)]

@@ -29,6 +29,60 @@ macro_rules! dispatch {
     }};
 }
 
+/// A norm's scale or shift over a run of values: one number for the run (a group norm's
+/// channel) or one per value (a layer norm).
+#[derive(Clone, Copy)]
+pub enum Param<'a> {
+    Const(f32),
+    PerValue(&'a [f32]),
+}
+
+/// `(Σ(x − shift), Σ(x − shift)²)` in f64 (sixteen f32 lanes per block of 256 values, then
+/// f64). A shift near the mean (any one of the values will do) keeps the variance
+/// `Σ(x − shift)²/n − (Σ(x − shift)/n)²` free of cancellation.
+pub fn sum_and_squares(x: &[f32], shift: f32) -> (f64, f64) {
+    dispatch!(sum_and_squares_impl(x, shift))
+}
+
+/// A norm's output over one run: `y = (x − mean)·rstd·w + b`, then SiLU when `silu`.
+pub fn norm_forward(
+    x: &[f32],
+    (mean, rstd): (f32, f32),
+    (w, b): (Param, Param),
+    silu: bool,
+    out: &mut [f32],
+) {
+    dispatch!(norm_forward_impl(x, (mean, rstd), (w, b), silu, out))
+}
+
+/// A norm's backward, first pass over one run: writes `d = dŷ·w` (dŷ the gradient before the
+/// SiLU, when `silu`) into `d` and returns `(Σd, Σd·x̂)` with `x̂ = (x − mean)·rstd`.
+pub fn norm_backward_sums(
+    (x, dy): (&[f32], &[f32]),
+    (mean, rstd): (f32, f32),
+    (w, b): (Param, Param),
+    silu: bool,
+    d: &mut [f32],
+) -> (f64, f64) {
+    dispatch!(norm_backward_sums_impl(
+        (x, dy),
+        (mean, rstd),
+        (w, b),
+        silu,
+        d
+    ))
+}
+
+/// A norm's backward, second pass: `dx = rstd·(d − m1 − x̂·m2)`, written over `d`.
+pub fn norm_backward_finish(
+    x: &[f32],
+    (mean, rstd): (f32, f32),
+    (m1, m2): (f32, f32),
+    d: &mut [f32],
+) {
+    dispatch!(norm_backward_finish_impl(x, (mean, rstd), (m1, m2), d))
+}
+
 /// `x ← exp(x − shift)` for every element; returns the sum of the results (accumulated in f32,
 /// sixteen lanes).
 pub fn exp_sub_sum(row: &mut [f32], shift: f32) -> f32 {
@@ -54,6 +108,7 @@ pub fn geglu_backward(a: &[f32], g: &[f32], dy: &[f32], da: &mut [f32], dg: &mut
 /// set by `kernels!`.
 mod portable {
     use super::scalar::*;
+    use super::Param;
 
     const LANES: usize = 16;
 
@@ -89,6 +144,124 @@ mod portable {
             .iter()
             .fold(f32::NEG_INFINITY, |m, &x| m.max(x));
         acc.iter().fold(tail, |m, &x| m.max(x))
+    }
+
+    #[inline(always)]
+    pub fn sum_and_squares_impl(x: &[f32], shift: f32) -> (f64, f64) {
+        let (mut sum, mut squares) = (0f64, 0f64);
+        for block in x.chunks(256) {
+            let (mut s, mut q) = ([0f32; LANES], [0f32; LANES]);
+            let mut chunks = block.chunks_exact(LANES);
+            for chunk in &mut chunks {
+                for ((v, s), q) in chunk.iter().zip(s.iter_mut()).zip(q.iter_mut()) {
+                    let v = *v - shift;
+                    *s += v;
+                    *q += v * v;
+                }
+            }
+            for v in chunks.remainder() {
+                let v = f64::from(*v - shift);
+                sum += v;
+                squares += v * v;
+            }
+            sum += s.iter().map(|v| f64::from(*v)).sum::<f64>();
+            squares += q.iter().map(|v| f64::from(*v)).sum::<f64>();
+        }
+        (sum, squares)
+    }
+
+    /// `f(i, w_i, b_i)` over a run, with the parameters constant or per value (each case its
+    /// own loop, so each vectorises).
+    #[inline(always)]
+    fn with_params(n: usize, (w, b): (Param, Param), mut f: impl FnMut(usize, f32, f32)) {
+        match (w, b) {
+            (Param::Const(w), Param::Const(b)) => (0..n).for_each(|i| f(i, w, b)),
+            (Param::PerValue(w), Param::PerValue(b)) => {
+                let (w, b) = (&w[..n], &b[..n]);
+                (0..n).for_each(|i| f(i, w[i], b[i]))
+            }
+            (Param::Const(w), Param::PerValue(b)) => {
+                let b = &b[..n];
+                (0..n).for_each(|i| f(i, w, b[i]))
+            }
+            (Param::PerValue(w), Param::Const(b)) => {
+                let w = &w[..n];
+                (0..n).for_each(|i| f(i, w[i], b))
+            }
+        }
+    }
+
+    #[inline(always)]
+    pub fn norm_forward_impl(
+        x: &[f32],
+        (mean, rstd): (f32, f32),
+        params: (Param, Param),
+        silu: bool,
+        out: &mut [f32],
+    ) {
+        let n = x.len().min(out.len());
+        let (x, out) = (&x[..n], &mut out[..n]);
+        if silu {
+            with_params(n, params, |i, w, b| {
+                let y = (x[i] - mean) * rstd * w + b;
+                out[i] = y / (1.0 + exp(-y));
+            });
+        } else {
+            with_params(n, params, |i, w, b| out[i] = (x[i] - mean) * rstd * w + b);
+        }
+    }
+
+    #[inline(always)]
+    pub fn norm_backward_sums_impl(
+        (x, dy): (&[f32], &[f32]),
+        (mean, rstd): (f32, f32),
+        params: (Param, Param),
+        silu: bool,
+        d: &mut [f32],
+    ) -> (f64, f64) {
+        let n = x.len().min(dy.len()).min(d.len());
+        let (x, dy, d) = (&x[..n], &dy[..n], &mut d[..n]);
+        if silu {
+            with_params(n, params, |i, w, b| {
+                let xhat = (x[i] - mean) * rstd;
+                let y = xhat * w + b;
+                let sg = 1.0 / (1.0 + exp(-y));
+                d[i] = dy[i] * sg * (1.0 + y * (1.0 - sg)) * w;
+            });
+        } else {
+            with_params(n, params, |i, w, _| d[i] = dy[i] * w);
+        }
+        let (mut s1, mut s2) = (0f64, 0f64);
+        for (xb, db) in x.chunks(256).zip(d.chunks(256)) {
+            let (mut a, mut c) = ([0f32; LANES], [0f32; LANES]);
+            let mut xc = xb.chunks_exact(LANES);
+            let mut dc = db.chunks_exact(LANES);
+            for (xs, ds) in (&mut xc).zip(&mut dc) {
+                for l in 0..LANES {
+                    a[l] += ds[l];
+                    c[l] += ds[l] * (xs[l] - mean) * rstd;
+                }
+            }
+            for (xv, dv) in xc.remainder().iter().zip(dc.remainder()) {
+                s1 += f64::from(*dv);
+                s2 += f64::from(*dv * (*xv - mean) * rstd);
+            }
+            s1 += a.iter().map(|v| f64::from(*v)).sum::<f64>();
+            s2 += c.iter().map(|v| f64::from(*v)).sum::<f64>();
+        }
+        (s1, s2)
+    }
+
+    #[inline(always)]
+    pub fn norm_backward_finish_impl(
+        x: &[f32],
+        (mean, rstd): (f32, f32),
+        (m1, m2): (f32, f32),
+        d: &mut [f32],
+    ) {
+        for (dv, xv) in d.iter_mut().zip(x) {
+            *dv = rstd * (*dv - m1 - (*xv - mean) * rstd * m2);
+        }
     }
 
     #[inline(always)]
@@ -186,6 +359,39 @@ mod x86 {
             #[target_feature(enable = $features)]
             pub unsafe fn max_impl(row: &[f32]) -> f32 {
                 super::super::portable::max_impl(row)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn sum_and_squares_impl(x: &[f32], shift: f32) -> (f64, f64) {
+                super::super::portable::sum_and_squares_impl(x, shift)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn norm_forward_impl(
+                x: &[f32],
+                stats: (f32, f32),
+                params: (super::super::Param, super::super::Param),
+                silu: bool,
+                out: &mut [f32],
+            ) {
+                super::super::portable::norm_forward_impl(x, stats, params, silu, out)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn norm_backward_sums_impl(
+                inputs: (&[f32], &[f32]),
+                stats: (f32, f32),
+                params: (super::super::Param, super::super::Param),
+                silu: bool,
+                d: &mut [f32],
+            ) -> (f64, f64) {
+                super::super::portable::norm_backward_sums_impl(inputs, stats, params, silu, d)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn norm_backward_finish_impl(
+                x: &[f32],
+                stats: (f32, f32),
+                means: (f32, f32),
+                d: &mut [f32],
+            ) {
+                super::super::portable::norm_backward_finish_impl(x, stats, means, d)
             }
             #[target_feature(enable = $features)]
             pub unsafe fn geglu_impl(a: &[f32], g: &[f32], out: &mut [f32]) {

@@ -20,10 +20,11 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
 
-use super::dense::{self, product, slice, with_slice, Elem, Mat, Threads};
+use super::adapter::LowRank;
+use super::dense::{self, product, slice, with_slice, Elem, Mat, Start, Threads};
 
 use crate::Result;
 
@@ -70,6 +71,16 @@ pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
 /// `y = x Wᵀ + b` with `W: [out, in]` frozen; `x: [..., in]` → `[..., out]` (f32 or f64, one
 /// dtype throughout).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_add(x, weight, bias, None)
+}
+
+/// [`linear`] added to `residual` (the output's shape) in one op, when there is one.
+pub fn linear_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let flops = 2 * x.elem_count() as u64 * weight.dim(0)? as u64;
     let _t = super::profile::scope_flops("frozen linear", flops);
     let (out, in_features) = weight.dims2()?;
@@ -84,7 +95,188 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     if let Some(last) = dims.last_mut() {
         *last = out;
     }
-    apply(x, weight, bias, Layer::Linear { out }, Shape::from(dims))
+    apply(
+        x,
+        weight,
+        bias,
+        Layer::Linear { out },
+        Shape::from(dims),
+        residual,
+    )
+}
+
+/// Whether a low-rank adapter can join [`linear_low_rank`]: its matrices on the CPU in `x`'s
+/// dtype (the layer itself must pass [`applies_to`]).
+pub fn low_rank_applies(x: &Tensor, low_rank: &LowRank) -> bool {
+    [&low_rank.down, &low_rank.up]
+        .iter()
+        .all(|t| t.dtype() == x.dtype() && t.device().is_cpu())
+}
+
+/// [`linear`] plus its low-rank adapter in one op, `x Wᵀ + b + s · (x downᵀ) upᵀ`: the same
+/// maths as adding the adapter's own output, without the three full-size tensors (the layer's
+/// output, the adapter's and their sum) that the separate path keeps for backward. Backward
+/// gives `dX`, `d down` and `d up`.
+pub fn linear_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    low_rank: &LowRank,
+) -> Result<Tensor> {
+    let (out, in_features) = weight.dims2()?;
+    let rank = low_rank.down.dim(0)?;
+    let flops = 2 * x.elem_count() as u64 * (out + rank) as u64;
+    let _t = super::profile::scope_flops("frozen linear + lora", flops);
+    if x.dim(D::Minus1)? != in_features
+        || low_rank.down.dims() != [rank, in_features]
+        || low_rank.up.dims() != [out, rank]
+    {
+        return Err(candle_core::Error::Msg(format!(
+            "linear: input {:?}, weight {:?}, lora down {:?} and up {:?} do not fit",
+            x.dims(),
+            weight.dims(),
+            low_rank.down.dims(),
+            low_rank.up.dims()
+        ))
+        .into());
+    }
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = out;
+    }
+    let op = LowRankLinear {
+        weight: weight.contiguous()?,
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        scale: low_rank.scale,
+        out,
+        output: Shape::from(dims),
+    };
+    let x = x.contiguous()?;
+    let (down, up) = (low_rank.down.contiguous()?, low_rank.up.contiguous()?);
+    Ok(if x.track_op() || down.track_op() || up.track_op() {
+        x.apply_op3(&down, &up, op)?
+    } else {
+        x.apply_op3_no_bwd(&down, &up, &op)?
+    })
+}
+
+/// The custom op of [`linear_low_rank`] on `(x, down, up)`.
+struct LowRankLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: f64,
+    out: usize,
+    output: Shape,
+}
+
+const LOW_RANK: &str = "frozen linear + lora";
+
+impl LowRankLinear {
+    fn forward<T: Elem>(&self, x: &[T], down: &[T], up: &[T]) -> candle_core::Result<Vec<T>> {
+        with_slice(&self.weight, LOW_RANK, |w| {
+            let run =
+                |b: Option<&[T]>| dense::linear_low_rank(x, w, b, down, up, self.scale, self.out);
+            match &self.bias {
+                Some(bias) => with_slice(bias, LOW_RANK, |b| Ok(run(Some(b)))),
+                None => Ok(run(None)),
+            }
+        })
+    }
+
+    fn backward<T: Elem>(
+        &self,
+        [x, down, up]: [&Tensor; 3],
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Tensor, Tensor)> {
+        let want_dx = x.track_op();
+        let (dx, d_down, d_up) = with_slice::<T, _>(x, LOW_RANK, |xs| {
+            with_slice::<T, _>(down, LOW_RANK, |ds| {
+                with_slice::<T, _>(up, LOW_RANK, |us| {
+                    with_slice::<T, _>(grad, LOW_RANK, |gs| {
+                        with_slice::<T, _>(&self.weight, LOW_RANK, |ws| {
+                            Ok(dense::linear_low_rank_grads(
+                                xs, ws, ds, us, gs, self.scale, self.out, want_dx,
+                            ))
+                        })
+                    })
+                })
+            })
+        })?;
+        let cpu = candle_core::Device::Cpu;
+        Ok((
+            dx.map(|v| Tensor::from_vec(v, x.shape(), &cpu))
+                .transpose()?,
+            Tensor::from_vec(d_down, down.shape(), &cpu)?,
+            Tensor::from_vec(d_up, up.shape(), &cpu)?,
+        ))
+    }
+}
+
+impl CustomOp3 for LowRankLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => {
+                CpuStorage::F32(self.forward(
+                    slice(s1, l1, LOW_RANK)?,
+                    slice(s2, l2, LOW_RANK)?,
+                    slice(s3, l3, LOW_RANK)?,
+                )?)
+            }
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => {
+                CpuStorage::F64(self.forward(
+                    slice(s1, l1, LOW_RANK)?,
+                    slice(s2, l2, LOW_RANK)?,
+                    slice(s3, l3, LOW_RANK)?,
+                )?)
+            }
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{LOW_RANK}: x, down and up must all be f32 or all f64"
+                )))
+            }
+        };
+        Ok((out, self.output.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        down: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (out, in_f) = (
+            self.out as u64,
+            (self.weight.elem_count() / self.out.max(1)) as u64,
+        );
+        let flops = 2 * (grad.elem_count() as u64 / out.max(1)) * in_f * out;
+        let _t = super::profile::scope_flops("frozen linear + lora backward", flops);
+        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+        let args = [x, down, up];
+        let (dx, d_down, d_up) = match x.dtype() {
+            DType::F32 => self.backward::<f32>(args, &grad)?,
+            DType::F64 => self.backward::<f64>(args, &grad)?,
+            other => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{LOW_RANK}: unsupported dtype {other:?}"
+                )))
+            }
+        };
+        Ok((dx, Some(d_down), Some(d_up)))
+    }
 }
 
 /// The forward of [`linear`] with ordinary candle ops.
@@ -111,6 +303,18 @@ pub fn conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    conv2d_add(x, weight, bias, padding, stride, None)
+}
+
+/// [`conv2d`] added to `residual` (the output's shape) in one op, when there is one.
+pub fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     let _t = super::profile::scope_flops("frozen conv", conv_flops(x, weight, padding, stride)?);
     let (b, c_in, h, w) = x.dims4()?;
     let (c_out, c_in_w, k, k2) = weight.dims4()?;
@@ -134,7 +338,14 @@ pub fn conv2d(
         padding,
     };
     let shape = Shape::from((b, c_out, geometry.ho, geometry.wo));
-    apply(x, weight, bias, Layer::Conv { geometry, c_out }, shape)
+    apply(
+        x,
+        weight,
+        bias,
+        Layer::Conv { geometry, c_out },
+        shape,
+        residual,
+    )
 }
 
 /// The multiply-add FLOPs of a convolution's forward.
@@ -160,13 +371,15 @@ pub fn conv2d_plain(
     Ok(y)
 }
 
-/// Runs `layer` on `x` as a custom op (one with a backward when `x` needs a gradient).
+/// Runs `layer` on `x` as a custom op (one with a backward when `x` or the residual needs a
+/// gradient), added to `residual` when there is one.
 fn apply(
     x: &Tensor,
     weight: &Tensor,
     bias: Option<&Tensor>,
     layer: Layer,
     output: Shape,
+    residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let op = Frozen {
         weight: weight.contiguous()?,
@@ -175,10 +388,28 @@ fn apply(
         output,
     };
     let x = x.contiguous()?;
-    Ok(if x.track_op() {
-        x.apply_op1(op)?
-    } else {
-        x.apply_op1_no_bwd(&op)?
+    Ok(match residual {
+        None if x.track_op() => x.apply_op1(op)?,
+        None => x.apply_op1_no_bwd(&op)?,
+        Some(r) => {
+            if r.dims() != op.output.dims() || r.dtype() != x.dtype() {
+                return Err(candle_core::Error::Msg(format!(
+                    "{}: residual {:?} ({:?}) does not match the output {:?} ({:?})",
+                    layer.name(),
+                    r.dims(),
+                    r.dtype(),
+                    op.output.dims(),
+                    x.dtype()
+                ))
+                .into());
+            }
+            let r = r.contiguous()?;
+            if x.track_op() || r.track_op() {
+                x.apply_op2(&r, FrozenResidual(op))?
+            } else {
+                x.apply_op2_no_bwd(&r, &FrozenResidual(op))?
+            }
+        }
     })
 }
 
@@ -213,12 +444,22 @@ struct Frozen {
 }
 
 impl Frozen {
-    fn forward<T: Elem>(&self, x: &[T]) -> candle_core::Result<Vec<T>> {
+    /// The layer's output for `x`, added to `residual` when there is one.
+    fn forward<T: Elem>(&self, x: &[T], residual: Option<&[T]>) -> candle_core::Result<Vec<T>> {
         let name = self.layer.name();
+        if residual.is_some_and(|r| r.len() != self.output.elem_count()) {
+            return Err(candle_core::Error::Msg(format!(
+                "{name}: the residual does not have the output's shape {:?}",
+                self.output.dims()
+            )));
+        }
         with_slice(&self.weight, name, |w| {
-            let run = |b: Option<&[T]>| match self.layer {
-                Layer::Linear { out } => dense::linear(x, w, b, out),
-                Layer::Conv { geometry, c_out } => conv_forward(geometry, x, w, b, c_out),
+            let run = |bias: Option<&[T]>| {
+                let start = Start { bias, residual };
+                match self.layer {
+                    Layer::Linear { out } => dense::linear_from(x, w, start, out),
+                    Layer::Conv { geometry, c_out } => conv_forward(geometry, x, w, start, c_out),
+                }
             };
             match &self.bias {
                 Some(bias) => with_slice(bias, name, |b| Ok(run(Some(b)))),
@@ -243,8 +484,12 @@ impl CustomOp1 for Frozen {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.layer.name();
         let out = match storage {
-            CpuStorage::F32(_) => CpuStorage::F32(self.forward(slice(storage, layout, name)?)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.forward(slice(storage, layout, name)?)?),
+            CpuStorage::F32(_) => {
+                CpuStorage::F32(self.forward(slice(storage, layout, name)?, None)?)
+            }
+            CpuStorage::F64(_) => {
+                CpuStorage::F64(self.forward(slice(storage, layout, name)?, None)?)
+            }
             _ => return Err(candle_core::Error::Msg(format!("{name}: f32 and f64 only"))),
         };
         Ok((out, self.output.clone()))
@@ -256,6 +501,12 @@ impl CustomOp1 for Frozen {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
+        self.input_grad(arg, grad).map(Some)
+    }
+}
+
+impl Frozen {
+    fn input_grad(&self, arg: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         // The input gradient is one product of the forward's size: dY's elements times the
         // weight's fan-in.
         let fan_in = self.weight.elem_count() / self.weight.dim(0)?.max(1);
@@ -270,11 +521,64 @@ impl CustomOp1 for Frozen {
             layer: self.layer,
             input: arg.shape().clone(),
         };
-        Ok(Some(
-            grad.to_dtype(arg.dtype())?
-                .contiguous()?
-                .apply_op1_no_bwd(&op)?,
-        ))
+        grad.to_dtype(arg.dtype())?
+            .contiguous()?
+            .apply_op1_no_bwd(&op)
+    }
+}
+
+/// A frozen layer whose output is added to a residual, `layer(x) + r`, as one op on `(x, r)`:
+/// the layer's own output is never a separate tensor (the separate add would keep it for
+/// backward). Backward: `dX` as for the layer, `dR = dY`.
+struct FrozenResidual(Frozen);
+
+impl CustomOp2 for FrozenResidual {
+    fn name(&self) -> &'static str {
+        match self.0.layer {
+            Layer::Linear { .. } => "frozen-linear-residual",
+            Layer::Conv { .. } => "frozen-conv2d-residual",
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.0.layer.name();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => CpuStorage::F32(
+                self.0
+                    .forward(slice(s1, l1, name)?, Some(slice(s2, l2, name)?))?,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => CpuStorage::F64(
+                self.0
+                    .forward(slice(s1, l1, name)?, Some(slice(s2, l2, name)?))?,
+            ),
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{name}: input and residual must both be f32 or both f64"
+                )))
+            }
+        };
+        Ok((out, self.0.output.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if x.track_op() {
+            Some(self.0.input_grad(x, grad)?)
+        } else {
+            None
+        };
+        Ok((dx, Some(grad.to_dtype(residual.dtype())?)))
     }
 }
 
@@ -322,7 +626,7 @@ fn conv_forward<T: Elem>(
     g: ConvGeometry,
     x: &[T],
     w: &[T],
-    bias: Option<&[T]>,
+    start: Start<T>,
     c_out: usize,
 ) -> Vec<T> {
     let fan_in = g.c_in * g.k * g.k;
@@ -336,12 +640,7 @@ fn conv_forward<T: Elem>(
         cols_owned = Im2Col(g).run(x);
         (&cols_owned[..], g.b * hw_out, hw_out)
     };
-    let mut y = match bias {
-        Some(b) => (0..g.b)
-            .flat_map(|_| b.iter().flat_map(|v| std::iter::repeat_n(*v, hw_out)))
-            .collect(),
-        None => vec![T::default(); g.b * c_out * hw_out],
-    };
+    let mut y = start.fill(g.b, c_out, hw_out);
     for n in 0..g.b {
         // SAFETY: w is out × in·k·k; the columns of sample n are in·k·k × Ho·Wo with row
         // stride cols_rs; y's block of sample n is out × Ho·Wo.
@@ -353,12 +652,12 @@ fn conv_forward<T: Elem>(
                 Mat::rows(w, fan_in),
                 Mat::rows(&cols[n * per_sample..], cols_rs),
                 T::from_f64(1.0),
-                bias.is_some(),
+                start.any(),
                 Threads::All,
             )
         };
     }
-    y
+    start.finish(y)
 }
 
 /// `dX` of a convolution: `col2im(Wᵀ · dY)` per sample (1×1 kernels with stride 1 and no padding
@@ -640,6 +939,102 @@ mod tests {
             match (g_ours.get(x.as_tensor()), g_plain.get(x.as_tensor())) {
                 (Some(a), Some(b)) => assert!(max_diff(a, b)? < 1e-10, "stride {stride}"),
                 _ => panic!("no input gradient"),
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_with_low_rank_adapter_equals_the_separate_ops_and_their_gradients() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        // 300 rows: the direct product path of `dense::linear`; 6 rows: the transposed one.
+        for rows in [6, 300] {
+            let weight = randn(&mut rng, &[7, 5], 1.0, 0.0)?;
+            let bias = randn(&mut rng, &[7], 1.0, 0.0)?;
+            let down = Var::from_tensor(&randn(&mut rng, &[3, 5], 1.0, 0.0)?)?;
+            let up = Var::from_tensor(&randn(&mut rng, &[7, 3], 1.0, 0.0)?)?;
+            let low_rank = LowRank {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+                scale: 0.75,
+            };
+            // The input both tracked (a gradient wanted) and not.
+            for tracked in [true, false] {
+                let x0 = randn(&mut rng, &[2, rows / 2, 5], 1.0, 0.0)?;
+                let x = Var::from_tensor(&x0)?;
+                let x_in = if tracked {
+                    x.as_tensor().clone()
+                } else {
+                    x0.clone()
+                };
+                let ours = linear_low_rank(&x_in, &weight, Some(&bias), &low_rank)?;
+                let hidden = x_in.broadcast_matmul(&down.as_tensor().t()?)?;
+                let plain = (linear_plain(&x_in, &weight, Some(&bias))?
+                    + (hidden.broadcast_matmul(&up.as_tensor().t()?)? * 0.75)?)?;
+                assert!(max_diff(&ours, &plain)? < 1e-12, "rows {rows}: output");
+                let g_ours = weighted_sum(&ours, 8)?.backward()?;
+                let g_plain = weighted_sum(&plain, 8)?.backward()?;
+                let mut wanted = vec![("down", down.as_tensor()), ("up", up.as_tensor())];
+                if tracked {
+                    wanted.push(("x", x.as_tensor()));
+                } else {
+                    assert!(g_ours.get(x.as_tensor()).is_none());
+                }
+                for (name, t) in wanted {
+                    match (g_ours.get(t), g_plain.get(t)) {
+                        (Some(a), Some(b)) => {
+                            assert!(max_diff(a, b)? < 1e-12, "rows {rows}: d{name}")
+                        }
+                        _ => panic!("rows {rows}: no gradient for {name}"),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `layer(x) + r` in one op against the separate add: output and both gradients, for a
+    /// linear layer with few and many rows and a strided convolution with a batch of two.
+    #[test]
+    fn a_fused_residual_equals_the_separate_add() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let cases: Vec<(Vec<usize>, Vec<usize>)> = vec![
+            (vec![2, 3, 5], vec![4, 5]),
+            (vec![2, 150, 5], vec![4, 5]),
+            (vec![2, 3, 8, 6], vec![4, 3, 3, 3]),
+        ];
+        for (x_dims, w_dims) in cases {
+            let x = Var::from_tensor(&randn(&mut rng, &x_dims, 1.0, 0.0)?)?;
+            let weight = randn(&mut rng, &w_dims, 1.0, 0.0)?;
+            let bias = randn(&mut rng, &w_dims[..1], 1.0, 0.0)?;
+            let conv = w_dims.len() == 4;
+            let plain = if conv {
+                conv2d_plain(x.as_tensor(), &weight, Some(&bias), 1, 2)?
+            } else {
+                linear_plain(x.as_tensor(), &weight, Some(&bias))?
+            };
+            let r = Var::from_tensor(&randn(&mut rng, plain.dims(), 1.0, 0.0)?)?;
+            let want = (&plain + r.as_tensor())?;
+            let got = if conv {
+                conv2d_add(
+                    x.as_tensor(),
+                    &weight,
+                    Some(&bias),
+                    1,
+                    2,
+                    Some(r.as_tensor()),
+                )?
+            } else {
+                linear_add(x.as_tensor(), &weight, Some(&bias), Some(r.as_tensor()))?
+            };
+            assert!(max_diff(&got, &want)? < 1e-12, "{x_dims:?}: output");
+            let g_got = weighted_sum(&got, 2)?.backward()?;
+            let g_want = weighted_sum(&want, 2)?.backward()?;
+            for (name, t) in [("x", &x), ("r", &r)] {
+                match (g_got.get(t.as_tensor()), g_want.get(t.as_tensor())) {
+                    (Some(a), Some(b)) => assert!(max_diff(a, b)? < 1e-10, "{x_dims:?}: d{name}"),
+                    _ => panic!("{x_dims:?}: no gradient for {name}"),
+                }
             }
         }
         Ok(())

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::fast_math::{self, Param};
 use crate::Result;
 
 /// Whether the fused op serves this call: f32/f64 on the CPU, frozen affine parameters, and the
@@ -93,6 +94,11 @@ fn run(
             spec,
             eps,
             silu,
+            weight32: weight
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            bias32: bias.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
             weight: to_f64(weight)?,
             bias: to_f64(bias)?,
         }),
@@ -108,6 +114,9 @@ struct Params {
     silu: bool,
     weight: Vec<f64>,
     bias: Vec<f64>,
+    /// The same in f32, for the vectorised f32 kernels.
+    weight32: Vec<f32>,
+    bias32: Vec<f32>,
 }
 
 /// Forward op; keeps `(mean, 1/σ)` per segment for its backward.
@@ -151,6 +160,89 @@ fn sigmoid(v: f64) -> f64 {
 }
 
 impl Params {
+    /// The runs of one segment that share their scale and shift: `(start, len, w, b)`.
+    fn runs(&self, segment: usize) -> Vec<(usize, usize, Param<'_>, Param<'_>)> {
+        let Segments {
+            len,
+            groups,
+            channels_per_group,
+            inner,
+        } = self.spec;
+        let c0 = (segment % groups) * channels_per_group;
+        if inner == 1 {
+            let (w, b) = (&self.weight32[c0..], &self.bias32[c0..]);
+            vec![(0, len, Param::PerValue(w), Param::PerValue(b))]
+        } else {
+            (0..channels_per_group)
+                .map(|j| {
+                    let c = c0 + j;
+                    let (w, b) = (self.weight32[c], self.bias32[c]);
+                    (j * inner, inner, Param::Const(w), Param::Const(b))
+                })
+                .collect()
+        }
+    }
+
+    /// [`Params::forward`] for f32 with the vectorised kernels of [`fast_math`].
+    fn forward_f32(&self, x: &[f32]) -> (Vec<f32>, Vec<(f64, f64)>) {
+        let n = self.spec.len;
+        let mut y = vec![0f32; x.len()];
+        let mut stats = vec![(0.0, 0.0); x.len() / n.max(1)];
+        y.par_chunks_mut(n)
+            .zip(x.par_chunks(n))
+            .zip(stats.par_iter_mut())
+            .enumerate()
+            .for_each(|(s, ((ys, xs), st))| {
+                let shift = xs.first().copied().unwrap_or(0.0);
+                let (sum, squares) = fast_math::sum_and_squares(xs, shift);
+                let m = sum / n as f64;
+                let var = (squares / n as f64 - m * m).max(0.0);
+                let (mean, rstd) = (f64::from(shift) + m, 1.0 / (var + self.eps).sqrt());
+                *st = (mean, rstd);
+                for (start, len, w, b) in self.runs(s) {
+                    let run = start..start + len;
+                    let stats32 = (mean as f32, rstd as f32);
+                    fast_math::norm_forward(
+                        &xs[run.clone()],
+                        stats32,
+                        (w, b),
+                        self.silu,
+                        &mut ys[run],
+                    );
+                }
+            });
+        (y, stats)
+    }
+
+    /// [`Params::backward`] for f32 with the vectorised kernels of [`fast_math`].
+    fn backward_f32(&self, x: &[f32], dy: &[f32], stats: &[(f64, f64)]) -> Vec<f32> {
+        let n = self.spec.len;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(n)
+            .zip(x.par_chunks(n).zip(dy.par_chunks(n)))
+            .enumerate()
+            .for_each(|(s, (dxs, (xs, dys)))| {
+                let (mean, rstd) = stats[s];
+                let stats32 = (mean as f32, rstd as f32);
+                let (mut sum1, mut sum2) = (0.0, 0.0);
+                for (start, len, w, b) in self.runs(s) {
+                    let run = start..start + len;
+                    let (a, c) = fast_math::norm_backward_sums(
+                        (&xs[run.clone()], &dys[run.clone()]),
+                        stats32,
+                        (w, b),
+                        self.silu,
+                        &mut dxs[run],
+                    );
+                    sum1 += a;
+                    sum2 += c;
+                }
+                let means = ((sum1 / n as f64) as f32, (sum2 / n as f64) as f32);
+                fast_math::norm_backward_finish(xs, stats32, means, dxs);
+            });
+        dx
+    }
+
     fn forward<T: Real>(&self, x: &[T]) -> (Vec<T>, Vec<(f64, f64)>) {
         let n = self.spec.len;
         let mut y = vec![T::put(0.0); x.len()];
@@ -234,7 +326,7 @@ impl CustomOp1 for Norm {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (out, stats) = match storage {
             CpuStorage::F32(v) => {
-                let (y, s) = self.params.forward(contiguous(v, layout)?);
+                let (y, s) = self.params.forward_f32(contiguous(v, layout)?);
                 (CpuStorage::F32(y), s)
             }
             CpuStorage::F64(v) => {
@@ -284,7 +376,7 @@ impl CustomOp2 for NormGrad {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.params.backward(
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(self.params.backward_f32(
                 contiguous(x, l1)?,
                 contiguous(g, l2)?,
                 &self.stats,
@@ -355,6 +447,58 @@ mod tests {
             assert!(failures.is_empty(), "{failures:?}");
         }
         Ok(())
+    }
+
+    /// The f32 kernels against the f64 ones on the same values: group norm with and without
+    /// SiLU (runs of 37 values, a tail past the 16 lanes) and layer norm (per-value scale).
+    #[test]
+    fn the_f32_kernels_match_the_f64_ones() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let check = |name: &str, f: &dyn Fn(&Tensor) -> Result<Tensor>, x: &Tensor| -> Result<()> {
+            let mix = randn(&mut ChaCha8Rng::seed_from_u64(1), x.dims(), 1.0, 0.0)?;
+            let mut out = Vec::new();
+            for dtype in [DType::F64, DType::F32] {
+                let v = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let y = f(v.as_tensor())?;
+                let g = (&y * mix.to_dtype(dtype)?)?.sum_all()?.backward()?;
+                let dx = g.get(v.as_tensor()).expect("dx").to_dtype(DType::F64)?;
+                out.push((y.to_dtype(DType::F64)?, dx));
+            }
+            let d = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                Ok((a - b)?.abs()?.max_all()?.to_scalar::<f64>()?)
+            };
+            let (dy, dg) = (d(&out[0].0, &out[1].0)?, d(&out[0].1, &out[1].1)?);
+            assert!(dy < 2e-5 && dg < 2e-4, "{name}: output {dy}, gradient {dg}");
+            Ok(())
+        };
+        // An offset mean (5) and a spread of 2: the shifted sums must not cancel.
+        let x = randn(&mut rng, &[2, 6, 37, 1], 2.0, 5.0)?;
+        let (w, b) = (
+            randn(&mut rng, &[6], 0.5, 1.0)?,
+            randn(&mut rng, &[6], 0.5, 0.0)?,
+        );
+        for silu in [false, true] {
+            let f = |x: &Tensor| -> Result<Tensor> {
+                let (w, b) = (w.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+                group_norm(x, &w, &b, 2, 1e-5, silu)
+            };
+            check(&format!("group norm, silu {silu}"), &f, &x)?;
+        }
+        let x = randn(&mut rng, &[3, 4, 45], 1.0, -0.4)?;
+        let (w, b) = (
+            randn(&mut rng, &[45], 0.5, 1.0)?,
+            randn(&mut rng, &[45], 0.5, 0.0)?,
+        );
+        let f = |x: &Tensor| -> Result<Tensor> {
+            layer_norm(
+                x,
+                &f32(&w)?.to_dtype(x.dtype())?,
+                &b.to_dtype(x.dtype())?,
+                1e-5,
+            )
+        };
+        check("layer norm", &f, &x)
     }
 
     #[test]

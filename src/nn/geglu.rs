@@ -11,6 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dense::{self, with_slice, Start};
 use crate::Result;
 
 /// Whether the fused op serves `h`: f32 on the CPU with the custom ops switched on.
@@ -21,6 +22,63 @@ pub fn applies(h: &Tensor) -> bool {
 /// `h: [..., 2·inner]` → `h[..., :inner] · gelu(h[..., inner:])`, `[..., inner]`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let _t = super::profile::scope("geglu");
+    run(h, Geglu { then: None })
+}
+
+/// GEGLU followed by a frozen linear layer (`W: [out, inner]`, f32, see
+/// [`super::frozen::applies_to`]) in one op: `h: [..., 2·inner]` → `[..., out]`. The GEGLU
+/// output, which the linear layer's backward does not need, is not kept for backward (the
+/// separate ops keep it, `[..., 4·dim]` per transformer block).
+///
+/// With a `residual` (the output's shape) the result is added to it in the same op.
+pub fn geglu_linear(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let _t = super::profile::scope("geglu + frozen linear");
+    let (out, inner) = weight.dims2()?;
+    if h.dim(candle_core::D::Minus1)? != 2 * inner {
+        return Err(candle_core::Error::Msg(format!(
+            "geglu: input {:?} does not fit the next layer's weight {:?}",
+            h.dims(),
+            weight.dims()
+        ))
+        .into());
+    }
+    let then = Then {
+        weight: weight.contiguous()?,
+        bias: bias.map(Tensor::contiguous).transpose()?,
+        out,
+    };
+    let op = Geglu { then: Some(then) };
+    match residual {
+        None => run(h, op),
+        Some(r) => {
+            let mut dims = h.dims().to_vec();
+            if let Some(last) = dims.last_mut() {
+                *last = out;
+            }
+            if r.dims() != dims.as_slice() || r.dtype() != DType::F32 {
+                return Err(candle_core::Error::Msg(format!(
+                    "geglu: residual {:?} ({:?}) does not match the output {dims:?} (F32)",
+                    r.dims(),
+                    r.dtype()
+                ))
+                .into());
+            }
+            let (h, r) = (h.contiguous()?, r.contiguous()?);
+            Ok(if h.track_op() || r.track_op() {
+                h.apply_op2(&r, GegluResidual(op))?
+            } else {
+                h.apply_op2_no_bwd(&r, &GegluResidual(op))?
+            })
+        }
+    }
+}
+
+fn run(h: &Tensor, op: Geglu) -> Result<Tensor> {
     let width = h.dim(candle_core::D::Minus1)?;
     if width % 2 != 0 {
         return Err(candle_core::Error::Msg(format!(
@@ -31,18 +89,87 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     }
     let h = h.contiguous()?;
     Ok(if h.track_op() {
-        h.apply_op1(Geglu)?
+        h.apply_op1(op)?
     } else {
-        h.apply_op1_no_bwd(&Geglu)?
+        h.apply_op1_no_bwd(&op)?
     })
 }
 
 /// Rows of `[a | g]` per parallel task (a few hundred KiB of activations).
 const ROWS_PER_TASK: usize = 16;
 
-struct Geglu;
+/// GEGLU of every row of `h: [rows, 2·inner]` → `[rows, inner]`.
+fn forward_rows(h: &[f32], inner: usize) -> Vec<f32> {
+    let mut out = vec![0f32; h.len() / 2];
+    if inner > 0 {
+        out.par_chunks_mut(inner * ROWS_PER_TASK)
+            .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
+            .for_each(|(out, h)| {
+                for (o, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
+                    let (a, g) = h.split_at(inner);
+                    super::fast_math::geglu(a, g, o);
+                }
+            });
+    }
+    out
+}
 
-struct GegluGrad;
+/// The gradient `[rows, 2·inner]` with respect to `h` from the output's `dy: [rows, inner]`.
+fn backward_rows(h: &[f32], dy: &[f32], inner: usize) -> Vec<f32> {
+    let mut dh = vec![0f32; h.len()];
+    if inner > 0 {
+        dh.par_chunks_mut(2 * inner * ROWS_PER_TASK)
+            .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
+            .zip(dy.par_chunks(inner * ROWS_PER_TASK))
+            .for_each(|((dh, h), dy)| {
+                for ((dh, h), dy) in dh
+                    .chunks_exact_mut(2 * inner)
+                    .zip(h.chunks_exact(2 * inner))
+                    .zip(dy.chunks_exact(inner))
+                {
+                    let (a, g) = h.split_at(inner);
+                    let (da, dg) = dh.split_at_mut(inner);
+                    super::fast_math::geglu_backward(a, g, dy, da, dg);
+                }
+            });
+    }
+    dh
+}
+
+/// The GEGLU op, optionally followed by a frozen linear layer.
+struct Geglu {
+    then: Option<Then>,
+}
+
+/// A frozen linear layer after the GEGLU: `W: [out, inner]`, bias `[out]`.
+#[derive(Clone)]
+struct Then {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    out: usize,
+}
+
+impl Then {
+    fn forward(&self, g: &[f32], residual: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
+        let run = |w: &[f32], bias: Option<&[f32]>| {
+            dense::linear_from(g, w, Start { bias, residual }, self.out)
+        };
+        with_slice(&self.weight, "geglu", |w| match &self.bias {
+            Some(bias) => with_slice(bias, "geglu", |b| Ok(run(w, Some(b)))),
+            None => Ok(run(w, None)),
+        })
+    }
+
+    fn input_grad(&self, dy: &[f32]) -> candle_core::Result<Vec<f32>> {
+        with_slice(&self.weight, "geglu", |w| {
+            Ok(dense::linear_input_grad(dy, w, self.out))
+        })
+    }
+}
+
+struct GegluGrad {
+    then: Option<Then>,
+}
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l
@@ -63,27 +190,78 @@ impl CustomOp1 for Geglu {
         let h = f32_slice(s, l, "geglu")?;
         let mut dims = l.dims().to_vec();
         let inner = dims.last().copied().unwrap_or(0) / 2;
+        let (out, width) = self.forward(h, inner, None)?;
         if let Some(last) = dims.last_mut() {
-            *last = inner;
-        }
-        let mut out = vec![0f32; h.len() / 2];
-        if inner > 0 {
-            out.par_chunks_mut(inner * ROWS_PER_TASK)
-                .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
-                .for_each(|(out, h)| {
-                    for (o, h) in out.chunks_exact_mut(inner).zip(h.chunks_exact(2 * inner)) {
-                        let (a, g) = h.split_at(inner);
-                        super::fast_math::geglu(a, g, o);
-                    }
-                });
+            *last = width;
         }
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 
     fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        self.input_grad(h, grad).map(Some)
+    }
+}
+
+impl Geglu {
+    /// The output values and their last dimension's width, added to `residual` if given.
+    fn forward(
+        &self,
+        h: &[f32],
+        inner: usize,
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<(Vec<f32>, usize)> {
+        let g = forward_rows(h, inner);
+        Ok(match &self.then {
+            Some(then) => (then.forward(&g, residual)?, then.out),
+            None => (g, inner),
+        })
+    }
+
+    fn input_grad(&self, h: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
         let _t = super::profile::scope("geglu backward");
         let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        Ok(Some(h.apply_op2_no_bwd(&grad, &GegluGrad)?))
+        let op = GegluGrad {
+            then: self.then.clone(),
+        };
+        h.apply_op2_no_bwd(&grad, &op)
+    }
+}
+
+/// GEGLU and its linear layer added to a residual, as one op on `(h, r)`; `dR = dY`.
+struct GegluResidual(Geglu);
+
+impl CustomOp2 for GegluResidual {
+    fn name(&self) -> &'static str {
+        "geglu-linear-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let h = f32_slice(s1, l1, "geglu")?;
+        let r = f32_slice(s2, l2, "geglu")?;
+        let inner = l1.dims().last().copied().unwrap_or(0) / 2;
+        let (out, _) = self.0.forward(h, inner, Some(r))?;
+        Ok((CpuStorage::F32(out), l2.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dh = if h.track_op() {
+            Some(self.0.input_grad(h, grad)?)
+        } else {
+            None
+        };
+        Ok((dh, Some(grad.to_dtype(DType::F32)?)))
     }
 }
 
@@ -102,6 +280,14 @@ impl CustomOp2 for GegluGrad {
         let h = f32_slice(s1, l1, "geglu backward")?;
         let dy = f32_slice(s2, l2, "geglu backward")?;
         let inner = l1.dims().last().copied().unwrap_or(0) / 2;
+        let dg;
+        let dy = match &self.then {
+            Some(then) => {
+                dg = then.input_grad(dy)?;
+                &dg[..]
+            }
+            None => dy,
+        };
         if dy.len() * 2 != h.len() {
             return Err(candle_core::Error::Msg(format!(
                 "geglu backward: gradient {:?} does not fit input {:?}",
@@ -109,23 +295,7 @@ impl CustomOp2 for GegluGrad {
                 l1.dims()
             )));
         }
-        let mut dh = vec![0f32; h.len()];
-        if inner > 0 {
-            dh.par_chunks_mut(2 * inner * ROWS_PER_TASK)
-                .zip(h.par_chunks(2 * inner * ROWS_PER_TASK))
-                .zip(dy.par_chunks(inner * ROWS_PER_TASK))
-                .for_each(|((dh, h), dy)| {
-                    for ((dh, h), dy) in dh
-                        .chunks_exact_mut(2 * inner)
-                        .zip(h.chunks_exact(2 * inner))
-                        .zip(dy.chunks_exact(inner))
-                    {
-                        let (a, g) = h.split_at(inner);
-                        let (da, dg) = dh.split_at_mut(inner);
-                        super::fast_math::geglu_backward(a, g, dy, da, dg);
-                    }
-                });
-        }
+        let dh = backward_rows(h, dy, inner);
         Ok((CpuStorage::F32(dh), l1.shape().clone()))
     }
 }
@@ -161,6 +331,41 @@ mod tests {
         );
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn geglu_then_linear_equals_the_two_ops() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(6);
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        let h = Var::from_tensor(&f32(randn(&mut rng, &[2, 19, 2 * 12], 2.0, 0.0)?)?)?;
+        let weight = f32(randn(&mut rng, &[7, 12], 1.0, 0.0)?)?;
+        let bias = f32(randn(&mut rng, &[7], 1.0, 0.0)?)?;
+        let mix = f32(randn(&mut rng, &[2, 19, 7], 1.0, 0.0)?)?;
+        let r = Var::from_tensor(&f32(randn(&mut rng, &[2, 19, 7], 1.0, 0.0)?)?)?;
+        let got = geglu_linear(h.as_tensor(), &weight, Some(&bias), Some(r.as_tensor()))?;
+        let want =
+            (crate::nn::frozen::linear_plain(&geglu(h.as_tensor())?, &weight, Some(&bias))?
+                + r.as_tensor())?;
+        assert_eq!(got.dims(), [2, 19, 7]);
+        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "forward differs by {diff}");
+        let g_got = (&got * &mix)?.sum_all()?.backward()?;
+        let g_want = (&want * &mix)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g_got.get(h.as_tensor()).expect("dh"),
+            g_want.get(h.as_tensor()).expect("dh"),
+        );
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "gradient differs by {diff}");
+        let (a, b) = (
+            g_got.get(r.as_tensor()).expect("dr"),
+            g_want.get(r.as_tensor()).expect("dr"),
+        );
+        assert!(
+            (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6,
+            "residual gradient"
+        );
         Ok(())
     }
 }

@@ -54,7 +54,13 @@ impl Linear {
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features.max(1);
         super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
-        let mut y = if frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+        let fused = frozen::applies_to(x, &self.weight, self.bias.as_ref());
+        if let Some(low_rank) = self.adapter.as_ref().and_then(|a| a.low_rank()) {
+            if fused && frozen::low_rank_applies(x, &low_rank) {
+                return frozen::linear_low_rank(x, &self.weight, self.bias.as_ref(), &low_rank);
+            }
+        }
+        let mut y = if fused {
             frozen::linear(x, &self.weight, self.bias.as_ref())?
         } else {
             frozen::linear_plain(x, &self.weight, self.bias.as_ref())?
@@ -63,6 +69,18 @@ impl Linear {
             y = (y + adapter.forward(x)?)?;
         }
         Ok(y)
+    }
+
+    /// `forward(x) + residual` (`residual` of the output's shape): one fused op on the frozen
+    /// path when the layer has no adapter, so its own output is not kept for backward.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if self.adapter.is_none() && frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+            let in_features = x.dim(candle_core::D::Minus1)?;
+            let rows = x.elem_count() / in_features.max(1);
+            super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
+            return frozen::linear_add(x, &self.weight, self.bias.as_ref(), Some(residual));
+        }
+        Ok((self.forward(x)? + residual)?)
     }
 
     /// The frozen weight, `[out_features, in_features]`.

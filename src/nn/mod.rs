@@ -24,7 +24,7 @@ pub mod profile;
 pub mod runtime;
 pub mod weights;
 
-pub use adapter::{Adapter, AdapterProvider, LayerKind};
+pub use adapter::{Adapter, AdapterProvider, LayerKind, LowRank};
 pub use conv::{Conv2d, ConvConfig};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
