@@ -9,6 +9,13 @@ use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::nn::Scope;
 use crate::Result;
 
+/// Which parts of a block gradient checkpointing recomputes in backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Checkpointing {
+    pub resnets: bool,
+    pub transformers: bool,
+}
+
 /// Settings of the Transformer2DModels inside one block.
 #[derive(Debug, Clone, Copy)]
 pub struct TransformerSettings {
@@ -107,13 +114,13 @@ impl CrossAttnDownBlock2D {
     }
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         self.resnets
             .iter_mut()
-            .for_each(|r| r.set_gradient_checkpointing(on));
+            .for_each(|r| r.set_gradient_checkpointing(on.resnets));
         self.attentions
             .iter_mut()
-            .for_each(|a| a.set_gradient_checkpointing(on));
+            .for_each(|a| a.set_gradient_checkpointing(on.transformers));
     }
 
     /// `x: [B, in, H, W]`, `temb: [B, temb]`, `context: [B, T, cross]` → the block output
@@ -159,10 +166,10 @@ impl DownBlock2D {
     }
 
     /// Turns gradient checkpointing of every resnet on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         self.resnets
             .iter_mut()
-            .for_each(|r| r.set_gradient_checkpointing(on));
+            .for_each(|r| r.set_gradient_checkpointing(on.resnets));
     }
 
     /// Like [`CrossAttnDownBlock2D::forward`] without the context.
@@ -190,7 +197,7 @@ pub enum DownBlock {
 
 impl DownBlock {
     /// Turns gradient checkpointing of the block's resnets and transformers on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         match self {
             DownBlock::CrossAttn(b) => b.set_gradient_checkpointing(on),
             DownBlock::Plain(b) => b.set_gradient_checkpointing(on),
@@ -249,13 +256,13 @@ impl UNetMidBlock2DCrossAttn {
     }
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         self.resnets
             .iter_mut()
-            .for_each(|r| r.set_gradient_checkpointing(on));
+            .for_each(|r| r.set_gradient_checkpointing(on.resnets));
         self.attentions
             .iter_mut()
-            .for_each(|a| a.set_gradient_checkpointing(on));
+            .for_each(|a| a.set_gradient_checkpointing(on.transformers));
     }
 
     /// `x: [B, C, H, W]` → `[B, C, H, W]`.
@@ -356,13 +363,13 @@ impl CrossAttnUpBlock2D {
     }
 
     /// Turns gradient checkpointing of every resnet and transformer on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         self.resnets
             .iter_mut()
-            .for_each(|r| r.set_gradient_checkpointing(on));
+            .for_each(|r| r.set_gradient_checkpointing(on.resnets));
         self.attentions
             .iter_mut()
-            .for_each(|a| a.set_gradient_checkpointing(on));
+            .for_each(|a| a.set_gradient_checkpointing(on.transformers));
     }
 
     /// `x: [B, prev, H, W]`; each resnet concatenates the last of `skips` (which it removes) on
@@ -407,10 +414,10 @@ impl UpBlock2D {
     }
 
     /// Turns gradient checkpointing of every resnet on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         self.resnets
             .iter_mut()
-            .for_each(|r| r.set_gradient_checkpointing(on));
+            .for_each(|r| r.set_gradient_checkpointing(on.resnets));
     }
 
     /// Like [`CrossAttnUpBlock2D::forward`] without the context.
@@ -442,7 +449,7 @@ pub enum UpBlock {
 
 impl UpBlock {
     /// Turns gradient checkpointing of the block's resnets and transformers on or off.
-    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+    pub fn set_gradient_checkpointing(&mut self, on: Checkpointing) {
         match self {
             UpBlock::CrossAttn(b) => b.set_gradient_checkpointing(on),
             UpBlock::Plain(b) => b.set_gradient_checkpointing(on),

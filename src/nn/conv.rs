@@ -83,17 +83,22 @@ impl Conv2d {
         Ok(y)
     }
 
-    /// `forward(x) + residual` (`residual` of the output's shape): one fused op on the frozen
-    /// path when the layer has no adapter, so its own output is not kept for backward.
+    /// `forward(x) + residual` (`residual` of the output's shape). On the frozen path the layer
+    /// and the sum are one op, so the layer's own output is not kept for backward; an adapter's
+    /// output is added after it (with a zero adapter the result is the same, bit for bit, as
+    /// without one).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (pad, stride) = (self.config.padding, self.config.stride);
-        if self.adapter.is_none() && frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
-            let (bias, weight) = (self.bias.as_ref(), &self.weight);
-            let y = frozen::conv2d_add(x, weight, bias, pad, stride, Some(residual))?;
-            super::flops::add_dense(2 * (y.elem_count() * weight.elem_count() / y.dim(1)?) as u64);
-            return Ok(y);
+        if !frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+            return Ok((self.forward(x)? + residual)?);
         }
-        Ok((self.forward(x)? + residual)?)
+        let (bias, weight) = (self.bias.as_ref(), &self.weight);
+        let y = frozen::conv2d_add(x, weight, bias, pad, stride, Some(residual))?;
+        super::flops::add_dense(2 * (y.elem_count() * weight.elem_count() / y.dim(1)?) as u64);
+        Ok(match &self.adapter {
+            Some(adapter) => (y + adapter.forward(x)?)?,
+            None => y,
+        })
     }
 
     /// The frozen weight, `[out, in, k, k]`.

@@ -160,25 +160,26 @@ impl<'a, T: Elem> Start<'a, T> {
 
     /// Whether the product adds to a prefilled buffer (else it overwrites zeros).
     pub fn any(&self) -> bool {
-        self.bias.is_some()
+        self.bias.is_some() || self.residual.is_some()
     }
 
-    /// `groups` blocks of `channels × run` values: `bias[c]` on every value of channel `c` (a
-    /// linear layer's rows are groups of `out` channels with run 1), zeros without a bias.
+    /// `groups` blocks of `channels × run` values: the residual (or zeros) plus `bias[c]` on
+    /// every value of channel `c` (a linear layer's rows are groups of `out` channels with run 1).
+    /// The product is then added, so the result rounds as `(r + b) + x Wᵀ`.
     pub fn fill(&self, groups: usize, channels: usize, run: usize) -> Vec<T> {
-        match self.bias {
-            Some(b) => (0..groups)
-                .flat_map(|_| b.iter().flat_map(|v| std::iter::repeat_n(*v, run)))
-                .collect(),
-            None => vec![T::default(); groups * channels * run],
-        }
-    }
-
-    /// Adds the residual, after the product: `(x Wᵀ + b) + r` rounds exactly as the separate
-    /// add does, so a fused layer and an unfused one (with a zero adapter) agree bit for bit.
-    pub fn finish(&self, mut y: Vec<T>) -> Vec<T> {
-        if let Some(r) = self.residual {
-            y.iter_mut().zip(r).for_each(|(y, r)| *y += *r);
+        let n = groups * channels * run;
+        // Built at its exact size: candle keeps the Vec as the tensor's storage, so spare
+        // capacity (a collected flat_map doubles its way up) would be resident memory.
+        let mut y = match self.residual {
+            Some(r) => r[..n].to_vec(),
+            None => vec![T::default(); n],
+        };
+        if let Some(b) = self.bias {
+            for block in y.chunks_mut(channels * run) {
+                for (values, b) in block.chunks_mut(run).zip(b) {
+                    values.iter_mut().for_each(|v| *v += *b);
+                }
+            }
         }
         y
     }
@@ -208,7 +209,7 @@ pub(crate) fn linear_from<T: Elem>(x: &[T], w: &[T], start: Start<T>, out: usize
                 Threads::All,
             )
         };
-        return start.finish(transpose_add(&yt, out, rows, start.fill(rows, out, 1)));
+        return transpose_add(&yt, out, rows, start.fill(rows, out, 1));
     }
     let mut y = start.fill(rows, out, 1);
     // SAFETY: x is rows × in, w is out × in (read transposed), y is rows × out.
@@ -224,7 +225,7 @@ pub(crate) fn linear_from<T: Elem>(x: &[T], w: &[T], start: Start<T>, out: usize
             Threads::All,
         )
     };
-    start.finish(y)
+    y
 }
 
 /// `t + aᵀ` for row-major `a: [rows, cols]` and `t: [cols, rows]`, in tiles that stay in the

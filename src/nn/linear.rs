@@ -71,16 +71,22 @@ impl Linear {
         Ok(y)
     }
 
-    /// `forward(x) + residual` (`residual` of the output's shape): one fused op on the frozen
-    /// path when the layer has no adapter, so its own output is not kept for backward.
+    /// `forward(x) + residual` (`residual` of the output's shape). On the frozen path the layer
+    /// and the sum are one op, so the layer's own output is not kept for backward; an adapter's
+    /// output is added after it (with a zero adapter the result is the same, bit for bit, as
+    /// without one).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if self.adapter.is_none() && frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
-            let in_features = x.dim(candle_core::D::Minus1)?;
-            let rows = x.elem_count() / in_features.max(1);
-            super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
-            return frozen::linear_add(x, &self.weight, self.bias.as_ref(), Some(residual));
+        if !frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+            return Ok((self.forward(x)? + residual)?);
         }
-        Ok((self.forward(x)? + residual)?)
+        let in_features = x.dim(candle_core::D::Minus1)?;
+        let rows = x.elem_count() / in_features.max(1);
+        super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
+        let y = frozen::linear_add(x, &self.weight, self.bias.as_ref(), Some(residual))?;
+        Ok(match &self.adapter {
+            Some(adapter) => (y + adapter.forward(x)?)?,
+            None => y,
+        })
     }
 
     /// The frozen weight, `[out_features, in_features]`.

@@ -157,8 +157,8 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
                 .map(move |(block, rows)| (bh, block, rows))
         })
         .for_each_init(
-            || vec![T::default(); ROWS * nk],
-            |scores, (bh, block, lse_rows)| {
+            || (vec![T::default(); ROWS * nk], vec![T::default(); ROWS * d]),
+            |(scores, local), (bh, block, lse_rows)| {
                 let (bi, h) = (bh / heads, bh % heads);
                 let r0 = block * ROWS;
                 let len = lse_rows.len();
@@ -199,30 +199,30 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
                     lse_rows[i] = max + sum.ln();
                     inv_sums[i] = 1.0 / sum.to_f64();
                 }
-                // SAFETY: rows r0..r0+len, columns h·d..(h+1)·d of `out` belong to this task
-                // alone; `out` outlives the parallel loop.
+                // The block's output goes to a contiguous buffer first: the rows of `out` are
+                // shared by all heads, and products writing a head's columns in place would keep
+                // moving cache lines between the cores that work on other heads.
+                let local = &mut local[..len * d];
+                // SAFETY: s is len × nk, v's head columns nk × d, local len × d.
                 unsafe {
-                    let dst = out_ptr.get().add((bi * nq + r0) * inner + h * d);
                     let p = Mat {
                         ptr: s.as_ptr(),
                         rs: nk,
                         cs: 1,
                     };
-                    product(
-                        (len, d, nk),
-                        dst,
-                        inner,
-                        p,
-                        v_h,
-                        T::from_f64(1.0),
-                        false,
-                        Threads::This,
-                    );
-                    for (i, inv) in inv_sums.iter().take(len).enumerate() {
-                        let row = std::slice::from_raw_parts_mut(dst.add(i * inner), d);
-                        let inv = T::from_f64(*inv);
-                        row.iter_mut().for_each(|x| *x *= inv);
-                    }
+                    let one = T::from_f64(1.0);
+                    let dst = local.as_mut_ptr();
+                    product((len, d, nk), dst, d, p, v_h, one, false, Threads::This);
+                }
+                for (i, (row, inv)) in local.chunks_exact(d).zip(&inv_sums).enumerate() {
+                    let inv = T::from_f64(*inv);
+                    // SAFETY: row r0 + i, columns h·d..(h+1)·d of `out` belong to this task
+                    // alone; `out` outlives the parallel loop.
+                    let dst = unsafe {
+                        let at = out_ptr.get().add((bi * nq + r0 + i) * inner + h * d);
+                        std::slice::from_raw_parts_mut(at, d)
+                    };
+                    dst.iter_mut().zip(row).for_each(|(o, x)| *o = *x * inv);
                 }
             },
         );
@@ -259,9 +259,18 @@ fn backward<T: Elem>(
     let scale_t = T::from_f64(scale);
     let one = T::from_f64(1.0);
     // One task per (sample, head): it owns that head's columns of dq, dk and dv.
+    // Each task accumulates its head's dq, dk, dv in contiguous buffers and copies them into the
+    // shared [B, N, heads·d] rows once at the end (products writing a head's columns in place
+    // would keep moving cache lines between the cores that work on other heads).
     (0..b * heads).into_par_iter().for_each_init(
-        || (vec![T::default(); ROWS * nk], vec![T::default(); ROWS * nk]),
-        |(p_buf, dp_buf), bh| {
+        || {
+            let zeros = |n: usize| vec![T::default(); n];
+            (
+                (zeros(ROWS * nk), zeros(ROWS * nk)),
+                (zeros(nq * d), zeros(nk * d), zeros(nk * d)),
+            )
+        },
+        |((p_buf, dp_buf), (dq_h, dk_h, dv_h)), bh| {
             let (bi, h) = (bh / heads, bh % heads);
             let head = |t: &[T], n: usize| t[bi * n * inner + h * d..].as_ptr();
             let kt = Mat {
@@ -356,32 +365,19 @@ fn backward<T: Elem>(
                     },
                 );
                 let acc = block > 0;
+                // SAFETY: the head buffers are this task's own: dq_h nq × d, dk_h/dv_h nk × d.
                 unsafe {
-                    let kv0 = bi * nk * inner + h * d;
+                    let (dq0, dk0, dv0) = (
+                        dq_h.as_mut_ptr().add(r0 * d),
+                        dk_h.as_mut_ptr(),
+                        dv_h.as_mut_ptr(),
+                    );
+                    product((nk, d, len), dv0, d, p_t, g_blk, one, acc, Threads::This);
+                    product((len, d, nk), dq0, d, ds, k_h, scale_t, false, Threads::This);
                     product(
                         (nk, d, len),
-                        dv_ptr.get().add(kv0),
-                        inner,
-                        p_t,
-                        g_blk,
-                        one,
-                        acc,
-                        Threads::This,
-                    );
-                    product(
-                        (len, d, nk),
-                        dq_ptr.get().add(row0),
-                        inner,
-                        ds,
-                        k_h,
-                        scale_t,
-                        false,
-                        Threads::This,
-                    );
-                    product(
-                        (nk, d, len),
-                        dk_ptr.get().add(kv0),
-                        inner,
+                        dk0,
+                        d,
                         ds_t,
                         q_blk,
                         scale_t,
@@ -390,6 +386,17 @@ fn backward<T: Elem>(
                     );
                 }
             }
+            // SAFETY: head h's columns of this sample's rows belong to this task alone; the
+            // outputs outlive the parallel loop.
+            let scatter = |dst: Shared<T>, src: &[T], n: usize| {
+                for (j, row) in src.chunks_exact(d).take(n).enumerate() {
+                    let at = unsafe { dst.get().add((bi * n + j) * inner + h * d) };
+                    unsafe { std::slice::from_raw_parts_mut(at, d) }.copy_from_slice(row);
+                }
+            };
+            scatter(dq_ptr, dq_h, nq);
+            scatter(dk_ptr, dk_h, nk);
+            scatter(dv_ptr, dv_h, nk);
         },
     );
     (dq, dk, dv)
