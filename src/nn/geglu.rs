@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::dense::{self, with_slice, Start};
+use super::dense::{self, slice, with_slice, Start};
 use crate::Result;
 
 /// Whether the fused op serves `h`: f32 on the CPU with the custom ops switched on.
@@ -171,23 +171,13 @@ struct GegluGrad {
     then: Option<Then>,
 }
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: input not contiguous")))?;
-    match s {
-        CpuStorage::F32(v) => Ok(&v[start..end]),
-        _ => Err(candle_core::Error::Msg(format!("{op}: f32 only"))),
-    }
-}
-
 impl CustomOp1 for Geglu {
     fn name(&self) -> &'static str {
         "geglu"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let h = f32_slice(s, l, "geglu")?;
+        let h = slice::<f32>(s, l, "geglu")?;
         let mut dims = l.dims().to_vec();
         let inner = dims.last().copied().unwrap_or(0) / 2;
         let (out, width) = self.forward(h, inner, None)?;
@@ -242,8 +232,8 @@ impl CustomOp2 for GegluResidual {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let h = f32_slice(s1, l1, "geglu")?;
-        let r = f32_slice(s2, l2, "geglu")?;
+        let h = slice::<f32>(s1, l1, "geglu")?;
+        let r = slice::<f32>(s2, l2, "geglu")?;
         let inner = l1.dims().last().copied().unwrap_or(0) / 2;
         let (out, _) = self.0.forward(h, inner, Some(r))?;
         Ok((CpuStorage::F32(out), l2.shape().clone()))
@@ -277,8 +267,8 @@ impl CustomOp2 for GegluGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let h = f32_slice(s1, l1, "geglu backward")?;
-        let dy = f32_slice(s2, l2, "geglu backward")?;
+        let h = slice::<f32>(s1, l1, "geglu backward")?;
+        let dy = slice::<f32>(s2, l2, "geglu backward")?;
         let inner = l1.dims().last().copied().unwrap_or(0) / 2;
         let dg;
         let dy = match &self.then {
