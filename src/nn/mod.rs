@@ -3,8 +3,11 @@
 //! Base weights are frozen tensors read from a checkpoint through a [`weights::Scope`], whose
 //! path is the diffusers module path (`down_blocks.1.attentions.0.proj_in`), so a weight key, a
 //! layer and a LoRA name are the same word. [`Linear`] and [`Conv2d`] carry an optional
-//! [`adapter::Adapter`] chosen at build time by that path. Norms and softmax are built from
-//! primitive candle ops, whose gradients are correct (see DESIGN.md §7 for the ones that are not).
+//! [`adapter::Adapter`] chosen at build time by that path. Off the fast path (other devices and
+//! dtypes, trainable base weights) norms and softmax are built from primitive candle ops, whose
+//! gradients are correct (see DESIGN.md §7 for the ones that are not); on the CPU in f32/f64 the
+//! layers run the fused custom ops of [`frozen`], [`fused_norm`], [`mem_attention`] and [`geglu`]
+//! (matrix products in [`dense`], vectorised maths in [`fast_math`], timing in [`profile`]).
 
 pub mod activation;
 pub mod adapter;
