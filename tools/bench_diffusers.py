@@ -5,6 +5,9 @@ diffusers + peft on the shapes the Rust bench uses: UNet2DConditionModel from SD
 (or the bundled demo model's) with random init, peft LoraConfig(r, alpha=r, target to_q/to_v),
 cached-latent setting (random latents and text context, no VAE or text encoder), DDPM noise,
 MSE on epsilon, torch.optim.AdamW on the LoRA parameters, torch.set_num_threads(2) by default.
+On CUDA (`--device cuda`), `--mixed-precision bf16|fp16` puts the frozen weights in half
+precision as diffusers' training scripts do (LoRA parameters in float32), and the peak GPU memory
+is torch.cuda.max_memory_reserved(); attention is diffusers' default (PyTorch SDPA).
 Prints a human line per step on stderr and one JSON line on stdout (read by the bench binary).
 """
 
@@ -50,6 +53,10 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no",
+                   help="dtype of the frozen weights (diffusers' training scripts' weight_dtype); "
+                        "the LoRA parameters stay float32")
     a = p.parse_args()
 
     import torch
@@ -61,10 +68,18 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     config = unet_config(a.preset)
+    device = torch.device(a.device)
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[a.mixed_precision]
+    cuda = device.type == "cuda"
     unet = UNet2DConditionModel.from_config(config)
     unet.requires_grad_(False)
+    unet.to(device, dtype=dtype)
     unet.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_v"]))
+    # As diffusers' train_text_to_image_lora.py: the trainable parameters in float32.
+    for p_ in unet.parameters():
+        if p_.requires_grad:
+            p_.data = p_.data.float()
     if a.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -75,20 +90,23 @@ def main():
                               num_train_timesteps=1000)
 
     side = a.resolution // 8
-    latents = torch.randn(a.batch, config["in_channels"], side, side)
-    context = torch.randn(a.batch, a.tokens, config["cross_attention_dim"])
+    latents = torch.randn(a.batch, config["in_channels"], side, side).to(device)
+    context = torch.randn(a.batch, a.tokens, config["cross_attention_dim"]).to(device, dtype)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     times = []
     loss = torch.tensor(float("nan"))
     for step in range(a.warmup + a.steps):
         start = time.perf_counter()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (a.batch,))
+        t = torch.randint(0, 1000, (a.batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy, t, context).sample
+        pred = unet(noisy.to(dtype), t, context).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         print(f"step {step}: {elapsed:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
         if step >= a.warmup:
@@ -100,10 +118,14 @@ def main():
         "min_seconds": min(times),
         "median_seconds": statistics.median(times),
         "peak_rss_bytes": rss,
+        "peak_device_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
         "lora_parameters": n_params,
         "last_loss": float(loss.item()),
         "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-                    f"peft {peft.__version__}, {a.threads} threads",
+                    f"peft {peft.__version__}, {a.threads} threads"
+                    + (f", {torch.cuda.get_device_name(device)}, attention "
+                       f"{type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}"
+                       if cuda else ""),
     }))
 
 

@@ -9,6 +9,7 @@
 //! layers count while running one forward ([`crate::nn::flops`]), turned into a training step's
 //! with [`TrainingFlops`]; both sides run the same model, so the same count serves both.
 
+mod gpu_memory;
 mod reference;
 
 use std::path::PathBuf;
@@ -16,17 +17,21 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{LoraSettings, SaveFormat, SavePrecision, TargetModules};
+use crate::config::{
+    DeviceChoice, LoraSettings, MixedPrecision, SaveFormat, SavePrecision, TargetModules,
+};
 use crate::lora::{LoraNetworks, NetworkOptions};
 use crate::models::noise::{NoiseSchedule, SchedulerConfig};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::flops::{self, TrainingFlops};
 use crate::nn::profile;
 use crate::nn::{Scope, WeightStore};
+use crate::train::device::Compute;
 use crate::train::optim::{AdamW, AdamWSettings, ParamGroup, ParamOptimizer};
 use crate::train::step::{diffusion_loss, Draws};
 use crate::Result;
 
+use gpu_memory::DeviceMemory;
 pub use reference::run_reference;
 
 /// The SD 1.5 UNet's `config.json` (diffusers' `stable-diffusion-v1-5/unet`).
@@ -89,6 +94,10 @@ pub struct BenchOptions {
     /// Text-context tokens (77 for CLIP).
     pub tokens: usize,
     pub seed: u64,
+    /// Where to run our side (`cpu`, `cuda:N`); the reference runs on the same kind of device.
+    pub device: DeviceChoice,
+    /// The frozen weights' dtype, as in the config (`bf16`/`fp16` on CUDA only).
+    pub mixed_precision: MixedPrecision,
 }
 
 impl Default for BenchOptions {
@@ -104,6 +113,8 @@ impl Default for BenchOptions {
             breakdown: false,
             tokens: 77,
             seed: 0,
+            device: DeviceChoice::Cpu,
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
@@ -142,6 +153,10 @@ pub struct Measurement {
     pub step_seconds: Vec<f64>,
     /// Peak resident set size of the process, bytes (`None` when it cannot be read).
     pub peak_rss_bytes: Option<u64>,
+    /// Peak GPU memory the run took, bytes (`None` on the CPU): for us the driver's used memory
+    /// (total − free, sampled every few milliseconds) above what was in use before the model
+    /// was built; for PyTorch `torch.cuda.max_memory_reserved()`.
+    pub peak_device_bytes: Option<u64>,
     /// Trainable LoRA parameters.
     pub lora_parameters: usize,
     /// The last step's loss (a sanity check: finite, of order one).
@@ -187,7 +202,7 @@ impl BenchReport {
     pub fn table(&self) -> String {
         let o = &self.options;
         let mut out = format!(
-            "preset {}, {} px (latent {}×{}), batch {}, LoRA r={} on to_q/to_v, {} timed steps after {} warm-up{}\n\
+            "preset {}, {} px (latent {}×{}), batch {}, LoRA r={} on to_q/to_v, {} timed steps after {} warm-up{}, device {}, mixed precision {}\n\
              model FLOPs per step: {:.1} GFLOP (2×dense + 3×attention forward, counted)\n\n",
             o.preset.name(),
             o.resolution,
@@ -202,23 +217,47 @@ impl BenchReport {
             } else {
                 ""
             },
+            o.device,
+            o.mixed_precision,
             self.flops.0 as f64 / 1e9,
         );
+        let sides: Vec<&Measurement> = std::iter::once(&self.ours)
+            .chain(self.reference.as_ref())
+            .collect();
+        let gpu = sides.iter().any(|m| m.peak_device_bytes.is_some());
+        let gib = |b: Option<u64>| {
+            b.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                .unwrap_or_else(|| "?".to_string())
+        };
         out.push_str(&format!(
-            "{:<16} {:>10} {:>10} {:>12} {:>10} {:>12} {:>10}\n",
-            "", "min s/step", "median s", "peak RSS", "GFLOP/s", "LoRA params", "loss"
+            "{:<16} {:>10} {:>10} {:>8} {:>12}{} {:>10} {:>12} {:>10}\n",
+            "",
+            "min s/step",
+            "median s",
+            "img/s",
+            "peak RSS",
+            if gpu {
+                format!(" {:>12}", "GPU memory")
+            } else {
+                String::new()
+            },
+            "GFLOP/s",
+            "LoRA params",
+            "loss"
         ));
-        for m in std::iter::once(&self.ours).chain(self.reference.as_ref()) {
-            let rss = m
-                .peak_rss_bytes
-                .map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                .unwrap_or_else(|| "?".to_string());
+        for m in sides {
             out.push_str(&format!(
-                "{:<16} {:>10.3} {:>10.3} {:>12} {:>10.1} {:>12} {:>10.4}\n",
+                "{:<16} {:>10.3} {:>10.3} {:>8.2} {:>12}{} {:>10.1} {:>12} {:>10.4}\n",
                 m.name,
                 m.min_seconds(),
                 m.median_seconds(),
-                rss,
+                o.batch as f64 / m.min_seconds(),
+                gib(m.peak_rss_bytes),
+                if gpu {
+                    format!(" {:>12}", gib(m.peak_device_bytes))
+                } else {
+                    String::new()
+                },
                 self.flops.0 as f64 / 1e9 / m.min_seconds(),
                 m.lora_parameters,
                 m.last_loss
@@ -311,6 +350,7 @@ pub fn build_unet(
     rank: usize,
     seed: u64,
     device: &Device,
+    dtype: DType,
 ) -> Result<(UNet2DConditionModel, LoraNetworks)> {
     let config = UNetConfig::from_json_str(preset.unet_config_json(), preset.name())?;
     let settings = LoraSettings {
@@ -329,7 +369,7 @@ pub fn build_unet(
         save_format: SaveFormat::Kohya,
     };
     let networks = LoraNetworks::new(&settings, None, NetworkOptions::new(seed, device))?;
-    let store = WeightStore::random(seed, DType::F32, device.clone());
+    let store = WeightStore::random(seed, dtype, device.clone());
     let unet =
         UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
     networks.check_built()?;
@@ -348,8 +388,19 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// steps (forward, loss, backward, AdamW), timing the last `steps`.
 pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> {
     options.check()?;
-    let device = Device::Cpu;
-    let (mut unet, networks) = build_unet(options.preset, options.rank, options.seed, &device)?;
+    let compute = Compute::resolve(options.device, options.mixed_precision)?;
+    for warning in &compute.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let device = compute.device.clone();
+    let gpu_memory = DeviceMemory::watch(&device);
+    let (mut unet, networks) = build_unet(
+        options.preset,
+        options.rank,
+        options.seed,
+        &device,
+        compute.dtype,
+    )?;
     if options.breakdown {
         if let Some(rss) = peak_rss_bytes() {
             eprintln!(
@@ -433,6 +484,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             drop(grads);
         }
         last_loss = loss.value;
+        device.synchronize()?;
         if step >= options.warmup {
             step_seconds.push(start.elapsed().as_secs_f64());
         }
@@ -448,6 +500,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             name: "lora-trainer".into(),
             step_seconds,
             peak_rss_bytes: peak_rss_bytes(),
+            peak_device_bytes: gpu_memory.peak(),
             lora_parameters,
             last_loss,
             versions: None,
@@ -482,6 +535,7 @@ mod tests {
             name: "x".into(),
             step_seconds: vec![3.0, 1.0, 2.0, 10.0],
             peak_rss_bytes: None,
+            peak_device_bytes: None,
             lora_parameters: 0,
             last_loss: 0.0,
             versions: None,

@@ -7,6 +7,7 @@ use std::process::Command;
 use serde::Deserialize;
 
 use super::{BenchOptions, Measurement};
+use crate::config::DeviceChoice;
 use crate::Result;
 
 /// The script, relative to the repository root (the bench runs from there with `cargo run`).
@@ -17,6 +18,8 @@ pub const SCRIPT: &str = "tools/bench_diffusers.py";
 struct ScriptReport {
     step_seconds: Vec<f64>,
     peak_rss_bytes: Option<u64>,
+    #[serde(default)]
+    peak_device_bytes: Option<u64>,
     lora_parameters: usize,
     last_loss: f32,
     versions: String,
@@ -24,6 +27,17 @@ struct ScriptReport {
 
 fn failure(message: String) -> crate::Error {
     candle_core::Error::Msg(format!("bench --reference: {message}")).into()
+}
+
+/// The reference's device (PyTorch numbers CUDA devices as we do; `auto` is CUDA device 0 when
+/// this build has CUDA and one is present).
+fn reference_device(device: DeviceChoice) -> String {
+    match device {
+        DeviceChoice::Cpu => "cpu".to_string(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
+        DeviceChoice::Auto if candle_core::utils::cuda_is_available() => "cuda:0".to_string(),
+        DeviceChoice::Auto => "cpu".to_string(),
+    }
 }
 
 /// Runs `python tools/bench_diffusers.py` with `options` and reads its measurement.
@@ -39,6 +53,8 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
         .args(["--warmup", &options.warmup.to_string()])
         .args(["--tokens", &options.tokens.to_string()])
         .args(["--seed", &options.seed.to_string()])
+        .args(["--device", &reference_device(options.device)])
+        .args(["--mixed-precision", options.mixed_precision.as_str()])
         .args(
             options
                 .gradient_checkpointing
@@ -77,6 +93,7 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
         name: "diffusers+peft".to_string(),
         step_seconds: report.step_seconds,
         peak_rss_bytes: report.peak_rss_bytes,
+        peak_device_bytes: report.peak_device_bytes,
         lora_parameters: report.lora_parameters,
         last_loss: report.last_loss,
         versions: Some(report.versions),

@@ -6,6 +6,15 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use lora_trainer::bench::{self, BenchOptions, Preset};
+use lora_trainer::config::{DeviceChoice, MixedPrecision};
+
+fn parse_device(text: &str) -> Result<DeviceChoice, String> {
+    DeviceChoice::parse(text)
+}
+
+fn parse_precision(text: &str) -> Result<MixedPrecision, String> {
+    MixedPrecision::parse(text)
+}
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum PresetArg {
@@ -46,6 +55,13 @@ struct Args {
     /// before/after comparisons).
     #[arg(long)]
     plain_ops: bool,
+    /// Where to run: `cpu`, `cuda`, `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: DeviceChoice,
+    /// The frozen weights' dtype, as the config's `mixed_precision`: `no` (f32), `fp16`,
+    /// `bf16` (half precision on CUDA only).
+    #[arg(long, default_value = "no", value_parser = parse_precision)]
+    mixed_precision: MixedPrecision,
     /// Also run tools/bench_diffusers.py with this Python (one with torch, diffusers, peft).
     #[arg(long, value_name = "PYTHON")]
     reference: Option<PathBuf>,
@@ -69,6 +85,8 @@ fn main() -> ExitCode {
         warmup: args.warmup,
         gradient_checkpointing: args.gradient_checkpointing,
         breakdown: args.breakdown,
+        device: args.device,
+        mixed_precision: args.mixed_precision,
         ..BenchOptions::default()
     };
     match bench::run(&options, args.reference.as_ref()) {

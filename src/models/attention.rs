@@ -29,8 +29,12 @@ pub fn scaled_dot_product_attention(
     let nk = k.dim(1)?;
     let d = inner / heads;
     crate::nn::flops::add_attention(4 * (b * nq * nk * inner) as u64);
+    let scale = (d as f64).powf(-0.5);
     if crate::nn::mem_attention::applies(q) {
-        return crate::nn::mem_attention::attention(q, k, v, heads, (d as f64).powf(-0.5));
+        return crate::nn::mem_attention::attention(q, k, v, heads, scale);
+    }
+    if crate::nn::chunked_attention::applies(q) {
+        return crate::nn::chunked_attention::attention(q, k, v, heads, scale, upcast);
     }
     let split = |t: &Tensor, n: usize| -> Result<Tensor> {
         Ok(t.reshape((b, n, heads, d))?.transpose(1, 2)?.contiguous()?)
@@ -42,7 +46,7 @@ pub fn scaled_dot_product_attention(
     } else {
         (q, k)
     };
-    let scores = (q * (d as f64).powf(-0.5))?.matmul(&k.t()?)?;
+    let scores = (q * scale)?.matmul(&k.t()?)?;
     let probs = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, nq, inner))?)

@@ -575,7 +575,15 @@ mod tests {
         let weights = randn(&mut rng, &[2, 4, 8, 8], 1.0, 0.0)?;
         let t = Tensor::new(&[10u32, 600], &Device::Cpu)?;
 
-        let gradients = |checkpointing: bool, plain: bool| -> Result<Vec<Tensor>> {
+        // Which implementation of the layers: the CPU kernels, the device-generic paths CUDA
+        // takes, or candle's plain ops (the reference).
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Ops {
+            Cpu,
+            Generic,
+            Plain,
+        }
+        let gradients = |checkpointing: bool, ops: Ops| -> Result<Vec<Tensor>> {
             let mut model = unet.clone();
             model.set_gradient_checkpointing(checkpointing);
             let run = || -> Result<Vec<Tensor>> {
@@ -594,21 +602,27 @@ mod tests {
                 }
                 Ok(all)
             };
-            if plain {
-                crate::nn::frozen::with_plain_ops(run)
-            } else {
-                run()
+            match ops {
+                Ops::Cpu => run(),
+                Ops::Generic => crate::nn::frozen::with_generic_ops(run),
+                Ops::Plain => crate::nn::frozen::with_plain_ops(run),
             }
         };
-        let reference = gradients(false, true)?;
-        for (checkpointing, plain) in [(false, false), (true, false), (true, true)] {
+        let reference = gradients(false, Ops::Plain)?;
+        for (checkpointing, plain) in [
+            (false, Ops::Cpu),
+            (true, Ops::Cpu),
+            (true, Ops::Plain),
+            (false, Ops::Generic),
+            (true, Ops::Generic),
+        ] {
             let got = gradients(checkpointing, plain)?;
             for ((name, _), (a, b)) in vars.iter().zip(got.iter().zip(&reference)) {
                 let scale = b.abs()?.max_all()?.to_scalar::<f64>()?.max(1e-12);
                 let diff = max_diff(a, b)? / scale;
                 assert!(
                     diff < 1e-9,
-                    "{name} (checkpointing {checkpointing}, plain {plain}): {diff}"
+                    "{name} (checkpointing {checkpointing}, {plain:?} ops): {diff}"
                 );
             }
             let n = reference.len() - 1;

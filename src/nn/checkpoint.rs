@@ -13,9 +13,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Shape, Tensor, Var};
 
-use super::frozen::hand_over;
+use super::custom_backward::{cpu, cuda, hand_over};
 use crate::Result;
 
 /// A model segment: `f(x, side)`.
@@ -25,11 +25,12 @@ pub type Segment = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 /// trainable tensors `f` uses (the LoRA matrices inside the segment); their gradients, and those
 /// of `x` and `side` when they need one, come out of the outer `backward()` as usual.
 ///
-/// Devices other than the CPU, and calls where nothing needs a gradient, run `f` directly.
+/// On the CPU and on CUDA; other devices, and calls where nothing needs a gradient, run `f`
+/// directly.
 pub fn checkpoint(x: &Tensor, side: &Tensor, params: &[Var], f: Arc<Segment>) -> Result<Tensor> {
     let tracked =
         x.track_op() || side.track_op() || params.iter().any(|p| p.as_tensor().track_op());
-    if !tracked || !x.device().is_cpu() {
+    if !tracked || !(x.device().is_cpu() || x.device().is_cuda()) {
         return f(x, side);
     }
     let y = f(&x.detach(), &side.detach())?.detach();
@@ -117,7 +118,19 @@ impl CustomOp3 for Checkpoint {
         _: &CpuStorage,
         _: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        hand_over(&self.output, "checkpoint")
+        hand_over(&self.output, "checkpoint", cpu)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        hand_over(&self.output, "checkpoint", cuda)
     }
 
     fn bwd(

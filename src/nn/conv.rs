@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::adapter::{Adapter, LayerKind};
-use super::frozen;
 use super::weights::Scope;
+use super::{frozen, frozen_generic};
 use crate::Result;
 
 /// Stride and symmetric zero padding of a square-kernel convolution.
@@ -71,10 +71,15 @@ impl Conv2d {
     /// `x: [B, in, H, W]` → `[B, out, H', W']` with `H' = (H + 2·padding − k) / stride + 1`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (pad, stride) = (self.config.padding, self.config.stride);
-        let mut y = if frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
-            frozen::conv2d(x, &self.weight, self.bias.as_ref(), pad, stride)?
+        let (weight, bias) = (&self.weight, self.bias.as_ref());
+        let mut y = if frozen::applies_to(x, weight, bias) {
+            frozen::conv2d(x, weight, bias, pad, stride)?
+        } else if frozen_generic::applies_to(x, weight, bias)
+            && frozen_generic::conv_fits(weight, pad, stride)
+        {
+            frozen_generic::conv2d(x, weight, bias, pad, stride)?
         } else {
-            frozen::conv2d_plain(x, &self.weight, self.bias.as_ref(), pad, stride)?
+            frozen::conv2d_plain(x, weight, bias, pad, stride)?
         };
         super::flops::add_dense(2 * (y.elem_count() * self.weight.elem_count() / y.dim(1)?) as u64);
         if let Some(adapter) = &self.adapter {

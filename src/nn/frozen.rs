@@ -18,7 +18,6 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -54,6 +53,26 @@ pub fn enabled_here() -> bool {
     ENABLED.load(Ordering::Relaxed) && !PLAIN_HERE.with(Cell::get)
 }
 
+thread_local! {
+    static GENERIC_HERE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the CPU kernels (this module's, [`super::mem_attention`]'s, the fused norms
+/// and GEGLU) off on this thread, and the device-generic paths of [`super::frozen_generic`] and
+/// [`super::chunked_attention`] on: on the CPU, the path a CUDA device takes (tests).
+pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
+    let before = GENERIC_HERE.with(|p| p.replace(true));
+    let out = f();
+    GENERIC_HERE.with(|p| p.set(before));
+    out
+}
+
+/// Whether the CPU kernels are on for this thread ([`enabled_here`] and not
+/// [`with_generic_ops`]).
+pub fn cpu_kernels_here() -> bool {
+    enabled_here() && !GENERIC_HERE.with(Cell::get)
+}
+
 /// Whether a layer with input `x` and these parameters takes the custom-op path: a CPU input in
 /// f32 or f64 with parameters of the same dtype, the ops enabled, and no parameter that wants a
 /// gradient (a weight that is a `Var`, as in the models' gradient checks, keeps candle's ops and
@@ -63,7 +82,7 @@ pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
         && matches!(x.dtype(), DType::F32 | DType::F64)
         && weight.dtype() == x.dtype()
         && bias.is_none_or(|b| b.dtype() == x.dtype())
-        && enabled_here()
+        && cpu_kernels_here()
         && !weight.track_op()
         && !bias.is_some_and(Tensor::track_op)
 }
@@ -808,37 +827,6 @@ impl Col2Im {
         });
         out
     }
-}
-
-/// The result of a custom op whose forward ran before the op entered candle's graph (our ops
-/// compute with tensors, then hand the result over): taken out of `slot`, once, as candle's
-/// forward output. `op` names the op in errors.
-pub(crate) fn hand_over(
-    slot: &Mutex<Option<Tensor>>,
-    op: &str,
-) -> candle_core::Result<(CpuStorage, Shape)> {
-    let y = slot
-        .lock()
-        .map_err(|_| candle_core::Error::Msg(format!("{op}: poisoned lock")))?
-        .take()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward ran twice")))?;
-    Ok((cpu_storage(&y)?, y.shape().clone()))
-}
-
-/// A contiguous copy of a CPU tensor's elements as a `CpuStorage`.
-pub(crate) fn cpu_storage(t: &Tensor) -> candle_core::Result<CpuStorage> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => CpuStorage::F32(t.to_vec1()?),
-        DType::F64 => CpuStorage::F64(t.to_vec1()?),
-        DType::F16 => CpuStorage::F16(t.to_vec1()?),
-        DType::BF16 => CpuStorage::BF16(t.to_vec1()?),
-        other => {
-            return Err(candle_core::Error::Msg(format!(
-                "frozen layer: unsupported dtype {other:?}"
-            )))
-        }
-    })
 }
 
 #[cfg(test)]

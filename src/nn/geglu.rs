@@ -16,7 +16,7 @@ use crate::Result;
 
 /// Whether the fused op serves `h`: f32 on the CPU with the custom ops switched on.
 pub fn applies(h: &Tensor) -> bool {
-    h.dtype() == DType::F32 && h.device().is_cpu() && super::frozen::enabled_here()
+    h.dtype() == DType::F32 && h.device().is_cpu() && super::frozen::cpu_kernels_here()
 }
 
 /// `h: [..., 2·inner]` → `h[..., :inner] · gelu(h[..., inner:])`, `[..., inner]`.

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::adapter::{Adapter, LayerKind};
-use super::frozen;
 use super::weights::Scope;
+use super::{frozen, frozen_generic};
 use crate::Result;
 
 /// `y = x Wᵀ + b (+ adapter(x))` with `W: [out_features, in_features]` read from `<path>.weight`.
@@ -60,10 +60,13 @@ impl Linear {
                 return frozen::linear_low_rank(x, &self.weight, self.bias.as_ref(), &low_rank);
             }
         }
+        let (weight, bias) = (&self.weight, self.bias.as_ref());
         let mut y = if fused {
-            frozen::linear(x, &self.weight, self.bias.as_ref())?
+            frozen::linear(x, weight, bias)?
+        } else if frozen_generic::applies_to(x, weight, bias) {
+            frozen_generic::linear(x, weight, bias)?
         } else {
-            frozen::linear_plain(x, &self.weight, self.bias.as_ref())?
+            frozen::linear_plain(x, weight, bias)?
         };
         if let Some(adapter) = &self.adapter {
             y = (y + adapter.forward(x)?)?;

@@ -32,7 +32,7 @@ const ROWS: usize = 64;
 pub fn applies(q: &Tensor) -> bool {
     matches!(q.dtype(), DType::F32 | DType::F64)
         && q.device().is_cpu()
-        && super::frozen::enabled_here()
+        && super::frozen::cpu_kernels_here()
 }
 
 /// `softmax(q kᵀ · scale) v` per head, for `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` →

@@ -12,11 +12,14 @@
 pub mod activation;
 pub mod adapter;
 pub mod checkpoint;
+pub mod chunked_attention;
 pub mod conv;
+pub mod custom_backward;
 pub mod dense;
 pub mod fast_math;
 pub mod flops;
 pub mod frozen;
+pub mod frozen_generic;
 pub mod fused_norm;
 pub mod geglu;
 pub mod gradcheck;

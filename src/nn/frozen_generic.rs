@@ -1,0 +1,269 @@
+//! Linear and convolution with frozen weights on devices (and dtypes) that the CPU kernels of
+//! [`super::frozen`] do not cover: CUDA, and f16/bf16 anywhere.
+//!
+//! The forward is candle's own `matmul` / `conv2d` (cuBLAS, and candle's im2col + GEMM or cuDNN
+//! convolution on CUDA), run on the detached input so that candle records nothing; the backward
+//! ([`super::custom_backward::attach`]) computes the input gradient and nothing else. candle's
+//! own backward would also compute every frozen weight's gradient (a full product per layer,
+//! kept until backward ends) and, for a convolution, run `conv_transpose2d`, a direct loop on
+//! CUDA. Here the convolution's input gradient is a forward convolution instead: the output
+//! gradient, dilated by the stride (zeros between its elements) and padded by `k − 1 − padding`
+//! (plus what the stride's rounding dropped, on the far side), convolved with the kernel
+//! transposed in its channels and flipped in space.
+//!
+//! Everything here is ordinary candle ops, so the CPU tests exercise the exact code CUDA runs.
+
+use candle_core::{DType, Tensor};
+
+use super::custom_backward::attach;
+use super::frozen;
+use crate::Result;
+
+/// Whether a layer with input `x` and these parameters can take this path: the custom ops on,
+/// a CPU or CUDA input, and no parameter that wants a gradient. (On the CPU in f32/f64,
+/// [`frozen::applies_to`] comes first.)
+pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    (x.device().is_cpu() || x.device().is_cuda())
+        && matches!(
+            x.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        )
+        && frozen::enabled_here()
+        && !weight.track_op()
+        && !bias.is_some_and(Tensor::track_op)
+}
+
+/// Whether a convolution of this geometry can take this path (besides [`applies_to`]): the
+/// transposed convolution of its backward needs `padding < k`.
+pub fn conv_fits(weight: &Tensor, padding: usize, stride: usize) -> bool {
+    weight
+        .dims4()
+        .is_ok_and(|(_, _, k, k2)| k == k2 && padding < k && stride > 0)
+}
+
+/// `y = x Wᵀ + b` with `W: [out, in]` frozen; `x: [..., in]` → `[..., out]`. Backward: `dX =
+/// dY W`, no weight or bias gradient.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = frozen::linear_plain(&x.detach(), weight, bias)?;
+    let (w, dims) = (weight.clone(), x.dims().to_vec());
+    attach(
+        "frozen linear",
+        x,
+        y,
+        Box::new(move |grad| {
+            let out = w.dim(0)?;
+            let rows = grad.elem_count() / out.max(1);
+            Ok(grad
+                .reshape((rows, out))?
+                .matmul(&w)?
+                .reshape(dims.as_slice())?)
+        }),
+    )
+}
+
+/// 2-D convolution with a frozen square kernel `W: [out, in, k, k]` and bias `[out]` (`padding
+/// < k`, see [`conv_fits`]); `x: [B, in, H, W]` → `[B, out, H', W']`. Backward: the input
+/// gradient only.
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let y = frozen::conv2d_plain(&x.detach(), weight, bias, padding, stride)?;
+    let (_, _, h, w) = x.dims4()?;
+    let weight = weight.clone();
+    attach(
+        "frozen conv",
+        x,
+        y,
+        Box::new(move |grad| conv2d_input_grad(grad, &weight, (h, w), padding, stride)),
+    )
+}
+
+/// The gradient of a convolution's input `[B, in, H, W]` (`input` = `(H, W)`) from its output's
+/// `grad: [B, out, H', W']`, as one stride-1 convolution.
+pub fn conv2d_input_grad(
+    grad: &Tensor,
+    weight: &Tensor,
+    input: (usize, usize),
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let (_, _, k, _) = weight.dims4()?;
+    let (_, _, ho, wo) = grad.dims4()?;
+    let fits =
+        |n: usize, on: usize| n + 2 * padding >= k && (n + 2 * padding - k) / stride + 1 == on;
+    if !conv_fits(weight, padding, stride) || !fits(input.0, ho) || !fits(input.1, wo) {
+        return Err(candle_core::Error::Msg(format!(
+            "frozen conv backward: gradient {:?} does not come from an input of {input:?} with \
+             kernel {:?}, padding {padding}, stride {stride}",
+            grad.dims(),
+            weight.dims()
+        ))
+        .into());
+    }
+    let edge = k - 1 - padding;
+    // What the forward's rounding down by the stride left out at the far edge.
+    let rest_h = input.0 + 2 * padding - k - (ho - 1) * stride;
+    let rest_w = input.1 + 2 * padding - k - (wo - 1) * stride;
+    let kernel = flipped_transposed(weight)?;
+    let grad = dilate(grad, stride)?;
+    let dx = if rest_h == 0 && rest_w == 0 {
+        grad.conv2d(&kernel, edge, 1, 1, 1)?
+    } else {
+        grad.pad_with_zeros(2, edge, edge + rest_h)?
+            .pad_with_zeros(3, edge, edge + rest_w)?
+            .conv2d(&kernel, 0, 1, 1, 1)?
+    };
+    Ok(dx)
+}
+
+/// `W: [out, in, k, k]` → `[in, out, k, k]` with both spatial axes reversed.
+fn flipped_transposed(weight: &Tensor) -> Result<Tensor> {
+    let k = weight.dim(2)?;
+    let w = weight.transpose(0, 1)?.contiguous()?;
+    if k == 1 {
+        return Ok(w);
+    }
+    let reversed: Vec<u32> = (0..k as u32).rev().collect();
+    let index = Tensor::from_vec(reversed, k, weight.device())?;
+    Ok(w.index_select(&index, 2)?
+        .index_select(&index, 3)?
+        .contiguous()?)
+}
+
+/// `[B, C, H, W]` → `[B, C, (H−1)s+1, (W−1)s+1]` with `s − 1` zeros between neighbours.
+fn dilate(grad: &Tensor, stride: usize) -> Result<Tensor> {
+    if stride == 1 {
+        return Ok(grad.clone());
+    }
+    let (b, c, h, w) = grad.dims4()?;
+    let (dtype, device) = (grad.dtype(), grad.device());
+    let zeros = Tensor::zeros((b, c, h, w, stride - 1), dtype, device)?;
+    let wide = (w - 1) * stride + 1;
+    let rows = Tensor::cat(&[&grad.unsqueeze(4)?, &zeros], 4)?
+        .reshape((b, c, h, w * stride))?
+        .narrow(3, 0, wide)?;
+    let zeros = Tensor::zeros((b, c, h, stride - 1, wide), dtype, device)?;
+    Ok(Tensor::cat(&[&rows.unsqueeze(3)?, &zeros], 3)?
+        .reshape((b, c, h * stride, wide))?
+        .narrow(2, 0, (h - 1) * stride + 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    use crate::models::random_weights::randn;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+        Ok((a - b)?
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?)
+    }
+
+    /// `(y, dL/dx)` for the loss `Σ y ∘ m` with a fixed random `m`, from `layer`.
+    fn value_and_grad(
+        x: &Tensor,
+        seed: u64,
+        layer: impl Fn(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = Var::from_tensor(x)?;
+        let y = layer(x.as_tensor())?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let m = randn(&mut rng, y.dims(), 1.0, 0.0)?.to_dtype(y.dtype())?;
+        let grads = (&y * m)?.sum_all()?.backward()?;
+        let dx = grads.get(x.as_tensor()).cloned().ok_or_else(|| {
+            crate::Error::from(candle_core::Error::Msg("no gradient for x".into()))
+        })?;
+        Ok((y, dx))
+    }
+
+    #[test]
+    fn conv_matches_candles_op_and_its_gradient() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        // (channels in, out, kernel, padding, stride, H, W): the UNet's 3×3 and 1×1 convs, its
+        // stride-2 downsampler on even and odd sizes, no padding, a 2×2 kernel.
+        let cases = [
+            (3, 4, 3, 1, 1, 6, 5),
+            (3, 2, 1, 0, 1, 4, 4),
+            (2, 3, 3, 1, 2, 8, 8),
+            (2, 3, 3, 1, 2, 7, 9),
+            (2, 2, 3, 0, 2, 9, 6),
+            (2, 2, 2, 1, 3, 7, 8),
+            (1, 2, 3, 2, 1, 3, 4),
+        ];
+        for (i, &(ci, co, k, pad, stride, h, w)) in cases.iter().enumerate() {
+            let x = randn(&mut rng, &[2, ci, h, w], 1.0, 0.0)?;
+            let weight = randn(&mut rng, &[co, ci, k, k], 0.5, 0.0)?;
+            let bias = randn(&mut rng, &[co], 0.5, 0.0)?;
+            assert!(applies_to(&x, &weight, Some(&bias)) && conv_fits(&weight, pad, stride));
+            let ours = value_and_grad(&x, i as u64, |x| {
+                conv2d(x, &weight, Some(&bias), pad, stride)
+            })?;
+            // The reference gradient is the CPU kernel's (itself checked against finite
+            // differences): candle's own conv2d backward takes the output padding of both axes
+            // from the height, which is wrong when H and W round differently (case 4).
+            let cpu = value_and_grad(&x, i as u64, |x| {
+                frozen::conv2d(x, &weight, Some(&bias), pad, stride)
+            })?;
+            let plain = frozen::conv2d_plain(&x, &weight, Some(&bias), pad, stride)?;
+            assert_eq!(ours.0.dims(), plain.dims(), "case {i}");
+            assert!(max_diff(&ours.0, &plain)? < 1e-12, "case {i}: values");
+            assert_eq!(ours.1.dims(), x.dims(), "case {i}");
+            let d = max_diff(&ours.1, &cpu.1)?;
+            assert!(d < 1e-12, "case {i}: input gradient off by {d}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_matches_candles_op_and_its_gradient() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let x = randn(&mut rng, &[2, 3, 5], 1.0, 0.0)?;
+        let weight = randn(&mut rng, &[4, 5], 0.5, 0.0)?;
+        let bias = randn(&mut rng, &[4], 0.5, 0.0)?;
+        for bias in [Some(&bias), None] {
+            let ours = value_and_grad(&x, 1, |x| linear(x, &weight, bias))?;
+            let plain = value_and_grad(&x, 1, |x| frozen::linear_plain(x, &weight, bias))?;
+            assert!(max_diff(&ours.0, &plain.0)? < 1e-12);
+            assert_eq!(ours.1.dims(), x.dims());
+            assert!(max_diff(&ours.1, &plain.1)? < 1e-12);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn half_precision_takes_this_path_and_stays_close() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = randn(&mut rng, &[1, 4, 6, 6], 1.0, 0.0)?.to_dtype(DType::F32)?;
+        let weight = randn(&mut rng, &[3, 4, 3, 3], 0.3, 0.0)?.to_dtype(DType::F32)?;
+        // (candle's CPU matmul has no bf16; f16 takes the same path.)
+        let (xh, wh) = (x.to_dtype(DType::F16)?, weight.to_dtype(DType::F16)?);
+        assert!(!frozen::applies_to(&xh, &wh, None) && applies_to(&xh, &wh, None));
+        let ours = value_and_grad(&xh, 3, |x| conv2d(x, &wh, None, 1, 2))?;
+        let plain = value_and_grad(&x, 3, |x| frozen::conv2d_plain(x, &weight, None, 1, 2))?;
+        assert_eq!(ours.1.dtype(), DType::F16);
+        // f16 keeps 11 bits of mantissa: values of a few units are off by ~1e-3.
+        assert!(max_diff(&ours.0.to_dtype(DType::F32)?, &plain.0)? < 0.02);
+        assert!(max_diff(&ours.1.to_dtype(DType::F32)?, &plain.1)? < 0.02);
+        Ok(())
+    }
+
+    #[test]
+    fn a_gradient_of_the_wrong_size_is_an_error() -> Result<()> {
+        let dev = Device::Cpu;
+        let weight = Tensor::zeros((2, 3, 3, 3), DType::F32, &dev)?;
+        let grad = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev)?;
+        let err = conv2d_input_grad(&grad, &weight, (9, 9), 1, 1);
+        assert!(err.is_err_and(|e| e.to_string().contains("does not come from")));
+        Ok(())
+    }
+}
