@@ -7,7 +7,10 @@
 //! dtypes, trainable base weights) norms and softmax are built from primitive candle ops, whose
 //! gradients are correct (see DESIGN.md §7 for the ones that are not); on the CPU in f32/f64 the
 //! layers run the fused custom ops of [`frozen`], [`fused_norm`], [`mem_attention`] and [`geglu`]
-//! (matrix products in [`dense`], vectorised maths in [`fast_math`], timing in [`profile`]).
+//! (matrix products in [`dense`], vectorised maths in [`fast_math`], timing in [`profile`]). On
+//! CUDA (and in f16/bf16) the frozen layers and attention run [`frozen_generic`] and
+//! [`chunked_attention`]: candle's own ops forward, our backward ([`custom_backward`]), so that
+//! no frozen weight gets a gradient and no score matrix is kept; [`checkpoint`] works on both.
 
 pub mod activation;
 pub mod adapter;
