@@ -639,8 +639,30 @@ impl CustomOp1 for InputGrad {
     }
 }
 
-/// A convolution's forward as `W [out, in·k·k] · im2col(x)` per sample, into `[B, out, Ho·Wo]`
-/// prefilled with the bias. 1×1 kernels with stride 1 and no padding read `x` as the columns.
+/// The most elements of one block of convolution columns (`in·k·k × rows·Wo`): 4 Mi, 16 MiB in
+/// f32. Unfolding a whole 512 px level-0 input at once takes 47–141 MiB, above glibc's mmap
+/// threshold (32 MiB even as [`super::runtime::tune_process`] sets it), so every call mapped
+/// fresh pages and faulted them in (the product ran at ~60 % speed into them) and held that much
+/// more at the step's peak. A block below the threshold is reused from the heap.
+const COLUMN_BLOCK_ELEMENTS: usize = 4 << 20;
+
+/// The fewest output positions (columns) a block of columns has when the input has that many:
+/// the products lose speed on narrower blocks (measured: blocks of 480–700 columns made the
+/// 256 px convolutions ~10 % slower than unblocked ones).
+const MIN_BLOCK_COLUMNS: usize = 1024;
+
+/// Output rows per block of columns: as many as fit `budget` elements, but at least
+/// [`MIN_BLOCK_COLUMNS`] columns' worth, at least one, at most all.
+fn rows_per_block(g: &ConvGeometry, budget: usize, min_columns: usize) -> usize {
+    let fan_in = g.c_in * g.k * g.k;
+    let fit = budget / (fan_in * g.wo).max(1);
+    let wide = min_columns.div_ceil(g.wo.max(1));
+    fit.max(wide).clamp(1, g.ho.max(1))
+}
+
+/// A convolution's forward as `W [out, in·k·k] · im2col(x)`, per sample and block of output
+/// rows, into `[B, out, Ho·Wo]` prefilled with the bias. 1×1 kernels with stride 1 and no
+/// padding read `x` as the columns.
 fn conv_forward<T: Elem>(
     g: ConvGeometry,
     x: &[T],
@@ -648,71 +670,145 @@ fn conv_forward<T: Elem>(
     start: Start<T>,
     c_out: usize,
 ) -> Vec<T> {
+    conv_forward_blocked(
+        g,
+        x,
+        w,
+        start,
+        c_out,
+        COLUMN_BLOCK_ELEMENTS,
+        MIN_BLOCK_COLUMNS,
+    )
+}
+
+/// [`conv_forward`] with blocks of at most `budget` column elements and at least `min_columns`
+/// columns (see [`rows_per_block`]).
+fn conv_forward_blocked<T: Elem>(
+    g: ConvGeometry,
+    x: &[T],
+    w: &[T],
+    start: Start<T>,
+    c_out: usize,
+    budget: usize,
+    min_columns: usize,
+) -> Vec<T> {
     let fan_in = g.c_in * g.k * g.k;
     let hw_out = g.ho * g.wo;
-    let cols_owned;
-    // The columns, their row stride, and where sample n's columns start.
-    let (cols, cols_rs, per_sample) = if g.pointwise() {
-        (x, g.h * g.w, g.c_in * g.h * g.w)
-    } else {
-        let _t = super::profile::scope("im2col (in frozen conv)");
-        cols_owned = Im2Col(g).run(x);
-        (&cols_owned[..], g.b * hw_out, hw_out)
-    };
     let mut y = start.fill(g.b, c_out, hw_out);
+    let one = T::from_f64(1.0);
+    if g.pointwise() {
+        for n in 0..g.b {
+            // SAFETY: w is out × in; sample n of x is in × H·W; y's block of sample n is
+            // out × Ho·Wo (= H·W).
+            unsafe {
+                product(
+                    (c_out, hw_out, fan_in),
+                    y.as_mut_ptr().add(n * c_out * hw_out),
+                    hw_out,
+                    Mat::rows(w, fan_in),
+                    Mat::rows(&x[n * fan_in * hw_out..], hw_out),
+                    one,
+                    start.any(),
+                    Threads::All,
+                )
+            };
+        }
+        return y;
+    }
+    let rows = rows_per_block(&g, budget, min_columns);
+    let mut cols = vec![T::default(); fan_in * rows * g.wo];
     for n in 0..g.b {
-        // SAFETY: w is out × in·k·k; the columns of sample n are in·k·k × Ho·Wo with row
-        // stride cols_rs; y's block of sample n is out × Ho·Wo.
-        unsafe {
-            product(
-                (c_out, hw_out, fan_in),
-                y.as_mut_ptr().add(n * c_out * hw_out),
-                hw_out,
-                Mat::rows(w, fan_in),
-                Mat::rows(&cols[n * per_sample..], cols_rs),
-                T::from_f64(1.0),
-                start.any(),
-                Threads::All,
-            )
-        };
+        for oy0 in (0..g.ho).step_by(rows) {
+            let nb = rows.min(g.ho - oy0) * g.wo;
+            let cols = &mut cols[..fan_in * nb];
+            {
+                let _t = super::profile::scope("im2col (in frozen conv)");
+                Im2Col(g).fill(x, n, oy0, cols);
+            }
+            // SAFETY: w is out × in·k·k; the block's columns are in·k·k × nb; y's block is
+            // out × nb with row stride Ho·Wo, starting at sample n, output row oy0.
+            unsafe {
+                product(
+                    (c_out, nb, fan_in),
+                    y.as_mut_ptr().add(n * c_out * hw_out + oy0 * g.wo),
+                    hw_out,
+                    Mat::rows(w, fan_in),
+                    Mat::rows(cols, nb),
+                    one,
+                    start.any(),
+                    Threads::All,
+                )
+            };
+        }
     }
     y
 }
 
-/// `dX` of a convolution: `col2im(Wᵀ · dY)` per sample (1×1 kernels with stride 1 and no padding
-/// write `Wᵀ · dY` straight into `dX`). `grad: [B, out, Ho·Wo]` → `[B, in, H·W]`.
+/// `dX` of a convolution: `col2im(Wᵀ · dY)` per sample and block of output rows (1×1 kernels
+/// with stride 1 and no padding write `Wᵀ · dY` straight into `dX`). `grad: [B, out, Ho·Wo]` →
+/// `[B, in, H·W]`.
 fn conv_input_grad<T: Elem>(g: ConvGeometry, grad: &[T], w: &[T], c_out: usize) -> Vec<T> {
+    conv_input_grad_blocked(g, grad, w, c_out, COLUMN_BLOCK_ELEMENTS, MIN_BLOCK_COLUMNS)
+}
+
+/// [`conv_input_grad`] with blocks as in [`conv_forward_blocked`].
+fn conv_input_grad_blocked<T: Elem>(
+    g: ConvGeometry,
+    grad: &[T],
+    w: &[T],
+    c_out: usize,
+    budget: usize,
+    min_columns: usize,
+) -> Vec<T> {
     let fan_in = g.c_in * g.k * g.k;
     let hw_out = g.ho * g.wo;
-    let pointwise = g.pointwise();
-    let (rows_total, dst_rs, per_sample) = if pointwise {
-        (g.b * g.c_in * g.h * g.w, g.h * g.w, g.c_in * g.h * g.w)
-    } else {
-        (fan_in * g.b * hw_out, g.b * hw_out, hw_out)
-    };
-    let mut cols = vec![T::default(); rows_total];
+    let plane = g.c_in * g.h * g.w;
+    let mut dx = vec![T::default(); g.b * plane];
+    let one = T::from_f64(1.0);
+    if g.pointwise() {
+        for n in 0..g.b {
+            // SAFETY: Wᵀ is in × out (w read transposed); dY of sample n is out × H·W; dX's
+            // block of sample n is in × H·W.
+            unsafe {
+                product(
+                    (fan_in, hw_out, c_out),
+                    dx.as_mut_ptr().add(n * plane),
+                    hw_out,
+                    Mat::transposed(w, fan_in),
+                    Mat::rows(&grad[n * c_out * hw_out..], hw_out),
+                    one,
+                    false,
+                    Threads::All,
+                )
+            };
+        }
+        return dx;
+    }
+    let rows = rows_per_block(&g, budget, min_columns);
+    let mut cols = vec![T::default(); fan_in * rows * g.wo];
     for n in 0..g.b {
-        // SAFETY: Wᵀ is in·k·k × out (w read transposed); dY of sample n is out × Ho·Wo; the
-        // destination block of sample n is in·k·k × Ho·Wo with row stride dst_rs.
-        unsafe {
-            product(
-                (fan_in, hw_out, c_out),
-                cols.as_mut_ptr().add(n * per_sample),
-                dst_rs,
-                Mat::transposed(w, fan_in),
-                Mat::rows(&grad[n * c_out * hw_out..], hw_out),
-                T::from_f64(1.0),
-                false,
-                Threads::All,
-            )
-        };
+        for oy0 in (0..g.ho).step_by(rows) {
+            let nb = rows.min(g.ho - oy0) * g.wo;
+            let cols = &mut cols[..fan_in * nb];
+            // SAFETY: Wᵀ is in·k·k × out (w read transposed); dY's block (sample n, output
+            // rows from oy0) is out × nb with row stride Ho·Wo; the columns are in·k·k × nb.
+            unsafe {
+                product(
+                    (fan_in, nb, c_out),
+                    cols.as_mut_ptr(),
+                    nb,
+                    Mat::transposed(w, fan_in),
+                    Mat::rows(&grad[n * c_out * hw_out + oy0 * g.wo..], hw_out),
+                    one,
+                    false,
+                    Threads::All,
+                )
+            };
+            let _t = super::profile::scope("col2im (in conv backward)");
+            Col2Im(g).add(cols, oy0, &mut dx[n * plane..][..plane]);
+        }
     }
-    if pointwise {
-        cols
-    } else {
-        let _t = super::profile::scope("col2im (in conv backward)");
-        Col2Im(g).run(&cols)
-    }
+    dx
 }
 
 /// The sizes of one convolution: batch, input channels, kernel side, input and output sides,
@@ -737,84 +833,85 @@ impl ConvGeometry {
     }
 }
 
-/// Unfolds `[B, in, H, W]` into the columns `[in·k·k, B·Ho·Wo]` of a convolution (zeros where a
-/// window leaves the padded input): the inverse bookkeeping of [`Col2Im`].
+/// Unfolds the output rows `oy0..` of sample `n` of `[B, in, H, W]` into columns
+/// `[in·k·k, rows·Wo]` (zeros where a window leaves the padded input): the inverse bookkeeping
+/// of [`Col2Im`].
 struct Im2Col(ConvGeometry);
 
 impl Im2Col {
-    fn run<T: Copy + Default + Send + Sync>(&self, x: &[T]) -> Vec<T> {
+    /// Writes every element of `cols` (`in·k·k × rows·Wo`, the row count read from its length).
+    fn fill<T: Copy + Default + Send + Sync>(&self, x: &[T], n: usize, oy0: usize, cols: &mut [T]) {
         let ConvGeometry {
-            b,
             c_in,
             k,
             h,
             w,
-            ho,
             wo,
             stride,
             padding,
+            ..
         } = self.0;
-        let ncols = b * ho * wo;
-        let mut cols = vec![T::default(); c_in * k * k * ncols];
+        let nb = cols.len() / (c_in * k * k).max(1);
         // One task per row (input channel, ky, kx).
-        cols.par_chunks_mut(ncols).enumerate().for_each(|(r, dst)| {
-            let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
-            for n in 0..b {
+        cols.par_chunks_mut(nb.max(1))
+            .enumerate()
+            .for_each(|(r, dst)| {
+                let (c, ky, kx) = (r / (k * k), (r / k) % k, r % k);
                 let src = &x[(n * c_in + c) * h * w..][..h * w];
-                let out = &mut dst[n * ho * wo..][..ho * wo];
-                for oy in 0..ho {
-                    let y = (oy * stride + ky) as isize - padding as isize;
+                for (i, out_row) in dst.chunks_exact_mut(wo).enumerate() {
+                    let y = ((oy0 + i) * stride + ky) as isize - padding as isize;
                     if y < 0 || y >= h as isize {
+                        out_row.fill(T::default());
                         continue;
                     }
                     let src_row = &src[y as usize * w..][..w];
-                    let out_row = &mut out[oy * wo..][..wo];
                     for (ox, o) in out_row.iter_mut().enumerate() {
                         let xx = (ox * stride + kx) as isize - padding as isize;
-                        if xx >= 0 && xx < w as isize {
-                            *o = src_row[xx as usize];
-                        }
+                        *o = if xx >= 0 && xx < w as isize {
+                            src_row[xx as usize]
+                        } else {
+                            T::default()
+                        };
                     }
                 }
-            }
-        });
-        cols
+            });
     }
 }
 
-/// Scatters the columns `[in·k·k, B·Ho·Wo]` of an unfolded convolution back onto the input grid
-/// `[B, in, H, W]`, adding where windows overlap.
+/// Scatters the columns `[in·k·k, rows·Wo]` of output rows `oy0..` of one sample back onto its
+/// input grid `[in, H, W]`, adding where windows overlap.
 struct Col2Im(ConvGeometry);
 
 impl Col2Im {
-    fn run<T: Copy + Default + std::ops::AddAssign + Send + Sync>(&self, cols: &[T]) -> Vec<T> {
+    fn add<T: Copy + std::ops::AddAssign + Send + Sync>(
+        &self,
+        cols: &[T],
+        oy0: usize,
+        dx: &mut [T],
+    ) {
         let ConvGeometry {
-            b,
             c_in,
             k,
             h,
             w,
-            ho,
             wo,
             stride,
             padding,
+            ..
         } = self.0;
         let plane = h * w;
-        let ncols = b * ho * wo;
-        let mut out = vec![T::default(); b * c_in * plane];
-        // One task per (sample, input channel): each owns its output plane.
-        out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
-            let (n, c) = (i / c_in, i % c_in);
+        let nb = cols.len() / (c_in * k * k).max(1);
+        // One task per input channel: each owns its plane of dX.
+        dx.par_chunks_mut(plane).enumerate().for_each(|(c, dst)| {
             for ky in 0..k {
                 for kx in 0..k {
-                    let row = &cols[(c * k * k + ky * k + kx) * ncols + n * ho * wo..][..ho * wo];
-                    for oy in 0..ho {
-                        let y = (oy * stride + ky) as isize - padding as isize;
+                    let row = &cols[(c * k * k + ky * k + kx) * nb..][..nb];
+                    for (i, src_row) in row.chunks_exact(wo).enumerate() {
+                        let y = ((oy0 + i) * stride + ky) as isize - padding as isize;
                         if y < 0 || y >= h as isize {
                             continue;
                         }
                         let dst_row = &mut dst[y as usize * w..][..w];
-                        let src_row = &row[oy * wo..][..wo];
                         for (ox, v) in src_row.iter().enumerate() {
                             let x = (ox * stride + kx) as isize - padding as isize;
                             if x >= 0 && x < w as isize {
@@ -825,7 +922,6 @@ impl Col2Im {
                 }
             }
         });
-        out
     }
 }
 
@@ -928,6 +1024,88 @@ mod tests {
                 (Some(a), Some(b)) => assert!(max_diff(a, b)? < 1e-10, "stride {stride}"),
                 _ => panic!("no input gradient"),
             }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn column_blocks_are_bounded_but_not_narrow() {
+        let g = |c_in: usize, side: usize| ConvGeometry {
+            b: 1,
+            c_in,
+            k: 3,
+            h: side,
+            w: side,
+            ho: side,
+            wo: side,
+            stride: 1,
+            padding: 1,
+        };
+        let rows = |c_in, side| rows_per_block(&g(c_in, side), COLUMN_BLOCK_ELEMENTS, 1024);
+        // 512 px, level 0: 320 channels fit 22 rows of 64 in 4 Mi elements; 960 channels would
+        // fit 7, raised to 16 (1024 columns).
+        assert_eq!((rows(320, 64), rows(960, 64)), (22, 16));
+        // 256 px: every level-0 convolution is one block.
+        assert_eq!((rows(320, 32), rows(960, 32)), (32, 32));
+        // Small inputs: one block, never zero rows.
+        assert_eq!(rows(1280, 4), 4);
+    }
+
+    #[test]
+    fn column_blocks_give_the_whole_unfolding_s_results() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        // (in, out, k, padding, stride, H, W), batch 2; budgets of one output row, of a few
+        // rows with a shorter last block, and of everything.
+        for (ci, co, k, padding, stride, h, w) in [
+            (3, 4, 3, 1, 1, 7, 5),
+            (2, 3, 3, 1, 2, 9, 8),
+            (2, 2, 2, 0, 1, 6, 6),
+        ] {
+            let ho = (h + 2 * padding - k) / stride + 1;
+            let wo = (w + 2 * padding - k) / stride + 1;
+            let g = ConvGeometry {
+                b: 2,
+                c_in: ci,
+                k,
+                h,
+                w,
+                ho,
+                wo,
+                stride,
+                padding,
+            };
+            let x = randn(&mut rng, &[2 * ci * h * w], 1.0, 0.0)?.to_vec1::<f64>()?;
+            let wt = randn(&mut rng, &[co * ci * k * k], 1.0, 0.0)?.to_vec1::<f64>()?;
+            let dy = randn(&mut rng, &[2 * co * ho * wo], 1.0, 0.0)?.to_vec1::<f64>()?;
+            let bias = randn(&mut rng, &[co], 1.0, 0.0)?.to_vec1::<f64>()?;
+            let start = || Start {
+                bias: Some(&bias[..]),
+                residual: None,
+            };
+            let fan_in = ci * k * k;
+            let whole_y = conv_forward_blocked(g, &x, &wt, start(), co, usize::MAX, 1);
+            let whole_dx = conv_input_grad_blocked(g, &dy, &wt, co, usize::MAX, 1);
+            for budget in [1, 3 * fan_in * wo - 1, usize::MAX / 2] {
+                let y = conv_forward_blocked(g, &x, &wt, start(), co, budget, 1);
+                let dx = conv_input_grad_blocked(g, &dy, &wt, co, budget, 1);
+                let diff = |a: &[f64], b: &[f64]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0.0, f64::max)
+                };
+                assert!(diff(&y, &whole_y) < 1e-12, "forward, budget {budget}");
+                assert!(diff(&dx, &whole_dx) < 1e-12, "backward, budget {budget}");
+            }
+            // And the whole unfolding is candle's convolution (its input gradient is checked
+            // against finite differences above).
+            let dev = Device::Cpu;
+            let x_t = Tensor::from_vec(x.clone(), (2, ci, h, w), &dev)?;
+            let w_t = Tensor::from_vec(wt.clone(), (co, ci, k, k), &dev)?;
+            let b_t = Tensor::from_vec(bias.clone(), co, &dev)?;
+            let y_candle = conv2d_plain(&x_t, &w_t, Some(&b_t), padding, stride)?;
+            let y_ours = Tensor::from_vec(whole_y, (2, co, ho, wo), &dev)?;
+            assert!(max_diff(&y_ours, &y_candle)? < 1e-12);
         }
         Ok(())
     }
