@@ -9,8 +9,9 @@
 //! layers run the fused custom ops of [`frozen`], [`fused_norm`], [`mem_attention`] and [`geglu`]
 //! (matrix products in [`dense`], vectorised maths in [`fast_math`], timing in [`profile`]). On
 //! CUDA (and in f16/bf16) the frozen layers and attention run [`frozen_generic`] and
-//! [`chunked_attention`]: candle's own ops forward, our backward ([`custom_backward`]), so that
-//! no frozen weight gets a gradient and no score matrix is kept; [`checkpoint`] works on both.
+//! [`chunked_attention`], the norms [`norm_generic`]: candle's own ops forward, our backward
+//! ([`custom_backward`]), so that no frozen weight gets a gradient and neither score matrices nor
+//! the norms' intermediates are kept; [`checkpoint`] works on both.
 
 pub mod activation;
 pub mod adapter;
@@ -29,6 +30,7 @@ pub mod gradcheck;
 pub mod linear;
 pub mod mem_attention;
 pub mod norm;
+pub mod norm_generic;
 pub mod profile;
 pub mod runtime;
 pub mod weights;

@@ -1,6 +1,7 @@
 //! Group and layer normalisation: our fused custom ops ([`super::fused_norm`]) for frozen
-//! parameters on the CPU, otherwise primitive candle ops (candle's fused layer norm has no
-//! backward).
+//! parameters on the CPU in f32/f64, candle ops with our own backward ([`super::norm_generic`])
+//! on CUDA and in half precision, otherwise (trainable parameters, the custom ops off) primitive
+//! candle ops (candle's fused layer norm has no backward).
 
 use candle_core::{DType, Tensor, D};
 
@@ -52,6 +53,10 @@ impl GroupNorm {
                 false,
             );
         }
+        if super::norm_generic::applies(x, &self.weight, &self.bias) {
+            let (w, b) = (&self.weight, &self.bias);
+            return super::norm_generic::group_norm(x, w, b, self.groups, self.eps, false);
+        }
         self.forward_primitive(x)
     }
 
@@ -66,6 +71,10 @@ impl GroupNorm {
                 self.eps,
                 true,
             );
+        }
+        if super::norm_generic::applies(x, &self.weight, &self.bias) {
+            let (w, b) = (&self.weight, &self.bias);
+            return super::norm_generic::group_norm(x, w, b, self.groups, self.eps, true);
         }
         Ok(self.forward_primitive(x)?.silu()?)
     }
@@ -121,6 +130,9 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if super::fused_norm::applies(x, &self.weight, &self.bias) {
             return super::fused_norm::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
+        if super::norm_generic::applies(x, &self.weight, &self.bias) {
+            return super::norm_generic::layer_norm(x, &self.weight, &self.bias, self.eps);
         }
         let dtype = x.dtype();
         let work = if dtype == DType::F64 {
