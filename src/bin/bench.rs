@@ -55,6 +55,10 @@ struct Args {
     /// before/after comparisons).
     #[arg(long)]
     plain_ops: bool,
+    /// Run the layers' device-generic paths (the ones CUDA takes: candle's ops forward, our
+    /// backward) instead of the CPU kernels, to see their cost and memory on the CPU.
+    #[arg(long, conflicts_with = "plain_ops")]
+    generic_ops: bool,
     /// Where to run: `cpu`, `cuda`, `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
@@ -89,7 +93,13 @@ fn main() -> ExitCode {
         mixed_precision: args.mixed_precision,
         ..BenchOptions::default()
     };
-    match bench::run(&options, args.reference.as_ref()) {
+    let run = || bench::run(&options, args.reference.as_ref());
+    let result = if args.generic_ops {
+        lora_trainer::nn::frozen::with_generic_ops(run)
+    } else {
+        run()
+    };
+    match result {
         Ok(report) => {
             print!("{}", report.table());
             ExitCode::SUCCESS
