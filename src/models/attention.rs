@@ -187,6 +187,13 @@ impl FeedForward {
                 None => self.out.forward(&g),
             };
         }
+        if crate::nn::geglu::generic_applies(&h) {
+            let g = crate::nn::geglu::geglu_generic(&h)?;
+            return match residual {
+                Some(r) => self.out.forward_add(&g, r),
+                None => self.out.forward(&g),
+            };
+        }
         let last = h.rank() - 1;
         let (value, gate) = (
             h.narrow(last, 0, self.inner)?,

@@ -19,6 +19,58 @@ pub fn applies(h: &Tensor) -> bool {
     h.dtype() == DType::F32 && h.device().is_cpu() && super::frozen::cpu_kernels_here()
 }
 
+/// Whether [`geglu_generic`] serves `h`: a CPU or CUDA float tensor, the custom ops on.
+pub fn generic_applies(h: &Tensor) -> bool {
+    (h.device().is_cpu() || h.device().is_cuda())
+        && matches!(
+            h.dtype(),
+            DType::F16 | DType::BF16 | DType::F32 | DType::F64
+        )
+        && super::frozen::enabled_here()
+}
+
+/// GEGLU from candle ops with our own backward, for CUDA and half precision (where [`geglu`]
+/// does not run): `h: [..., 2·inner]` → `[..., inner]`. Only `h` is kept for backward (candle's
+/// own ops keep the gate, its GELU and more); backward is `d a = dY · gelu(g)`,
+/// `d g = dY · a · (Φ(g) + g · φ(g))`, computed in f32 at least.
+pub fn geglu_generic(h: &Tensor) -> Result<Tensor> {
+    let last = h.rank().saturating_sub(1);
+    let width = h.dim(last)?;
+    if width % 2 != 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "geglu: the last dimension of {:?} is odd",
+            h.dims()
+        ))
+        .into());
+    }
+    let inner = width / 2;
+    let hd = h.detach();
+    let y = (hd.narrow(last, 0, inner)? * hd.narrow(last, inner, inner)?.gelu_erf()?)?;
+    super::custom_backward::attach(
+        "geglu",
+        h,
+        y,
+        Box::new(move |grad| {
+            let dtype = hd.dtype();
+            let work = if dtype == DType::F64 {
+                DType::F64
+            } else {
+                DType::F32
+            };
+            let a = hd.narrow(last, 0, inner)?.to_dtype(work)?;
+            let g = hd.narrow(last, inner, inner)?.to_dtype(work)?;
+            let dy = grad.to_dtype(work)?;
+            let cdf = ((&g * std::f64::consts::FRAC_1_SQRT_2)?.erf()? * 0.5)? + 0.5;
+            let cdf = cdf?;
+            let pdf = ((g.sqr()? * -0.5)?.exp()?
+                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+            let da = (&dy * (&g * &cdf)?)?;
+            let dg = ((&dy * &a)? * (cdf + (&g * pdf)?)?)?;
+            Ok(Tensor::cat(&[da, dg], last)?.to_dtype(dtype)?)
+        }),
+    )
+}
+
 /// `h: [..., 2·inner]` → `h[..., :inner] · gelu(h[..., inner:])`, `[..., inner]`.
 pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let _t = super::profile::scope("geglu");
@@ -321,6 +373,37 @@ mod tests {
         );
         let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "gradient differs by {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn generic_geglu_equals_candle_ops_and_their_gradient() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let h = Var::from_tensor(&randn(&mut rng, &[2, 5, 2 * 6], 3.0, 0.0)?)?;
+        let mix = randn(&mut rng, &[2, 5, 6], 1.0, 0.0)?;
+        // The reference: GEGLU from primitive ops with the exact GELU slope (through `erf`).
+        let want = {
+            let h = h.as_tensor();
+            (h.narrow(2, 0, 6)? * super::super::activation::gelu(&h.narrow(2, 6, 6)?)?)?
+        };
+        assert!(generic_applies(h.as_tensor()));
+        let got = geglu_generic(h.as_tensor())?;
+        let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-14, "forward differs by {diff}");
+        let g_want = (&want * &mix)?.sum_all()?.backward()?;
+        let g_got = (&got * &mix)?.sum_all()?.backward()?;
+        let (a, b) = (
+            g_got.get(h.as_tensor()).expect("dh"),
+            g_want.get(h.as_tensor()).expect("dh"),
+        );
+        let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "gradient differs by {diff}");
+        assert!(geglu_generic(&Tensor::zeros(
+            (2, 3),
+            DType::F32,
+            &candle_core::Device::Cpu
+        )?)
+        .is_err());
         Ok(())
     }
 
