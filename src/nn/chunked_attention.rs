@@ -20,9 +20,10 @@ use candle_core::{DType, Tensor, D};
 use super::custom_backward::attach3;
 use crate::Result;
 
-/// The most scores (`B · heads · rows · Nk`) one block of query rows computes at once: 2²⁶,
-/// 256 MiB in f32; a block's backward holds about four such matrices.
-pub const BLOCK_ELEMENTS: usize = 1 << 26;
+/// The most scores (`B · heads · rows · Nk`) one block of query rows computes at once: 2²⁴,
+/// 64 MiB in f32 (128 query rows at 512 px, batch 4, 8 heads); a block's backward holds about
+/// six such matrices.
+pub const BLOCK_ELEMENTS: usize = 1 << 24;
 
 /// Whether attention on `q` takes this path: a CPU or CUDA float tensor, the custom ops on.
 /// (On the CPU in f32/f64, [`super::mem_attention::applies`] comes first.)

@@ -58,8 +58,9 @@ thread_local! {
 }
 
 /// Runs `f` with the CPU kernels (this module's, [`super::mem_attention`]'s, the fused norms
-/// and GEGLU) off on this thread, and the device-generic paths of [`super::frozen_generic`] and
-/// [`super::chunked_attention`] on: on the CPU, the path a CUDA device takes (tests).
+/// and GEGLU) off on this thread, and the device-generic paths of [`super::frozen_generic`],
+/// [`super::chunked_attention`], [`super::norm_generic`] and [`super::geglu::geglu_generic`] on:
+/// on the CPU, the path a CUDA device takes (tests, `bench --generic-ops`).
 pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
     let before = GENERIC_HERE.with(|p| p.replace(true));
     let out = f();
