@@ -62,17 +62,8 @@ pub(crate) fn attention_in_blocks(
     upcast: bool,
     rows: usize,
 ) -> Result<Tensor> {
-    let (b, nq, inner) = q.dims3()?;
-    let (bk, _, inner_k) = k.dims3()?;
-    if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
-        return Err(candle_core::Error::Msg(format!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
-            q.dims(),
-            k.dims(),
-            v.dims()
-        ))
-        .into());
-    }
+    super::mem_attention::check_shapes(q, k, v, heads)?;
+    let nq = q.dim(1)?;
     let (qi, ki, vi) = (q.detach(), k.detach(), v.detach());
     let form = Form::new(q, upcast, scale, heads, rows.max(1));
     let blocks = form.split(&qi, &ki, &vi)?;

@@ -39,12 +39,17 @@ thread_local! {
     static PLAIN_HERE: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Runs `f` with `flag` set on this thread, then restores it.
+fn with_flag<T>(flag: &'static std::thread::LocalKey<Cell<bool>>, f: impl FnOnce() -> T) -> T {
+    let before = flag.with(|p| p.replace(true));
+    let out = f();
+    flag.with(|p| p.set(before));
+    out
+}
+
 /// Runs `f` with the custom ops off on this thread only (tests compare both paths).
 pub fn with_plain_ops<T>(f: impl FnOnce() -> T) -> T {
-    let before = PLAIN_HERE.with(|p| p.replace(true));
-    let out = f();
-    PLAIN_HERE.with(|p| p.set(before));
-    out
+    with_flag(&PLAIN_HERE, f)
 }
 
 /// Whether the custom ops are on for this thread (the process-wide switch and
@@ -62,10 +67,7 @@ thread_local! {
 /// [`super::chunked_attention`], [`super::norm_generic`] and [`super::geglu::geglu_generic`] on:
 /// on the CPU, the path a CUDA device takes (tests, `bench --generic-ops`).
 pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {
-    let before = GENERIC_HERE.with(|p| p.replace(true));
-    let out = f();
-    GENERIC_HERE.with(|p| p.set(before));
-    out
+    with_flag(&GENERIC_HERE, f)
 }
 
 /// Whether the CPU kernels are on for this thread ([`enabled_here`] and not

@@ -41,12 +41,11 @@ pub fn applies(q: &Tensor) -> bool {
         && super::frozen::cpu_kernels_here()
 }
 
-/// `softmax(q kᵀ · scale) v` per head, for `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` →
-/// `[B, Nq, heads·d]` (head `h` is columns `h·d..(h+1)·d`).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    let (b, nq, inner) = q.dims3()?;
-    let (bk, nk, inner_k) = k.dims3()?;
-    let _t = super::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
+/// That `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` fit `heads` heads; an error naming the
+/// shapes otherwise.
+pub(crate) fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
+    let (b, _, inner) = q.dims3()?;
+    let (bk, _, inner_k) = k.dims3()?;
     if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
         return Err(candle_core::Error::Msg(format!(
             "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
@@ -56,6 +55,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         ))
         .into());
     }
+    Ok(())
+}
+
+/// `softmax(q kᵀ · scale) v` per head, for `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` →
+/// `[B, Nq, heads·d]` (head `h` is columns `h·d..(h+1)·d`).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let (b, nq, inner) = q.dims3()?;
+    let nk = k.dim(1)?;
+    let _t = super::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
+    check_shapes(q, k, v, heads)?;
     let op = FusedAttention {
         dims: Dims {
             b,
