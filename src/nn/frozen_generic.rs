@@ -15,7 +15,8 @@
 
 use candle_core::{DType, Tensor};
 
-use super::custom_backward::attach;
+use super::adapter::LowRank;
+use super::custom_backward::{attach, attach3};
 use super::frozen;
 use crate::Result;
 
@@ -57,6 +58,55 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 .reshape((rows, out))?
                 .matmul(&w)?
                 .reshape(dims.as_slice())?)
+        }),
+    )
+}
+
+/// [`linear`] plus a low-rank adapter in one node, `x Wᵀ + b + s · (x downᵀ) upᵀ`, the adapter
+/// computed in its own dtype (f32 under mixed precision) and added in `x`'s: the same sums as
+/// the layer and [`crate::lora`]'s adapter run separately. Backward gives `dX`, `d down` and
+/// `d up`, recomputing `x downᵀ`; only `x` (kept by the graph anyway) and the adapter's
+/// matrices are kept, not the f32 copy of `x` and the adapter's intermediates.
+pub fn linear_low_rank(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    low_rank: &LowRank,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_features = weight.dim(1)?;
+    let rows = x.elem_count() / in_features.max(1);
+    let (down, up, scale) = (low_rank.down.detach(), low_rank.up.detach(), low_rank.scale);
+    let adapter_dtype = down.dtype();
+    let x2 = x.detach().reshape((rows, in_features))?;
+    let frozen_out = frozen::linear_plain(&x2, weight, bias)?;
+    let hidden = x2.to_dtype(adapter_dtype)?.matmul(&down.t()?)?;
+    let adapter_out = (hidden.matmul(&up.t()?)? * scale)?.to_dtype(x.dtype())?;
+    let mut out_dims = dims.clone();
+    if let Some(last) = out_dims.last_mut() {
+        *last = weight.dim(0)?;
+    }
+    let y = (frozen_out + adapter_out)?.reshape(out_dims)?;
+    let (w, want_dx) = (weight.clone(), x.track_op());
+    attach3(
+        "frozen linear + lora",
+        [x, &low_rank.down, &low_rank.up],
+        y,
+        Box::new(move |grad, _| {
+            let out = w.dim(0)?;
+            let g = grad.reshape((rows, out))?;
+            let gs = (g.to_dtype(adapter_dtype)? * scale)?;
+            let xa = x2.to_dtype(adapter_dtype)?;
+            let g_up = gs.matmul(&up)?;
+            let d_up = gs.t()?.matmul(&xa.matmul(&down.t()?)?)?;
+            let d_down = g_up.t()?.matmul(&xa)?;
+            let dx = if want_dx {
+                let through_adapter = g_up.matmul(&down)?.to_dtype(g.dtype())?;
+                Some((g.matmul(&w)? + through_adapter)?.reshape(dims.as_slice())?)
+            } else {
+                None
+            };
+            Ok([dx, Some(d_down), Some(d_up)])
         }),
     )
 }
@@ -236,6 +286,57 @@ mod tests {
             assert!(max_diff(&ours.0, &plain.0)? < 1e-12);
             assert_eq!(ours.1.dims(), x.dims());
             assert!(max_diff(&ours.1, &plain.1)? < 1e-12);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn linear_with_low_rank_adapter_equals_the_separate_ops() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(10);
+        let x = randn(&mut rng, &[2, 3, 5], 1.0, 0.0)?;
+        let weight = randn(&mut rng, &[4, 5], 0.5, 0.0)?;
+        let bias = randn(&mut rng, &[4], 0.5, 0.0)?;
+        let down = Var::from_tensor(&randn(&mut rng, &[2, 5], 0.5, 0.0)?)?;
+        let up = Var::from_tensor(&randn(&mut rng, &[4, 2], 0.5, 0.0)?)?;
+        let m = randn(&mut rng, &[2, 3, 4], 1.0, 0.0)?;
+        // (x's dtype, tolerance): f64 throughout, and f16 input with f64 adapter matrices as
+        // under mixed precision.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F16, 2e-2)] {
+            let grads = |fused: bool| -> Result<Vec<Tensor>> {
+                let xv = Var::from_tensor(&x.to_dtype(dtype)?)?;
+                let (w, b) = (weight.to_dtype(dtype)?, bias.to_dtype(dtype)?);
+                let y = if fused {
+                    let low_rank = LowRank {
+                        down: down.as_tensor().clone(),
+                        up: up.as_tensor().clone(),
+                        scale: 0.75,
+                    };
+                    linear_low_rank(xv.as_tensor(), &w, Some(&b), &low_rank)?
+                } else {
+                    let h = xv
+                        .as_tensor()
+                        .to_dtype(DType::F64)?
+                        .broadcast_matmul(&down.t()?)?;
+                    let a = (h.broadcast_matmul(&up.t()?)? * 0.75)?.to_dtype(dtype)?;
+                    (frozen::linear_plain(xv.as_tensor(), &w, Some(&b))? + a)?
+                };
+                let loss = (y.to_dtype(DType::F64)? * &m)?.sum_all()?;
+                let g = loss.backward()?;
+                let mut out = vec![y.to_dtype(DType::F64)?];
+                for t in [xv.as_tensor(), down.as_tensor(), up.as_tensor()] {
+                    let gt = g.get(t).cloned().ok_or_else(|| {
+                        crate::Error::from(candle_core::Error::Msg("missing gradient".into()))
+                    })?;
+                    out.push(gt.to_dtype(DType::F64)?);
+                }
+                Ok(out)
+            };
+            let (ours, separate) = (grads(true)?, grads(false)?);
+            for (i, (a, b)) in ours.iter().zip(&separate).enumerate() {
+                assert_eq!(a.dims(), b.dims(), "{dtype:?} #{i}");
+                let d = max_diff(a, b)?;
+                assert!(d < tol, "{dtype:?}: output/dx/ddown/dup #{i} off by {d}");
+            }
         }
         Ok(())
     }

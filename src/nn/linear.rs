@@ -59,6 +59,10 @@ impl Linear {
             if fused && frozen::low_rank_applies(x, &low_rank) {
                 return frozen::linear_low_rank(x, &self.weight, self.bias.as_ref(), &low_rank);
             }
+            if !fused && frozen_generic::applies_to(x, &self.weight, self.bias.as_ref()) {
+                let (w, b) = (&self.weight, self.bias.as_ref());
+                return frozen_generic::linear_low_rank(x, w, b, &low_rank);
+            }
         }
         let (weight, bias) = (&self.weight, self.bias.as_ref());
         let mut y = if fused {
