@@ -718,32 +718,27 @@ fn conv_forward_blocked<T: Elem>(
         }
         return y;
     }
-    let rows = rows_per_block(&g, budget, min_columns);
-    let mut cols = vec![T::default(); fan_in * rows * g.wo];
-    for n in 0..g.b {
-        for oy0 in (0..g.ho).step_by(rows) {
-            let nb = rows.min(g.ho - oy0) * g.wo;
-            let cols = &mut cols[..fan_in * nb];
-            {
-                let _t = super::profile::scope("im2col (in frozen conv)");
-                Im2Col(g).fill(x, n, oy0, cols);
-            }
-            // SAFETY: w is out × in·k·k; the block's columns are in·k·k × nb; y's block is
-            // out × nb with row stride Ho·Wo, starting at sample n, output row oy0.
-            unsafe {
-                product(
-                    (c_out, nb, fan_in),
-                    y.as_mut_ptr().add(n * c_out * hw_out + oy0 * g.wo),
-                    hw_out,
-                    Mat::rows(w, fan_in),
-                    Mat::rows(cols, nb),
-                    one,
-                    start.any(),
-                    Threads::All,
-                )
-            };
+    each_column_block(g, budget, min_columns, |n, oy0, cols| {
+        let nb = cols.len() / fan_in;
+        {
+            let _t = super::profile::scope("im2col (in frozen conv)");
+            Im2Col(g).fill(x, n, oy0, cols);
         }
-    }
+        // SAFETY: w is out × in·k·k; the block's columns are in·k·k × nb; y's block is
+        // out × nb with row stride Ho·Wo, starting at sample n, output row oy0.
+        unsafe {
+            product(
+                (c_out, nb, fan_in),
+                y.as_mut_ptr().add(n * c_out * hw_out + oy0 * g.wo),
+                hw_out,
+                Mat::rows(w, fan_in),
+                Mat::rows(cols, nb),
+                one,
+                start.any(),
+                Threads::All,
+            )
+        };
+    });
     y
 }
 
@@ -787,31 +782,46 @@ fn conv_input_grad_blocked<T: Elem>(
         }
         return dx;
     }
+    each_column_block(g, budget, min_columns, |n, oy0, cols| {
+        let nb = cols.len() / fan_in;
+        // SAFETY: Wᵀ is in·k·k × out (w read transposed); dY's block (sample n, output
+        // rows from oy0) is out × nb with row stride Ho·Wo; the columns are in·k·k × nb.
+        unsafe {
+            product(
+                (fan_in, nb, c_out),
+                cols.as_mut_ptr(),
+                nb,
+                Mat::transposed(w, fan_in),
+                Mat::rows(&grad[n * c_out * hw_out + oy0 * g.wo..], hw_out),
+                one,
+                false,
+                Threads::All,
+            )
+        };
+        let _t = super::profile::scope("col2im (in conv backward)");
+        Col2Im(g).add(cols, oy0, &mut dx[n * plane..][..plane]);
+    });
+    dx
+}
+
+/// Calls `f(sample, first output row, columns)` for each block of output rows of each sample,
+/// with a column buffer (`in·k·k × rows·Wo`) reused from block to block (see
+/// [`rows_per_block`]).
+fn each_column_block<T: Copy + Default>(
+    g: ConvGeometry,
+    budget: usize,
+    min_columns: usize,
+    mut f: impl FnMut(usize, usize, &mut [T]),
+) {
+    let fan_in = g.c_in * g.k * g.k;
     let rows = rows_per_block(&g, budget, min_columns);
     let mut cols = vec![T::default(); fan_in * rows * g.wo];
     for n in 0..g.b {
         for oy0 in (0..g.ho).step_by(rows) {
             let nb = rows.min(g.ho - oy0) * g.wo;
-            let cols = &mut cols[..fan_in * nb];
-            // SAFETY: Wᵀ is in·k·k × out (w read transposed); dY's block (sample n, output
-            // rows from oy0) is out × nb with row stride Ho·Wo; the columns are in·k·k × nb.
-            unsafe {
-                product(
-                    (fan_in, nb, c_out),
-                    cols.as_mut_ptr(),
-                    nb,
-                    Mat::transposed(w, fan_in),
-                    Mat::rows(&grad[n * c_out * hw_out + oy0 * g.wo..], hw_out),
-                    one,
-                    false,
-                    Threads::All,
-                )
-            };
-            let _t = super::profile::scope("col2im (in conv backward)");
-            Col2Im(g).add(cols, oy0, &mut dx[n * plane..][..plane]);
+            f(n, oy0, &mut cols[..fan_in * nb]);
         }
     }
-    dx
 }
 
 /// The sizes of one convolution: batch, input channels, kernel side, input and output sides,
