@@ -349,4 +349,30 @@ mod tests {
         assert!(e.to_string().contains("state.json"), "{e}");
         assert_eq!(e.exit_code(), 2);
     }
+
+    #[test]
+    fn every_f64_in_a_state_file_reads_back_bit_identical() {
+        // The default serde_json parser can be one ulp off (this start time was, in CI); a
+        // resumed run must see exactly the numbers the interrupted one wrote.
+        let values = [
+            1_795_277_467.439_784_5_f64,
+            0.1,
+            1.0 / 3.0,
+            2.220_446_049_250_313e-16,
+            9_007_199_254_740_993.0,
+            123_456_789.123_456_78,
+        ];
+        let mut x = 0.987_654_321_012_345_6_f64;
+        let mut all: Vec<f64> = values.to_vec();
+        for _ in 0..2000 {
+            x = (x * 1_103_515_245.0 + 12_345.0) % 2_147_483_648.0 + x.fract() / 7.0;
+            all.push(x);
+            all.push(x * 1e-7);
+        }
+        let bytes = to_json(&all).unwrap();
+        let back: Vec<f64> = serde_json::from_slice(&bytes).unwrap();
+        for (a, b) in all.iter().zip(&back) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a} read back as {b}");
+        }
+    }
 }
