@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 use lora_trainer::config::TrainPlan;
 use lora_trainer::dataset::Dataset;
@@ -17,6 +17,11 @@ use lora_trainer::train::trainer::LatentSource;
 use lora_trainer::train::Trainer;
 
 fn setup(dir: &Path, extra: &str) -> (Trainer, Dataset, Preflight) {
+    setup_in(dir, extra, None)
+}
+
+/// [`setup`] with the frozen weights in `half` (on the CPU) instead of the config's precision.
+fn setup_in(dir: &Path, extra: &str, half: Option<DType>) -> (Trainer, Dataset, Preflight) {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let mut csv = String::from("filename,prompt\n");
@@ -33,15 +38,23 @@ fn setup(dir: &Path, extra: &str) -> (Trainer, Dataset, Preflight) {
     let text = format!(
         "train_data_dir: {d}\nmetadata_path: {d}/metadata.csv\nresolution: 64\nbase_model: {m}\n\
          output_dir: {o}\nbatch_size: 1\nlearning_rate: 1e-2\ndevice: cpu\n\
-         train_text_encoder: false\n{extra}",
+         {te}{extra}",
         d = data.display(),
         m = model.display(),
-        o = dir.join("out").display()
+        o = dir.join("out").display(),
+        te = if extra.contains("train_text_encoder") {
+            ""
+        } else {
+            "train_text_encoder: false\n"
+        },
     );
     let plan = TrainPlan::from_yaml(&text, Path::new("c.yaml"), &[], dir).unwrap();
     let preflight = Preflight::check(plan).unwrap();
     let t = &preflight.plan.training;
-    let compute = Compute::resolve(t.device, t.mixed_precision).unwrap();
+    let mut compute = Compute::resolve(t.device, t.mixed_precision).unwrap();
+    if let Some(dtype) = half {
+        compute.dtype = dtype;
+    }
     let dataset = Dataset::open(&preflight.plan.dataset_spec()).unwrap();
     let Setup { trainer, .. } = set_up(
         &preflight.plan,
@@ -139,4 +152,62 @@ fn accumulated_micro_batches_average_their_losses() {
         (first.loss - second).abs() > 1e-4,
         "two different micro-batches"
     );
+}
+
+#[test]
+fn fp16_frozen_weights_train_like_f32_through_the_device_generic_path() {
+    // `mixed_precision: fp16` is CUDA-only for users, but the CUDA code path (frozen weights
+    // and activations in half, candle's ops with our own backward, adapters, optimizer state
+    // and loss in f32) runs on the CPU too: the half-precision weights turn the CPU kernels
+    // off. bf16 cannot be run here (candle has no CPU bf16 matmul); fp16 takes the same code.
+    let dir = tempfile::tempdir().unwrap();
+    // SGD: a weight's change is its gradient (AdamW's first steps are about its sign).
+    for extra in [
+        "optimizer: SGD\n",
+        "optimizer: SGD\ntrain_text_encoder: true\ngradient_checkpointing: true\nmin_snr_gamma: 5\n",
+    ] {
+        let (mut full, dataset, _) = setup_in(dir.path(), extra, None);
+        let (mut half, _, _) = setup_in(dir.path(), extra, Some(DType::F16));
+        assert!(half
+            .networks
+            .trainable_vars()
+            .iter()
+            .all(|v| v.dtype() == DType::F32));
+        let before = weights(&full);
+        let batches = dataset.epoch_batches(0, 1);
+        for step in 0..3 {
+            let rf = full.step(&dataset, step, &batches[step..step + 1]).unwrap();
+            let rh = half.step(&dataset, step, &batches[step..step + 1]).unwrap();
+            assert!(
+                (rf.loss - rh.loss).abs() <= 1e-2 * rf.loss,
+                "{extra:?} step {step}: loss f32 {} vs f16 {}",
+                rf.loss,
+                rh.loss
+            );
+            assert_ne!(rf.loss, rh.loss, "the half run computes in half precision");
+            assert!(
+                (rf.grad_norm - rh.grad_norm).abs() <= 3e-2 * rf.grad_norm,
+                "{extra:?} step {step}: gradient norm f32 {} vs f16 {}",
+                rf.grad_norm,
+                rh.grad_norm
+            );
+        }
+        // Every adapter moved the same way: the f16 run's distance from the f32 run is small
+        // next to how far the f32 run moved it (an adapter without a gradient in half precision
+        // would be as far apart as it moved).
+        let mut worst = 0f64;
+        for ((b, f), h) in before.iter().zip(weights(&full)).zip(weights(&half)) {
+            let (mut moved, mut apart) = (0f64, 0f64);
+            for ((b, f), h) in b.iter().zip(&f).zip(&h) {
+                moved += f64::from(f - b).powi(2);
+                apart += f64::from(f - h).powi(2);
+            }
+            assert!(moved > 0.0, "{extra:?}: an adapter did not move");
+            worst = worst.max((apart / moved).sqrt());
+        }
+        assert!(
+            worst <= 0.05,
+            "{extra:?}: an adapter of the f16 run is {worst} of its move from the f32 run"
+        );
+    }
 }
