@@ -42,14 +42,19 @@ pub struct Preflight {
     /// The adapters the run will train, counted from the model configs; `None` until
     /// [`Preflight::count_adapters`] ran (or when the model is a hub id not downloaded yet).
     pub lora: Option<LoraReport>,
+    /// The dataset [`Preflight::check`] opened (every image decoded once), so that the run
+    /// does not decode them all again; `None` for a preflight made from facts alone.
+    pub checked_dataset: Option<Dataset>,
 }
 
 impl Preflight {
     /// Checks the base model and the dataset of `plan`. Reads files, writes nothing.
     pub fn check(plan: TrainPlan) -> Result<Preflight> {
         let model = ModelSource::detect(&plan.model.base_model)?;
-        let dataset = open_dataset(&plan)?;
-        let mut preflight = Preflight::new(plan, model, dataset);
+        let dataset = Dataset::open(&plan.dataset_spec())?;
+        let facts = dataset_facts(&plan, &dataset);
+        let mut preflight = Preflight::new(plan, model, facts);
+        preflight.checked_dataset = Some(dataset);
         preflight.count_adapters()?;
         Ok(preflight)
     }
@@ -89,6 +94,7 @@ impl Preflight {
             steps,
             checkpoints,
             lora: None,
+            checked_dataset: None,
         }
     }
 
@@ -116,14 +122,13 @@ impl Preflight {
 }
 
 /// Opens (checks) the dataset and keeps what the plan reports.
-fn open_dataset(plan: &TrainPlan) -> Result<DatasetFacts> {
-    let dataset = Dataset::open(&plan.dataset_spec())?;
-    Ok(DatasetFacts {
+fn dataset_facts(plan: &TrainPlan, dataset: &Dataset) -> DatasetFacts {
+    DatasetFacts {
         images: dataset.len(),
         repeats: plan.data.repeats,
         caption_source: dataset.caption_source(),
         buckets: dataset.buckets(),
         batches_per_epoch: dataset.batches_per_epoch(plan.training.batch_size),
         warnings: dataset.warnings().to_vec(),
-    })
+    }
 }

@@ -105,7 +105,10 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
-    let dataset = Dataset::open(&plan.dataset_spec())?;
+    let dataset = match &preflight.checked_dataset {
+        Some(checked) => checked.clone(),
+        None => Dataset::open(&plan.dataset_spec())?,
+    };
     let Setup {
         mut trainer,
         base,
