@@ -19,7 +19,13 @@ use lora_trainer::train::{train, RunEnd, RunOptions, RunReport};
 /// fixture, every path absolute.
 fn project(extra: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
+    project_in(dir.path(), &model, extra);
+    dir
+}
+
+/// [`project`] in the folder `root`, with the base model `model`.
+fn project_in(root: &Path, model: &Path, extra: &str) {
     let data = root.join("data");
     std::fs::create_dir_all(&data).unwrap();
     let mut csv = String::from("filename,prompt\n");
@@ -34,7 +40,6 @@ fn project(extra: &str) -> tempfile::TempDir {
         csv.push_str(&format!("{name},\"striped picture {i}\"\n"));
     }
     std::fs::write(data.join("metadata.csv"), csv).unwrap();
-    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
     let base = format!(
         "train_data_dir: {data}\nmetadata_path: {data}/metadata.csv\nresolution: 64\n\
          base_model: {model}\noutput_dir: {out}\nlora_rank: 4\nbatch_size: 2\nepochs: 6\n\
@@ -53,7 +58,6 @@ fn project(extra: &str) -> tempfile::TempDir {
         .collect();
     config.push_str(extra);
     std::fs::write(root.join("config.yaml"), config).unwrap();
-    dir
 }
 
 fn run_with(dir: &Path, sets: &[&str], resume: Option<&str>) -> lora_trainer::Result<RunReport> {
@@ -251,6 +255,78 @@ fn resuming_with_a_config_that_changes_the_result_is_refused_by_name() {
     .unwrap();
     let e = run_with(dir.path(), &[], Some("/no/such/state")).unwrap_err();
     assert!(e.report().contains("no such folder"), "{}", e.report());
+}
+
+/// Copies the folder `from` (files and subfolders) to `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_project_moved_elsewhere_resumes_bit_identical_unless_its_data_changed() {
+    // A project folder holding the data, the base model and the outputs; its config names
+    // them by absolute path, as the resolved config in every state does.
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd1");
+    copy_tree(&fixture, &first.join("model"));
+    project_in(&first, &first.join("model"), "save_steps: 2\nepochs: 2\n");
+    run_with(&first, &[], None).unwrap();
+    let (whole, _) = tensors(&out(&first).join("tiny.safetensors"));
+
+    // Moved (as to another machine): every path in the config changes, nothing is at the old
+    // ones. The run resumes from step 2 and ends as the uninterrupted one did.
+    let moved = dir.path().join("moved");
+    std::fs::rename(&first, &moved).unwrap();
+    std::fs::remove_file(out(&moved).join("tiny.safetensors")).unwrap();
+    let config = std::fs::read_to_string(moved.join("config.yaml")).unwrap();
+    let first_text = first.display().to_string();
+    let moved_text = moved.display().to_string();
+    let config = config.replace(&first_text, &moved_text);
+    std::fs::write(moved.join("config.yaml"), &config).unwrap();
+    let report = run_with(&moved, &[], Some("latest")).unwrap();
+    assert_eq!(report.summary.resumed_from_step, Some(2));
+    let (resumed, _) = tensors(&out(&moved).join("tiny.safetensors"));
+    assert!(whole == resumed, "the moved project ends bit-identical");
+
+    // Moved again, with a caption edited on the way: that is other data, refused by name.
+    let again = dir.path().join("again");
+    std::fs::rename(&moved, &again).unwrap();
+    std::fs::remove_file(out(&again).join("tiny.safetensors")).unwrap();
+    let csv = again.join("data/metadata.csv");
+    let text = std::fs::read_to_string(&csv).unwrap();
+    std::fs::write(&csv, text.replace("striped picture 1", "a striped picture")).unwrap();
+    std::fs::write(
+        again.join("config.yaml"),
+        config.replace(&moved_text, &again.display().to_string()),
+    )
+    .unwrap();
+    let e = run_with(&again, &[], Some("latest")).unwrap_err();
+    let text = e.report();
+    assert!(text.contains("`train_data_dir`"), "{text}");
+    assert!(text.contains("images or captions found differ"), "{text}");
+    assert!(!text.contains("`base_model`"), "the model moved: {text}");
+
+    // Back in the state's own place with the edited caption: the user's edit is respected
+    // (with a note), and the result is not the uninterrupted run's.
+    std::fs::rename(&again, &first).unwrap();
+    std::fs::write(
+        first.join("config.yaml"),
+        config.replace(&moved_text, &first_text),
+    )
+    .unwrap();
+    run_with(&first, &[], Some("latest")).unwrap();
+    let (edited, _) = tensors(&out(&first).join("tiny.safetensors"));
+    assert!(whole != edited, "trained on the edited caption");
 }
 
 #[test]

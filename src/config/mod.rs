@@ -26,6 +26,7 @@ pub use plan::{
     LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
     TrainingSettings,
 };
+pub use resolved::KeyDifference;
 
 use fields::{Entry, Fields};
 use yaml::Value;

@@ -166,6 +166,14 @@ impl TrainPlan {
     /// output, logging, device and sampling keys), each as "`key`: A → B"; set or unset on one
     /// side only counts as a difference.
     pub fn differences_that_matter(&self, other: &TrainPlan) -> Vec<String> {
+        self.differing_keys(other)
+            .iter()
+            .map(KeyDifference::to_string)
+            .collect()
+    }
+
+    /// [`TrainPlan::differences_that_matter`], key by key.
+    pub fn differing_keys(&self, other: &TrainPlan) -> Vec<KeyDifference> {
         let mine: Vec<_> = self.resolved_entries();
         let theirs: Vec<_> = other.resolved_entries();
         let value = |list: &[(&'static str, String)], key: &str| {
@@ -176,14 +184,34 @@ impl TrainPlan {
         let mut seen = std::collections::HashSet::new();
         keys.into_iter()
             .filter(|k| seen.insert(*k) && !FREE_ON_RESUME.contains(k))
-            .filter_map(|k| {
-                let (a, b) = (value(&mine, k), value(&theirs, k));
-                (a != b).then(|| {
-                    let show = |v: Option<String>| v.unwrap_or_else(|| "(not set)".into());
-                    format!("`{k}`: {} → {}", show(a), show(b))
-                })
+            .filter_map(|key| {
+                let (mine, theirs) = (value(&mine, key), value(&theirs, key));
+                (mine != theirs).then_some(KeyDifference { key, mine, theirs })
             })
             .collect()
+    }
+}
+
+/// A config key whose resolved value differs between two plans (`None`: not set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyDifference {
+    pub key: &'static str,
+    /// The value in the plan the comparison was called on.
+    pub mine: Option<String>,
+    /// The value in the other plan.
+    pub theirs: Option<String>,
+}
+
+impl std::fmt::Display for KeyDifference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let show = |v: &Option<String>| v.clone().unwrap_or_else(|| "(not set)".into());
+        write!(
+            f,
+            "`{}`: {} → {}",
+            self.key,
+            show(&self.mine),
+            show(&self.theirs)
+        )
     }
 }
 

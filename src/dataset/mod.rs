@@ -289,6 +289,24 @@ impl Dataset {
         &self.bucket_set
     }
 
+    /// A digest of what the run trains on, wherever the folder is: each image's name
+    /// (relative to `train_data_dir`), caption, size and bucket, in order. A resumed run
+    /// compares it with the state's, so that a moved project folder is recognised.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for image in &self.images {
+            hash.update(image.name.as_bytes());
+            hash.update([0]);
+            hash.update(image.caption.as_bytes());
+            hash.update([0]);
+            for n in [image.size.0, image.size.1, image.bucket.0, image.bucket.1] {
+                hash.update(n.to_le_bytes());
+            }
+        }
+        hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     /// How often each caption tag occurs in the raw captions (split on commas, trimmed), for the
     /// LoRA file's `ss_tag_frequency`.
     pub fn tag_frequency(&self) -> std::collections::BTreeMap<String, usize> {

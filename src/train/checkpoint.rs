@@ -62,6 +62,10 @@ pub struct StateManifest {
     pub loss: LossTracker,
     /// Unix seconds when the run first started (kept across resumes for the LoRA metadata).
     pub training_started_at: f64,
+    /// [`crate::dataset::Dataset::fingerprint`] of the images and captions trained on (absent
+    /// from states written before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
     /// The program that wrote it.
     pub written_by: String,
 }

@@ -1,11 +1,13 @@
 //! `--resume DIR|latest`: finding the state to continue from and refusing one written with a
-//! config whose differences would change the result.
+//! config whose differences would change the result, while letting a project that moved to
+//! another folder or machine continue.
 
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{list_states, read_state, SavedState, CONFIG_FILE};
 use super::TrainError;
 use crate::config::TrainPlan;
+use crate::dataset::Dataset;
 use crate::Result;
 
 /// The state folder `arg` names: `latest` (the newest `state-step…` folder of `output_dir`) or
@@ -31,9 +33,31 @@ pub fn locate(arg: &str, output_dir: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(arg))
 }
 
+/// Keys naming where the images and captions are: a new value is fine when the dataset found
+/// there is the one the state trained on (same [`Dataset::fingerprint`]): the project moved.
+const DATA_LOCATIONS: &[&str] = &["train_data_dir", "metadata_path"];
+/// Keys naming model files: a new value is fine when nothing is left at the old (absolute)
+/// path: the files moved, or the run continues on another machine. Resuming then assumes the
+/// same files; a hub id that changed is a different model.
+const MODEL_LOCATIONS: &[&str] = &["base_model", "vae", "tokenizer", "network_weights"];
+
+/// A state that `plan` continues, and what the user should know about it.
+#[derive(Debug)]
+pub struct Resumable {
+    pub state: SavedState,
+    /// Printed before training: moved folders, a changed dataset.
+    pub notes: Vec<String>,
+}
+
 /// Reads the state at `dir` and checks that `plan` would continue it bit-identically: every
-/// config key that changes the weights must be as it was (the error names each that is not).
-pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<SavedState> {
+/// config key that changes the weights must be as it was (the error names each that is not),
+/// except paths to the same data or to model files that moved.
+pub fn open_for(
+    dir: &Path,
+    plan: &TrainPlan,
+    dataset: &Dataset,
+    total_steps: usize,
+) -> Result<Resumable> {
     let state = read_state(dir)?;
     let origin = dir.display().to_string();
     let saved_config = dir.join(CONFIG_FILE);
@@ -45,12 +69,38 @@ pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<Save
                 message: format!("its {CONFIG_FILE} cannot be read: {e}"),
             }
         })?;
-    let differences = saved.differences_that_matter(plan);
+    let same_data = state
+        .manifest
+        .dataset
+        .as_ref()
+        .map(|f| *f == dataset.fingerprint());
+    let mut notes = Vec::new();
+    let mut differences = Vec::new();
+    for difference in saved.differing_keys(plan) {
+        let key = difference.key;
+        if DATA_LOCATIONS.contains(&key) && same_data == Some(true) {
+            notes.push(format!(
+                "{difference}: the same images and captions as the state's, in a new place"
+            ));
+        } else if MODEL_LOCATIONS.contains(&key) && moved_away(&saved, key) {
+            notes.push(format!(
+                "{difference}: nothing is left at the old path, so the files are taken to have \
+                 moved; the run is only the same if they are the same files"
+            ));
+        } else {
+            differences.push(difference.to_string());
+        }
+    }
     if !differences.is_empty() {
+        let data_hint = if same_data == Some(false) {
+            "; the images or captions found differ from those the state trained on"
+        } else {
+            ""
+        };
         return Err(TrainError::Resume {
             origin,
             message: format!(
-                "the config differs from the one the state was written with in {}: {}; \
+                "the config differs from the one the state was written with in {}: {}{data_hint}; \
                  resuming would not give the run that was started. Put the old value(s) back \
                  (the state's {CONFIG_FILE} lists them all), or start a new run in another \
                  `output_dir`",
@@ -64,6 +114,13 @@ pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<Save
         }
         .into());
     }
+    if same_data == Some(false) {
+        notes.push(
+            "the images or captions changed since the state was written: the run continues on \
+             the current ones, so it will not end as the uninterrupted run would have"
+                .to_string(),
+        );
+    }
     if state.manifest.step >= total_steps {
         return Err(TrainError::Resume {
             origin,
@@ -75,5 +132,25 @@ pub fn open_for(dir: &Path, plan: &TrainPlan, total_steps: usize) -> Result<Save
         }
         .into());
     }
-    Ok(state)
+    Ok(Resumable { state, notes })
+}
+
+/// Whether the saved plan's `key` names an absolute path where nothing is now.
+fn moved_away(saved: &TrainPlan, key: &str) -> bool {
+    let m = &saved.model;
+    let old = match key {
+        "base_model" => Some(m.base_model.clone()),
+        "vae" => m.vae.clone(),
+        "tokenizer" => m.tokenizer.clone(),
+        "network_weights" => saved
+            .lora
+            .network_weights
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
+        _ => None,
+    };
+    old.is_some_and(|old| {
+        let path = Path::new(&old);
+        path.is_absolute() && !path.exists()
+    })
 }

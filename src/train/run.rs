@@ -88,8 +88,18 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         Some(arg) => Some(resume::locate(arg, &out.output_dir)?),
         None => None,
     };
+    let dataset = match &preflight.checked_dataset {
+        Some(checked) => checked.clone(),
+        None => Dataset::open(&plan.dataset_spec())?,
+    };
     let saved = match &resume_dir {
-        Some(dir) => Some(resume::open_for(dir, plan, steps.total_steps)?),
+        Some(dir) => {
+            let resumable = resume::open_for(dir, plan, &dataset, steps.total_steps)?;
+            for note in &resumable.notes {
+                eprintln!("note: {note}");
+            }
+            Some(resumable.state)
+        }
         None => None,
     };
     let usage = match (&saved, options.overwrite) {
@@ -105,10 +115,6 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
-    let dataset = match &preflight.checked_dataset {
-        Some(checked) => checked.clone(),
-        None => Dataset::open(&plan.dataset_spec())?,
-    };
     let Setup {
         mut trainer,
         base,
@@ -302,6 +308,7 @@ impl Loop<'_> {
             optimizer: self.plan.training.optimizer.to_string(),
             loss: self.tracker.clone(),
             training_started_at: self.metadata.training_started_at,
+            dataset: Some(self.dataset.fingerprint()),
             written_by: format!("lora-trainer {}", env!("CARGO_PKG_VERSION")),
         };
         let dir = write_state(
