@@ -388,7 +388,18 @@ pub fn peak_rss_bytes() -> Option<u64> {
 /// steps (forward, loss, backward, AdamW), timing the last `steps`.
 pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> {
     options.check()?;
-    let compute = Compute::resolve(options.device, options.mixed_precision)?;
+    let mut compute = Compute::resolve(options.device, options.mixed_precision)?;
+    if compute.device.is_cpu() && options.mixed_precision == MixedPrecision::Fp16 {
+        // Training falls back to f32 on the CPU; the bench keeps f16 so that the half-precision
+        // path CUDA takes (candle's ops, our backward) can be measured here: what it keeps, not
+        // its speed. bf16 cannot: candle has no CPU bf16 matrix product.
+        compute.dtype = DType::F16;
+        compute.warnings.clear();
+        eprintln!(
+            "note: fp16 on the CPU runs the half-precision path CUDA takes, slowly: measure its \
+             memory, not its speed"
+        );
+    }
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }

@@ -63,7 +63,8 @@ struct Args {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
     /// The frozen weights' dtype, as the config's `mixed_precision`: `no` (f32), `fp16`,
-    /// `bf16` (half precision on CUDA only).
+    /// `bf16`. On the CPU, `fp16` runs the half-precision path CUDA takes (slowly: for its
+    /// memory) and `bf16` falls back to f32 (candle has no CPU bf16 matrix product).
     #[arg(long, default_value = "no", value_parser = parse_precision)]
     mixed_precision: MixedPrecision,
     /// Also run tools/bench_diffusers.py with this Python (one with torch, diffusers, peft).
