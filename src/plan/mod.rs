@@ -121,7 +121,7 @@ impl Preflight {
     }
 }
 
-/// Opens (checks) the dataset and keeps what the plan reports.
+/// What the plan reports of a checked dataset.
 fn dataset_facts(plan: &TrainPlan, dataset: &Dataset) -> DatasetFacts {
     DatasetFacts {
         images: dataset.len(),
