@@ -9,6 +9,7 @@ pub mod bench;
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod files;
 pub mod generate;
 pub mod label;
 pub mod log;

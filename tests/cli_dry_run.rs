@@ -199,3 +199,160 @@ fn an_incomplete_model_is_refused_before_training_naming_the_missing_file() {
     }
     assert!(!dir.path().join("output").exists());
 }
+
+#[test]
+fn a_missing_prompt_file_fails_the_dry_run_as_it_would_the_run() {
+    let dir = project("sample_prompts: ./prompts.txt\nsample_every_n_steps: 2\n");
+    for args in [
+        &["--config", "train.yaml", "--dry-run"][..],
+        &["--config", "train.yaml"][..],
+    ] {
+        let out = train(dir.path(), args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("sample_prompts") && err.contains("prompts.txt"),
+            "{err}"
+        );
+    }
+    assert!(!dir.path().join("output").exists());
+    // A malformed line is named by its line, in the dry run too.
+    std::fs::write(dir.path().join("prompts.txt"), "a cat\na dog --w wide\n").unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("prompts.txt line 2"), "{err}");
+    std::fs::write(dir.path().join("prompts.txt"), "a cat --s 5\n").unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
+
+#[test]
+fn absurd_step_counts_are_refused_at_once_and_huge_plans_are_described_quickly() {
+    let dir = project("");
+    let start = std::time::Instant::now();
+    for (set, needle) in [
+        ("max_train_steps=4294967295", "max_train_steps"),
+        ("epochs=9223372036854775807", "epochs"),
+    ] {
+        let out = train(
+            dir.path(),
+            &["--config", "train.yaml", "--dry-run", "--set", set],
+        );
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {err}");
+        assert!(err.contains(needle) && err.contains("99999999"), "{err}");
+    }
+    // Each key within bounds, their product not: 2 steps per epoch × 60,000,000 epochs.
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--dry-run",
+            "--set",
+            "epochs=60000000",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("epochs 60000000 × 2 optimizer steps"), "{err}");
+    // The largest run allowed, with a checkpoint after every step, is planned without listing
+    // its 99,999,998 checkpoints.
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--dry-run",
+            "--set",
+            "max_train_steps=99999999",
+            "--set",
+            "save_steps=1",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout
+            .contains("step checkpoints: 99999998 of them, after steps 1, 2, 3, 4, 5, … 99999998"),
+        "{stdout}"
+    );
+    assert!(start.elapsed().as_secs() < 60, "{:?}", start.elapsed());
+}
+
+#[test]
+fn a_yaml_alias_bomb_is_refused_by_its_line() {
+    let dir = project("");
+    let mut text_ = std::fs::read_to_string(dir.path().join("train.yaml")).unwrap();
+    text_.push_str("x0: &a0 [a, a, a, a, a, a, a, a, a, a]\n");
+    for i in 1..9 {
+        let p = i - 1;
+        text_.push_str(&format!(
+            "x{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+        ));
+    }
+    std::fs::write(dir.path().join("train.yaml"), text_).unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("train.yaml:") && err.contains("alias"),
+        "{err}"
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn a_named_pipe_or_a_folder_is_refused_instead_of_read() {
+    let dir = project("");
+    let fifo = dir.path().join("pipe.yaml");
+    let status = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(status.success());
+    // Before, a FIFO given as the config (or as network_weights) blocked forever.
+    let out = train(dir.path(), &["--config", "pipe.yaml", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("pipe.yaml") && err.contains("named pipe"),
+        "{err}"
+    );
+    let out = train(dir.path(), &["--config", "/dev/zero", "--dry-run"]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("character device"), "{err}");
+    let out = train(
+        dir.path(),
+        &[
+            "--config",
+            "train.yaml",
+            "--dry-run",
+            "--set",
+            "network_weights=./pipe.yaml",
+        ],
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("pipe.yaml") && err.contains("named pipe"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unquoted_commas_in_captions_are_read_and_counted_in_the_dry_run() {
+    let dir = project("");
+    let csv = dir.path().join("data/shapes/metadata.csv");
+    std::fs::write(
+        &csv,
+        "filename,prompt\nimg0.png,neon city, rain, night\nimg1.png,\"quoted, tags\"\nimg2.png,a, b\n",
+    )
+    .unwrap();
+    let out = train(dir.path(), &["--config", "train.yaml", "--dry-run"]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("2 row(s) of") && stdout.contains("(rows 2, 4)"),
+        "{stdout}"
+    );
+}

@@ -84,6 +84,7 @@ fn all_row_problems_are_reported_at_once_with_row_numbers() {
         b"\x89PNG\r\n\x1a\nnot really",
     )
     .unwrap();
+    std::fs::create_dir(dir.path().join("folder.png")).unwrap();
     write_csv(
         dir.path(),
         "filename,prompt\n\
@@ -97,7 +98,8 @@ fn all_row_problems_are_reported_at_once_with_row_numbers() {
          missing.png,nothing like it\n\
          deep.png,in a subfolder but named without it\n\
          sub/deep.png,right\n\
-         x.png,unquoted, commas\n",
+         x.png,unquoted, commas\n\
+         folder.png,a folder named like an image\n",
     );
     let message = open_error(&spec(dir.path()));
     eprintln!("{message}");
@@ -109,12 +111,15 @@ fn all_row_problems_are_reported_at_once_with_row_numbers() {
         "row 8: `broken.png` cannot be decoded",
         "row 9: `missing.png` not found in train_data_dir",
         "row 10: `deep.png` not found; did you mean `sub/deep.png`?",
-        "row 12: 3 field(s), but the header has 2 column(s); a caption containing commas must be in double quotes",
+        // Unquoted commas in the last column are the caption's own: the row is read, and
+        // only its file is missing.
+        "row 12: `x.png` not found in train_data_dir",
+        "row 13: `folder.png` is a folder, not an image file",
     ];
     for line in expected {
         assert!(message.contains(line), "missing {line:?} in:\n{message}");
     }
-    assert!(message.contains("8 problem(s)"), "{message}");
+    assert!(message.contains("9 problem(s)"), "{message}");
     assert!(
         !message.contains("row 2:") && !message.contains("row 11:"),
         "{message}"

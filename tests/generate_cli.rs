@@ -243,7 +243,30 @@ fn copy_tree(from: &Path, to: &Path) {
 #[test]
 fn bad_input_exits_2_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    loras(dir.path());
+    let (neon, _) = loras(dir.path());
+    // A LoRA whose training diverged: one value NaN.
+    let mut tensors = candle_core::safetensors::load(&neon, &candle_core::Device::Cpu).unwrap();
+    let key = tensors
+        .keys()
+        .find(|k| k.ends_with("lora_up.weight"))
+        .unwrap()
+        .clone();
+    let t = &tensors[&key];
+    let mut values = t
+        .flatten_all()
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    values[0] = f32::NAN;
+    let nan = candle_core::Tensor::from_vec(values, t.dims(), &candle_core::Device::Cpu).unwrap();
+    tensors.insert(key.clone(), nan);
+    let nan_file = dir.path().join("diverged.safetensors");
+    candle_core::safetensors::save(&tensors, &nan_file).unwrap();
+    let nan_file = nan_file.to_str().unwrap().to_string();
+    let nan_weight = format!("{}:nan", neon.display());
+    let nan_key = format!("`{key}` holds NaN");
     let model = fixture("tiny-sd1");
     let model = model.to_str().unwrap();
     let out = dir.path().join("out");
@@ -288,6 +311,29 @@ fn bad_input_exits_2_with_the_reason() {
         (
             vec!["--model", model, "--prompt", "x", "--sampler", "lms"],
             "unknown sampler `lms`",
+        ),
+        (
+            vec!["--model", model, "--prompt", "x", "--cfg", "NaN"],
+            "--cfg: `NaN` is not a finite number",
+        ),
+        (
+            vec!["--model", model, "--prompt", "x", "--lora", &nan_weight],
+            "the weight `nan` is not a finite number",
+        ),
+        (
+            vec![
+                "--model",
+                model,
+                "--prompt",
+                "x <lora:neon:inf>",
+                "--lora-dir",
+                lora_dir,
+            ],
+            "the weight `inf` is not a number",
+        ),
+        (
+            vec!["--model", model, "--prompt", "x", "--lora", &nan_file],
+            &nan_key,
         ),
     ];
     for (mut args, expected) in cases {

@@ -228,6 +228,58 @@ fn fresh_adapters_leave_the_tiny_models_unchanged() {
 }
 
 #[test]
+fn inference_mode_builds_no_graph_and_changes_no_value() {
+    // Previews run the trained model outside the loss: with trainable adapters every sampler
+    // step's output kept the graph of all earlier steps (a 40-step preview grew to gigabytes).
+    let mut s = settings(preset(TargetPreset::Kohya));
+    s.conv_lora = true;
+    s.dropout = 0.3;
+    let nets = networks(&s, 1, DType::F32);
+    let (mut unet, text) = tiny_models(&nets, DType::F32);
+    fill(&nets.adapters(), 5);
+    let (sample, t, ctx) = tiny_inputs(DType::F32);
+    let ids = Tensor::new(&[[998u32, 5, 17, 999, 999]], &Device::Cpu).unwrap();
+    for checkpointing in [false, true] {
+        unet.set_gradient_checkpointing(checkpointing);
+        nets.set_training(true);
+        let trained = unet.forward(&sample, &t, &ctx).unwrap();
+        assert!(
+            trained.track_op(),
+            "training builds the graph backward needs"
+        );
+        assert!(text.forward(&ids).unwrap().track_op());
+        nets.set_training(false);
+        let evaluated = unet.forward(&sample, &t, &ctx).unwrap();
+        {
+            let _inference = nets.inference();
+            let y = unet.forward(&sample, &t, &ctx).unwrap();
+            assert!(
+                !y.track_op(),
+                "checkpointing {checkpointing}: a graph was built"
+            );
+            assert!(!text.forward(&ids).unwrap().track_op());
+            assert_eq!(
+                bits(&y),
+                bits(&evaluated),
+                "the same values, without dropout"
+            );
+        }
+        assert!(unet.forward(&sample, &t, &ctx).unwrap().track_op());
+    }
+    // The guard restores the mode it found (training, here: dropout on again).
+    nets.set_training(true);
+    drop(nets.inference());
+    nets.set_step(1, 0);
+    let dropped = unet.forward(&sample, &t, &ctx).unwrap();
+    nets.set_training(false);
+    let clean = unet.forward(&sample, &t, &ctx).unwrap();
+    assert!(
+        max_diff(&dropped, &clean) > 1e-4,
+        "dropout is on again after the guard"
+    );
+}
+
+#[test]
 fn adapter_gradients_through_the_tiny_unet_match_finite_differences() {
     let mut s = settings(preset(TargetPreset::Default));
     s.conv_lora = true;

@@ -127,6 +127,14 @@ fn kohya_and_diffusers_round_trips_are_bit_exact_in_fp32() {
                 LoraFormat::Diffusers
             }
         );
+        // Only a kohya file says it is a kohya network; a diffusers file says what diffusers
+        // writes (A1111 and kohya would misread the claim, ComfyUI skips its `unet.` keys).
+        let module = file.metadata.get("ss_network_module").map(String::as_str);
+        let marker = file.metadata.get("format").map(String::as_str);
+        match format {
+            SaveFormat::Kohya => assert_eq!((module, marker), (Some("networks.lora"), None)),
+            SaveFormat::Diffusers => assert_eq!((module, marker), (None, Some("pt"))),
+        }
         // The file decides: other settings (rank 8, attn targets) must not matter.
         let mut other = s.clone();
         (other.rank, other.alpha, other.target_modules) = (8, 8.0, preset(TargetPreset::Attn));

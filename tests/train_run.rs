@@ -135,6 +135,7 @@ fn a_tiny_run_learns_and_writes_every_output() {
         names(&out.join("state-step00000008")),
         [
             "adapters.safetensors",
+            "checksums.sha256",
             "config.yaml",
             "optimizer.json",
             "optimizer.safetensors",
@@ -327,6 +328,157 @@ fn a_project_moved_elsewhere_resumes_bit_identical_unless_its_data_changed() {
     run_with(&first, &[], Some("latest")).unwrap();
     let (edited, _) = tensors(&out(&first).join("tiny.safetensors"));
     assert!(whole != edited, "trained on the edited caption");
+}
+
+/// Applies `change` to the file `name` of the state folder `state` and writes the checksums
+/// again, as a state written that way would have them (damage that checksums cannot see).
+fn rewrite_state_file(state: &Path, name: &str, change: impl FnOnce(Vec<u8>) -> Vec<u8>) {
+    use sha2::{Digest, Sha256};
+    let path = state.join(name);
+    std::fs::write(&path, change(std::fs::read(&path).unwrap())).unwrap();
+    let sums_path = state.join("checksums.sha256");
+    let sums: String = std::fs::read_to_string(&sums_path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (_, file) = line.split_once("  ").unwrap();
+            let digest: String = Sha256::digest(std::fs::read(state.join(file)).unwrap())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("{digest}  {file}\n")
+        })
+        .collect();
+    std::fs::write(sums_path, sums).unwrap();
+}
+
+/// Replaces the first `from` in `bytes` with `to` (same length).
+fn patch(mut bytes: Vec<u8>, from: &[u8], to: &[u8]) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .unwrap_or_else(|| panic!("{:?} not found", String::from_utf8_lossy(from)));
+    bytes[at..at + to.len()].copy_from_slice(to);
+    bytes
+}
+
+#[test]
+fn a_damaged_state_is_refused_naming_the_file_and_a_sound_one_resumes() {
+    let dir = project("save_steps: 2\nepochs: 2\n");
+    run_with(dir.path(), &[], None).unwrap();
+    let out = out(dir.path());
+    let state = out.join("state-step00000002");
+    let pristine = dir.path().join("pristine");
+    copy_tree(&state, &pristine);
+    let restore = || {
+        std::fs::remove_dir_all(&state).unwrap();
+        copy_tree(&pristine, &state);
+    };
+    let refused = |needles: &[&str]| {
+        let e = run_with(dir.path(), &[], Some("latest")).unwrap_err();
+        let text = e.report();
+        for needle in needles {
+            assert!(text.contains(needle), "{needle:?} not in: {text}");
+        }
+        assert_eq!(e.exit_code(), 2, "{text}");
+        restore();
+    };
+    let last_byte_flipped = |mut bytes: Vec<u8>| {
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        bytes
+    };
+
+    // Random damage inside the tensor files: the checksums see it.
+    for name in [
+        "adapters.safetensors",
+        "optimizer.safetensors",
+        "state.json",
+    ] {
+        let path = state.join(name);
+        std::fs::write(&path, last_byte_flipped(std::fs::read(&path).unwrap())).unwrap();
+        refused(&[name, "does not match its checksum"]);
+    }
+    std::fs::remove_file(state.join("checksums.sha256")).unwrap();
+    refused(&["checksums.sha256: missing"]);
+
+    // Damage with matching checksums (as if written so): each is still refused by name.
+    rewrite_state_file(&state, "adapters.safetensors", |bytes| {
+        let n = bytes.len();
+        let mut bytes = bytes;
+        bytes[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        bytes
+    });
+    refused(&["adapters.safetensors", "NaN or infinite"]);
+    rewrite_state_file(&state, "optimizer.json", |bytes| {
+        let text = String::from_utf8(bytes).unwrap();
+        let at = text.find(": 2").expect("a step count of 2");
+        format!("{}: 0{}", &text[..at], &text[at + 3..]).into_bytes()
+    });
+    refused(&["optimizer.json", "step count of 0"]);
+    rewrite_state_file(&state, "state.json", |b| {
+        patch(b, b"\"step\": 2,", b"\"step\": 7,")
+    });
+    refused(&["state.json says step 7", "named for step 2"]);
+
+    // An image whose pixels changed in place, under the same name.
+    let image = dir.path().join("data/img2.png");
+    let original = std::fs::read(&image).unwrap();
+    image::RgbImage::from_pixel(64, 64, image::Rgb([9, 9, 9]))
+        .save(&image)
+        .unwrap();
+    refused(&["`img2.png`", "changed since the state was written"]);
+    std::fs::write(&image, original).unwrap();
+
+    // A state of the format before checksums is read with a note; a whole one resumes.
+    std::fs::remove_file(state.join("checksums.sha256")).unwrap();
+    let manifest = state.join("state.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(&manifest, text.replace("\"format\": 2", "\"format\": 1")).unwrap();
+    let report = run_with(dir.path(), &[], Some("latest")).unwrap();
+    assert_eq!(report.summary.resumed_from_step, Some(2));
+    restore();
+    let report = run_with(dir.path(), &[], Some("latest")).unwrap();
+    assert_eq!(report.summary.resumed_from_step, Some(2));
+}
+
+#[test]
+fn continuing_from_a_file_reports_the_layout_the_file_decides() {
+    // A kohya-style file: every attention and feed-forward layer, rank 2, alpha 1.
+    let first = project("lora_rank: 2\nlora_alpha: 1\ntarget_modules: kohya\nepochs: 1\n");
+    run_with(first.path(), &[], None).unwrap();
+    let file = out(first.path()).join("tiny.safetensors");
+    // Continued under a config that says rank 4, alpha 4 (default targets q/v).
+    let second = project(&format!(
+        "network_weights: {}\nlora_alpha: 4\nepochs: 1\n",
+        file.display()
+    ));
+    let plan = TrainPlan::load(&second.path().join("config.yaml"), &[]).unwrap();
+    let plan_text = Preflight::check(plan).unwrap().to_string();
+    assert!(
+        plan_text.contains("rank 2, alpha 1, dropout 0: the file decides"),
+        "{plan_text}"
+    );
+    assert!(
+        plan_text.contains("to_out.0") && !plan_text.contains("rank 4"),
+        "{plan_text}"
+    );
+    run_with(second.path(), &[], None).unwrap();
+    let (_, meta) = tensors(&out(second.path()).join("tiny.safetensors"));
+    assert_eq!(meta["ss_network_dim"], "2");
+    assert_eq!(meta["ss_network_alpha"], "1.0");
+    let args: serde_json::Value = serde_json::from_str(&meta["ss_network_args"]).unwrap();
+    let targets = args["target_modules"].as_str().unwrap();
+    assert!(
+        targets.contains("to_k") && targets.contains("proj_in"),
+        "{targets}"
+    );
+    let config = std::fs::read_to_string(out(second.path()).join("config.yaml")).unwrap();
+    assert!(
+        config.contains("# network_weights (") && config.contains("rank 2, alpha 1 on"),
+        "{config}"
+    );
 }
 
 #[test]

@@ -63,6 +63,7 @@ fn setup_in(dir: &Path, extra: &str, half: Option<DType>) -> (Trainer, Dataset, 
         &compute,
         &dataset,
         None,
+        None,
         DisplayMode::Quiet,
     )
     .unwrap();

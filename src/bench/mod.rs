@@ -376,13 +376,7 @@ pub fn build_unet(
     Ok((unet, networks))
 }
 
-/// Peak resident set size of this process (`VmHWM` in `/proc/self/status`), bytes.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use crate::log::memory::peak_rss_bytes;
 
 /// Runs our side: builds the model, counts one forward's FLOPs, then `warmup + steps` optimizer
 /// steps (forward, loss, backward, AdamW), timing the last `steps`.

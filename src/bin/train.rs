@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lora_trainer::config::TrainPlan;
+use lora_trainer::log::memory::gib;
 use lora_trainer::log::DisplayMode;
 use lora_trainer::plan::Preflight;
 use lora_trainer::train::interrupt::install_stop_handler;
@@ -67,7 +68,12 @@ fn run(args: &Args) -> lora_trainer::Result<ExitCode> {
     let report = train(preflight, &options)?;
     match report.end {
         RunEnd::Finished { lora } => {
-            eprintln!("done: {}", lora.display());
+            let peak = report
+                .summary
+                .peak_memory_bytes
+                .map(|b| format!(" (peak memory {})", gib(b)))
+                .unwrap_or_default();
+            eprintln!("done: {}{peak}", lora.display());
             Ok(ExitCode::SUCCESS)
         }
         RunEnd::Interrupted { state: Some(state) } => {

@@ -8,7 +8,8 @@ use super::choices::{
     SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 use super::fields::{
-    choice, count, flag, non_negative, number, positive, rate, small_count, text, Fields,
+    choice, count, count_up_to, flag, non_negative, number, positive, rate, small_count, text,
+    Fields,
 };
 use super::plan::{
     LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
@@ -19,6 +20,13 @@ use crate::dataset::DatasetSpec;
 use crate::generate::preview::SamplePrompt;
 use crate::generate::samplers::SamplerKind;
 use crate::models::source::is_hub_id;
+
+/// The most optimizer steps a run may make: step numbers are written with eight digits in the
+/// names of step checkpoints and states (`state-step00000100`), and no LoRA needs more.
+pub const MAX_STEPS: usize = 99_999_999;
+/// Why [`MAX_STEPS`] is the limit, for messages.
+pub const STEPS_WHY: &str =
+    "a run makes at most 99,999,999 optimizer steps (LoRAs train for hundreds to a few thousand)";
 
 /// Reads every key; the plan, or every problem found.
 pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan> {
@@ -250,14 +258,11 @@ fn training(f: &mut Fields) -> TrainingSettings {
     let gradient_accumulation_steps = f
         .get("gradient_accumulation_steps", &[], count(1))
         .unwrap_or(1);
+    let steps = count_up_to(1, MAX_STEPS, STEPS_WHY);
     let epochs = f
-        .get(
-            "epochs",
-            &["max_train_epochs", "num_train_epochs"],
-            count(1),
-        )
+        .get("epochs", &["max_train_epochs", "num_train_epochs"], &steps)
         .unwrap_or(10);
-    let max_train_steps = f.get("max_train_steps", &[], count(1));
+    let max_train_steps = f.get("max_train_steps", &[], &steps);
     let learning_rate = f.get("learning_rate", &[], positive).unwrap_or(1e-4);
     let unet_lr = f.get("unet_lr", &[], positive).unwrap_or(learning_rate);
     let text_encoder_lr = f

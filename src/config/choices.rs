@@ -95,6 +95,22 @@ choice!(
     }
 );
 
+impl SaveFormat {
+    /// The tools that load a file of this format, for the plan and the README.
+    pub fn clients(self) -> &'static str {
+        match self {
+            SaveFormat::Kohya => {
+                "for A1111/Forge, ComfyUI, kohya sd-scripts and diffusers (whose automatic \
+                 loading needs more than q/v on the text encoder)"
+            }
+            SaveFormat::Diffusers => {
+                "for diffusers and PEFT only: A1111, ComfyUI and kohya do not load this format \
+                 (use `save_format: kohya` for them)"
+            }
+        }
+    }
+}
+
 choice!(
     /// Where training curves go.
     LogWith, "logger", case_insensitive = false, {

@@ -220,6 +220,21 @@ pub fn count(min: usize) -> impl Fn(&Value) -> Result<usize, String> {
     }
 }
 
+/// A count from `min` to `max` (`max` said in the message with its reason).
+pub fn count_up_to(
+    min: usize,
+    max: usize,
+    why: &'static str,
+) -> impl Fn(&Value) -> Result<usize, String> {
+    move |v| {
+        let n = count(min)(v)?;
+        if n > max {
+            return Err(format!("{n} is more than {max}: {why}"));
+        }
+        Ok(n)
+    }
+}
+
 /// Like [`count`], for values the dataset keeps as `u32` (pixels, repeats, ranks).
 pub fn small_count(min: u32) -> impl Fn(&Value) -> Result<u32, String> {
     move |v| {

@@ -17,6 +17,7 @@ mod yaml;
 
 use std::path::Path;
 
+pub use build::{MAX_STEPS, STEPS_WHY};
 pub use choices::{
     DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
     SavePrecision, TargetModules, TargetPreset, Warmup,
@@ -35,10 +36,11 @@ impl TrainPlan {
     /// Reads the config file and applies `--set key=value` overrides; relative paths start at the
     /// current directory.
     pub fn load(config_path: &Path, overrides: &[String]) -> crate::Result<TrainPlan> {
-        let text = std::fs::read_to_string(config_path).map_err(|source| ConfigError::Read {
-            path: config_path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::files::read_text(config_path, crate::files::TEXT_LIMIT, "a config file")
+            .map_err(|source| ConfigError::Read {
+                path: config_path.to_path_buf(),
+                source,
+            })?;
         let cwd = std::env::current_dir().map_err(|e| crate::Error::io(".", e))?;
         Ok(TrainPlan::from_yaml(&text, config_path, overrides, &cwd)?)
     }

@@ -8,6 +8,13 @@
 use saphyr_parser::{Event, Parser, ScalarStyle, ScanError, Span};
 use std::collections::HashMap;
 
+/// The deepest nesting of lists and mappings a config may have (a real one has three levels).
+pub const MAX_DEPTH: usize = 64;
+/// The most values (scalars, lists, mappings) a config may hold once its `*alias` references
+/// are expanded: an alias copies its anchor's value, so a few lines of nested aliases can stand
+/// for billions of values ("billion laughs").
+pub const MAX_VALUES: usize = 100_000;
+
 /// One YAML node.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -123,6 +130,14 @@ pub fn parse(text: &str) -> Result<Value, SyntaxError> {
 /// Prefers serde_yaml's wording and position for a syntax error (it is what YAML users know from
 /// other tools); falls back on saphyr's when serde_yaml accepts the text.
 fn syntax_error(text: &str, e: &ScanError) -> SyntaxError {
+    if e.info().contains("recursion limit") {
+        // Both parsers stop deep nesting at their own limit, with a message about their code.
+        return SyntaxError {
+            message: too_deep(),
+            line: e.marker().line(),
+            column: e.marker().col() + 1,
+        };
+    }
     if let Err(serde_err) = serde_yaml::from_str::<serde_yaml::Value>(text) {
         if let Some(at) = serde_err.location() {
             let message = serde_err.to_string();
@@ -143,6 +158,10 @@ fn syntax_error(text: &str, e: &ScanError) -> SyntaxError {
     }
 }
 
+fn too_deep() -> String {
+    format!("lists and mappings are nested more than {MAX_DEPTH} levels deep; a config needs three at most")
+}
+
 /// A collection being read, with the anchor it will be stored under (0 = none).
 enum Frame {
     Seq {
@@ -159,10 +178,15 @@ enum Frame {
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    anchors: HashMap<usize, Value>,
+    /// Each anchored value with the number of values it holds (itself included).
+    anchors: HashMap<usize, (Value, usize)>,
     root: Option<Value>,
     /// Documents seen so far: a config holds one.
     documents: usize,
+    /// Values made so far, aliases counted at their expanded size ([`MAX_VALUES`]).
+    values: usize,
+    /// For each open collection, `values` when it started (to size it for its anchor).
+    started_at: Vec<usize>,
 }
 
 impl Builder {
@@ -181,29 +205,33 @@ impl Builder {
                 }
             }
             Event::Scalar(text, style, anchor, _tag) => {
+                self.count(1, line, span)?;
                 let quoted = style != ScalarStyle::Plain;
                 let value = Value::Scalar {
                     text: text.into_owned(),
                     quoted,
                 };
-                self.remember(anchor, &value);
+                self.remember(anchor, &value, 1);
                 self.push(value, line, span)?;
             }
             Event::Alias(id) => {
-                let value = self
+                let (value, size) = self
                     .anchors
                     .get(&id)
                     .cloned()
-                    .unwrap_or_else(|| Value::plain(""));
+                    .unwrap_or_else(|| (Value::plain(""), 1));
+                self.count(size, line, span)?;
                 self.push(value, line, span)?;
             }
             Event::SequenceStart(anchor, _) => {
+                self.open(line, span)?;
                 self.stack.push(Frame::Seq {
                     items: Vec::new(),
                     anchor,
                 });
             }
             Event::MappingStart(anchor, _) => {
+                self.open(line, span)?;
                 self.stack.push(Frame::Map {
                     entries: Vec::new(),
                     pending_key: None,
@@ -218,7 +246,8 @@ impl Builder {
                     }) => (Value::Map(entries), anchor),
                     None => return Ok(()),
                 };
-                self.remember(anchor, &value);
+                let started = self.started_at.pop().unwrap_or(0);
+                self.remember(anchor, &value, self.values - started);
                 self.push(value, line, span)?;
             }
             Event::StreamStart | Event::StreamEnd | Event::DocumentEnd | Event::Nothing => {}
@@ -226,10 +255,41 @@ impl Builder {
         Ok(())
     }
 
-    fn remember(&mut self, anchor: usize, value: &Value) {
+    fn remember(&mut self, anchor: usize, value: &Value, size: usize) {
         if anchor != 0 {
-            self.anchors.insert(anchor, value.clone());
+            self.anchors.insert(anchor, (value.clone(), size));
         }
+    }
+
+    /// A list or mapping begins: one value more, one level deeper ([`MAX_DEPTH`]).
+    fn open(&mut self, line: usize, span: Span) -> Result<(), SyntaxError> {
+        self.count(1, line, span)?;
+        if self.stack.len() >= MAX_DEPTH {
+            return Err(SyntaxError {
+                message: too_deep(),
+                line,
+                column: span.start.col() + 1,
+            });
+        }
+        self.started_at.push(self.values - 1);
+        Ok(())
+    }
+
+    /// `size` more values ([`MAX_VALUES`]).
+    fn count(&mut self, size: usize, line: usize, span: Span) -> Result<(), SyntaxError> {
+        self.values = self.values.saturating_add(size);
+        if self.values > MAX_VALUES {
+            return Err(SyntaxError {
+                message: format!(
+                    "the config holds more than {MAX_VALUES} values once its `*alias` references \
+                     are expanded; a config needs a few dozen (is an alias repeated inside \
+                     another?)"
+                ),
+                line,
+                column: span.start.col() + 1,
+            });
+        }
+        Ok(())
     }
 
     /// Adds a finished node to the collection being read (or makes it the document).
@@ -348,6 +408,43 @@ mod tests {
         assert!(!err.message.is_empty());
         let err = parse("a: 1\n  b: 2\n").unwrap_err();
         assert_eq!(err.line, 2, "{err:?}");
+    }
+
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_refused_quickly() {
+        // Nine levels of ten aliases each: 10^9 values once expanded, from 300 bytes.
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "a{i}: &a{i} [*a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}, *a{p}]\n"
+            ));
+        }
+        let start = std::time::Instant::now();
+        let err = parse(&text).unwrap_err();
+        assert!(err.message.contains("alias"), "{err:?}");
+        assert_eq!(err.line, 5, "{err:?}");
+        // Aliases that stay small are fine.
+        assert!(parse("a: &a [1, 2]\nb: [*a, *a, *a]\n").is_ok());
+
+        let deep = format!("a: {}1{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let err = parse(&deep).unwrap_err();
+        assert!(err.message.contains("nested"), "{err:?}");
+        let deep_block: String = (0..70)
+            .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+            .collect();
+        let err = parse(&deep_block).unwrap_err();
+        assert!(err.message.contains("nested"), "{err:?}");
+        assert!(parse(
+            &"[".repeat(10)
+                .chars()
+                .chain("]".repeat(10).chars())
+                .collect::<String>()
+        )
+        .is_ok());
+        // Both refusals are immediate (before, the bomb exhausted memory and the nesting took
+        // minutes); a generous bound that only a runaway parse can exceed.
+        assert!(start.elapsed().as_secs() < 10, "{:?}", start.elapsed());
     }
 
     #[test]

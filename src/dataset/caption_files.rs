@@ -33,7 +33,7 @@ pub enum CaptionText {
 /// Reads one caption file: UTF-8 with or without BOM; the first non-empty line is the caption
 /// (kohya reads only the first line too; `extra_lines` reports whether more followed).
 pub fn read_caption(path: &Path, shown_name: &str) -> CaptionText {
-    let bytes = match std::fs::read(path) {
+    let bytes = match crate::files::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return CaptionText::Problem(format!("no caption file `{shown_name}`"))

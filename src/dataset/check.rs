@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::caption_files::{caption_name, caption_path, read_caption, CaptionText};
-use super::decode::decode_oriented;
+use super::decode::{decode_oriented_bytes, read_image_file};
 use super::listing::{normalize_name, ImageFolder, IMAGE_EXTENSIONS};
 use super::metadata::read_metadata;
 use super::{CaptionSource, DatasetError, DatasetSpec};
@@ -24,6 +24,8 @@ pub struct CheckedImage {
     pub caption: String,
     /// Size after EXIF orientation.
     pub size: (u32, u32),
+    /// SHA-256 of the file's bytes, hex.
+    pub digest: String,
 }
 
 /// The result of a successful check.
@@ -33,6 +35,10 @@ pub struct Checked {
     pub source: CaptionSource,
     pub warnings: Vec<String>,
 }
+
+/// What decoding an image file found: its size after EXIF orientation and the SHA-256 of its
+/// bytes.
+type Decoded = ((u32, u32), String);
 
 /// An image to decode, with where it came from (a CSV row or a caption file).
 struct Candidate {
@@ -92,16 +98,20 @@ pub fn check(spec: &DatasetSpec) -> Result<Checked, DatasetError> {
         }
     };
 
-    let decoded: Vec<Result<(u32, u32), String>> = candidates
+    let decoded: Vec<Result<Decoded, String>> = candidates
         .par_iter()
-        .map(|c| decode_oriented(&c.path).map(|image| (image.width(), image.height())))
+        .map(|c| {
+            let bytes = read_image_file(&c.path)?;
+            let image = decode_oriented_bytes(&bytes)?;
+            Ok(((image.width(), image.height()), sha256_hex(&bytes)))
+        })
         .collect();
     let listed = candidates.len();
     let mut images = Vec::with_capacity(listed);
     let mut skipped = Vec::new();
     for (candidate, result) in candidates.into_iter().zip(decoded) {
         match result {
-            Ok(size) => images.push((candidate.order, candidate, size)),
+            Ok(found) => images.push((candidate.order, candidate, found)),
             Err(reason) => {
                 let message = format!("{}`{}` {reason}", candidate.label, candidate.name);
                 if spec.skip_invalid_images {
@@ -141,12 +151,13 @@ pub fn check(spec: &DatasetSpec) -> Result<Checked, DatasetError> {
     images.sort_by_key(|(order, _, _)| *order);
     let images = images
         .into_iter()
-        .map(|(_, c, size)| CheckedImage {
+        .map(|(_, c, (size, digest))| CheckedImage {
             name: c.name,
             path: c.path,
             row: c.row,
             caption: c.caption,
             size,
+            digest,
         })
         .collect();
     Ok(Checked {
@@ -202,6 +213,18 @@ fn from_metadata(
             ));
         }
         let image_path = folder.path_of(&name);
+        if let Ok(metadata) = std::fs::metadata(&image_path) {
+            if !metadata.is_file() {
+                problems.push((
+                    n,
+                    format!(
+                        "row {n}: `{name}` is {}, not an image file",
+                        crate::files::kind_of(&metadata)
+                    ),
+                ));
+                continue;
+            }
+        }
         if !image_path.is_file() {
             let message = match folder.suggest(&name) {
                 Some(found) => {
@@ -235,6 +258,24 @@ fn from_metadata(
             "{} image(s) in train_data_dir are not listed in {file} and will not be used: {}",
             unlisted.len(),
             preview(&unlisted)
+        ));
+    }
+    if !metadata.rejoined_rows.is_empty() {
+        let rows = &metadata.rejoined_rows;
+        let mut shown: Vec<String> = rows
+            .iter()
+            .take(NAMES_SHOWN)
+            .map(usize::to_string)
+            .collect();
+        if rows.len() > NAMES_SHOWN {
+            shown.push(format!("and {} more", rows.len() - NAMES_SHOWN));
+        }
+        warnings.push(format!(
+            "{} row(s) of {} have commas outside double quotes in the caption (rows {}); the \
+             caption is the last column, so each was read as one caption with its commas",
+            rows.len(),
+            path.display(),
+            shown.join(", ")
         ));
     }
     let source = CaptionSource::Metadata {
@@ -289,6 +330,15 @@ fn from_caption_files(
         ));
     }
     candidates
+}
+
+/// The SHA-256 of `bytes`, hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// `` `a`, `b`, `c` and 4 more ``.

@@ -10,8 +10,13 @@ use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
 /// Decodes a file (the format is sniffed from its bytes, not its extension) and applies its
 /// EXIF orientation. The error is a sentence for the user, without the file name.
 pub fn decode_oriented(path: &Path) -> Result<DynamicImage, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot be read: {e}"))?;
-    decode_oriented_bytes(&bytes)
+    decode_oriented_bytes(&read_image_file(path)?)
+}
+
+/// The bytes of an image file (a regular file only: see [`crate::files`]); the error is the
+/// reason, to follow the file's name.
+pub fn read_image_file(path: &Path) -> Result<Vec<u8>, String> {
+    crate::files::read(path).map_err(|e| format!("cannot be read: {e}"))
 }
 
 /// [`decode_oriented`] on bytes already in memory.

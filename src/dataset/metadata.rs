@@ -5,6 +5,11 @@
 //! spaces do not matter, other columns are ignored. Fields follow RFC 4180 (commas, quotes and
 //! line breaks inside double quotes); the file is UTF-8 with or without a BOM, with CRLF or LF
 //! line ends. Rows are numbered as a spreadsheet shows them: the header is row 1.
+//!
+//! Tag-style captions are full of commas and people write these files by hand, so a row with
+//! more fields than the header is read as a caption with unquoted commas when the caption is the
+//! last column (the extra fields can be nothing else); the rows read that way are counted for the
+//! dry run. When the caption column is not the last, such a row is ambiguous and refused.
 
 use std::path::Path;
 
@@ -38,13 +43,16 @@ pub struct Metadata {
     pub rows: Vec<MetadataRow>,
     /// `(row, message)` for rows that cannot be used at all (bad UTF-8, wrong field count).
     pub problems: Vec<(usize, String)>,
+    /// Rows whose caption held unquoted commas: the caption is the last column, so the fields
+    /// past it were joined back into it (`img.png,neon city, rain, night`).
+    pub rejoined_rows: Vec<usize>,
 }
 
 /// Reads and parses a metadata file. Problems with single rows are collected in
 /// [`Metadata::problems`]; a missing or empty file, a header without the needed columns, or a
 /// header without rows are errors.
 pub fn read_metadata(path: &Path) -> Result<Metadata, DatasetError> {
-    let bytes = std::fs::read(path).map_err(|e| {
+    let bytes = crate::files::read(path).map_err(|e| {
         DatasetError::Invalid(format!(
             "metadata_path `{}` cannot be read: {e}; it should be a CSV file with a header `filename,prompt`",
             path.display()
@@ -144,13 +152,36 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<Metadata, String> {
             .collect(),
         rows: Vec::new(),
         problems: Vec::new(),
+        rejoined_rows: Vec::new(),
     };
     let needed = file_index.max(caption_index) + 1;
+    let caption_is_last = caption_index + 1 == header.len();
     for (row, record) in &records[1..] {
         let row = *row;
+        if record.len() > header.len() && caption_is_last {
+            let file_name = std::str::from_utf8(&record[file_index]);
+            let parts: Result<Vec<&str>, _> = record
+                .iter()
+                .skip(caption_index)
+                .map(std::str::from_utf8)
+                .collect();
+            match (file_name, parts) {
+                (Ok(file_name), Ok(parts)) => {
+                    metadata.rows.push(MetadataRow {
+                        row,
+                        file_name: file_name.to_string(),
+                        caption: parts.join(",").trim().to_string(),
+                    });
+                    metadata.rejoined_rows.push(row);
+                }
+                _ => metadata.problems.push((row, NOT_UTF8.to_string())),
+            }
+            continue;
+        }
         if record.len() != header.len() {
             let hint = if record.len() > header.len() {
-                "; a caption containing commas must be in double quotes: `a.png,\"neon, city\"`"
+                "; the caption column is not the last, so a caption containing commas must be \
+                 in double quotes: `a.png,\"neon, city\"`"
             } else {
                 ""
             };
@@ -173,15 +204,14 @@ pub fn parse_metadata(bytes: &[u8]) -> Result<Metadata, String> {
                 file_name,
                 caption: caption.trim().to_string(),
             }),
-            _ => metadata.problems.push((
-                row,
-                "not valid UTF-8; save the file as UTF-8 (\"CSV UTF-8\" in spreadsheet programs)"
-                    .to_string(),
-            )),
+            _ => metadata.problems.push((row, NOT_UTF8.to_string())),
         }
     }
     Ok(metadata)
 }
+
+const NOT_UTF8: &str =
+    "not valid UTF-8; save the file as UTF-8 (\"CSV UTF-8\" in spreadsheet programs)";
 
 #[cfg(test)]
 mod tests {
@@ -238,13 +268,49 @@ mod tests {
     #[test]
     fn row_numbers_count_spreadsheet_rows() {
         // A caption spanning two lines is one row; a blank line is a row in a spreadsheet.
-        let m = parse_metadata(b"filename,prompt\na.png,\"two\nlines\"\n\nb.png,x\nc.png,y,z\n")
-            .unwrap();
-        assert_eq!(rows(&m), [(2, "a.png", "two\nlines"), (4, "b.png", "x")]);
+        let m =
+            parse_metadata(b"filename,prompt\na.png,\"two\nlines\"\n\nb.png,x\nc.png,y\n").unwrap();
+        assert_eq!(
+            rows(&m),
+            [
+                (2, "a.png", "two\nlines"),
+                (4, "b.png", "x"),
+                (5, "c.png", "y")
+            ]
+        );
+        assert!(m.problems.is_empty());
+    }
+
+    #[test]
+    fn unquoted_commas_in_a_last_caption_column_are_the_caption_s_own() {
+        let m = parse_metadata(
+            b"filename,prompt\nimg01.jpg,neon city, rain, night\nimg02.jpg,\"quoted, tags\"\nimg03.jpg,a,\"b, c\",d\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rows(&m),
+            [
+                (2, "img01.jpg", "neon city, rain, night"),
+                (3, "img02.jpg", "quoted, tags"),
+                (4, "img03.jpg", "a,b, c,d"),
+            ]
+        );
+        assert_eq!(m.rejoined_rows, [2, 4]);
+        assert!(m.problems.is_empty());
+        let m = parse_metadata(b"id,file_name,text\n1,a.png,one, two\n").unwrap();
+        assert_eq!(rows(&m), [(2, "a.png", "one, two")]);
+        let m = parse_metadata(b"filename,prompt\na.png,x,\xFF\n").unwrap();
+        assert!(m.rows.is_empty() && m.problems[0].1.contains("UTF-8"));
+    }
+
+    #[test]
+    fn extra_fields_are_refused_when_the_caption_is_not_the_last_column() {
+        let m = parse_metadata(b"prompt,filename\nneon city, rain,a.png\n").unwrap();
+        assert!(m.rows.is_empty());
         assert_eq!(m.problems.len(), 1);
-        assert_eq!(m.problems[0].0, 5);
+        assert_eq!(m.problems[0].0, 2);
         assert!(
-            m.problems[0].1.contains("double quotes"),
+            m.problems[0].1.contains("double quotes") && m.problems[0].1.contains("not the last"),
             "{}",
             m.problems[0].1
         );

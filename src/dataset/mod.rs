@@ -140,6 +140,8 @@ pub struct TrainingImage {
     pub bucket: BucketSize,
     /// The size it is resized to before cropping: covers the bucket, aspect kept.
     pub resized: (u32, u32),
+    /// SHA-256 of the file's bytes when it was checked, hex.
+    pub digest: String,
 }
 
 /// A checked dataset: images with captions and buckets, ready to be batched.
@@ -195,6 +197,7 @@ impl Dataset {
                     size: c.size,
                     bucket,
                     resized: transform::cover_size(c.size, bucket),
+                    digest: c.digest,
                 }
             })
             .collect();
@@ -290,13 +293,15 @@ impl Dataset {
     }
 
     /// A digest of what the run trains on, wherever the folder is: each image's name
-    /// (relative to `train_data_dir`), caption, size and bucket, in order. A resumed run
+    /// (relative to `train_data_dir`), bytes, caption, size and bucket, in order. A resumed run
     /// compares it with the state's, so that a moved project folder is recognised.
     pub fn fingerprint(&self) -> String {
         use sha2::{Digest, Sha256};
         let mut hash = Sha256::new();
         for image in &self.images {
             hash.update(image.name.as_bytes());
+            hash.update([0]);
+            hash.update(image.digest.as_bytes());
             hash.update([0]);
             hash.update(image.caption.as_bytes());
             hash.update([0]);
@@ -305,6 +310,15 @@ impl Dataset {
             }
         }
         hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Each image's name (relative to `train_data_dir`) with the SHA-256 of its bytes, for a
+    /// resumed run to name the images that changed.
+    pub fn image_digests(&self) -> std::collections::BTreeMap<String, String> {
+        self.images
+            .iter()
+            .map(|i| (i.name.clone(), i.digest.clone()))
+            .collect()
     }
 
     /// How often each caption tag occurs in the raw captions (split on commas, trimmed), for the

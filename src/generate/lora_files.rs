@@ -28,7 +28,14 @@ impl LoraUse {
     pub fn from_arg(arg: &str) -> Result<LoraUse> {
         let (path, weight) = match arg.rsplit_once(':') {
             Some((path, w)) if !path.is_empty() => match w.trim().parse::<f64>() {
-                Ok(weight) => (path, weight),
+                Ok(weight) if weight.is_finite() => (path, weight),
+                Ok(_) => {
+                    return Err(GenerateError::new(
+                        format!("--lora {arg}"),
+                        format!("the weight `{w}` is not a finite number; write FILE:0.8"),
+                    )
+                    .into())
+                }
                 Err(_) => (arg, 1.0),
             },
             _ => (arg, 1.0),
@@ -98,7 +105,7 @@ pub struct LoadedLora {
 
 impl LoadedLora {
     pub fn read(usage: &LoraUse) -> Result<LoadedLora> {
-        let bytes = std::fs::read(&usage.path).map_err(|e| Error::io(&usage.path, e))?;
+        let bytes = crate::files::read(&usage.path).map_err(|e| Error::io(&usage.path, e))?;
         let file = LoraFile::from_bytes(&usage.path, &bytes)?;
         let hash = file
             .metadata
@@ -227,7 +234,7 @@ fn collect_safetensors(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 /// The `ss_output_name` in a safetensors header, read without reading the tensors.
 fn output_name(path: &Path) -> Option<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
+    let mut file = crate::files::open(path).ok()?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).ok()?;
     let len = u64::from_le_bytes(len);

@@ -75,9 +75,13 @@ impl SamplePrompt {
                 "d" => sample.seed = Some(number("seed")?),
                 "s" => sample.steps = number("number of steps")?.clamp(1, 1000) as usize,
                 "l" => {
-                    sample.cfg_scale = value.parse::<f64>().map_err(|_| {
-                        format!("`--l {value}`: the CFG scale must be a number such as 7.5")
-                    })?
+                    sample.cfg_scale = value
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|x| x.is_finite())
+                        .ok_or_else(|| {
+                            format!("`--l {value}`: the CFG scale must be a number such as 7.5")
+                        })?
                 }
                 "n" => sample.negative_prompt = value.to_string(),
                 "ss" => sample.sampler = Some(value.parse::<SamplerKind>()?),
@@ -107,10 +111,27 @@ impl SamplePrompt {
         Ok(prompts)
     }
 
-    /// The prompts of a `sample_prompts` file (`.txt`, one per line).
+    /// The prompts of a `sample_prompts` file (`.txt`, one per line); a file that cannot be
+    /// read is the user's to fix (exit status 2), named with the key.
     pub fn read_file(path: &Path) -> Result<Vec<Self>> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::files::read_text(path, crate::files::TEXT_LIMIT, "a prompt file")
+            .map_err(|e| {
+                GenerateError::new(
+                    format!("sample_prompts `{}`", path.display()),
+                    format!("cannot be read: {e}; give a text file with one prompt per line"),
+                )
+            })?;
         SamplePrompt::parse_lines(&text, &path.display().to_string())
+    }
+
+    /// The prompts `sample_prompts` gives: a file's lines or the config's own list.
+    pub fn from_config(source: &crate::config::SamplePrompts) -> Result<Vec<Self>> {
+        match source {
+            crate::config::SamplePrompts::File(path) => SamplePrompt::read_file(path),
+            crate::config::SamplePrompts::Lines(lines) => {
+                SamplePrompt::parse_lines(&lines.join("\n"), "sample_prompts")
+            }
+        }
     }
 }
 

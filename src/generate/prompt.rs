@@ -90,12 +90,14 @@ fn lora_tag(text: &str, args: &str) -> Result<LoraTag> {
         return Err(bad("the tag names no LoRA; write <lora:name:weight>".to_string()).into());
     }
     let number = |what: &str, value: &str| -> Result<f64> {
-        value.trim().parse::<f64>().map_err(|_| {
-            bad(format!(
+        // Rust reads `nan` and `inf` as numbers; a weight must be a finite one.
+        match value.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() => Ok(x),
+            _ => Err(bad(format!(
                 "the {what} `{value}` is not a number; write <lora:{name}:0.8>"
             ))
-            .into()
-        })
+            .into()),
+        }
     };
     let mut te = match positional.get(1) {
         Some(v) => number("weight", v)?,

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use super::error::GenerateError;
 use super::lora_files::{LoadedLora, LoraUse};
 use super::lora_stack::LoraStack;
 use super::output::{image_file_name, next_sequence_number};
@@ -60,6 +61,16 @@ pub trait GenerateProgress {
 
 /// Runs `generate`; returns the files written.
 pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Result<Vec<PathBuf>> {
+    if !options.cfg_scale.is_finite() {
+        return Err(GenerateError::new(
+            "--cfg",
+            format!(
+                "`{}` is not a finite number; the guidance scale is usually 5 to 9 (1 = none)",
+                options.cfg_scale
+            ),
+        )
+        .into());
+    }
     let parsed = parse_prompt(&options.prompt)?;
     for tag in &parsed.ignored {
         progress.note(&format!(
@@ -226,7 +237,7 @@ fn model_identity(model: &str, options: &LoadOptions) -> Result<(String, Option<
 /// The sha256 (hex) of a file, read in blocks.
 fn file_sha256(path: &Path) -> Result<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut file = crate::files::open(path).map_err(|e| Error::io(path, e))?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 20];
     loop {

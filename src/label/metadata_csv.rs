@@ -10,7 +10,7 @@
 //! file.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::dataset::{normalize_name, parse_metadata, DatasetError, CAPTION_COLUMNS, FILE_COLUMNS};
 use crate::{Error, Result};
@@ -334,29 +334,9 @@ pub fn verify(
     Ok(())
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "metadata.csv".to_string());
-    let temporary = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        use std::io::Write;
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&temporary, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&temporary);
-        Error::io(path, e)
-    })
+    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
@@ -486,7 +466,7 @@ mod tests {
                 &b"name,caption\na.png,x\n"[..],
                 "does not name a file-name column",
             ),
-            (&b"filename,prompt\na.png,x,extra\n"[..], "row 2"),
+            (&b"prompt,filename\nx,extra,a.png\n"[..], "row 2"),
             (&b"filename,prompt\na.png,\xFF\n"[..], "UTF-8"),
         ] {
             let err = ExistingMetadata::parse(text.to_vec(), "data/m.csv")

@@ -9,6 +9,7 @@ pub mod crc32c;
 pub mod event;
 pub mod event_reader;
 pub mod loss;
+pub mod memory;
 pub mod progress;
 pub mod record;
 pub mod startup;

@@ -22,8 +22,9 @@ pub struct StartupFacts {
     pub repeats: u32,
     pub lora_modules: usize,
     pub lora_parameters: u64,
-    pub rank: u32,
-    pub alpha: f32,
+    /// The adapters' ranks and alphas as built: `rank 8, alpha 4`, or with where they come
+    /// from (`…, from network_weights`).
+    pub adapters: String,
     pub total_steps: u64,
     pub epochs: u64,
     /// The step a resumed run continues from.
@@ -48,11 +49,10 @@ impl StartupFacts {
                 thousands(samples)
             ),
             format!(
-                "LoRA      {} modules, {} parameters (rank {}, alpha {})",
+                "LoRA      {} modules, {} parameters ({})",
                 thousands(self.lora_modules),
                 thousands(self.lora_parameters),
-                self.rank,
-                self.alpha
+                self.adapters
             ),
             format!(
                 "steps     {} optimizer steps, {} epoch(s)",
@@ -95,8 +95,7 @@ mod tests {
             repeats: 10,
             lora_modules: 64,
             lora_parameters: 1_594_368,
-            rank: 8,
-            alpha: 4.0,
+            adapters: "rank 8, alpha 4".to_string(),
             total_steps: 1200,
             epochs: 10,
             resume_step: Some(400),

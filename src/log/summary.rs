@@ -4,8 +4,6 @@
 //! record; [`TrainSummary::write`] replaces the file atomically (temporary file, sync, rename), so a
 //! reader never sees half a summary.
 
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +78,10 @@ pub struct TrainSummary {
     pub final_loss: Option<f32>,
     pub average_loss: Option<f32>,
     pub files_written: Vec<PathBuf>,
+    /// The process's peak resident memory over the whole run (loading, caching, previews and
+    /// steps), bytes; `None` where the platform does not say.
+    #[serde(default)]
+    pub peak_memory_bytes: Option<u64>,
 }
 
 impl TrainSummary {
@@ -115,6 +117,7 @@ impl TrainSummary {
             final_loss: outcome.final_loss.filter(|l| l.is_finite()),
             average_loss: outcome.average_loss.filter(|l| l.is_finite()),
             files_written: outcome.files_written,
+            peak_memory_bytes: super::memory::peak_rss_bytes(),
         }
     }
 
@@ -128,7 +131,7 @@ impl TrainSummary {
             )
         })?;
         json.push(b'\n');
-        write_atomically(&path, &json)?;
+        crate::files::write_atomically(&path, &json).map_err(|e| Error::io(&path, e))?;
         Ok(path)
     }
 
@@ -142,33 +145,6 @@ impl TrainSummary {
             )
         })
     }
-}
-
-/// Replaces `path` with `bytes` so that readers see the old file or the new one, never a mix:
-/// a temporary file beside it, synced, then renamed over it.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = dir.join(format!(".{name}.tmp"));
-    let written = File::create(&temp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .map_err(|e| Error::io(&temp, e));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e);
-    }
-    std::fs::rename(&temp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&temp);
-        Error::io(path, e)
-    })?;
-    // Make the rename itself durable where the platform allows syncing a directory.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Seconds to the millisecond, so the JSON stays readable.
@@ -299,6 +275,6 @@ mod tests {
         std::fs::write(&not_a_dir, "x").unwrap();
         let s = TrainSummary::new(&RunClock::start(0), RunOutcome::default());
         let err = s.write(&not_a_dir).unwrap_err().to_string();
-        assert!(err.contains(".train_summary.json.tmp"), "{err}");
+        assert!(err.contains("train_summary.json"), "{err}");
     }
 }

@@ -29,6 +29,9 @@ use crate::Result;
 #[derive(Debug, Default)]
 pub struct TrainingState {
     training: AtomicBool,
+    /// Inference outside the loss (previews): the adapters give their weights detached, so
+    /// nothing computed with them builds a graph for backward.
+    inference: AtomicBool,
     step: AtomicU64,
     micro_batch: AtomicU64,
 }
@@ -47,6 +50,15 @@ impl TrainingState {
 
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::SeqCst)
+    }
+
+    /// Inference mode on or off (see [`TrainingState`]'s `inference`).
+    pub fn set_inference(&self, inference: bool) {
+        self.inference.store(inference, Ordering::SeqCst);
+    }
+
+    pub fn is_inference(&self) -> bool {
+        self.inference.load(Ordering::SeqCst)
     }
 
     fn position(&self) -> (u64, u64) {
@@ -148,10 +160,20 @@ impl LoraAdapter {
         Ok(delta.reshape(dims)?)
     }
 
+    /// `(down, up)` as the forward pass uses them: the trainable variables, or in inference
+    /// mode detached views of them (same storage, no graph).
+    fn weights(&self) -> (Tensor, Tensor) {
+        let (down, up) = (self.down.as_tensor(), self.up.as_tensor());
+        if self.state.is_inference() {
+            (down.detach(), up.detach())
+        } else {
+            (down.clone(), up.clone())
+        }
+    }
+
     /// `down` applied to `h`: `[..., in]` → `[..., rank]`, or `[B, in, H, W]` →
     /// `[B, rank, H', W']`.
-    fn down_forward(&self, h: &Tensor) -> Result<Tensor> {
-        let w = self.down.as_tensor();
+    fn down_forward(&self, h: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self.spec.layer {
             LayerKind::Linear { .. } => linear(h, w),
             LayerKind::Conv2d {
@@ -168,8 +190,7 @@ impl LoraAdapter {
 
     /// `up` applied to the hidden state: `[..., rank]` → `[..., out]`, or `[B, rank, H', W']` →
     /// `[B, out, H', W']`.
-    fn up_forward(&self, hidden: &Tensor) -> Result<Tensor> {
-        let w = self.up.as_tensor();
+    fn up_forward(&self, hidden: &Tensor, w: &Tensor) -> Result<Tensor> {
         match self.spec.layer {
             LayerKind::Linear { .. } => linear(hidden, w),
             LayerKind::Conv2d { .. } => pointwise(hidden, w),
@@ -224,8 +245,11 @@ impl LoraAdapter {
 }
 
 impl Adapter for LoraAdapter {
-    /// `lora_down` and `lora_up`.
+    /// `lora_down` and `lora_up` (none in inference mode: nothing is trained then).
     fn trainable_vars(&self) -> Vec<Var> {
+        if self.state.is_inference() {
+            return Vec::new();
+        }
         vec![self.down.clone(), self.up.clone()]
     }
 
@@ -234,11 +258,14 @@ impl Adapter for LoraAdapter {
     fn low_rank(&self) -> Option<LowRank> {
         let dropping = self.state.is_training() && self.dropout.any();
         match self.spec.layer {
-            LayerKind::Linear { .. } if !dropping => Some(LowRank {
-                down: self.down.as_tensor().clone(),
-                up: self.up.as_tensor().clone(),
-                scale: self.spec.scale(),
-            }),
+            LayerKind::Linear { .. } if !dropping => {
+                let (down, up) = self.weights();
+                Some(LowRank {
+                    down,
+                    up,
+                    scale: self.spec.scale(),
+                })
+            }
             _ => None,
         }
     }
@@ -263,12 +290,13 @@ impl Adapter for LoraAdapter {
             let mask = random::keep_mask(rng, h.shape().clone(), d.input, dtype, h.device())?;
             h = (h * mask)?;
         }
-        let mut hidden = self.down_forward(&h)?;
+        let (down, up) = self.weights();
+        let mut hidden = self.down_forward(&h, &down)?;
         if let (Some(rng), true) = (rng.as_mut(), d.rank > 0.0) {
             let mask = self.rank_mask(rng, &hidden)?;
             hidden = hidden.broadcast_mul(&mask)?;
         }
-        let out = self.up_forward(&hidden)?;
+        let out = self.up_forward(&hidden, &up)?;
         Ok((out * self.spec.scale())?.to_dtype(x.dtype())?)
     }
 }

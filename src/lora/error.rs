@@ -41,6 +41,12 @@ pub enum LoraProblem {
          LoRA files (`lora_down`/`lora_up`, also LoCon convolutions) can be used"
     )]
     UnsupportedAlgorithm { key: String, algorithm: String },
+    /// A tensor holding NaN or infinite values: a run that diverged, or a damaged file.
+    #[error(
+        "the tensor `{key}` holds NaN or infinite values; the training that wrote it diverged or \
+         the file is damaged: use an earlier step file"
+    )]
+    NonFinite { key: String },
     /// A key this reader does not understand.
     #[error("the key `{key}` is not part of a LoRA module{hint}")]
     UnknownKey { key: String, hint: String },

@@ -15,7 +15,6 @@
 //! failure leaves an existing file untouched.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -68,6 +67,10 @@ pub fn save_lora(
                 "lora_adapter_metadata".to_string(),
                 diffusers_adapter_metadata(adapters),
             );
+            // Not a kohya network: `ss_network_module` would tell A1111's and kohya's tools it
+            // is one, and they cannot load its `unet.` keys. diffusers marks its own files so.
+            header.remove("ss_network_module");
+            header.insert("format".to_string(), "pt".to_string());
             diffusers_tensors(adapters, dtype)?
         }
     };
@@ -203,41 +206,13 @@ pub fn serialize(
     Ok(safetensors::serialize(pairs, Some(header)).map_err(candle_core::Error::from)?)
 }
 
-/// The temporary name `bytes` are written to before the rename: hidden, in the same folder.
-pub fn temporary_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder: written, synced,
-/// renamed. On failure the temporary file is removed and an existing `path` is left as it was.
+/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]), creating its
+/// folder; the error names `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let folder = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&folder).map_err(|e| Error::io(&folder, e))?;
-    let tmp = temporary_path(path);
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        drop(file);
-        std::fs::rename(&tmp, path)?;
-        // Make the rename itself durable; not every platform can sync a folder.
-        if let Ok(dir) = std::fs::File::open(&folder) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
+    if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     }
-    Ok(())
+    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 #[cfg(test)]
@@ -258,7 +233,8 @@ mod tests {
         write_atomically(&path, b"second")?;
         assert_eq!(std::fs::read(&path).ok(), Some(b"second".to_vec()));
         // A folder where the temporary file would go makes the write fail.
-        std::fs::create_dir(temporary_path(&path)).map_err(|e| Error::io("mkdir", e))?;
+        std::fs::create_dir(crate::files::temporary_path(&path))
+            .map_err(|e| Error::io("mkdir", e))?;
         let err = write_atomically(&path, b"third").unwrap_err().to_string();
         assert!(err.contains("x.safetensors"), "{err}");
         assert_eq!(std::fs::read(&path).ok(), Some(b"second".to_vec()));

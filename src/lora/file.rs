@@ -103,10 +103,22 @@ impl fmt::Display for FileBase {
     }
 }
 
+/// Whether every value of a floating-point tensor is finite (other dtypes always are).
+fn all_finite(t: &candle_core::Tensor) -> Result<bool> {
+    if !t.dtype().is_float() {
+        return Ok(true);
+    }
+    let values = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    Ok(values.iter().all(|v| v.is_finite()))
+}
+
 impl LoraFile {
     /// Reads `path` (a `.safetensors` file).
     pub fn read(path: &Path) -> Result<LoraFile> {
-        let bytes = std::fs::read(path).map_err(|e| {
+        let bytes = crate::files::read(path).map_err(|e| {
             LoraError::file(
                 path,
                 LoraProblem::Unreadable {
@@ -144,6 +156,14 @@ impl LoraFile {
                 return Err(fail(LoraProblem::UnsupportedAlgorithm {
                     key: key.to_string(),
                     algorithm: algorithm.to_string(),
+                })
+                .into());
+            }
+        }
+        for key in &keys {
+            if !all_finite(&tensors[*key])? {
+                return Err(fail(LoraProblem::NonFinite {
+                    key: key.to_string(),
                 })
                 .into());
             }

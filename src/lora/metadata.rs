@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use super::report::Layout;
 use crate::config::{LoraSettings, TargetModules, TrainPlan};
 use crate::models::source::SdVersion;
 use crate::plan::StepPlan;
@@ -105,8 +106,11 @@ pub struct TrainingMetadata {
 /// The adapter settings recorded in the header.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetworkMetadata {
-    pub dim: u32,
-    pub alpha: f64,
+    /// The rank; `None` when the modules' ranks differ (written `Dynamic`, as kohya's
+    /// `resize_lora.py` does).
+    pub dim: Option<u32>,
+    /// The alpha; `None` when the modules' alphas differ (`Dynamic`).
+    pub alpha: Option<f64>,
     pub dropout: f64,
     pub rank_dropout: f64,
     pub module_dropout: f64,
@@ -119,8 +123,8 @@ pub struct NetworkMetadata {
 impl NetworkMetadata {
     pub fn from_settings(lora: &LoraSettings) -> Self {
         NetworkMetadata {
-            dim: lora.rank,
-            alpha: lora.alpha,
+            dim: Some(lora.rank),
+            alpha: Some(lora.alpha),
             dropout: lora.dropout,
             rank_dropout: lora.rank_dropout,
             module_dropout: lora.module_dropout,
@@ -129,6 +133,29 @@ impl NetworkMetadata {
                 TargetModules::Preset(p) => p.to_string(),
                 TargetModules::Names(names) => names.join(","),
             },
+        }
+    }
+}
+
+impl NetworkMetadata {
+    /// The adapters a `network_weights` file decided (instead of the config's rank, alpha and
+    /// targets): its ranks and alphas (`Dynamic` where they differ), its convolutions and its
+    /// layers.
+    pub fn from_file_layout(lora: &LoraSettings, layout: &Layout) -> Self {
+        let (dim, alpha) = match layout.uniform() {
+            Some((rank, alpha)) => (Some(rank as u32), Some(alpha)),
+            None => (None, None),
+        };
+        NetworkMetadata {
+            dim,
+            alpha,
+            dropout: lora.dropout,
+            rank_dropout: lora.rank_dropout,
+            module_dropout: lora.module_dropout,
+            conv: layout
+                .uniform_conv()
+                .map(|(rank, alpha)| (rank as u32, alpha)),
+            target_modules: layout.layers.join(","),
         }
     }
 }
@@ -210,8 +237,11 @@ impl TrainingMetadata {
         let (w, h) = self.resolution;
         let entries: Vec<(&str, String)> = vec![
             ("ss_network_module", "networks.lora".into()),
-            ("ss_network_dim", n.dim.to_string()),
-            ("ss_network_alpha", py_float(n.alpha)),
+            (
+                "ss_network_dim",
+                n.dim.map_or(DYNAMIC.into(), |d| d.to_string()),
+            ),
+            ("ss_network_alpha", n.alpha.map_or(DYNAMIC.into(), py_float)),
             (
                 "ss_network_dropout",
                 py_optional(Some(n.dropout).filter(|d| *d > 0.0)),
@@ -317,6 +347,9 @@ impl TrainingMetadata {
         header
     }
 }
+
+/// What kohya writes for the rank and alpha of a file whose modules differ.
+const DYNAMIC: &str = "Dynamic";
 
 /// Python's `str(float)`: shortest round-trip digits, `.0` on whole numbers, exponent form below
 /// 1e-4 and from 1e16 (`1e-05`, `2.5e+16`).

@@ -34,6 +34,6 @@ pub use file::{FileModule, LoraFile, LoraFormat};
 pub use inspect::Inspection;
 pub use metadata::{BaseModelVersion, NetworkMetadata, TrainingMetadata};
 pub use names::LoraModel;
-pub use network::{LoraNetwork, LoraNetworks, NetworkOptions, ParamGroup};
-pub use report::{LoraReport, ModelReport};
+pub use network::{InferenceMode, LoraNetwork, LoraNetworks, NetworkOptions, ParamGroup};
+pub use report::{Layout, LoraReport, ModelReport};
 pub use targets::{ModuleSpec, TargetSelector};

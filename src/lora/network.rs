@@ -191,6 +191,20 @@ pub struct ParamGroup {
     pub vars: Vec<Var>,
 }
 
+/// [`LoraNetworks::inference`]'s guard: restores training mode when dropped.
+#[must_use = "inference mode ends when the guard is dropped"]
+pub struct InferenceMode<'a> {
+    state: &'a TrainingState,
+    was_training: bool,
+}
+
+impl Drop for InferenceMode<'_> {
+    fn drop(&mut self) {
+        self.state.set_inference(false);
+        self.state.set_training(self.was_training);
+    }
+}
+
 /// The networks of a run: the UNet's, and the text encoder's when it is trained.
 #[derive(Debug)]
 pub struct LoraNetworks {
@@ -269,6 +283,19 @@ impl LoraNetworks {
     /// Training mode turns dropout on; evaluation mode (the default) off.
     pub fn set_training(&self, training: bool) {
         self.state.set_training(training);
+    }
+
+    /// Inference outside the loss (preview pictures) until the guard is dropped: dropout off and
+    /// the adapters' weights detached, so that no forward pass builds a graph. A sampling loop
+    /// run on trainable adapters otherwise keeps every earlier step's activations (DESIGN.md §7).
+    pub fn inference(&self) -> InferenceMode<'_> {
+        let was_training = self.state.is_training();
+        self.state.set_training(false);
+        self.state.set_inference(true);
+        InferenceMode {
+            state: &self.state,
+            was_training,
+        }
     }
 
     /// Call before each forward pass: the dropout masks are a function of the seed, the module

@@ -31,11 +31,93 @@ pub struct ModelReport {
 }
 
 /// The adapters of a run, per model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoraReport {
     pub unet: ModelReport,
     /// `None` when the text encoder is not trained.
     pub text_encoder: Option<ModelReport>,
+    /// Their ranks, alphas and layers, as built.
+    pub layout: Layout,
+}
+
+/// The adapters as they are built: what a `network_weights` file decides instead of the
+/// config's `lora_rank`, `lora_alpha` and `target_modules`, so the plan, the start-up lines, the
+/// LoRA's metadata and the written config can say what is trained.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Layout {
+    /// The distinct (rank, alpha) of linear and 1×1 modules, in order of rank then alpha.
+    pub linear: Vec<(usize, f64)>,
+    /// The same for convolutions with a larger kernel (LoCon).
+    pub conv: Vec<(usize, f64)>,
+    /// The adapted layers' names without their block path (`to_q`, `to_out.0`, `q_proj`),
+    /// sorted.
+    pub layers: Vec<String>,
+}
+
+impl Layout {
+    /// The one (rank, alpha) of the linear modules, if they share one.
+    pub fn uniform(&self) -> Option<(usize, f64)> {
+        match self.linear.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// The one (rank, alpha) of the large convolutions, if there are some and they share one.
+    pub fn uniform_conv(&self) -> Option<(usize, f64)> {
+        match self.conv.as_slice() {
+            [one] => Some(*one),
+            _ => None,
+        }
+    }
+
+    /// `rank 4, alpha 2`, `ranks 4 to 16 (alphas 1 to 8)` for mixed ones; with the
+    /// convolutions' when they differ (`; 3×3 convolutions rank 2, alpha 1`).
+    pub fn describe(&self) -> String {
+        let mut text = describe_pairs(&self.linear);
+        if !self.conv.is_empty() && self.conv != self.linear {
+            text.push_str("; larger convolutions ");
+            text.push_str(&describe_pairs(&self.conv));
+        }
+        text
+    }
+}
+
+fn describe_pairs(pairs: &[(usize, f64)]) -> String {
+    let ranks = pairs.iter().map(|p| p.0);
+    let alphas = pairs.iter().map(|p| p.1);
+    let (r_min, r_max) = (ranks.clone().min(), ranks.max());
+    let a_min = alphas.clone().fold(f64::INFINITY, f64::min);
+    let a_max = alphas.fold(f64::NEG_INFINITY, f64::max);
+    match (pairs, r_min, r_max) {
+        ([], ..) => "no modules".to_string(),
+        ([(r, a)], ..) => format!("rank {r}, alpha {a}"),
+        (_, Some(lo), Some(hi)) => {
+            let ranks = if lo == hi {
+                format!("rank {lo}")
+            } else {
+                format!("ranks {lo} to {hi}")
+            };
+            let alphas = if a_min == a_max {
+                format!("alpha {a_min}")
+            } else {
+                format!("alphas {a_min} to {a_max}")
+            };
+            format!("{ranks}, {alphas} (they differ between modules)")
+        }
+        _ => String::new(),
+    }
+}
+
+/// A layer's name without its block path: the last part of `path`, with the one before when
+/// the last is an index (`attn1.to_out.0` → `to_out.0`).
+fn layer_name(path: &str) -> String {
+    let mut parts = path.rsplit('.');
+    let last = parts.next().unwrap_or(path);
+    match parts.next() {
+        Some(before) if last.bytes().all(|b| b.is_ascii_digit()) => format!("{before}.{last}"),
+        _ => last.to_string(),
+    }
 }
 
 impl LoraReport {
@@ -52,7 +134,21 @@ impl LoraReport {
         };
         let mut unet = empty(LoraModel::Unet);
         let mut text_encoder = empty(LoraModel::TextEncoder);
+        let mut layout = Layout::default();
         for m in modules {
+            let large = matches!(m.layer, LayerKind::Conv2d { kernel, .. } if kernel > 1);
+            let pairs = if large {
+                &mut layout.conv
+            } else {
+                &mut layout.linear
+            };
+            if !pairs.contains(&(m.rank, m.alpha)) {
+                pairs.push((m.rank, m.alpha));
+            }
+            let name = layer_name(&m.path);
+            if !layout.layers.contains(&name) {
+                layout.layers.push(name);
+            }
             let r = match m.model {
                 LoraModel::Unet => &mut unet,
                 LoraModel::TextEncoder => &mut text_encoder,
@@ -63,9 +159,14 @@ impl LoraReport {
                 r.conv_modules += 1;
             }
         }
+        for pairs in [&mut layout.linear, &mut layout.conv] {
+            pairs.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)));
+        }
+        layout.layers.sort();
         LoraReport {
             unet,
             text_encoder: text_encoder_trained.then_some(text_encoder),
+            layout,
         }
     }
 
@@ -115,5 +216,64 @@ impl fmt::Display for LoraReport {
             Some(te) => write!(f, "; {te}"),
             None => write!(f, "; text encoder: not trained"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(path: &str, kernel: usize, rank: usize, alpha: f64) -> ModuleSpec {
+        let layer = if kernel == 0 {
+            LayerKind::Linear {
+                in_features: 8,
+                out_features: 8,
+            }
+        } else {
+            LayerKind::Conv2d {
+                in_channels: 8,
+                out_channels: 8,
+                kernel,
+                stride: 1,
+                padding: kernel / 2,
+            }
+        };
+        ModuleSpec {
+            model: LoraModel::Unet,
+            path: path.to_string(),
+            layer,
+            rank,
+            alpha,
+        }
+    }
+
+    #[test]
+    fn the_layout_says_what_was_built() {
+        let report = LoraReport::from_modules(
+            false,
+            [
+                spec("a.attn1.to_q", 0, 2, 2.0),
+                spec("a.attn1.to_out.0", 0, 2, 2.0),
+                spec("b.proj_in", 1, 2, 2.0),
+                spec("b.conv1", 3, 4, 1.0),
+            ],
+        );
+        let layout = &report.layout;
+        assert_eq!(layout.uniform(), Some((2, 2.0)));
+        assert_eq!(layout.uniform_conv(), Some((4, 1.0)));
+        assert_eq!(layout.layers, ["conv1", "proj_in", "to_out.0", "to_q"]);
+        assert_eq!(
+            layout.describe(),
+            "rank 2, alpha 2; larger convolutions rank 4, alpha 1"
+        );
+        let mixed = LoraReport::from_modules(
+            false,
+            [spec("x.to_q", 0, 4, 4.0), spec("x.to_v", 0, 16, 8.0)],
+        );
+        assert_eq!(mixed.layout.uniform(), None);
+        assert_eq!(
+            mixed.layout.describe(),
+            "ranks 4 to 16, alphas 4 to 8 (they differ between modules)"
+        );
     }
 }

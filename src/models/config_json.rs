@@ -24,15 +24,17 @@ pub(crate) struct ConfigJson {
 /// Reads a text file of a model (a config, a tokenizer file): a missing one is the model's
 /// fault (exit status 2), named with the fix; other I/O errors are reported as such.
 pub(crate) fn read_model_file(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => ModelError::NotFound {
-            path: path.to_path_buf(),
-            hint: "the model's files are incomplete; copy or download the whole model folder \
+    crate::files::read_text(path, crate::files::TEXT_LIMIT, "a model file").map_err(|e| {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => ModelError::NotFound {
+                path: path.to_path_buf(),
+                hint: "the model's files are incomplete; copy or download the whole model folder \
                    again (or point `base_model` at a single .safetensors checkpoint)"
-                .to_string(),
+                    .to_string(),
+            }
+            .into(),
+            _ => Error::io(path, e),
         }
-        .into(),
-        _ => Error::io(path, e),
     })
 }
 

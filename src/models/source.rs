@@ -9,7 +9,7 @@
 //! for tiny test models.
 
 use std::fmt;
-use std::fs::File;
+
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -370,27 +370,13 @@ pub(crate) fn open_pickle(path: &Path) -> Result<TensorSource> {
 
 /// Every tensor name and shape of a safetensors file, from its header alone.
 fn safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len < 8 {
-        return Err(unreadable(
-            path,
-            format!("the file is {len} bytes long: not a safetensors file"),
-        ));
-    }
-    // SAFETY: mapped read-only; only the header's pages are touched.
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    let (_, metadata) = safetensors::SafeTensors::read_metadata(&map).map_err(|e| {
+    let file = crate::nn::tensor_file::TensorFile::open(path).map_err(|reason| {
         unreadable(
             path,
-            format!("not a valid safetensors file ({e}); the download may be incomplete"),
+            format!("{reason}; the download may be incomplete or the file is not a checkpoint"),
         )
     })?;
-    Ok(metadata
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| (name, info.shape.clone()))
-        .collect())
+    Ok(file.keys_and_shapes())
 }
 
 /// Why a single file cannot be used as a base model, before the file is named.

@@ -1,6 +1,7 @@
 //! The layers every model here is built from, written so that LoRA training can use them.
 //!
-//! Base weights are frozen tensors read from a checkpoint through a [`weights::Scope`], whose
+//! Base weights are frozen tensors read from a checkpoint ([`tensor_file`] reads a safetensors
+//! file tensor by tensor into owned memory) through a [`weights::Scope`], whose
 //! path is the diffusers module path (`down_blocks.1.attentions.0.proj_in`), so a weight key, a
 //! layer and a LoRA name are the same word. [`Linear`] and [`Conv2d`] carry an optional
 //! [`adapter::Adapter`] chosen at build time by that path. Off the fast path (other devices and
@@ -33,6 +34,7 @@ pub mod norm;
 pub mod norm_generic;
 pub mod profile;
 pub mod runtime;
+pub mod tensor_file;
 pub mod weights;
 
 pub use adapter::{Adapter, AdapterProvider, LayerKind, LowRank};

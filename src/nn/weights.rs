@@ -11,20 +11,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 
 use super::adapter::{Adapter, AdapterProvider, LayerKind};
+use super::tensor_file::TensorFile;
 use crate::error::ModelError;
 use crate::{Error, Result};
 
 /// A file (or in-memory map) that tensors are read from.
 pub enum TensorSource {
-    /// A memory-mapped `.safetensors` file (or several shards).
-    Safetensors {
-        path: PathBuf,
-        file: MmapedSafetensors,
-    },
+    /// A `.safetensors` file, read tensor by tensor ([`TensorFile`]).
+    Safetensors { path: PathBuf, file: TensorFile },
     /// A PyTorch pickle checkpoint (`.ckpt`, `.bin`, `.pt`).
     Pickle {
         path: PathBuf,
@@ -38,13 +35,11 @@ pub enum TensorSource {
 }
 
 impl TensorSource {
-    /// Memory-maps a `.safetensors` file.
+    /// Opens a `.safetensors` file (its header only; tensors are read as they are asked for).
     pub fn safetensors(path: &Path) -> Result<Self> {
-        // SAFETY: the file is mapped read-only; like every safetensors reader we assume nobody
-        // truncates it while training runs.
-        let file = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::Unreadable {
+        let file = TensorFile::open(path).map_err(|reason| ModelError::Unreadable {
             path: path.to_path_buf(),
-            reason: e.to_string(),
+            reason,
         })?;
         Ok(TensorSource::Safetensors {
             path: path.to_path_buf(),
@@ -77,11 +72,7 @@ impl TensorSource {
     /// Every key with its shape.
     pub fn keys_and_shapes(&self) -> Vec<(String, Vec<usize>)> {
         match self {
-            TensorSource::Safetensors { file, .. } => file
-                .tensors()
-                .into_iter()
-                .map(|(k, v)| (k, v.shape().to_vec()))
-                .collect(),
+            TensorSource::Safetensors { file, .. } => file.keys_and_shapes(),
             TensorSource::Pickle { file, .. } => file
                 .tensor_infos()
                 .iter()
@@ -110,10 +101,7 @@ impl TensorSource {
             origin: self.describe(),
         };
         match self {
-            TensorSource::Safetensors { file, .. } => {
-                file.get(key).map_err(|_| missing())?;
-                Ok(file.load(key, &Device::Cpu)?)
-            }
+            TensorSource::Safetensors { file, .. } => Ok(file.load(key)?.ok_or_else(missing)?),
             TensorSource::Pickle { file, .. } => Ok(file.get(key)?.ok_or_else(missing)?),
             TensorSource::Memory { tensors, .. } => {
                 Ok(tensors.get(key).cloned().ok_or_else(missing)?)

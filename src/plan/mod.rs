@@ -7,8 +7,9 @@
 mod report;
 pub mod steps;
 
-use crate::config::TrainPlan;
+use crate::config::{ConfigError, Location, Problem, TrainPlan, MAX_STEPS, STEPS_WHY};
 use crate::dataset::Dataset;
+use crate::generate::preview::SamplePrompt;
 use crate::lora::report::LoraReport;
 use crate::models::load::{LoadOptions, SdCheckpoint};
 use crate::models::source::{is_hub_id, ModelSource};
@@ -45,16 +46,25 @@ pub struct Preflight {
     /// The dataset [`Preflight::check`] opened (every image decoded once), so that the run
     /// does not decode them all again; `None` for a preflight made from facts alone.
     pub checked_dataset: Option<Dataset>,
+    /// The preview prompts read from `sample_prompts` (a missing or malformed prompt file fails
+    /// the dry run as it would fail the run); `None` without previews.
+    pub sample_prompts: Option<Vec<SamplePrompt>>,
 }
 
 impl Preflight {
     /// Checks the base model and the dataset of `plan`. Reads files, writes nothing.
     pub fn check(plan: TrainPlan) -> Result<Preflight> {
         let model = ModelSource::detect(&plan.model.base_model)?;
+        let sample_prompts = match &plan.sampling.prompts {
+            Some(source) => Some(SamplePrompt::from_config(source)?),
+            None => None,
+        };
         let dataset = Dataset::open(&plan.dataset_spec())?;
         let facts = dataset_facts(&plan, &dataset);
         let mut preflight = Preflight::new(plan, model, facts);
+        preflight.check_step_count()?;
         preflight.checked_dataset = Some(dataset);
+        preflight.sample_prompts = sample_prompts;
         preflight.count_adapters()?;
         Ok(preflight)
     }
@@ -95,7 +105,31 @@ impl Preflight {
             checkpoints,
             lora: None,
             checked_dataset: None,
+            sample_prompts: None,
         }
+    }
+
+    /// Refuses a run of more than [`MAX_STEPS`] optimizer steps (`epochs` × steps per epoch can
+    /// be, though each key alone is within bounds).
+    pub fn check_step_count(&self) -> Result<()> {
+        let s = &self.steps;
+        if s.total_steps <= MAX_STEPS {
+            return Ok(());
+        }
+        Err(ConfigError::Invalid {
+            problems: vec![Problem {
+                at: Location::File {
+                    path: self.plan.config_path.clone(),
+                    line: None,
+                },
+                message: format!(
+                    "epochs {} × {} optimizer steps per epoch is more than {MAX_STEPS} steps: \
+                     {STEPS_WHY}; lower `epochs` or `repeats`, or set `max_train_steps`",
+                    self.plan.training.epochs, s.steps_per_epoch
+                ),
+            }],
+        }
+        .into())
     }
 
     /// Everything worth a second look, from the config, the dataset and the step arithmetic.

@@ -128,29 +128,29 @@ impl Preflight {
 
     fn output_lines(&self) -> Vec<String> {
         let out = &self.plan.output;
-        let steps: Vec<usize> = self.checkpoints.steps().collect();
+        let checkpoints = &self.checkpoints;
+        let count = checkpoints.count();
         let mut lines = vec![out.output_dir.display().to_string()];
-        if steps.is_empty() {
-            lines.push("step checkpoints: none".to_string());
-        } else {
-            let mut shown = steps
-                .iter()
+        if let Some(first) = checkpoints.steps().next() {
+            let mut shown = checkpoints
+                .steps()
                 .take(SHOWN)
-                .map(usize::to_string)
+                .map(|s| s.to_string())
                 .collect::<Vec<_>>();
-            if steps.len() > SHOWN {
-                shown.push(format!("… {}", steps[steps.len() - 1]));
+            if let (true, Some(last)) = (count > SHOWN, checkpoints.last()) {
+                shown.push(format!("… {last}"));
             }
             let keep = match out.save_last_n {
                 Some(n) => format!("; the newest {n} are kept"),
                 None => String::new(),
             };
             lines.push(format!(
-                "step checkpoints: {} of them, after steps {}{keep}",
-                steps.len(),
+                "step checkpoints: {count} of them, after steps {}{keep}",
                 shown.join(", ")
             ));
-            lines.push(format!("  named {}, ...", out.step_file_name(steps[0])));
+            lines.push(format!("  named {}, ...", out.step_file_name(first)));
+        } else {
+            lines.push("step checkpoints: none".to_string());
         }
         lines.push(format!("final LoRA: {}", out.final_file().display()));
         lines.push(match out.log_with {
@@ -218,6 +218,36 @@ fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
 impl Preflight {
     fn lora_lines(&self) -> Vec<String> {
         let l = &self.plan.lora;
+        if let (Some(file), Some(report)) = (&l.network_weights, &self.lora) {
+            let te = if l.train_text_encoder {
+                "trained"
+            } else {
+                "frozen"
+            };
+            return vec![
+                format!("starts from {}", file.display()),
+                format!(
+                    "{}, dropout {}: the file decides the adapted layers, their ranks and \
+                     alphas (lora_rank, lora_alpha, target_modules and conv_lora are not used)",
+                    report.layout.describe(),
+                    number(l.dropout)
+                ),
+                format!(
+                    "layers: {}; text encoder {te}",
+                    report.layout.layers.join(", ")
+                ),
+                format!(
+                    "modules: {report}; {} trainable parameters in all",
+                    thousands(report.total_parameters())
+                ),
+                format!(
+                    "saved as {} in {}, {}",
+                    l.save_format,
+                    l.save_precision,
+                    l.save_format.clients()
+                ),
+            ];
+        }
         let mut lines = vec![
             format!(
                 "rank {}, alpha {} (scale {}), dropout {}",
@@ -247,7 +277,12 @@ impl Preflight {
                 ),
                 None => "modules: counted once the hub model is downloaded".to_string(),
             },
-            format!("saved as {} in {}", l.save_format, l.save_precision),
+            format!(
+                "saved as {} in {}, {}",
+                l.save_format,
+                l.save_precision,
+                l.save_format.clients()
+            ),
         ];
         if let Some(w) = &l.network_weights {
             lines.push(format!("starts from {}", w.display()));

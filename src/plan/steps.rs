@@ -34,7 +34,10 @@ impl StepPlan {
         let steps_per_epoch = batches_per_epoch.div_ceil(accumulation);
         let (total_steps, limit) = match training.max_train_steps {
             Some(max) => (max, StepLimit::MaxTrainSteps),
-            None => (steps_per_epoch * training.epochs, StepLimit::Epochs),
+            None => (
+                steps_per_epoch.saturating_mul(training.epochs),
+                StepLimit::Epochs,
+            ),
         };
         StepPlan {
             batches_per_epoch,
@@ -85,20 +88,68 @@ impl CheckpointSchedule {
 
     /// Whether a checkpoint is written after optimizer step `step` (1-based).
     pub fn is_checkpoint(&self, step: usize) -> bool {
-        if step == 0 || step >= self.total_steps {
-            return false;
-        }
-        let by_steps = self.every_steps.is_some_and(|n| n > 0 && step % n == 0);
-        let by_epochs = self.every_epochs.is_some_and(|n| {
-            let period = n * self.steps_per_epoch;
-            period > 0 && step % period == 0
-        });
-        by_steps || by_epochs
+        step > 0
+            && step < self.total_steps
+            && self.periods().into_iter().flatten().any(|p| step % p == 0)
     }
 
-    /// Every checkpoint step, in order.
+    /// Every checkpoint step, in order, computed as it is asked for (a plan of a billion steps
+    /// costs nothing until its checkpoints are walked).
     pub fn steps(&self) -> impl Iterator<Item = usize> + '_ {
-        (1..self.total_steps).filter(|s| self.is_checkpoint(*s))
+        std::iter::successors(self.next_after(0), |&s| self.next_after(s))
+    }
+
+    /// How many checkpoints the run writes.
+    pub fn count(&self) -> usize {
+        let before = self.total_steps.saturating_sub(1) as u128;
+        match self.periods() {
+            [None, None] => 0,
+            [Some(p), None] | [None, Some(p)] => (before / p as u128) as usize,
+            [Some(a), Some(b)] => {
+                let (a, b) = (a as u128, b as u128);
+                let lcm = a / gcd(a, b) * b;
+                (before / a + before / b - before / lcm) as usize
+            }
+        }
+    }
+
+    /// The last checkpoint step, if any.
+    pub fn last(&self) -> Option<usize> {
+        let before = self.total_steps.checked_sub(1)?;
+        self.periods()
+            .into_iter()
+            .flatten()
+            .map(|p| before / p * p)
+            .filter(|&s| s > 0)
+            .max()
+    }
+
+    /// The first checkpoint step after `step`.
+    fn next_after(&self, step: usize) -> Option<usize> {
+        self.periods()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| (step / p).checked_add(1)?.checked_mul(p))
+            .filter(|&s| s < self.total_steps)
+            .min()
+    }
+
+    /// The two periods in optimizer steps (by steps, by epochs); `None` where not asked for.
+    fn periods(&self) -> [Option<usize>; 2] {
+        let by_steps = self.every_steps.filter(|&n| n > 0);
+        let by_epochs = self
+            .every_epochs
+            .and_then(|n| n.checked_mul(self.steps_per_epoch))
+            .filter(|&p| p > 0);
+        [by_steps, by_epochs]
+    }
+}
+
+fn gcd(a: u128, b: u128) -> u128 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
     }
 }
 
@@ -181,5 +232,46 @@ mod tests {
         assert_eq!(by_epoch.steps().collect::<Vec<_>>(), [30, 60, 90]);
         let both = CheckpointSchedule::new(Some(50), Some(2), &plan);
         assert_eq!(both.steps().collect::<Vec<_>>(), [50, 60, 100]);
+    }
+
+    #[test]
+    fn counts_and_last_steps_agree_with_walking_every_step() {
+        for (spe, epochs) in [(1, 1), (7, 3), (30, 4), (13, 11)] {
+            let t = training(&format!("epochs: {epochs}\n"));
+            let plan = StepPlan::new(spe, &t);
+            for every_steps in [None, Some(1), Some(3), Some(50)] {
+                for every_epochs in [None, Some(1), Some(2), Some(5)] {
+                    let c = CheckpointSchedule::new(every_steps, every_epochs, &plan);
+                    let walked: Vec<usize> = (1..plan.total_steps)
+                        .filter(|&s| c.is_checkpoint(s))
+                        .collect();
+                    assert_eq!(c.steps().collect::<Vec<_>>(), walked);
+                    assert_eq!(c.count(), walked.len());
+                    assert_eq!(c.last(), walked.last().copied());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_plan_is_described_without_walking_it() {
+        let t = training("max_train_steps: 99999999\n");
+        let plan = StepPlan::new(10, &t);
+        let c = CheckpointSchedule::new(Some(1), Some(1), &plan);
+        assert_eq!(c.count(), 99_999_998);
+        assert_eq!(c.last(), Some(99_999_998));
+        assert_eq!(c.steps().take(3).collect::<Vec<_>>(), [1, 2, 3]);
+        let plan = StepPlan {
+            total_steps: usize::MAX,
+            ..plan
+        };
+        let c = CheckpointSchedule::new(Some(usize::MAX / 2 + 1), Some(3), &plan);
+        assert_eq!(c.steps().nth(1), Some(60));
+        assert!(c.count() > 0 && c.last().is_some());
+        let none = CheckpointSchedule::new(None, None, &plan);
+        assert_eq!(
+            (none.steps().next(), none.count(), none.last()),
+            (None, 0, None)
+        );
     }
 }

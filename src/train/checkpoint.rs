@@ -3,20 +3,26 @@
 //!
 //! ```text
 //! <output_dir>/state-step00000100/
-//!     state.json             step, epoch, position in the epoch, loss curves, seed, optimizer
+//!     state.json             step, epoch, position in the epoch, loss curves, seed, optimizer,
+//!                            the digest of every training image
 //!     adapters.safetensors   every lora_down / lora_up in f32, under its kohya key
 //!     optimizer.safetensors  the optimizer's tensors (moments, 8-bit codes and scales)
 //!     optimizer.json         the optimizer's scalars (per-parameter step counts)
 //!     config.yaml            the resolved config the run trained with
+//!     checksums.sha256       the SHA-256 of each file above (`sha256sum -c` reads it)
 //! ```
 //!
-//! The folder is written as `state-step00000100.tmp/` and renamed when complete, so a folder
-//! without `.tmp` is always whole. The random draws of a step are keyed by the step
+//! A state is trusted only whole: [`read_state`] checks every file against `checksums.sha256`,
+//! the step against the folder's name, every weight and moment for NaN and infinity, and the
+//! optimizer's step counts against the step, and refuses the state naming the file at fault.
+//!
+//! The folder is written as `.state-step00000100.<pid>.tmp/` and renamed when complete, so a
+//! `state-step…` folder is always whole (a killed run's temporary is removed by the next run). The random draws of a step are keyed by the step
 //! ([`crate::rng`]) and the data order by the epoch, so these files are all a run needs to
 //! continue bit-identically. [`prune`] keeps the newest `save_last_n` step LoRA files and state
 //! folders.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,9 +36,12 @@ use crate::log::LossTracker;
 use crate::lora::LoraNetworks;
 use crate::{Error, Result};
 
-/// The version of the state folder's layout.
-pub const STATE_FORMAT: u32 = 1;
+/// The version of the state folder's layout (2: with `checksums.sha256` and image digests).
+pub const STATE_FORMAT: u32 = 2;
+/// States of this format (written before checksums) are still read, unverified, with a note.
+const UNVERIFIED_FORMAT: u32 = 1;
 const MANIFEST: &str = "state.json";
+const CHECKSUMS: &str = "checksums.sha256";
 const ADAPTERS: &str = "adapters.safetensors";
 const OPTIMIZER_TENSORS: &str = "optimizer.safetensors";
 const OPTIMIZER_SCALARS: &str = "optimizer.json";
@@ -66,6 +75,10 @@ pub struct StateManifest {
     /// from states written before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
+    /// Each training image's name (relative to `train_data_dir`) with the SHA-256 of its bytes
+    /// ([`crate::dataset::Dataset::image_digests`]); empty in states written before format 2.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, String>,
     /// The program that wrote it.
     pub written_by: String,
 }
@@ -80,6 +93,8 @@ pub struct SavedState {
     pub optimizer: OptimizerState,
     /// The text of the resolved config it was written with.
     pub config_yaml: String,
+    /// What the user should know about the state (an older format that cannot be verified).
+    pub notes: Vec<String>,
 }
 
 /// Writes `state-stepNNNNNNNN/` into `output_dir` atomically; returns the folder.
@@ -90,9 +105,8 @@ pub fn write_state(
     optimizer: &dyn ParamOptimizer,
     config_yaml: &str,
 ) -> Result<PathBuf> {
-    let name = state_dir_name(manifest.step);
-    let dir = output_dir.join(&name);
-    let tmp = output_dir.join(format!("{name}.tmp"));
+    let dir = output_dir.join(state_dir_name(manifest.step));
+    let tmp = crate::files::temporary_path(&dir);
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     }
@@ -109,6 +123,13 @@ pub fn write_state(
         write_file(&tmp.join(OPTIMIZER_SCALARS), &to_json(&state.scalars)?)?;
         write_file(&tmp.join(CONFIG_FILE), config_yaml.as_bytes())?;
         write_file(&tmp.join(MANIFEST), &to_json(manifest)?)?;
+        let mut sums = String::new();
+        for name in CHECKED_FILES {
+            let path = tmp.join(name);
+            let bytes = fs::read(&path).map_err(|e| Error::io(&path, e))?;
+            sums.push_str(&format!("{}  {name}\n", sha256_hex(&bytes)));
+        }
+        write_file(&tmp.join(CHECKSUMS), sums.as_bytes())?;
         Ok(())
     })();
     if let Err(e) = result {
@@ -119,7 +140,38 @@ pub fn write_state(
     Ok(dir)
 }
 
-/// Reads a state folder written by [`write_state`].
+/// The files `checksums.sha256` covers, in the order it lists them.
+const CHECKED_FILES: [&str; 5] = [
+    ADAPTERS,
+    OPTIMIZER_TENSORS,
+    OPTIMIZER_SCALARS,
+    CONFIG_FILE,
+    MANIFEST,
+];
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `checksums.sha256` read: file name → hex digest.
+fn parse_checksums(text: &str) -> std::result::Result<HashMap<String, String>, String> {
+    let mut sums = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let (digest, name) = line
+            .split_once("  ")
+            .filter(|(d, _)| d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()))
+            .ok_or_else(|| format!("line {} is not `<sha256>  <file>`", i + 1))?;
+        sums.insert(name.to_string(), digest.to_ascii_lowercase());
+    }
+    Ok(sums)
+}
+
+/// Reads a state folder written by [`write_state`], refusing it unless it is whole and sound
+/// (see the module docs).
 pub fn read_state(dir: &Path) -> Result<SavedState> {
     let origin = dir.display().to_string();
     let damaged = |what: String| -> Error {
@@ -141,24 +193,107 @@ pub fn read_state(dir: &Path) -> Result<SavedState> {
         }
         .into());
     }
-    let read = |name: &str| fs::read(dir.join(name)).map_err(|e| damaged(format!("{name}: {e}")));
-    let manifest: StateManifest = serde_json::from_slice(&read(MANIFEST)?)
-        .map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
-    if manifest.format != STATE_FORMAT {
+    let read = |name: &str| {
+        crate::files::read(&dir.join(name)).map_err(|e| damaged(format!("{name}: {e}")))
+    };
+    let manifest_bytes = read(MANIFEST)?;
+    let mut notes = Vec::new();
+    let files: HashMap<&str, Vec<u8>> = match crate::files::read(&dir.join(CHECKSUMS)) {
+        Ok(text) => {
+            let sums = parse_checksums(&String::from_utf8_lossy(&text))
+                .map_err(|e| damaged(format!("{CHECKSUMS}: {e}")))?;
+            let mut files = HashMap::new();
+            for name in CHECKED_FILES {
+                let bytes = if name == MANIFEST {
+                    manifest_bytes.clone()
+                } else {
+                    read(name)?
+                };
+                let expected = sums
+                    .get(name)
+                    .ok_or_else(|| damaged(format!("{CHECKSUMS} does not list {name}")))?;
+                if sha256_hex(&bytes) != *expected {
+                    return Err(damaged(format!(
+                        "{name} does not match its checksum in {CHECKSUMS}: it was changed or \
+                         damaged after the state was written"
+                    )));
+                }
+                files.insert(name, bytes);
+            }
+            files
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Only a state of the format before checksums may lack them.
+            let format = serde_json::from_slice::<serde_json::Value>(&manifest_bytes)
+                .ok()
+                .and_then(|v| v.get("format").and_then(serde_json::Value::as_u64));
+            if format != Some(u64::from(UNVERIFIED_FORMAT)) {
+                return Err(damaged(format!("{CHECKSUMS}: missing")));
+            }
+            notes.push(format!(
+                "{} was written by an earlier version of this program, without checksums: its \
+                 files cannot be verified",
+                dir.display()
+            ));
+            let mut files = HashMap::new();
+            for name in CHECKED_FILES {
+                let bytes = if name == MANIFEST {
+                    manifest_bytes.clone()
+                } else {
+                    read(name)?
+                };
+                files.insert(name, bytes);
+            }
+            files
+        }
+        Err(e) => return Err(damaged(format!("{CHECKSUMS}: {e}"))),
+    };
+    let file = |name: &str| files.get(name).map_or(&[][..], Vec::as_slice);
+
+    let manifest: StateManifest =
+        serde_json::from_slice(file(MANIFEST)).map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
+    if manifest.format != STATE_FORMAT && manifest.format != UNVERIFIED_FORMAT {
         return Err(damaged(format!(
-            "its format is {}, this program reads {STATE_FORMAT}",
+            "its format is {}, this program reads {UNVERIFIED_FORMAT} and {STATE_FORMAT}",
             manifest.format
         )));
     }
+    if let Some(named) = step_of_folder(dir) {
+        if named != manifest.step {
+            return Err(damaged(format!(
+                "{MANIFEST} says step {}, but the folder is named for step {named}",
+                manifest.step
+            )));
+        }
+    }
     let load = |name: &str| {
-        candle_core::safetensors::load(dir.join(name), &Device::Cpu)
+        candle_core::safetensors::load_buffer(file(name), &Device::Cpu)
             .map_err(|e| damaged(format!("{name}: {e}")))
     };
     let adapters = load(ADAPTERS)?;
     let tensors = load(OPTIMIZER_TENSORS)?;
-    let scalars: StateScalars = serde_json::from_slice(&read(OPTIMIZER_SCALARS)?)
+    for (name, tensors) in [(ADAPTERS, &adapters), (OPTIMIZER_TENSORS, &tensors)] {
+        if let Some(key) = first_non_finite(tensors)? {
+            return Err(damaged(format!(
+                "{name}: `{key}` holds NaN or infinite values (a state is only written after a \
+                 step whose loss was finite)"
+            )));
+        }
+    }
+    let scalars: StateScalars = serde_json::from_slice(file(OPTIMIZER_SCALARS))
         .map_err(|e| damaged(format!("{OPTIMIZER_SCALARS}: {e}")))?;
-    let config_yaml = String::from_utf8(read(CONFIG_FILE)?)
+    if let Some((key, n)) = scalars
+        .steps
+        .iter()
+        .find(|(_, &n)| n == 0 || n > manifest.step as u64)
+    {
+        return Err(damaged(format!(
+            "{OPTIMIZER_SCALARS}: `{key}` has a step count of {n}; after step {} it must be \
+             from 1 to {}",
+            manifest.step, manifest.step
+        )));
+    }
+    let config_yaml = String::from_utf8(file(CONFIG_FILE).to_vec())
         .map_err(|e| damaged(format!("{CONFIG_FILE}: {e}")))?;
     Ok(SavedState {
         dir: dir.to_path_buf(),
@@ -166,7 +301,38 @@ pub fn read_state(dir: &Path) -> Result<SavedState> {
         adapters,
         optimizer: OptimizerState { tensors, scalars },
         config_yaml,
+        notes,
     })
+}
+
+/// The step in a folder name `state-stepNNNNNNNN` (`None` for another name: a folder the user
+/// renamed is not checked against it).
+fn step_of_folder(dir: &Path) -> Option<usize> {
+    let name = dir.file_name()?.to_str()?;
+    let digits = name.strip_prefix("state-step")?;
+    (digits.len() == 8 && digits.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| digits.parse().ok())
+        .flatten()
+}
+
+/// The key of the first floating-point tensor holding a NaN or an infinity.
+fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut keys: Vec<&String> = tensors.keys().collect();
+    keys.sort();
+    for key in keys {
+        let t = &tensors[key];
+        if !t.dtype().is_float() {
+            continue;
+        }
+        let values = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_vec1::<f64>()?;
+        if values.iter().any(|v| !v.is_finite()) {
+            return Ok(Some(key.clone()));
+        }
+    }
+    Ok(None)
 }
 
 impl SavedState {
@@ -261,15 +427,9 @@ pub fn prune(output_dir: &Path, output_name: &str, keep: usize) -> Result<Vec<Pa
     Ok(removed)
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, sync, rename).
+/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp~");
-    let result = write_file(&tmp, bytes)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -302,7 +462,7 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 /// Moves the finished `tmp` folder to `dir`, replacing an older folder of that name.
 fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
-        let old = dir.with_extension("old");
+        let old = crate::files::temporary_path(dir).with_extension("old");
         let _ = fs::remove_dir_all(&old);
         fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
         fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
@@ -311,7 +471,7 @@ fn replace_dir(tmp: &Path, dir: &Path) -> Result<()> {
         fs::rename(tmp, dir).map_err(|e| Error::io(dir, e))?;
     }
     if let Some(parent) = dir.parent() {
-        let _ = fs::File::open(parent).and_then(|f| f.sync_all());
+        crate::files::sync_folder(parent);
     }
     Ok(())
 }

@@ -35,7 +35,7 @@ pub struct DiskLatents {
 impl DiskLatents {
     pub fn new(output_dir: &Path, plan: &TrainPlan, _dataset: &Dataset) -> Self {
         let run_key = format!(
-            "v1|seed={}|resolution={}|model={}|vae={:?}|precision={}|device={}",
+            "v2|seed={}|resolution={}|model={}|vae={:?}|precision={}|device={}",
             plan.data.seed,
             plan.data.resolution,
             plan.model.base_model,
@@ -52,10 +52,9 @@ impl DiskLatents {
     /// The file of `view`.
     fn path(&self, dataset: &Dataset, view: &ImageView) -> Result<PathBuf> {
         let image = &dataset.images()[view.image];
-        let bytes = std::fs::read(&image.path).map_err(|e| Error::io(&image.path, e))?;
         let mut h = Sha256::new();
         h.update(self.run_key.as_bytes());
-        h.update(Sha256::digest(&bytes));
+        h.update(image.digest.as_bytes());
         h.update(
             format!(
                 "|image={}|bucket={:?}|crop={:?}|flip={}",

@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{list_states, list_step_files, write_atomically, CONFIG_FILE};
+use super::disk_latents;
 use super::TrainError;
 use crate::config::TrainPlan;
 use crate::dataset::Dataset;
@@ -27,9 +28,11 @@ pub enum OutputUse {
     Resume,
 }
 
-/// Checks and prepares `output_dir`, then writes the resolved config into it. Errors: a folder
-/// that holds a finished run (fresh runs only), an unwritable folder.
-pub fn prepare(plan: &TrainPlan, usage: OutputUse) -> Result<()> {
+/// Checks and prepares `output_dir`, removes the temporary files a killed run left there, then
+/// writes the resolved config into it, followed by `notes` as comments (what the config's keys
+/// do not say). Returns the temporaries removed. Errors: a folder that holds a finished run
+/// (fresh runs only), an unwritable folder.
+pub fn prepare(plan: &TrainPlan, usage: OutputUse, notes: &[String]) -> Result<Vec<PathBuf>> {
     let out = &plan.output;
     let dir = &out.output_dir;
     let final_file = out.final_file();
@@ -78,7 +81,27 @@ pub fn prepare(plan: &TrainPlan, usage: OutputUse) -> Result<()> {
             removed.map_err(|e| Error::io(&path, e))?;
         }
     }
-    write_atomically(&dir.join(CONFIG_FILE), plan.to_resolved_yaml().as_bytes())
+    let mut removed = Vec::new();
+    for folder in [dir.clone(), dir.join(disk_latents::FOLDER)] {
+        removed.extend(
+            crate::files::remove_stale_temporaries(&folder, is_legacy_temporary)
+                .map_err(|e| Error::io(&folder, e))?,
+        );
+    }
+    let mut config = plan.to_resolved_yaml();
+    for note in notes {
+        config.push_str(&format!("# {note}\n"));
+    }
+    write_atomically(&dir.join(CONFIG_FILE), config.as_bytes())?;
+    Ok(removed)
+}
+
+/// The names earlier versions of this program gave their temporaries in an output folder
+/// (without the process id [`crate::files::temporary_path`] now adds).
+fn is_legacy_temporary(name: &str) -> bool {
+    let state =
+        name.starts_with("state-step") && (name.ends_with(".tmp") || name.ends_with(".old"));
+    state || name.ends_with(".tmp~") || name == ".train_summary.json.tmp"
 }
 
 /// `ss_base_model_version` of a base model.
@@ -141,23 +164,50 @@ mod tests {
     fn a_finished_run_is_refused_unless_overwritten() -> Result<()> {
         let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
         let plan = plan(tmp.path());
-        prepare(&plan, OutputUse::Fresh)?;
+        prepare(&plan, OutputUse::Fresh, &[])?;
         let out = &plan.output.output_dir;
         assert!(out.join(CONFIG_FILE).is_file());
         fs::write(plan.output.final_file(), b"lora").unwrap();
         fs::write(out.join("run-step00000010.safetensors"), b"x").unwrap();
-        let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
+        let e = prepare(&plan, OutputUse::Fresh, &[]).unwrap_err();
         assert!(
             e.to_string().contains("already holds a finished run"),
             "{e}"
         );
         assert!(e.to_string().contains("--overwrite"), "{e}");
         assert_eq!(e.exit_code(), 2);
-        prepare(&plan, OutputUse::Resume)?;
+        prepare(&plan, OutputUse::Resume, &[])?;
         assert!(plan.output.final_file().exists());
-        prepare(&plan, OutputUse::Overwrite)?;
+        prepare(&plan, OutputUse::Overwrite, &[])?;
         assert!(!plan.output.final_file().exists());
         assert!(!out.join("run-step00000010.safetensors").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn temporaries_left_by_a_killed_run_are_removed_by_the_next() -> Result<()> {
+        let tmp = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        let plan = plan(tmp.path());
+        let out = &plan.output.output_dir;
+        let cache = out.join(disk_latents::FOLDER);
+        fs::create_dir_all(&cache).unwrap();
+        // A process id no process has (Linux's maximum is 2^22).
+        let left = [
+            out.join(".run.safetensors.4000000000.tmp"),
+            out.join(".run-step00000010.safetensors.4000000000.tmp"),
+            out.join("config.tmp~"),
+            out.join("state-step00000020.tmp"),
+            cache.join("0123abcd.tmp~"),
+        ];
+        for path in &left {
+            fs::write(path, b"partial").unwrap();
+        }
+        fs::write(out.join("run-step00000010.safetensors"), b"whole").unwrap();
+        let removed = prepare(&plan, OutputUse::Resume, &[])?;
+        assert_eq!(removed.len(), left.len(), "{removed:?}");
+        assert!(left.iter().all(|p| !p.exists()));
+        assert!(out.join("run-step00000010.safetensors").exists());
+        assert!(prepare(&plan, OutputUse::Resume, &[])?.is_empty());
         Ok(())
     }
 
@@ -171,7 +221,7 @@ mod tests {
             blocker.join("run").display()
         );
         let plan = TrainPlan::from_yaml(&text, Path::new("c.yaml"), &[], tmp.path()).unwrap();
-        let e = prepare(&plan, OutputUse::Fresh).unwrap_err();
+        let e = prepare(&plan, OutputUse::Fresh, &[]).unwrap_err();
         assert!(
             e.report().contains("cannot create the output folder"),
             "{}",

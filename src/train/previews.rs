@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use super::trainer::Trainer;
-use crate::config::{SamplePrompts, TrainPlan};
+use crate::config::TrainPlan;
 use crate::generate::pipeline::Pipeline;
 use crate::generate::preview::{render_previews, PreviewSettings, SamplePrompt};
 use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
@@ -22,16 +22,16 @@ pub struct Previews {
 }
 
 impl Previews {
-    /// `None` without `sample_prompts`; an unreadable prompt file is an error now, before any
-    /// training.
-    pub fn load(plan: &TrainPlan, noise: &NoiseSchedule) -> Result<Option<Previews>> {
+    /// `None` without prompts; `prompts` are those the preflight read from `sample_prompts`
+    /// ([`crate::plan::Preflight::sample_prompts`]), before any training.
+    pub fn new(
+        plan: &TrainPlan,
+        prompts: Option<Vec<SamplePrompt>>,
+        noise: &NoiseSchedule,
+    ) -> Result<Option<Previews>> {
         let sampling = &plan.sampling;
-        let prompts = match &sampling.prompts {
-            None => return Ok(None),
-            Some(SamplePrompts::File(path)) => SamplePrompt::read_file(path)?,
-            Some(SamplePrompts::Lines(lines)) => {
-                SamplePrompt::parse_lines(&lines.join("\n"), "sample_prompts")?
-            }
+        let Some(prompts) = prompts else {
+            return Ok(None);
         };
         let keys = SamplerConfig::for_model(&plan.model.base_model, &HubCache::from_env())?;
         Ok(Some(Previews {
@@ -56,8 +56,8 @@ impl Previews {
         self.settings.output_dir.join("samples")
     }
 
-    /// Draws every prompt with `trainer`'s models as they are after optimizer step `step`
-    /// (adapter dropout off while drawing); returns the files written.
+    /// Draws every prompt with `trainer`'s models as they are after optimizer step `step`, in
+    /// inference mode (adapter dropout off, no graph built); returns the files written.
     pub fn render(
         &self,
         trainer: &Trainer,
@@ -68,7 +68,7 @@ impl Previews {
         let Some(vae) = &trainer.vae else {
             return Ok(Vec::new());
         };
-        trainer.networks.set_training(false);
+        let _inference = trainer.networks.inference();
         let pipeline = Pipeline {
             unet: &trainer.unet,
             text_encoder: &trainer.text_encoder,
@@ -78,14 +78,12 @@ impl Previews {
             clip_skip,
             device: trainer.device.clone(),
         };
-        let result = render_previews(
+        render_previews(
             &pipeline,
             &self.prompts,
             &self.settings,
             step as u64,
             events,
-        );
-        trainer.networks.set_training(true);
-        result
+        )
     }
 }

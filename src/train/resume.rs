@@ -2,6 +2,7 @@
 //! config whose differences would change the result, while letting a project that moved to
 //! another folder or machine continue.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::checkpoint::{list_states, read_state, SavedState, CONFIG_FILE};
@@ -74,7 +75,30 @@ pub fn open_for(
         .dataset
         .as_ref()
         .map(|f| *f == dataset.fingerprint());
-    let mut notes = Vec::new();
+    let changed = changed_images(&state.manifest.images, dataset);
+    if !changed.is_empty() {
+        const SHOWN: usize = 5;
+        let mut names: Vec<String> = changed
+            .iter()
+            .take(SHOWN)
+            .map(|n| format!("`{n}`"))
+            .collect();
+        if changed.len() > SHOWN {
+            names.push(format!("and {} more", changed.len() - SHOWN));
+        }
+        return Err(TrainError::Resume {
+            origin,
+            message: format!(
+                "{} image(s) of train_data_dir changed since the state was written (their bytes \
+                 differ, under the same name): {}. Put the original files back to resume, or \
+                 start a new run (a replaced picture should be a new file name, or a new run)",
+                changed.len(),
+                names.join(", ")
+            ),
+        }
+        .into());
+    }
+    let mut notes = state.notes.clone();
     let mut differences = Vec::new();
     for difference in saved.differing_keys(plan) {
         let key = difference.key;
@@ -133,6 +157,16 @@ pub fn open_for(
         .into());
     }
     Ok(Resumable { state, notes })
+}
+
+/// The images present both in the state and in `dataset` whose bytes differ, by name.
+fn changed_images(saved: &BTreeMap<String, String>, dataset: &Dataset) -> Vec<String> {
+    dataset
+        .images()
+        .iter()
+        .filter(|i| saved.get(&i.name).is_some_and(|d| *d != i.digest))
+        .map(|i| i.name.clone())
+        .collect()
 }
 
 /// Whether the saved plan's `key` names an absolute path where nothing is now.

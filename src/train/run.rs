@@ -24,12 +24,13 @@ use super::setup::{set_up, Setup};
 use super::trainer::Trainer;
 use crate::config::{LogWith, TrainPlan};
 use crate::dataset::{Batch, Dataset};
+use crate::generate::preview::SamplePrompt;
 use crate::log::tags::LOSS_EPOCH_AVERAGE;
 use crate::log::{
     DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StepScalars, StepStatus,
     TrainProgress, TrainSummary,
 };
-use crate::lora::TrainingMetadata;
+use crate::lora::{NetworkMetadata, TrainingMetadata};
 use crate::plan::Preflight;
 use crate::Result;
 
@@ -79,6 +80,25 @@ pub struct RunReport {
     pub summary: TrainSummary,
 }
 
+/// What the resolved config cannot say by its keys: with `network_weights`, the adapters the
+/// file decides (its ranks, alphas and layers, in place of `lora_rank`, `lora_alpha` and
+/// `target_modules`).
+fn config_notes(preflight: &Preflight) -> Vec<String> {
+    match (&preflight.plan.lora.network_weights, &preflight.lora) {
+        (Some(file), Some(report)) => vec![
+            format!(
+                "network_weights ({}) decides the adapters: {} on {} ({} modules);",
+                file.display(),
+                report.layout.describe(),
+                report.layout.layers.join(", "),
+                report.unet.modules + report.text_encoder.as_ref().map_or(0, |t| t.modules)
+            ),
+            "lora_rank, lora_alpha, target_modules and conv_lora above are not used.".into(),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 /// Trains the LoRA `preflight` describes; prints start-up lines and progress to stderr.
 pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     let plan = &preflight.plan;
@@ -107,7 +127,15 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         (None, true) => OutputUse::Overwrite,
         (None, false) => OutputUse::Fresh,
     };
-    prepare(plan, usage)?;
+    let removed = prepare(plan, usage, &config_notes(&preflight))?;
+    if !removed.is_empty() {
+        let names: Vec<String> = removed.iter().map(|p| p.display().to_string()).collect();
+        eprintln!(
+            "note: removed {} temporary file(s) an interrupted run left behind: {}",
+            names.len(),
+            names.join(", ")
+        );
+    }
     let start_step = saved.as_ref().map_or(0, |s| s.manifest.step);
     let mut clock = RunClock::start(start_step as u64);
 
@@ -115,6 +143,12 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
+    // The preflight read the prompt file; a preflight made from facts alone did not.
+    let sample_prompts = match (&preflight.sample_prompts, &plan.sampling.prompts) {
+        (Some(prompts), _) => Some(prompts.clone()),
+        (None, Some(source)) => Some(SamplePrompt::from_config(source)?),
+        (None, None) => None,
+    };
     let Setup {
         mut trainer,
         base,
@@ -125,12 +159,18 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         &compute,
         &dataset,
         saved.as_ref(),
+        sample_prompts,
         options.display,
     )?;
     let started_at = saved
         .as_ref()
         .map_or_else(unix_now, |s| s.manifest.training_started_at);
-    let metadata = run_metadata(plan, &steps, &dataset, base, started_at);
+    let mut metadata = run_metadata(plan, &steps, &dataset, base, started_at);
+    if trainer.networks.start_file().is_some() {
+        // The file decided the adapters: record those, not the config's rank and targets.
+        let layout = trainer.networks.report().layout;
+        metadata.network = NetworkMetadata::from_file_layout(&plan.lora, &layout);
+    }
     let mut loop_state = Loop {
         plan,
         preflight: &preflight,
@@ -309,6 +349,7 @@ impl Loop<'_> {
             loss: self.tracker.clone(),
             training_started_at: self.metadata.training_started_at,
             dataset: Some(self.dataset.fingerprint()),
+            images: self.dataset.image_digests(),
             written_by: format!("lora-trainer {}", env!("CARGO_PKG_VERSION")),
         };
         let dir = write_state(

@@ -14,6 +14,7 @@ use super::text_cache::TextCache;
 use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
 use crate::config::{PredictionType as ConfigPrediction, TrainPlan};
 use crate::dataset::Dataset;
+use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
 use crate::lora::{BaseModelVersion, LoraNetworks, NetworkOptions};
 use crate::models::load::{LoadOptions, SdCheckpoint};
@@ -37,6 +38,7 @@ pub fn set_up(
     compute: &Compute,
     dataset: &Dataset,
     saved: Option<&SavedState>,
+    sample_prompts: Option<Vec<SamplePrompt>>,
     display: DisplayMode,
 ) -> Result<Setup> {
     let load = LoadOptions {
@@ -88,15 +90,17 @@ pub fn set_up(
         repeats: plan.data.repeats,
         lora_modules: report.unet.modules + report.text_encoder.as_ref().map_or(0, |r| r.modules),
         lora_parameters: report.total_parameters() as u64,
-        rank: plan.lora.rank,
-        alpha: plan.lora.alpha as f32,
+        adapters: match networks.start_file() {
+            Some(_) => format!("{}, from network_weights", report.layout.describe()),
+            None => report.layout.describe(),
+        },
         total_steps: steps.total_steps as u64,
         epochs: steps.epochs_run() as u64,
         resume_step: saved.map(|s| s.manifest.step as u64),
     };
     eprint!("{facts}");
 
-    let previews = Previews::load(plan, &noise)?;
+    let previews = Previews::new(plan, sample_prompts, &noise)?;
     let vae = checkpoint.vae()?;
     let latents = if t.cache_latents {
         let views = LatentCache::views_for_run(dataset, steps.epochs_run().max(1));
