@@ -130,9 +130,13 @@ pub fn temporary_path(path: &Path) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` through [`temporary_path`]: written, synced, renamed, and the
-/// folder synced. The folder must exist. On failure the temporary file is removed and an
-/// existing `path` is left as it was.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
+/// folder synced. The folder must exist. On failure the temporary file is removed, an existing
+/// `path` is left as it was, and the error names `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> crate::Result<()> {
+    write_through_temporary(path, bytes).map_err(|e| crate::Error::io(path, e))
+}
+
+fn write_through_temporary(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -285,8 +289,8 @@ mod tests {
     fn atomic_writes_replace_the_file_and_leave_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("run.safetensors");
-        let err = write_atomically(&path, b"first").unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = write_atomically(&path, b"first").unwrap_err().to_string();
+        assert!(err.contains("run.safetensors"), "{err}");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
         write_atomically(&path, b"first").unwrap();
         write_atomically(&path, b"second").unwrap();

@@ -104,7 +104,20 @@ fn a_bad_file_exits_2_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("notes.safetensors");
     std::fs::write(&bad, "just text").unwrap();
-    for path in [bad, dir.path().join("missing.safetensors")] {
+    // A named pipe blocked `lora inspect` forever before; now it is named for what it is.
+    let fifo = dir.path().join("pipe.safetensors");
+    #[cfg(unix)]
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    #[cfg(unix)]
+    {
+        let stderr = String::from_utf8_lossy(&inspect(&fifo).stderr).into_owned();
+        assert!(stderr.contains("named pipe"), "{stderr}");
+    }
+    for path in [bad, dir.path().join("missing.safetensors"), fifo] {
         let out = inspect(&path);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{stderr}");

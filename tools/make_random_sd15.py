@@ -7,6 +7,12 @@ It stands in for the real SD 1.5 file (which cannot be downloaded on our machine
 size and layout, at a low resolution (``--set resolution=64``). The pictures it would draw are noise.
 
     python tools/make_random_sd15.py [OUT]   # default models/Stable-diffusion/v1-5-pruned.safetensors
+    python tools/make_random_sd15.py OUT --folder DIR   # also the same weights as a diffusers folder
+
+The diffusers folder (``StableDiffusionPipeline.save_pretrained``, fp16, with the bundled CLIP
+tokenizer and SD 1.5's DDPM scheduler config) is what ``tools/train_diffusers.py`` trains on, so
+that the whole-process memory of ``train`` and of a diffusers + peft run are measured on the same
+weights (README, "Memory").
 
 The shapes are SD 1.5's (diffusers' ``stable-diffusion-v1-5`` configs: UNet 320/640/1280/1280,
 CLIP ViT-L/14 text encoder, the 4-channel VAE); the weights are torch's default initialisation under a
@@ -61,10 +67,16 @@ TEXT = dict(
 
 
 def main() -> None:
+    import argparse
+
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "models/Stable-diffusion/v1-5-pruned.safetensors"
+    p = argparse.ArgumentParser()
+    p.add_argument("out", nargs="?", default=str(ROOT / "models/Stable-diffusion/v1-5-pruned.safetensors"))
+    p.add_argument("--folder", help="also write the weights as a diffusers folder here")
+    args = p.parse_args()
+    out = Path(args.out)
     torch.manual_seed(1234)
     parts = SimpleNamespace(
         unet=UNet2DConditionModel(**UNET).eval(),
@@ -76,6 +88,29 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_st(tensors, out)
     print(f"{out}: {len(tensors)} tensors, {out.stat().st_size / 1e9:.2f} GB")
+    if args.folder:
+        write_folder(parts, Path(args.folder))
+
+
+def write_folder(parts: SimpleNamespace, folder: Path) -> None:
+    """The same weights (fp16) as a diffusers folder, loadable with ``from_pretrained``."""
+    import make_fixtures as fx
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=fx.load_tokenizer(fx.CLIP_TOKENIZER_DIR),
+        unet=parts.unet,
+        scheduler=DDPMScheduler(**fx.SCHEDULER, prediction_type="epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.to(torch.float16)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    fx.write_tokenizer_folder(folder / "tokenizer", fx.CLIP_TOKENIZER_DIR)
+    print(f"{folder}: diffusers folder")
 
 
 if __name__ == "__main__":

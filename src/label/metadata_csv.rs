@@ -334,11 +334,6 @@ pub fn verify(
     Ok(())
 }
 
-/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,25 +472,5 @@ mod tests {
                 "{err}"
             );
         }
-    }
-
-    #[test]
-    fn atomic_write_replaces_the_file_and_leaves_no_temporary() -> Result<()> {
-        let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join("metadata.csv");
-        std::fs::write(&path, "old").expect("write");
-        write_atomically(&path, b"new")?;
-        assert_eq!(std::fs::read(&path).expect("read"), b"new");
-        let names: Vec<String> = std::fs::read_dir(dir.path())
-            .expect("list")
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        assert_eq!(names, ["metadata.csv"]);
-        let err = write_atomically(&dir.path().join("missing").join("m.csv"), b"x")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("missing"), "{err}");
-        Ok(())
     }
 }

@@ -11,11 +11,12 @@ use rayon::prelude::*;
 use super::blip::BlipCaptioner;
 use super::compose::{best, compose, ComposeRules, RankedList};
 use super::embed_cache::{CacheOutcome, EmbeddingCache};
-use super::metadata_csv::{merged_text, verify, write_atomically, Captions, ExistingMetadata};
+use super::metadata_csv::{merged_text, verify, Captions, ExistingMetadata};
 use super::model_files::{resolve_model_folder, ModelRole};
 use super::scorer::ClipScorer;
 use super::vocab::Vocabulary;
 use crate::dataset::{decode_oriented, to_rgb_on_white, DatasetError, ImageFolder};
+use crate::files::write_atomically;
 use crate::Result;
 
 /// One decoded picture ready for the models (CLIP's pixels, BLIP's if used), or why not.

@@ -131,7 +131,7 @@ impl TrainSummary {
             )
         })?;
         json.push(b'\n');
-        crate::files::write_atomically(&path, &json).map_err(|e| Error::io(&path, e))?;
+        crate::files::write_atomically(&path, &json)?;
         Ok(path)
     }
 

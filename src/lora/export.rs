@@ -212,7 +212,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     }
-    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
+    crate::files::write_atomically(path, bytes)
 }
 
 #[cfg(test)]

@@ -142,11 +142,11 @@ pub fn write_state(
 
 /// The files `checksums.sha256` covers, in the order it lists them.
 const CHECKED_FILES: [&str; 5] = [
+    MANIFEST,
     ADAPTERS,
     OPTIMIZER_TENSORS,
     OPTIMIZER_SCALARS,
     CONFIG_FILE,
-    MANIFEST,
 ];
 
 fn sha256_hex(bytes: &[u8]) -> String {
@@ -196,35 +196,31 @@ pub fn read_state(dir: &Path) -> Result<SavedState> {
     let read = |name: &str| {
         crate::files::read(&dir.join(name)).map_err(|e| damaged(format!("{name}: {e}")))
     };
-    let manifest_bytes = read(MANIFEST)?;
+    let mut files: HashMap<&str, Vec<u8>> = HashMap::new();
+    for name in CHECKED_FILES {
+        files.insert(name, read(name)?);
+    }
+    let file = |name: &str| files.get(name).map_or(&[][..], Vec::as_slice);
     let mut notes = Vec::new();
-    let files: HashMap<&str, Vec<u8>> = match crate::files::read(&dir.join(CHECKSUMS)) {
+    match crate::files::read(&dir.join(CHECKSUMS)) {
         Ok(text) => {
             let sums = parse_checksums(&String::from_utf8_lossy(&text))
                 .map_err(|e| damaged(format!("{CHECKSUMS}: {e}")))?;
-            let mut files = HashMap::new();
             for name in CHECKED_FILES {
-                let bytes = if name == MANIFEST {
-                    manifest_bytes.clone()
-                } else {
-                    read(name)?
-                };
                 let expected = sums
                     .get(name)
                     .ok_or_else(|| damaged(format!("{CHECKSUMS} does not list {name}")))?;
-                if sha256_hex(&bytes) != *expected {
+                if sha256_hex(file(name)) != *expected {
                     return Err(damaged(format!(
                         "{name} does not match its checksum in {CHECKSUMS}: it was changed or \
                          damaged after the state was written"
                     )));
                 }
-                files.insert(name, bytes);
             }
-            files
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             // Only a state of the format before checksums may lack them.
-            let format = serde_json::from_slice::<serde_json::Value>(&manifest_bytes)
+            let format = serde_json::from_slice::<serde_json::Value>(file(MANIFEST))
                 .ok()
                 .and_then(|v| v.get("format").and_then(serde_json::Value::as_u64));
             if format != Some(u64::from(UNVERIFIED_FORMAT)) {
@@ -235,20 +231,9 @@ pub fn read_state(dir: &Path) -> Result<SavedState> {
                  files cannot be verified",
                 dir.display()
             ));
-            let mut files = HashMap::new();
-            for name in CHECKED_FILES {
-                let bytes = if name == MANIFEST {
-                    manifest_bytes.clone()
-                } else {
-                    read(name)?
-                };
-                files.insert(name, bytes);
-            }
-            files
         }
         Err(e) => return Err(damaged(format!("{CHECKSUMS}: {e}"))),
-    };
-    let file = |name: &str| files.get(name).map_or(&[][..], Vec::as_slice);
+    }
 
     let manifest: StateManifest =
         serde_json::from_slice(file(MANIFEST)).map_err(|e| damaged(format!("{MANIFEST}: {e}")))?;
@@ -425,11 +410,6 @@ pub fn prune(output_dir: &Path, output_name: &str, keep: usize) -> Result<Vec<Pa
         }
     }
     Ok(removed)
-}
-
-/// Writes `bytes` to `path` atomically ([`crate::files::write_atomically`]).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    crate::files::write_atomically(path, bytes).map_err(|e| Error::io(path, e))
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 use sha2::{Digest, Sha256};
 
-use super::checkpoint::write_atomically;
 use super::latents::LatentCache;
 use crate::config::TrainPlan;
 use crate::dataset::{Dataset, ImageView};
+use crate::files::write_atomically;
 use crate::models::vae::AutoencoderKL;
 use crate::{Error, Result};
 

@@ -4,11 +4,12 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint::{list_states, list_step_files, write_atomically, CONFIG_FILE};
+use super::checkpoint::{list_states, list_step_files, CONFIG_FILE};
 use super::disk_latents;
 use super::TrainError;
 use crate::config::TrainPlan;
 use crate::dataset::Dataset;
+use crate::files::write_atomically;
 use crate::log::summary::SUMMARY_FILE;
 use crate::log::TrainSummary;
 use crate::lora::{BaseModelVersion, TrainingMetadata};
