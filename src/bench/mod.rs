@@ -9,6 +9,7 @@
 //! layers count while running one forward ([`crate::nn::flops`]), turned into a training step's
 //! with [`TrainingFlops`]; both sides run the same model, so the same count serves both.
 
+pub mod device_check;
 mod gpu_memory;
 mod reference;
 

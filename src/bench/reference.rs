@@ -40,9 +40,20 @@ fn reference_device(device: DeviceChoice) -> String {
     }
 }
 
+/// The script: under the current folder (a copy of the repository on another machine, where the
+/// binary was carried), else in the repository this binary was built from.
+fn script_path() -> PathBuf {
+    let here = Path::new(SCRIPT);
+    if here.is_file() {
+        here.to_path_buf()
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT)
+    }
+}
+
 /// Runs `python tools/bench_diffusers.py` with `options` and reads its measurement.
 pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measurement> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT);
+    let script = script_path();
     let output = Command::new(python)
         .arg(&script)
         .args(["--preset", options.preset.name()])
