@@ -289,6 +289,8 @@ fn kept_for_backward(loss: &Tensor) -> String {
             let (key, bytes) = match cpu {
                 candle_core::CpuStorage::F32(v) => (v.as_ptr() as usize, v.len() * 4),
                 candle_core::CpuStorage::F64(v) => (v.as_ptr() as usize, v.len() * 8),
+                candle_core::CpuStorage::F16(v) => (v.as_ptr() as usize, v.len() * 2),
+                candle_core::CpuStorage::BF16(v) => (v.as_ptr() as usize, v.len() * 2),
                 _ => continue,
             };
             buffers.entry(key).or_insert((bytes, t.dims().to_vec()));
@@ -473,12 +475,20 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
             0.0,
             &device,
         )?;
+        let heap_before = profile::heap_bytes();
         let loss = {
             let _t = profile::scope("step: forward and loss");
             diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?
         };
         if options.breakdown && step == options.warmup {
             eprint!("{}", kept_for_backward(&loss.loss));
+            if let (Some(before), Some(after)) = (heap_before, profile::heap_bytes()) {
+                eprintln!(
+                    "heap held by the graph after forward (custom ops' saved tensors \
+                     included): {:.1} MiB",
+                    after.saturating_sub(before) as f64 / (1u64 << 20) as f64
+                );
+            }
         }
         let grads = {
             let _t = profile::scope("step: backward");

@@ -8,6 +8,11 @@ use clap::{Parser, ValueEnum};
 use lora_trainer::bench::{self, BenchOptions, Preset};
 use lora_trainer::config::{DeviceChoice, MixedPrecision};
 
+/// Counts the heap, so that `--breakdown` can say what the graph holds after the forward pass.
+#[global_allocator]
+static ALLOCATOR: lora_trainer::nn::profile::CountingAlloc =
+    lora_trainer::nn::profile::CountingAlloc;
+
 fn parse_device(text: &str) -> Result<DeviceChoice, String> {
     DeviceChoice::parse(text)
 }

@@ -6,7 +6,8 @@
 //! runs itself (element-wise, reshapes, the adapters' products) have no entry: they are the
 //! step's time minus the entries.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -72,6 +73,57 @@ impl Drop for Scope {
             }),
         }
     }
+}
+
+/// The system allocator, counting the bytes it holds: a binary that installs it
+/// (`#[global_allocator]`, as `bench` does) can ask [`heap_bytes`] what a step keeps alive,
+/// including what custom ops hold in their backward closures, which candle's graph walk does
+/// not see.
+pub struct CountingAlloc;
+
+static HEAP: AtomicUsize = AtomicUsize::new(0);
+static COUNTING: AtomicBool = AtomicBool::new(false);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
+unsafe impl GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        COUNTING.store(true, Ordering::Relaxed);
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        COUNTING.store(true, Ordering::Relaxed);
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            HEAP.fetch_sub(layout.size(), Ordering::Relaxed);
+            HEAP.fetch_add(new_size, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+/// Bytes the heap holds now, when [`CountingAlloc`] is the global allocator; `None` otherwise.
+pub fn heap_bytes() -> Option<usize> {
+    COUNTING
+        .load(Ordering::Relaxed)
+        .then(|| HEAP.load(Ordering::Relaxed))
 }
 
 #[cfg(test)]
