@@ -490,10 +490,20 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
                 );
             }
         }
+        let heap_after_forward = profile::heap_bytes();
+        let _ = profile::take_heap_peak();
         let grads = {
             let _t = profile::scope("step: backward");
             loss.loss.backward()?
         };
+        if options.breakdown && step == options.warmup {
+            if let (Some(before), Some(peak)) = (heap_after_forward, profile::take_heap_peak()) {
+                eprintln!(
+                    "heap peak during backward above the heap after forward: {:.1} MiB",
+                    peak.saturating_sub(before) as f64 / (1u64 << 20) as f64
+                );
+            }
+        }
         {
             let _t = profile::scope("step: optimizer");
             optimizer.step(&grads, &[1e-4])?;

@@ -188,6 +188,11 @@ impl FeedForward {
             };
         }
         if crate::nn::geglu::generic_applies(&h) {
+            let (w, b) = (self.out.weight(), self.out.bias());
+            if self.out.adapter().is_none() && crate::nn::frozen_generic::applies_to(&h, w, b) {
+                crate::nn::flops::add_dense(2 * (h.elem_count() / 2 * w.dim(0)?) as u64);
+                return crate::nn::geglu::geglu_linear_generic(&h, w, b, residual);
+            }
             let g = crate::nn::geglu::geglu_generic(&h)?;
             return match residual {
                 Some(r) => self.out.forward_add(&g, r),

@@ -94,11 +94,19 @@ impl Conv2d {
     /// without one).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
         let (pad, stride) = (self.config.padding, self.config.stride);
-        if !frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+        let (bias, weight) = (self.bias.as_ref(), &self.weight);
+        let fused = frozen::applies_to(x, weight, bias);
+        let generic = !fused
+            && frozen_generic::applies_to(x, weight, bias)
+            && frozen_generic::conv_fits(weight, pad, stride);
+        if !fused && !generic {
             return Ok((self.forward(x)? + residual)?);
         }
-        let (bias, weight) = (self.bias.as_ref(), &self.weight);
-        let y = frozen::conv2d_add(x, weight, bias, pad, stride, Some(residual))?;
+        let y = if fused {
+            frozen::conv2d_add(x, weight, bias, pad, stride, Some(residual))?
+        } else {
+            frozen_generic::conv2d_add(x, weight, bias, pad, stride, residual)?
+        };
         super::flops::add_dense(2 * (y.elem_count() * weight.elem_count() / y.dim(1)?) as u64);
         Ok(match &self.adapter {
             Some(adapter) => (y + adapter.forward(x)?)?,

@@ -6,17 +6,16 @@
 //! ([`super::custom_backward::attach`]) computes the input gradient and nothing else. candle's
 //! own backward would also compute every frozen weight's gradient (a full product per layer,
 //! kept until backward ends) and, for a convolution, run `conv_transpose2d`, a direct loop on
-//! CUDA. Here the convolution's input gradient is a forward convolution instead: the output
-//! gradient, dilated by the stride (zeros between its elements) and padded by `k − 1 − padding`
-//! (plus what the stride's rounding dropped, on the far side), convolved with the kernel
-//! transposed in its channels and flipped in space.
+//! CUDA. Here the convolution's input gradient is `col2im(Wᵀ · dY)`: one matrix product with the
+//! weight read in place, then the `k²` kernel offsets' rows added where they belong in the
+//! padded input (spread by the stride), so no copy of the weight is made in backward.
 //!
 //! Everything here is ordinary candle ops, so the CPU tests exercise the exact code CUDA runs.
 
 use candle_core::{DType, Tensor};
 
 use super::adapter::LowRank;
-use super::custom_backward::{attach, attach3};
+use super::custom_backward::{attach, attach2, attach3};
 use super::frozen;
 use crate::Result;
 
@@ -58,6 +57,40 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
                 .reshape((rows, out))?
                 .matmul(&w)?
                 .reshape(dims.as_slice())?)
+        }),
+    )
+}
+
+/// [`linear`] added to `residual` (the output's shape) in one node: neither the layer's own
+/// output nor the sum's inputs are kept for backward (candle keeps every op's inputs, so a
+/// separate `+` would keep the layer's output until backward ends). Backward: `dX = dY W`,
+/// `dResidual = dY`.
+pub fn linear_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let y = (frozen::linear_plain(&x.detach(), weight, bias)? + residual.detach())?;
+    let (w, dims) = (weight.clone(), x.dims().to_vec());
+    let want = [x.track_op(), residual.track_op()];
+    attach2(
+        "frozen linear + residual",
+        [x, residual],
+        y,
+        Box::new(move |grad| {
+            let dx = if want[0] {
+                let out = w.dim(0)?;
+                let rows = grad.elem_count() / out.max(1);
+                Some(
+                    grad.reshape((rows, out))?
+                        .matmul(&w)?
+                        .reshape(dims.as_slice())?,
+                )
+            } else {
+                None
+            };
+            Ok([dx, want[1].then(|| grad.clone())])
         }),
     )
 }
@@ -132,8 +165,42 @@ pub fn conv2d(
     )
 }
 
+/// [`conv2d`] added to `residual` (the output's shape) in one node, as [`linear_add`].
+pub fn conv2d_add(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    padding: usize,
+    stride: usize,
+    residual: &Tensor,
+) -> Result<Tensor> {
+    let y =
+        (frozen::conv2d_plain(&x.detach(), weight, bias, padding, stride)? + residual.detach())?;
+    let (_, _, h, w) = x.dims4()?;
+    let weight = weight.clone();
+    let want = [x.track_op(), residual.track_op()];
+    attach2(
+        "frozen conv + residual",
+        [x, residual],
+        y,
+        Box::new(move |grad| {
+            let dx = if want[0] {
+                Some(conv2d_input_grad(grad, &weight, (h, w), padding, stride)?)
+            } else {
+                None
+            };
+            Ok([dx, want[1].then(|| grad.clone())])
+        }),
+    )
+}
+
 /// The gradient of a convolution's input `[B, in, H, W]` (`input` = `(H, W)`) from its output's
-/// `grad: [B, out, H', W']`, as one stride-1 convolution.
+/// `grad: [B, out, H', W']`: `col2im(Wᵀ · dY)`. One product with the weight read in place
+/// (`[in·k·k, out]`, a transposed view), then each of the `k²` kernel offsets' rows added at
+/// their place in the padded input (spread by the stride) and the padding cut off. Nothing of
+/// the weight's size is allocated: a flipped, transposed copy of it (what a transposed
+/// convolution written as a convolution needs) cost three times a 3×3 kernel's size at every
+/// call, 180 MB for SD 1.5's widest convolutions.
 pub fn conv2d_input_grad(
     grad: &Tensor,
     weight: &Tensor,
@@ -141,8 +208,8 @@ pub fn conv2d_input_grad(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
-    let (_, _, k, _) = weight.dims4()?;
-    let (_, _, ho, wo) = grad.dims4()?;
+    let (out_c, in_c, k, _) = weight.dims4()?;
+    let (b, _, ho, wo) = grad.dims4()?;
     let fits =
         |n: usize, on: usize| n + 2 * padding >= k && (n + 2 * padding - k) / stride + 1 == on;
     if !conv_fits(weight, padding, stride) || !fits(input.0, ho) || !fits(input.1, wo) {
@@ -154,33 +221,37 @@ pub fn conv2d_input_grad(
         ))
         .into());
     }
-    let edge = k - 1 - padding;
-    // What the forward's rounding down by the stride left out at the far edge.
-    let rest_h = input.0 + 2 * padding - k - (ho - 1) * stride;
-    let rest_w = input.1 + 2 * padding - k - (wo - 1) * stride;
-    let kernel = flipped_transposed(weight)?;
-    let grad = dilate(grad, stride)?;
-    let dx = if rest_h == 0 && rest_w == 0 {
-        grad.conv2d(&kernel, edge, 1, 1, 1)?
-    } else {
-        grad.pad_with_zeros(2, edge, edge + rest_h)?
-            .pad_with_zeros(3, edge, edge + rest_w)?
-            .conv2d(&kernel, 0, 1, 1, 1)?
-    };
-    Ok(dx)
-}
-
-/// `W: [out, in, k, k]` → `[in, out, k, k]` with both spatial axes reversed.
-fn flipped_transposed(weight: &Tensor) -> Result<Tensor> {
-    let k = weight.dim(2)?;
-    let w = weight.transpose(0, 1)?.contiguous()?;
-    if k == 1 {
-        return Ok(w);
+    // [out, B·H'·W'], then Wᵀ · dY = [in·k·k, B·H'·W'].
+    let dy = grad
+        .transpose(0, 1)?
+        .contiguous()?
+        .reshape((out_c, b * ho * wo))?;
+    let cols = weight.reshape((out_c, in_c * k * k))?.t()?.matmul(&dy)?;
+    let cols = cols.reshape((in_c, k, k, b, ho, wo))?;
+    let (hp, wp) = (input.0 + 2 * padding, input.1 + 2 * padding);
+    let (span_h, span_w) = ((ho - 1) * stride + 1, (wo - 1) * stride + 1);
+    let mut padded: Option<Tensor> = None;
+    for a in 0..k {
+        for c in 0..k {
+            // The rows of offset (a, c): [in, B, H', W'] → [B, in, H', W'], spread by the stride.
+            let rows = cols
+                .narrow(1, a, 1)?
+                .narrow(2, c, 1)?
+                .reshape((in_c, b, ho, wo))?
+                .transpose(0, 1)?;
+            let placed = dilate(&rows, stride)?
+                .pad_with_zeros(2, a, hp - a - span_h)?
+                .pad_with_zeros(3, c, wp - c - span_w)?;
+            padded = Some(match padded {
+                None => placed,
+                Some(sum) => (sum + placed)?,
+            });
+        }
     }
-    let reversed: Vec<u32> = (0..k as u32).rev().collect();
-    let index = Tensor::from_vec(reversed, k, weight.device())?;
-    Ok(w.index_select(&index, 2)?
-        .index_select(&index, 3)?
+    let padded = padded.ok_or_else(|| candle_core::Error::Msg("empty kernel".into()))?;
+    Ok(padded
+        .narrow(2, padding, input.0)?
+        .narrow(3, padding, input.1)?
         .contiguous()?)
 }
 
@@ -288,6 +359,75 @@ mod tests {
             assert!(max_diff(&ours.1, &plain.1)? < 1e-12);
         }
         Ok(())
+    }
+
+    #[test]
+    fn residual_sums_are_one_node_with_both_gradients() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // Both inputs trainable: the layer's input and the residual get their gradients, and
+        // they equal those of the layer and a separate `+`.
+        let check = |x: &Tensor,
+                     residual: &Tensor,
+                     fused: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>,
+                     plain: &dyn Fn(&Tensor, &Tensor) -> Result<Tensor>|
+         -> Result<()> {
+            let mut outs = Vec::new();
+            for f in [fused, plain] {
+                let (xv, rv) = (Var::from_tensor(x)?, Var::from_tensor(residual)?);
+                let y = f(xv.as_tensor(), rv.as_tensor())?;
+                let m = randn(&mut ChaCha8Rng::seed_from_u64(3), y.dims(), 1.0, 0.0)?;
+                let grads = (&y * m)?.sum_all()?.backward()?;
+                let g = |v: &Var| grads.get(v.as_tensor()).cloned();
+                outs.push((y, g(&xv), g(&rv)));
+            }
+            let (a, b) = (&outs[0], &outs[1]);
+            assert!(max_diff(&a.0, &b.0)? < 1e-12, "values");
+            assert!(
+                max_diff(a.1.as_ref().unwrap(), b.1.as_ref().unwrap())? < 1e-12,
+                "dX"
+            );
+            assert!(
+                max_diff(a.2.as_ref().unwrap(), b.2.as_ref().unwrap())? < 1e-12,
+                "dR"
+            );
+            Ok(())
+        };
+        let x = randn(&mut rng, &[2, 3, 5], 1.0, 0.0)?;
+        let weight = randn(&mut rng, &[4, 5], 0.5, 0.0)?;
+        let bias = randn(&mut rng, &[4], 0.5, 0.0)?;
+        let residual = randn(&mut rng, &[2, 3, 4], 1.0, 0.0)?;
+        check(
+            &x,
+            &residual,
+            &|x, r| linear_add(x, &weight, Some(&bias), r),
+            &|x, r| Ok((frozen::linear_plain(x, &weight, Some(&bias))? + r)?),
+        )?;
+        let x = randn(&mut rng, &[2, 3, 6, 5], 1.0, 0.0)?;
+        let weight = randn(&mut rng, &[4, 3, 3, 3], 0.5, 0.0)?;
+        let residual = randn(&mut rng, &[2, 4, 6, 5], 1.0, 0.0)?;
+        check(
+            &x,
+            &residual,
+            &|x, r| conv2d_add(x, &weight, Some(&bias), 1, 1, r),
+            &|x, r| {
+                let y = value_and_grad_free_conv(x, &weight, &bias)?;
+                Ok((y + r)?)
+            },
+        )?;
+        // A residual that needs no gradient (the first block's input) is fine too.
+        let y = linear_add(
+            &Var::new(&[[1f64, 2.0]], &Device::Cpu)?.as_tensor().clone(),
+            &Tensor::new(&[[1f64, 0.0], [0.0, 1.0]], &Device::Cpu)?,
+            None,
+            &Tensor::new(&[[10f64, 20.0]], &Device::Cpu)?,
+        )?;
+        assert_eq!(y.to_vec2::<f64>()?, [[11.0, 22.0]]);
+        Ok(())
+    }
+
+    /// The CPU kernel's convolution (whose gradient is checked against finite differences).
+    fn value_and_grad_free_conv(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        frozen::conv2d(x, weight, Some(bias), 1, 1)
     }
 
     #[test]

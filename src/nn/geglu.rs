@@ -45,30 +45,98 @@ pub fn geglu_generic(h: &Tensor) -> Result<Tensor> {
     }
     let inner = width / 2;
     let hd = h.detach();
-    let y = (hd.narrow(last, 0, inner)? * hd.narrow(last, inner, inner)?.gelu_erf()?)?;
+    let y = geglu_value(&hd, inner)?;
     super::custom_backward::attach(
         "geglu",
         h,
         y,
-        Box::new(move |grad| {
-            let dtype = hd.dtype();
-            let work = if dtype == DType::F64 {
-                DType::F64
-            } else {
-                DType::F32
-            };
-            let a = hd.narrow(last, 0, inner)?.to_dtype(work)?;
-            let g = hd.narrow(last, inner, inner)?.to_dtype(work)?;
-            let dy = grad.to_dtype(work)?;
-            let cdf = ((&g * std::f64::consts::FRAC_1_SQRT_2)?.erf()? * 0.5)? + 0.5;
-            let cdf = cdf?;
-            let pdf = ((g.sqr()? * -0.5)?.exp()?
-                * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
-            let da = (&dy * (&g * &cdf)?)?;
-            let dg = ((&dy * &a)? * (cdf + (&g * pdf)?)?)?;
-            Ok(Tensor::cat(&[da, dg], last)?.to_dtype(dtype)?)
-        }),
+        Box::new(move |grad| geglu_input_grad(&hd, grad, inner)),
     )
+}
+
+/// `h[..., :inner] · gelu(h[..., inner:])` from candle ops (nothing recorded on a detached `h`).
+fn geglu_value(h: &Tensor, inner: usize) -> Result<Tensor> {
+    let last = h.rank() - 1;
+    Ok((h.narrow(last, 0, inner)? * h.narrow(last, inner, inner)?.gelu_erf()?)?)
+}
+
+/// GEGLU's input gradient from its output's, `h`'s dtype, computed in f32 at least:
+/// `d a = dY · gelu(g)`, `d g = dY · a · (Φ(g) + g · φ(g))`.
+fn geglu_input_grad(h: &Tensor, grad: &Tensor, inner: usize) -> Result<Tensor> {
+    let last = h.rank() - 1;
+    let dtype = h.dtype();
+    let work = if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let a = h.narrow(last, 0, inner)?.to_dtype(work)?;
+    let g = h.narrow(last, inner, inner)?.to_dtype(work)?;
+    let dy = grad.to_dtype(work)?;
+    let cdf = (((&g * std::f64::consts::FRAC_1_SQRT_2)?.erf()? * 0.5)? + 0.5)?;
+    let pdf = ((g.sqr()? * -0.5)?.exp()?
+        * (0.5 * std::f64::consts::FRAC_2_SQRT_PI * std::f64::consts::FRAC_1_SQRT_2))?;
+    let da = (&dy * (&g * &cdf)?)?;
+    let dg = ((&dy * &a)? * (cdf + (&g * pdf)?)?)?;
+    Ok(Tensor::cat(&[da, dg], last)?.to_dtype(dtype)?)
+}
+
+/// [`geglu_generic`] followed by a frozen linear layer (`W: [out, inner]`) and, with a
+/// `residual`, the sum, in one node: as [`geglu_linear`] does on the CPU, the GEGLU output is
+/// not kept for backward (`dG = dY W`, then GEGLU's input gradient from `h`). For CUDA and half
+/// precision.
+pub fn geglu_linear_generic(
+    h: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (out, inner) = weight.dims2()?;
+    if h.dim(candle_core::D::Minus1)? != 2 * inner {
+        return Err(candle_core::Error::Msg(format!(
+            "geglu: input {:?} does not fit the next layer's weight {:?}",
+            h.dims(),
+            weight.dims()
+        ))
+        .into());
+    }
+    let hd = h.detach();
+    let mut y = super::frozen::linear_plain(&geglu_value(&hd, inner)?, weight, bias)?;
+    if let Some(r) = residual {
+        y = (y + r.detach())?;
+    }
+    let w = weight.clone();
+    let input_grad = move |grad: &Tensor| -> Result<Tensor> {
+        let rows = grad.elem_count() / out.max(1);
+        let mut dims = hd.dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        let dg = grad
+            .reshape((rows, out))?
+            .matmul(&w)?
+            .reshape(dims.as_slice())?;
+        geglu_input_grad(&hd, &dg, inner)
+    };
+    match residual {
+        None => super::custom_backward::attach("geglu + frozen linear", h, y, Box::new(input_grad)),
+        Some(r) => {
+            let want = [h.track_op(), r.track_op()];
+            super::custom_backward::attach2(
+                "geglu + frozen linear + residual",
+                [h, r],
+                y,
+                Box::new(move |grad| {
+                    let dh = if want[0] {
+                        Some(input_grad(grad)?)
+                    } else {
+                        None
+                    };
+                    Ok([dh, want[1].then(|| grad.clone())])
+                }),
+            )
+        }
+    }
 }
 
 /// `h: [..., 2·inner]` → `h[..., :inner] · gelu(h[..., inner:])`, `[..., inner]`.
@@ -439,6 +507,46 @@ mod tests {
             (a - b)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-6,
             "residual gradient"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn generic_geglu_then_linear_equals_the_two_generic_ops() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let h = Var::from_tensor(&randn(&mut rng, &[2, 9, 2 * 6], 2.0, 0.0)?)?;
+        let weight = randn(&mut rng, &[5, 6], 1.0, 0.0)?;
+        let bias = randn(&mut rng, &[5], 1.0, 0.0)?;
+        let mix = randn(&mut rng, &[2, 9, 5], 1.0, 0.0)?;
+        let r = Var::from_tensor(&randn(&mut rng, &[2, 9, 5], 1.0, 0.0)?)?;
+        for residual in [Some(r.as_tensor()), None] {
+            let got = geglu_linear_generic(h.as_tensor(), &weight, Some(&bias), residual)?;
+            let mut want = crate::nn::frozen::linear_plain(
+                &geglu_generic(h.as_tensor())?,
+                &weight,
+                Some(&bias),
+            )?;
+            if let Some(r) = residual {
+                want = (want + r)?;
+            }
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "forward differs by {diff}");
+            let g_got = (&got * &mix)?.sum_all()?.backward()?;
+            let g_want = (&want * &mix)?.sum_all()?.backward()?;
+            let grad =
+                |g: &candle_core::backprop::GradStore, v: &Var| g.get(v.as_tensor()).cloned();
+            let diff = (grad(&g_got, &h).expect("dh") - grad(&g_want, &h).expect("dh"))?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert!(diff < 1e-12, "gradient differs by {diff}");
+            if residual.is_some() {
+                let d = (grad(&g_got, &r).expect("dr") - grad(&g_want, &r).expect("dr"))?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f64>()?;
+                assert!(d < 1e-12, "residual gradient differs by {d}");
+            }
+        }
         Ok(())
     }
 }

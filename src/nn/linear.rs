@@ -83,13 +83,20 @@ impl Linear {
     /// output is added after it (with a zero adapter the result is the same, bit for bit, as
     /// without one).
     pub fn forward_add(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if !frozen::applies_to(x, &self.weight, self.bias.as_ref()) {
+        let (weight, bias) = (&self.weight, self.bias.as_ref());
+        let fused = frozen::applies_to(x, weight, bias);
+        let generic = !fused && frozen_generic::applies_to(x, weight, bias);
+        if !fused && !generic {
             return Ok((self.forward(x)? + residual)?);
         }
         let in_features = x.dim(candle_core::D::Minus1)?;
         let rows = x.elem_count() / in_features.max(1);
         super::flops::add_dense(2 * (rows * in_features * self.out_features()) as u64);
-        let y = frozen::linear_add(x, &self.weight, self.bias.as_ref(), Some(residual))?;
+        let y = if fused {
+            frozen::linear_add(x, weight, bias, Some(residual))?
+        } else {
+            frozen_generic::linear_add(x, weight, bias, residual)?
+        };
         Ok(match &self.adapter {
             Some(adapter) => (y + adapter.forward(x)?)?,
             None => y,

@@ -82,6 +82,7 @@ impl Drop for Scope {
 pub struct CountingAlloc;
 
 static HEAP: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
 static COUNTING: AtomicBool = AtomicBool::new(false);
 
 // SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
@@ -90,7 +91,8 @@ unsafe impl GlobalAlloc for CountingAlloc {
         COUNTING.store(true, Ordering::Relaxed);
         let p = unsafe { System.alloc(layout) };
         if !p.is_null() {
-            HEAP.fetch_add(layout.size(), Ordering::Relaxed);
+            let now = HEAP.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(now, Ordering::Relaxed);
         }
         p
     }
@@ -117,6 +119,14 @@ unsafe impl GlobalAlloc for CountingAlloc {
         }
         p
     }
+}
+
+/// The most bytes the heap held since the last call (then starts again from now).
+pub fn take_heap_peak() -> Option<usize> {
+    COUNTING.load(Ordering::Relaxed).then(|| {
+        let now = HEAP.load(Ordering::Relaxed);
+        PEAK.swap(now, Ordering::Relaxed).max(now)
+    })
 }
 
 /// Bytes the heap holds now, when [`CountingAlloc`] is the global allocator; `None` otherwise.
