@@ -10,6 +10,8 @@ pub mod config;
 pub mod dataset;
 pub mod error;
 pub mod files;
+#[doc(hidden)]
+pub mod fixtures;
 pub mod generate;
 pub mod label;
 pub mod log;

@@ -3,7 +3,7 @@
 //! `last_hidden_state`, the clip_skip 2 state, `pooler_output`, and the prompts' input ids.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use lora_trainer::models::clip_text::{ClipTextConfig, ClipTextModel};
@@ -12,9 +12,7 @@ use lora_trainer::nn::weights::{Entry, TensorSource, Transform};
 use lora_trainer::nn::{Scope, WeightStore};
 
 fn fixture(path: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path);
+    let path = lora_trainer::fixtures::path(path);
     assert!(
         path.exists(),
         "{} is missing (regenerate with tools/make_fixtures.py)",

@@ -31,6 +31,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -42,7 +43,18 @@ from safetensors.torch import load_file  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny-sd1"
-SINGLE_FILE = ROOT / "tests" / "fixtures" / "tiny-sd1.safetensors"
+def single_file() -> Path:
+    """tests/fixtures/tiny-sd1.safetensors, assembled from the folder and its layout as the Rust
+    tests do (tests/fixtures/README.md, "Single-file layout")."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_fixtures as fx
+    from safetensors.torch import load_file as _load, save_file as _save
+
+    out = Path(tempfile.mkdtemp()) / "tiny-sd1.safetensors"
+    layout = json.loads((fx.FIXTURES / "tiny-sd1.layout.json").read_text())
+    extras = _load(str(fx.FIXTURES / "tiny-sd1.extra.safetensors"))
+    _save(fx.assemble_single_file(layout, fx.FIXTURES / "tiny-sd1", extras), str(out))
+    return out
 # The scales the Rust test writes: rank 4 / alpha 2 and, for 3x3 convolutions, rank 2 / alpha 4.
 INTENDED_SCALE = {4: 0.5, 2: 2.0}
 QV_ONLY_QUIRK = "Could not automatically infer"
@@ -248,7 +260,7 @@ def a1111_layer_mapping():
     child `diffusion_model`) and `cond_stage_model.wrapped` (FrozenCLIPEmbedder, child
     `transformer`) module names with `.` → `_`, here with each module's weight shape."""
     mapping = {}
-    with safe_open(str(SINGLE_FILE), "pt") as f:
+    with safe_open(str(single_file()), "pt") as f:
         for key in f.keys():
             if not key.endswith(".weight"):
                 continue

@@ -685,6 +685,76 @@ def to_single_file(pipe, variant: dict) -> dict:
     return contiguous(out)
 
 
+SINGLE_FILE_COMPONENTS = (
+    ("unet", "unet/diffusion_pytorch_model.safetensors"),
+    ("vae", "vae/diffusion_pytorch_model.safetensors"),
+    ("text_encoder", "text_encoder/model.safetensors"),
+)
+
+
+def single_file_layout(single: dict, folder: Path) -> tuple[dict, dict]:
+    """How the single file is made of the folder's tensors, so that the tests assemble it instead
+    of the repository carrying both (the GPU check carries the working tree under 64 MiB).
+
+    Found by value, not by the key mapping above (so the tests still check our loader's mapping
+    against an independent one): each single-file tensor is a folder tensor with the same
+    elements (reshaped: the VAE attention's 1x1 convolutions), or the rows of several stacked
+    (OpenCLIP's fused q/k/v), or else an extra (the LDM schedule buffers, ``position_ids``, the
+    SD2 tower's extra layer and projection), stored in ``<name>.extra.safetensors``. Returns the
+    layout (``tensors``: ``[key, shape, [[component, folder key], ...]]`` sorted by key,
+    component ``extra`` for extras) and the extras."""
+    from safetensors.torch import load_file
+
+    def digest(t: torch.Tensor) -> tuple:
+        return (str(t.dtype), t.numel(), hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest())
+
+    by_value: dict = {}
+    for component, file in SINGLE_FILE_COMPONENTS:
+        for k, v in load_file(str(folder / file)).items():
+            by_value.setdefault(digest(v), (component, k))
+    entries, extras = [], {}
+    for key, t in sorted(single.items()):
+        found = by_value.get(digest(t))
+        if found is None and t.ndim >= 1 and t.shape[0] % 3 == 0 and "in_proj" in key:
+            parts = [by_value.get(digest(p)) for p in t.chunk(3, 0)]
+            found = parts if all(parts) else None
+        elif found is not None:
+            found = [found]
+        if found is None:
+            extras[key] = t
+            found = [("extra", key)]
+        entries.append([key, list(t.shape), [list(f) for f in found]])
+    return {"metadata": {"format": "pt"}, "tensors": entries}, extras
+
+
+def assemble_single_file(layout: dict, folder: Path, extras: dict) -> dict:
+    """The single file from its layout, as the Rust test support does it (``src/fixtures.rs``)."""
+    from safetensors.torch import load_file
+
+    sources = {c: load_file(str(folder / f)) for c, f in SINGLE_FILE_COMPONENTS} | {"extra": extras}
+    out = {}
+    for key, shape, parts in layout["tensors"]:
+        ts = [sources[c][k] for c, k in parts]
+        out[key] = (torch.cat(ts, 0) if len(ts) > 1 else ts[0]).reshape(shape).contiguous()
+    return out
+
+
+def write_single_file_layout(name: str, single: dict, folder: Path) -> None:
+    layout, extras = single_file_layout(single, folder)
+    assembled = assemble_single_file(layout, folder, extras)
+    check(
+        set(assembled) == set(single)
+        and all(assembled[k].dtype == single[k].dtype and torch.equal(assembled[k], single[k]) for k in single),
+        f"{name}: the single file assembled from its layout differs",
+    )
+    # One tensor a line: readable diffs.
+    lines = ",\n".join("  " + json.dumps(e) for e in layout["tensors"])
+    text = f'{{"metadata": {json.dumps(layout["metadata"])}, "tensors": [\n{lines}\n]}}\n'
+    (FIXTURES / f"{name}.layout.json").write_text(text, encoding="utf-8")
+    save_st(contiguous(extras), FIXTURES / f"{name}.extra.safetensors", metadata={"format": "pt"})
+    print(f"  {name}.layout.json: {len(layout['tensors'])} tensors, {len(extras)} extras")
+
+
 def ldm_yaml(name: str, variant: dict) -> str:
     u, v, t = variant["unet"], variant["vae"], variant["text"]
     mc = u["block_out_channels"][0]
@@ -1042,8 +1112,10 @@ def make_variant(name: str, variant: dict, tiny_tok_dir: Path) -> dict:
     save_st(ref, FIXTURES / f"{name}.reference.safetensors", metadata=meta)
 
     single = to_single_file(loaded, variant)
-    single_path = FIXTURES / f"{name}.safetensors"
+    # The single file itself is not kept: the tests assemble it from the folder and its layout.
+    single_path = Path(tempfile.mkdtemp()) / f"{name}.safetensors"
     save_st(single, single_path, metadata={"format": "pt"})
+    write_single_file_layout(name, single, folder)
     yaml_path = FIXTURES / f"{name}.yaml"
     yaml_path.write_text(ldm_yaml(name, variant), encoding="utf-8")
     verify_single_file(name, folder, single_path, yaml_path, ref)
@@ -1095,8 +1167,8 @@ the sha256 column below does not change). The script also rewrites `models/clip-
    (sd1) and `[32, 32, 32, 64]` (sd2) instead of `[32, 64, 64]` / `[32, 64, 64, 64]`. With the
    contract's widths the fixtures would be ~80 MB. 4 MB is not reachable with this structure at all:
    GroupNorm(32) forces ≥ 32 channels, diffusers' GEGLU feed-forward is fixed at 4×, so the smallest
-   sd1 UNet with this block layout is 0.83 M parameters (3.3 MB in f32), and sd1 is stored 3.5 times
-   (folder, single file, `.ckpt`, fp16 variant). Coverage kept on purpose: a down-path resnet with a
+   sd1 UNet with this block layout is 0.83 M parameters (3.3 MB in f32), and sd1 is stored 2.5 times
+   (folder, `.ckpt`, fp16 variant; the single files are assembled by the tests, see below). Coverage kept on purpose: a down-path resnet with a
    `conv_shortcut` (sd2 level 3, 32→64), VAE `conv_shortcut`/`nin_shortcut` (sd2 VAE, 32→64), a VAE
    with 2 layers per block (sd2) and one with 1 (sd1), VAE downsampling 4 (sd1) and 2 (sd2),
    cross-attention widths ≠ channel widths (k/v projections are not square), several heads.
@@ -1220,8 +1292,9 @@ special tokens 49407 / 49406). Transformers' behaviour is the reference, not Ope
 ## Tiny models
 
 Two variants, each a diffusers folder `tests/fixtures/<name>/` (`model_index.json`, `unet/`,
-`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), a single file `<name>.safetensors`, its LDM
-yaml `<name>.yaml`, and `<name>.reference.safetensors`; tiny-sd1 also has `tiny-sd1.ckpt` and the
+`vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`), the layout of its single file
+(`<name>.layout.json` and `<name>.extra.safetensors`, below), its LDM yaml `<name>.yaml`, and
+`<name>.reference.safetensors`; tiny-sd1 also has `tiny-sd1.ckpt` and the
 fp16 variant files.
 
 Tokenizer of both (`<name>/tokenizer/`): the real CLIP BPE truncated to its first 486 merges —
@@ -1273,6 +1346,15 @@ format), f32, with 0-dim tensors and i64/i32 tensors included. candle 0.11.1's
 `pickle::read_pth_tensor_info(path, false, Some("state_dict"))` reads it; it prints
 `skipping: ... unsupported storage type IntStorage` for `model_ema.num_updates` (i32) and goes on
 — real SD 1.x `.ckpt` files carry the same tensor.
+
+The single files are not committed: they hold the folders' tensors again, renamed, fused or
+reshaped. `<name>.layout.json` lists each tensor of the file (key, shape, and the folder tensors
+it is made of: `[[component, key], ...]`, several for OpenCLIP's fused q/k/v, stacked along the
+first axis), found by value rather than by the key mapping, so the tests still check our loader's
+mapping against an independent one; `<name>.extra.safetensors` holds what no folder file has
+(`component` `extra`). The tests assemble `<name>.safetensors`, byte for byte the file this script
+verifies with diffusers' `from_single_file`, with its `<name>.yaml` beside it, into the system's
+temporary folder (`src/fixtures.rs`, `lora_trainer::fixtures::path("tiny-sd1.safetensors")`).
 
 Tensors in the single files other than the UNet/VAE/CLIP-layer weights (everything a loader must
 either use or skip):

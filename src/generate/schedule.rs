@@ -230,8 +230,8 @@ mod tests {
         let folder = SamplerConfig::for_model(&root.join("tiny-sd1").to_string_lossy(), &cache)?;
         assert_eq!(folder.timestep_spacing, Some(TimestepSpacing::Leading));
         assert!(folder.origin.ends_with("scheduler_config.json"));
-        let file =
-            SamplerConfig::for_model(&root.join("tiny-sd1.safetensors").to_string_lossy(), &cache)?;
+        let single = crate::fixtures::path("tiny-sd1.safetensors");
+        let file = SamplerConfig::for_model(&single.to_string_lossy(), &cache)?;
         assert_eq!(file, SamplerConfig::stable_diffusion_default());
         Ok(())
     }

@@ -699,7 +699,6 @@ mod tests {
             demo.architecture().unwrap().to_string(),
             "SD 1.x-style, cross-attention width 32"
         );
-        let fixtures = root.join("tests/fixtures");
         for (name, version, width) in [
             ("tiny-sd1", SdVersion::V1, 64),
             ("tiny-sd2", SdVersion::V2, 128),
@@ -707,7 +706,7 @@ mod tests {
             ("tiny-sd2.safetensors", SdVersion::V2, 128),
             ("tiny-sd1.ckpt", SdVersion::V1, 64),
         ] {
-            let architecture = detect(&fixtures.join(name)).unwrap().architecture();
+            let architecture = detect(&crate::fixtures::path(name)).unwrap().architecture();
             assert_eq!(
                 architecture,
                 Some(Architecture {

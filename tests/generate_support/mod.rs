@@ -19,9 +19,7 @@ use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind};
 use lora_trainer::Result;
 
 pub fn fixture(path: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path);
+    let p = lora_trainer::fixtures::path(path);
     assert!(p.exists(), "missing fixture {}", p.display());
     p
 }

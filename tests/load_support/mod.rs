@@ -15,7 +15,7 @@ pub fn root() -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    let path = root().join("tests/fixtures").join(name);
+    let path = lora_trainer::fixtures::path(name);
     assert!(
         path.exists(),
         "{} is missing (regenerate with tools/make_fixtures.py)",

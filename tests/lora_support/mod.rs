@@ -16,9 +16,7 @@ use lora_trainer::nn::weights::TensorSource;
 use lora_trainer::nn::{Scope, WeightStore};
 
 pub fn fixture(path: &str) -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(path);
+    let p = lora_trainer::fixtures::path(path);
     assert!(p.exists(), "missing fixture {}", p.display());
     p
 }
