@@ -60,3 +60,29 @@ fn the_device_checks_pass_on_the_cpu_path_and_write_their_report() {
     assert_eq!(json["passed"], true);
     assert_eq!(json["sections"].as_array().unwrap().len(), 6);
 }
+
+/// A device that cannot be opened (here: CUDA in a build without it) is the report's first
+/// finding, written where the script collects it, not an error that leaves nothing behind.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn a_device_that_cannot_be_opened_is_reported_not_lost() {
+    let out = tempfile::tempdir().unwrap();
+    let options = CheckOptions {
+        device: DeviceChoice::Cuda(0),
+        half: MixedPrecision::Bf16,
+        root: Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+        out: out.path().to_path_buf(),
+        python: None,
+        bench: None,
+        demo: false,
+    };
+    let report = run_checks(&options).unwrap();
+    assert!(!report.passed);
+    assert_eq!(report.sections.len(), 1);
+    assert_eq!(report.sections[0].name, "open the device");
+    let error = report.sections[0].error.as_deref().unwrap();
+    assert!(error.contains("cuda"), "{error}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("gpu_check.json")).unwrap()).unwrap();
+    assert_eq!(json["passed"], false);
+}

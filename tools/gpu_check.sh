@@ -32,12 +32,13 @@ chmod +x "$work/gpu_check"
 
 # CUDA 13 libraries: the ones of the machine's PyTorch wheels, else a system CUDA.
 nv=$(python3 -c 'import nvidia, os; print(os.path.join(nvidia.__path__[0], "cu13", "lib"))' 2>/dev/null || true)
-paths="$nv:/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu"
-if ! (IFS=:; for d in $paths; do [ -e "$d/libcurand.so.10" ] && exit 0; done; exit 1); then
+# (Only CUDA folders: a system library folder ahead of Python's own breaks its extensions.)
+paths="$nv:/usr/local/cuda/lib64"
+if ! (IFS=:; for d in $paths /usr/lib/x86_64-linux-gnu; do [ -e "$d/libcurand.so.10" ] && exit 0; done; exit 1); then
     cp gpu-carry/libcurand.so.10 "$work/lib/"
     echo "== libcurand.so.10: the stub (no real one on this machine)" >>"$out/machine.txt"
 fi
-export LD_LIBRARY_PATH="$paths:$work/lib:${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH="$paths:$work/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 { echo "== ldd"; ldd "$work/gpu_check"; } >>"$out/machine.txt" 2>&1
 
 # diffusers for the reference side (torch, transformers and peft are on the image).

@@ -42,8 +42,11 @@ syms=$(nm -D --undefined-only "$bin" | awk '{print $2}' | sed 's/@.*//' | grep -
         esac
     done
 } >"$carry/curand_stub.c"
-gcc -shared -fPIC -O2 -o "$carry/libcurand.so.10" -Wl,-soname,libcurand.so.10 "$carry/curand_stub.c"
-rm "$carry/curand_stub.c"
+# The binary asks for the symbols at version `libcurand.so.10`, as NVIDIA's library defines them.
+echo 'libcurand.so.10 { global: *; };' >"$carry/curand_stub.map"
+gcc -shared -fPIC -O2 -o "$carry/libcurand.so.10" -Wl,-soname,libcurand.so.10 \
+    -Wl,--version-script,"$carry/curand_stub.map" "$carry/curand_stub.c"
+rm "$carry/curand_stub.c" "$carry/curand_stub.map"
 
 # diffusers (torch, transformers and peft are on the device image).
 "$python" -m pip download --no-deps -q -d "$carry/wheels" diffusers==0.42.1 importlib_metadata zipp

@@ -134,15 +134,28 @@ pub fn run_checks(options: &CheckOptions) -> Result<DeviceReport> {
         out: absolute(&options.out)?,
         ..options.clone()
     };
-    let compute = Compute::resolve(options.device, options.half)?;
-    let half = half_dtype(options.half);
     let mut report = DeviceReport {
-        device: compute.device_name.clone(),
+        device: options.device.to_string(),
         half_precision: options.half.to_string(),
         program: concat!("lora-trainer ", env!("CARGO_PKG_VERSION")).to_string(),
         sections: Vec::new(),
         passed: false,
     };
+    // A device that cannot be opened is the report's first finding, not a lost run.
+    let compute = match Compute::resolve(options.device, options.half) {
+        Ok(compute) => compute,
+        Err(e) => {
+            report.sections.push(Section {
+                name: "open the device".into(),
+                error: Some(crate::Error::from(e).report()),
+                ..Section::default()
+            });
+            write_report(&options.out, &report)?;
+            return Ok(report);
+        }
+    };
+    report.device = compute.device_name.clone();
+    let half = half_dtype(options.half);
     let device = &compute.device;
     let mut sections: Vec<(String, Box<SectionRun<'_>>)> = vec![
         (
