@@ -10,22 +10,22 @@ use std::path::PathBuf;
 pub enum Error {
     /// The YAML config or a `--set` override is invalid.
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Config(#[from] crate::config::error::ConfigError),
     /// The dataset (metadata.csv, images, captions) is invalid.
     #[error(transparent)]
-    Dataset(#[from] crate::dataset::DatasetError),
+    Dataset(#[from] crate::dataset::error::DatasetError),
     /// A model file or folder cannot be used.
     #[error(transparent)]
     Model(#[from] ModelError),
     /// A LoRA target selection or a LoRA file cannot be used.
     #[error(transparent)]
-    Lora(Box<crate::lora::LoraError>),
+    Lora(Box<crate::lora::error::LoraError>),
     /// A `generate` option, prompt tag or prompt file is invalid.
     #[error(transparent)]
     Generate(#[from] crate::generate::error::GenerateError),
     /// Optimizer, optimizer state or schedule problems.
     #[error(transparent)]
-    Train(#[from] crate::train::TrainError),
+    Train(#[from] crate::train::error::TrainError),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {
@@ -38,8 +38,8 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 }
 
-impl From<crate::lora::LoraError> for Error {
-    fn from(e: crate::lora::LoraError) -> Self {
+impl From<crate::lora::error::LoraError> for Error {
+    fn from(e: crate::lora::error::LoraError) -> Self {
         Error::Lora(Box::new(e))
     }
 }

@@ -12,9 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use lora_support::*;
 use lora_trainer::config::{LoraSettings, SaveFormat, SavePrecision, TargetPreset, TrainPlan};
 use lora_trainer::lora::hash::{addnet_hashes, model_hash};
-use lora_trainer::lora::{
-    save_lora, LoraFile, LoraFormat, LoraNetworks, NetworkOptions, TrainingMetadata,
-};
+use lora_trainer::lora::{save_lora, LoraFile, LoraFormat, LoraNetworks, NetworkOptions};
 use lora_trainer::models::source::SdVersion;
 use lora_trainer::plan::StepPlan;
 
@@ -25,7 +23,7 @@ fn header_metadata() -> BTreeMap<String, String> {
                   conv_lora: true\nconv_rank: 2\nconv_alpha: 4\n";
     let plan = TrainPlan::from_yaml(config, Path::new("c.yaml"), &[], Path::new("/p")).unwrap();
     let steps = StepPlan::new(10, &plan.training);
-    let mut m = TrainingMetadata::from_plan(&plan, &steps);
+    let mut m = lora_trainer::train::outputs::plan_metadata(&plan, &steps);
     m.num_train_images = 20;
     m.epoch = 1;
     m.steps = 5;

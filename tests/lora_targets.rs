@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::TargetPreset;
 use lora_trainer::lora::export::kohya_tensors;
-use lora_trainer::lora::{LoraNetworks, LoraReport, NetworkOptions};
+use lora_trainer::lora::{LoraNetworks, NetworkOptions};
 use lora_trainer::models::clip_text::ClipTextModel;
 use lora_trainer::models::source::SdVersion;
 use lora_trainer::models::unet::UNet2DConditionModel;
@@ -233,7 +233,7 @@ fn text_encoder_off_and_unmatched_entries() {
 fn the_report_from_configs_alone_counts_sd15_modules_and_parameters() {
     let mut s = settings(preset(TargetPreset::Default));
     s.rank = 8;
-    let report = LoraReport::from_configs(
+    let report = LoraNetworks::report_from_configs(
         &s,
         Some(SdVersion::V1),
         &sd15_unet_config(),

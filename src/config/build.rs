@@ -11,15 +11,13 @@ use super::fields::{
     choice, count, count_up_to, flag, non_negative, number, positive, rate, small_count, text,
     Fields,
 };
+use super::model_ref::is_hub_id;
 use super::plan::{
-    LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
-    TrainingSettings,
+    DatasetSpec, LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings,
+    TrainPlan, TrainingSettings,
 };
+use super::sampling::{SamplePrompt, SamplerKind};
 use super::yaml::Value;
-use crate::dataset::DatasetSpec;
-use crate::generate::preview::SamplePrompt;
-use crate::generate::samplers::SamplerKind;
-use crate::models::source::is_hub_id;
 
 /// The most optimizer steps a run may make: step numbers are written with eight digits in the
 /// names of step checkpoints and states (`state-step00000100`), and no LoRA needs more.

@@ -171,22 +171,6 @@ pub enum DeviceChoice {
 }
 
 impl DeviceChoice {
-    /// The candle device: `auto` takes CUDA device 0 when this build has CUDA and a GPU is
-    /// present, else the CPU.
-    pub fn device(self) -> crate::Result<candle_core::Device> {
-        Ok(match self {
-            DeviceChoice::Cpu => candle_core::Device::Cpu,
-            DeviceChoice::Cuda(n) => candle_core::Device::new_cuda(n)?,
-            DeviceChoice::Auto => {
-                if candle_core::utils::cuda_is_available() {
-                    candle_core::Device::new_cuda(0).unwrap_or(candle_core::Device::Cpu)
-                } else {
-                    candle_core::Device::Cpu
-                }
-            }
-        })
-    }
-
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         match text.to_ascii_lowercase().as_str() {

@@ -48,6 +48,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    /// The current directory, where relative paths start, cannot be read.
+    #[error("cannot read the current directory, where the config's relative paths start: {source}; run from a folder that exists")]
+    WorkingDirectory {
+        #[source]
+        source: std::io::Error,
+    },
     /// The file (or a `--set` value) is not valid YAML.
     #[error("{at}: invalid YAML: {message}{}", column.map(|c| format!(" (column {c})")).unwrap_or_default())]
     Syntax {

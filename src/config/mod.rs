@@ -9,10 +9,12 @@
 
 mod build;
 mod choices;
-mod error;
+pub(crate) mod error;
 mod fields;
+mod model_ref;
 mod plan;
 mod resolved;
+mod sampling;
 mod yaml;
 
 use std::path::Path;
@@ -23,11 +25,13 @@ pub use choices::{
     SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
+pub use model_ref::{checkpoint_format, is_hub_id, CheckpointFormat};
 pub use plan::{
-    LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings, TrainPlan,
-    TrainingSettings,
+    DatasetSpec, LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings,
+    TrainPlan, TrainingSettings,
 };
 pub use resolved::KeyDifference;
+pub use sampling::{SamplePrompt, SamplerKind};
 
 use fields::{Entry, Fields};
 use yaml::Value;
@@ -35,14 +39,15 @@ use yaml::Value;
 impl TrainPlan {
     /// Reads the config file and applies `--set key=value` overrides; relative paths start at the
     /// current directory.
-    pub fn load(config_path: &Path, overrides: &[String]) -> crate::Result<TrainPlan> {
+    pub fn load(config_path: &Path, overrides: &[String]) -> Result<TrainPlan, ConfigError> {
         let text = crate::files::read_text(config_path, crate::files::TEXT_LIMIT, "a config file")
             .map_err(|source| ConfigError::Read {
                 path: config_path.to_path_buf(),
                 source,
             })?;
-        let cwd = std::env::current_dir().map_err(|e| crate::Error::io(".", e))?;
-        Ok(TrainPlan::from_yaml(&text, config_path, overrides, &cwd)?)
+        let cwd =
+            std::env::current_dir().map_err(|source| ConfigError::WorkingDirectory { source })?;
+        TrainPlan::from_yaml(&text, config_path, overrides, &cwd)
     }
 
     /// Validates a config's text; `config_path` names it in messages, `cwd` anchors relative

@@ -11,6 +11,7 @@ mod caption_files;
 mod check;
 mod decode;
 mod epoch;
+pub(crate) mod error;
 mod listing;
 mod metadata;
 mod transform;
@@ -28,86 +29,8 @@ pub use listing::{normalize_name, ImageFolder, IMAGE_EXTENSIONS};
 pub use metadata::{parse_metadata, Metadata, MetadataRow, CAPTION_COLUMNS, FILE_COLUMNS};
 pub use transform::RESIZE_FILTER;
 
-/// Everything the dataset needs from the validated config.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DatasetSpec {
-    /// Folder holding the images; file names in the CSV are relative to it.
-    pub train_data_dir: PathBuf,
-    /// `metadata.csv` (`filename,prompt` or `file_name,text`); `None` reads a caption file
-    /// with `caption_extension` beside each image.
-    pub metadata_path: Option<PathBuf>,
-    /// Extension of the caption files beside the images, with its dot (`.txt`).
-    pub caption_extension: String,
-    /// Training resolution in pixels (square side; buckets keep area ≤ resolution²).
-    pub resolution: u32,
-    pub enable_bucket: bool,
-    pub min_bucket_reso: u32,
-    pub max_bucket_reso: u32,
-    pub bucket_reso_steps: u32,
-    /// Random instead of centre crop.
-    pub random_crop: bool,
-    /// Horizontal flip with probability ½.
-    pub flip_aug: bool,
-    /// How many times each image is seen per epoch.
-    pub repeats: u32,
-    /// Text put before every caption (a trigger word).
-    pub caption_prefix: Option<String>,
-    /// Shuffle the comma-separated tags of each caption (after the first `keep_tokens`).
-    pub shuffle_caption: bool,
-    pub keep_tokens: usize,
-    /// Probability of training a sample with an empty caption.
-    pub caption_dropout_rate: f32,
-    /// Drop unreadable images with a warning instead of failing.
-    pub skip_invalid_images: bool,
-    /// Seed of every random choice (crop, flip, caption order, epoch order).
-    pub seed: u64,
-}
-
-/// An invalid dataset.
-#[derive(Debug, thiserror::Error)]
-pub enum DatasetError {
-    /// One problem that stops the check (a missing folder, an unreadable metadata header...).
-    #[error("{0}")]
-    Invalid(String),
-    /// Every problem found in the rows and files, in row order.
-    #[error("{}", problems_message(origin, problems, hint.as_deref()))]
-    Problems {
-        /// The metadata file or the image folder the problems are in.
-        origin: String,
-        /// One line per problem (`row 7: ...`).
-        problems: Vec<String>,
-        /// Advice that applies to all of them.
-        hint: Option<String>,
-    },
-    /// An image that passed the check cannot be loaded any more at training time.
-    #[error("{}: {reason}", path.display())]
-    Image { path: PathBuf, reason: String },
-}
-
-/// At most this many problems are printed; the error still holds all of them.
-const PROBLEMS_SHOWN: usize = 50;
-
-fn problems_message(origin: &str, problems: &[String], hint: Option<&str>) -> String {
-    let mut text = format!(
-        "{origin}: {} problem(s) in the dataset; fix them and run again (nothing was written):",
-        problems.len()
-    );
-    for problem in problems.iter().take(PROBLEMS_SHOWN) {
-        text.push_str("\n  ");
-        text.push_str(problem);
-    }
-    if problems.len() > PROBLEMS_SHOWN {
-        text.push_str(&format!(
-            "\n  ... and {} more",
-            problems.len() - PROBLEMS_SHOWN
-        ));
-    }
-    if let Some(hint) = hint {
-        text.push_str("\nhint: ");
-        text.push_str(hint);
-    }
-    text
-}
+pub use crate::config::DatasetSpec;
+pub use error::DatasetError;
 
 /// Where the captions come from.
 #[derive(Debug, Clone, PartialEq)]

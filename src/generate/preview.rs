@@ -15,87 +15,12 @@ use super::output::preview_path;
 use super::pipeline::{ImageRequest, Pipeline};
 use super::png_info::{encode_png, schedule_type, version, GenerationParameters};
 use super::prompt::parse_prompt;
-use super::samplers::SamplerKind;
+pub use crate::config::SamplePrompt;
+use crate::config::SamplerKind;
 use crate::log::EventWriter;
 use crate::{Error, Result};
 
-/// One preview prompt with kohya's defaults for what its line does not say.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplePrompt {
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub width: usize,
-    pub height: usize,
-    /// `--d`; `None`: the base seed plus the prompt's index.
-    pub seed: Option<u64>,
-    pub steps: usize,
-    pub cfg_scale: f64,
-    /// `--ss`; `None`: `sample_sampler`.
-    pub sampler: Option<SamplerKind>,
-}
-
 impl SamplePrompt {
-    /// `prompt` at 512×512, 30 steps, CFG 7.5 (kohya's defaults).
-    pub fn new(prompt: impl Into<String>) -> Self {
-        SamplePrompt {
-            prompt: prompt.into(),
-            negative_prompt: String::new(),
-            width: 512,
-            height: 512,
-            seed: None,
-            steps: 30,
-            cfg_scale: 7.5,
-            sampler: None,
-        }
-    }
-
-    /// Parses one line in kohya's syntax (see the module docs); the error names the option.
-    pub fn parse_line(line: &str) -> std::result::Result<Self, String> {
-        let mut parts = line.trim().split(" --");
-        let prompt = parts.next().unwrap_or("").trim();
-        if prompt.is_empty() {
-            return Err("the line has no prompt before its options".to_string());
-        }
-        let mut sample = SamplePrompt::new(prompt);
-        for option in parts {
-            let option = option.trim();
-            if option.is_empty() {
-                continue;
-            }
-            let (key, value) = option.split_once(' ').unwrap_or((option, ""));
-            let value = value.trim();
-            let number = |what: &str| -> std::result::Result<u64, String> {
-                value
-                    .parse::<u64>()
-                    .map_err(|_| format!("`--{key} {value}`: the {what} must be a whole number"))
-            };
-            match key.to_ascii_lowercase().as_str() {
-                "w" => sample.width = number("width")? as usize,
-                "h" => sample.height = number("height")? as usize,
-                "d" => sample.seed = Some(number("seed")?),
-                "s" => sample.steps = number("number of steps")?.clamp(1, 1000) as usize,
-                "l" => {
-                    sample.cfg_scale = value
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|x| x.is_finite())
-                        .ok_or_else(|| {
-                            format!("`--l {value}`: the CFG scale must be a number such as 7.5")
-                        })?
-                }
-                "n" => sample.negative_prompt = value.to_string(),
-                "ss" => sample.sampler = Some(value.parse::<SamplerKind>()?),
-                _ => {
-                    return Err(format!(
-                        "unknown option `--{key}`; a prompt line takes --n (negative prompt), \
-                         --w, --h, --d (seed), --s (steps), --l (CFG scale) and --ss (sampler)"
-                    ))
-                }
-            }
-        }
-        Ok(sample)
-    }
-
     /// Every prompt of a prompt file's text; `origin` (the file) names errors with the line.
     pub fn parse_lines(text: &str, origin: &str) -> Result<Vec<Self>> {
         let mut prompts = Vec::new();

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::samplers::TimestepSpacing;
+use super::samplers::spacing::TimestepSpacing;
 use crate::error::ModelError;
 use crate::models::hub::HubCache;
 use crate::models::noise::{NoiseSchedule, PredictionType};

@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::config::is_hub_id;
 use crate::error::ModelError;
 use crate::models::hub::{snapshot_with, FileListing, HubCache};
-use crate::models::source::is_hub_id;
 use crate::Result;
 
 /// The default CLIP model: ViT-L/14, the text encoder family of SD 1.x.

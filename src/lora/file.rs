@@ -13,27 +13,11 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{LoraError, LoraProblem};
-use super::file_keys::{detect_format, diffusers_parts, kohya_parts, unsupported_algorithm};
+use super::file_keys::{
+    detect_format, diffusers_parts, kohya_parts, unsupported_algorithm, LoraFormat,
+};
 use super::names::LoraModel;
 use crate::Result;
-
-/// The key layout of a LoRA file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LoraFormat {
-    /// `lora_unet_…`/`lora_te_…` keys with `lora_down`/`lora_up`/`alpha` (kohya, A1111, ComfyUI).
-    Kohya,
-    /// `unet.…`/`text_encoder.…` keys with `lora_A`/`lora_B` (diffusers, PEFT).
-    Diffusers,
-}
-
-impl fmt::Display for LoraFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            LoraFormat::Kohya => "kohya",
-            LoraFormat::Diffusers => "diffusers",
-        })
-    }
-}
 
 /// One module of a LoRA file.
 #[derive(Debug, Clone)]

@@ -3,10 +3,28 @@
 //! another adapter algorithm, and which keys make up each module.
 
 use std::collections::BTreeMap;
+use std::fmt;
 
 use super::error::LoraProblem;
-use super::file::LoraFormat;
 use super::names::LoraModel;
+
+/// The key layout of a LoRA file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraFormat {
+    /// `lora_unet_…`/`lora_te_…` keys with `lora_down`/`lora_up`/`alpha` (kohya, A1111, ComfyUI).
+    Kohya,
+    /// `unet.…`/`text_encoder.…` keys with `lora_A`/`lora_B` (diffusers, PEFT).
+    Diffusers,
+}
+
+impl fmt::Display for LoraFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LoraFormat::Kohya => "kohya",
+            LoraFormat::Diffusers => "diffusers",
+        })
+    }
+}
 
 /// The keys of one module, as found.
 #[derive(Debug, Default)]

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::file::{FileModule, LoraFile, LoraFormat};
+use super::file::{FileModule, LoraFile};
+use super::file_keys::LoraFormat;
 use super::names::LoraModel;
 use crate::log::thousands;
 use crate::Result;

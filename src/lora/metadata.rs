@@ -7,9 +7,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use super::report::Layout;
-use crate::config::{LoraSettings, TargetModules, TrainPlan};
+use crate::config::{LoraSettings, TargetModules};
 use crate::models::source::SdVersion;
-use crate::plan::StepPlan;
 
 /// `ss_base_model_version`: the family and prediction type of the base model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,53 +160,6 @@ impl NetworkMetadata {
 }
 
 impl TrainingMetadata {
-    /// What the config and the step plan decide; progress, images, times, tags and the base
-    /// model's version are left for the trainer (zero, empty, `sd_v1`).
-    pub fn from_plan(plan: &TrainPlan, steps: &StepPlan) -> Self {
-        let t = &plan.training;
-        let d = &plan.data;
-        let sd_model_name = std::path::Path::new(&plan.model.base_model)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| plan.model.base_model.clone());
-        TrainingMetadata {
-            base_model_version: BaseModelVersion::SdV1,
-            sd_model_name,
-            output_name: plan.output.output_name.clone(),
-            learning_rate: t.learning_rate,
-            unet_lr: t.unet_lr,
-            text_encoder_lr: t.text_encoder_lr,
-            train_text_encoder: plan.lora.train_text_encoder,
-            optimizer: t.optimizer.to_string(),
-            lr_scheduler: t.scheduler.to_string(),
-            lr_warmup_steps: steps.warmup_steps,
-            gradient_accumulation_steps: steps.gradient_accumulation_steps,
-            batch_size_per_device: t.batch_size,
-            max_grad_norm: t.max_grad_norm,
-            num_train_images: 0,
-            num_batches_per_epoch: steps.batches_per_epoch,
-            num_epochs: steps.epochs_run(),
-            epoch: 0,
-            steps: 0,
-            max_train_steps: steps.total_steps,
-            resolution: (d.resolution, d.resolution),
-            seed: d.seed,
-            clip_skip: plan.model.clip_skip,
-            mixed_precision: t.mixed_precision.to_string(),
-            noise_offset: t.noise_offset,
-            min_snr_gamma: t.min_snr_gamma,
-            caption_dropout_rate: f64::from(d.caption_dropout_rate),
-            flip_aug: d.flip_aug,
-            shuffle_caption: d.shuffle_caption,
-            keep_tokens: d.keep_tokens,
-            enable_bucket: d.enable_bucket,
-            training_started_at: 0.0,
-            training_finished_at: None,
-            tag_frequency: BTreeMap::new(),
-            network: NetworkMetadata::from_settings(&plan.lora),
-        }
-    }
-
     /// Records a dataset folder's tag counts (`Dataset::tag_frequency()`) under `folder`, as
     /// kohya keys `ss_tag_frequency` (`"10_cyberpunk": {"neon": 12, ...}`).
     pub fn add_tag_frequency(

@@ -13,7 +13,7 @@
 //! - [`inspect`]: what `lora inspect FILE` prints.
 
 pub mod adapter;
-mod error;
+pub(crate) mod error;
 pub mod export;
 pub mod file;
 mod file_keys;
@@ -30,7 +30,8 @@ pub mod targets;
 pub use adapter::{Dropout, LoraAdapter, TrainingState};
 pub use error::{LoraError, LoraProblem};
 pub use export::{save_lora, SavedLora};
-pub use file::{FileModule, LoraFile, LoraFormat};
+pub use file::{FileModule, LoraFile};
+pub use file_keys::LoraFormat;
 pub use inspect::Inspection;
 pub use metadata::{BaseModelVersion, NetworkMetadata, TrainingMetadata};
 pub use names::LoraModel;

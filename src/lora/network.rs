@@ -30,8 +30,11 @@ use super::names::LoraModel;
 use super::report::LoraReport;
 use super::targets::{ModuleSpec, TargetSelector};
 use crate::config::{LoraSettings, SaveFormat, SavePrecision};
+use crate::models::clip_text::ClipTextModel;
+use crate::models::clip_text_config::ClipTextConfig;
 use crate::models::source::SdVersion;
-use crate::nn::{Adapter, AdapterProvider, LayerKind};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::nn::{Adapter, AdapterProvider, LayerKind, Scope, WeightStore};
 use crate::Result;
 
 /// Where the adapters' randomness and tensors come from.
@@ -325,6 +328,28 @@ impl LoraNetworks {
             })
             .filter(|g| !g.vars.is_empty())
             .collect()
+    }
+
+    /// The report from the model configs alone: both models are built on shape-only stores
+    /// (no weight is read or allocated) with plan-only networks. Fails like training would on
+    /// targets that match nothing or a `network_weights` file that does not fit.
+    pub fn report_from_configs(
+        settings: &LoraSettings,
+        base: Option<SdVersion>,
+        unet_config: &UNetConfig,
+        text_config: &ClipTextConfig,
+    ) -> Result<LoraReport> {
+        let networks = Self::plan_only(settings, base)?;
+        let store = WeightStore::shape_only(DType::F32, Device::Cpu);
+        UNet2DConditionModel::new(
+            Scope::root(&store).with_adapters(&networks.unet),
+            unet_config,
+        )?;
+        if let Some(te) = &networks.text_encoder {
+            ClipTextModel::new(Scope::root(&store).with_adapters(te), text_config)?;
+        }
+        networks.check_built()?;
+        Ok(networks.report())
     }
 
     /// Adapted modules and trainable parameters per model.

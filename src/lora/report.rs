@@ -4,19 +4,10 @@
 
 use std::fmt;
 
-use candle_core::{DType, Device};
-
 use super::names::LoraModel;
-use super::network::LoraNetworks;
 use super::targets::ModuleSpec;
-use crate::config::LoraSettings;
 use crate::log::thousands;
-use crate::models::clip_text::ClipTextModel;
-use crate::models::clip_text_config::ClipTextConfig;
-use crate::models::source::SdVersion;
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::nn::{LayerKind, Scope, WeightStore};
-use crate::Result;
+use crate::nn::LayerKind;
 
 /// The adapters of one model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,28 +159,6 @@ impl LoraReport {
             text_encoder: text_encoder_trained.then_some(text_encoder),
             layout,
         }
-    }
-
-    /// The report from the model configs alone: both models are built on shape-only stores
-    /// (no weight is read or allocated) with plan-only networks. Fails like training would on
-    /// targets that match nothing or a `network_weights` file that does not fit.
-    pub fn from_configs(
-        settings: &LoraSettings,
-        base: Option<SdVersion>,
-        unet_config: &UNetConfig,
-        text_config: &ClipTextConfig,
-    ) -> Result<Self> {
-        let networks = LoraNetworks::plan_only(settings, base)?;
-        let store = WeightStore::shape_only(DType::F32, Device::Cpu);
-        UNet2DConditionModel::new(
-            Scope::root(&store).with_adapters(&networks.unet),
-            unet_config,
-        )?;
-        if let Some(te) = &networks.text_encoder {
-            ClipTextModel::new(Scope::root(&store).with_adapters(te), text_config)?;
-        }
-        networks.check_built()?;
-        Ok(networks.report())
     }
 
     /// Both models' totals.

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use crate::config::{checkpoint_format, is_hub_id, CheckpointFormat};
 use crate::error::ModelError;
 use crate::nn::weights::TensorSource;
 use crate::{Error, Result};
@@ -74,14 +75,6 @@ impl fmt::Display for Architecture {
             )
         }
     }
-}
-
-/// How a single-file checkpoint is stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckpointFormat {
-    Safetensors,
-    /// A PyTorch pickle (`.ckpt`, `.pt`, `.pth`, `.bin`).
-    Pickle,
 }
 
 /// A base model that exists (or, for a hub id, can be fetched).
@@ -193,32 +186,6 @@ impl fmt::Display for ModelSource {
                  (if you meant a local folder, it does not exist)"
             ),
         }
-    }
-}
-
-/// `org/name`: two parts of letters, digits, `-`, `_`, `.`, and not a checkpoint file name.
-pub fn is_hub_id(text: &str) -> bool {
-    let part_ok = |p: &str| {
-        !p.is_empty()
-            && !p.starts_with(['.', '-'])
-            && p.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    };
-    match text.split_once('/') {
-        Some((org, name)) => {
-            part_ok(org) && part_ok(name) && checkpoint_format(Path::new(name)).is_none()
-        }
-        None => false,
-    }
-}
-
-/// The checkpoint format a file name announces, if any.
-pub(crate) fn checkpoint_format(path: &Path) -> Option<CheckpointFormat> {
-    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
-    match ext.as_str() {
-        "safetensors" => Some(CheckpointFormat::Safetensors),
-        "ckpt" | "pt" | "pth" | "bin" => Some(CheckpointFormat::Pickle),
-        _ => None,
     }
 }
 
@@ -759,16 +726,5 @@ mod tests {
             message.contains("./models/nope.safetensors") && message.contains("does not exist"),
             "{message}"
         );
-    }
-
-    #[test]
-    fn hub_id_shape() {
-        assert!(is_hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5"));
-        assert!(is_hub_id("openai/clip-vit-large-patch14"));
-        assert!(!is_hub_id("./models/demo-sd"));
-        assert!(!is_hub_id("/abs/path"));
-        assert!(!is_hub_id("models/v1-5.safetensors"));
-        assert!(!is_hub_id("a/b/c"));
-        assert!(!is_hub_id("name"));
     }
 }

@@ -7,12 +7,14 @@
 mod report;
 pub mod steps;
 
+use crate::config::is_hub_id;
+use crate::config::SamplePrompt;
 use crate::config::{ConfigError, Location, Problem, TrainPlan, MAX_STEPS, STEPS_WHY};
 use crate::dataset::Dataset;
-use crate::generate::preview::SamplePrompt;
+use crate::lora::network::LoraNetworks;
 use crate::lora::report::LoraReport;
 use crate::models::load::{LoadOptions, SdCheckpoint};
-use crate::models::source::{is_hub_id, ModelSource};
+use crate::models::source::ModelSource;
 use crate::Result;
 pub use steps::{CheckpointSchedule, StepLimit, StepPlan};
 
@@ -83,7 +85,7 @@ impl Preflight {
             ..LoadOptions::default()
         };
         let checkpoint = SdCheckpoint::open(&self.model, &options)?;
-        self.lora = Some(LoraReport::from_configs(
+        self.lora = Some(LoraNetworks::report_from_configs(
             &self.plan.lora,
             Some(checkpoint.version()),
             checkpoint.unet_config(),

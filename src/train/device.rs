@@ -13,6 +13,24 @@ use candle_core::{DType, Device};
 use super::TrainError;
 use crate::config::{DeviceChoice, MixedPrecision};
 
+impl DeviceChoice {
+    /// The candle device: `auto` takes CUDA device 0 when this build has CUDA and a GPU is
+    /// present, else the CPU.
+    pub fn device(self) -> crate::Result<candle_core::Device> {
+        Ok(match self {
+            DeviceChoice::Cpu => candle_core::Device::Cpu,
+            DeviceChoice::Cuda(n) => candle_core::Device::new_cuda(n)?,
+            DeviceChoice::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    candle_core::Device::new_cuda(0).unwrap_or(candle_core::Device::Cpu)
+                } else {
+                    candle_core::Device::Cpu
+                }
+            }
+        })
+    }
+}
+
 /// The device and precision of a run.
 #[derive(Debug, Clone)]
 pub struct Compute {

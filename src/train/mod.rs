@@ -14,7 +14,7 @@ pub mod checkpoint;
 pub mod clip_grad;
 pub mod device;
 pub mod disk_latents;
-mod error;
+pub(crate) mod error;
 pub mod interrupt;
 pub mod latents;
 pub mod optim;

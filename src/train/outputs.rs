@@ -1,6 +1,7 @@
 //! The output folder of a run: refusing to overwrite a finished run, making sure the folder is
 //! writable before any heavy work, and the LoRA header a run writes into each file.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -12,7 +13,7 @@ use crate::dataset::Dataset;
 use crate::files::write_atomically;
 use crate::log::summary::SUMMARY_FILE;
 use crate::log::TrainSummary;
-use crate::lora::{BaseModelVersion, TrainingMetadata};
+use crate::lora::{BaseModelVersion, NetworkMetadata, TrainingMetadata};
 use crate::models::noise::PredictionType;
 use crate::models::source::SdVersion;
 use crate::plan::StepPlan;
@@ -114,6 +115,53 @@ pub fn base_model_version(version: SdVersion, prediction: PredictionType) -> Bas
     }
 }
 
+/// What the config and the step plan decide; progress, images, times, tags and the base
+/// model's version are left for the trainer (zero, empty, `sd_v1`).
+pub fn plan_metadata(plan: &TrainPlan, steps: &StepPlan) -> TrainingMetadata {
+    let t = &plan.training;
+    let d = &plan.data;
+    let sd_model_name = std::path::Path::new(&plan.model.base_model)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| plan.model.base_model.clone());
+    TrainingMetadata {
+        base_model_version: BaseModelVersion::SdV1,
+        sd_model_name,
+        output_name: plan.output.output_name.clone(),
+        learning_rate: t.learning_rate,
+        unet_lr: t.unet_lr,
+        text_encoder_lr: t.text_encoder_lr,
+        train_text_encoder: plan.lora.train_text_encoder,
+        optimizer: t.optimizer.to_string(),
+        lr_scheduler: t.scheduler.to_string(),
+        lr_warmup_steps: steps.warmup_steps,
+        gradient_accumulation_steps: steps.gradient_accumulation_steps,
+        batch_size_per_device: t.batch_size,
+        max_grad_norm: t.max_grad_norm,
+        num_train_images: 0,
+        num_batches_per_epoch: steps.batches_per_epoch,
+        num_epochs: steps.epochs_run(),
+        epoch: 0,
+        steps: 0,
+        max_train_steps: steps.total_steps,
+        resolution: (d.resolution, d.resolution),
+        seed: d.seed,
+        clip_skip: plan.model.clip_skip,
+        mixed_precision: t.mixed_precision.to_string(),
+        noise_offset: t.noise_offset,
+        min_snr_gamma: t.min_snr_gamma,
+        caption_dropout_rate: f64::from(d.caption_dropout_rate),
+        flip_aug: d.flip_aug,
+        shuffle_caption: d.shuffle_caption,
+        keep_tokens: d.keep_tokens,
+        enable_bucket: d.enable_bucket,
+        training_started_at: 0.0,
+        training_finished_at: None,
+        tag_frequency: BTreeMap::new(),
+        network: NetworkMetadata::from_settings(&plan.lora),
+    }
+}
+
 /// The header fields that stay the same for every file of a run; each save sets `epoch`,
 /// `steps` and (for the final file) `training_finished_at`.
 pub fn run_metadata(
@@ -123,7 +171,7 @@ pub fn run_metadata(
     base: BaseModelVersion,
     started_at: f64,
 ) -> TrainingMetadata {
-    let mut m = TrainingMetadata::from_plan(plan, steps);
+    let mut m = plan_metadata(plan, steps);
     m.base_model_version = base;
     m.num_train_images = dataset.len() * plan.data.repeats.max(1) as usize;
     m.training_started_at = started_at;

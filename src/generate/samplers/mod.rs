@@ -19,10 +19,7 @@
 mod ddim;
 mod dpmpp_2m;
 mod euler_ancestral;
-mod spacing;
-
-use std::fmt;
-use std::str::FromStr;
+pub(crate) mod spacing;
 
 use candle_core::Tensor;
 
@@ -32,42 +29,11 @@ pub use euler_ancestral::EulerAncestral;
 pub use spacing::TimestepSpacing;
 
 use super::schedule::{SamplerConfig, SamplingSchedule};
+pub use crate::config::SamplerKind;
 use crate::error::ModelError;
 use crate::Result;
 
-/// The samplers on offer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SamplerKind {
-    Ddim,
-    EulerAncestral,
-    DpmPp2m,
-}
-
 impl SamplerKind {
-    pub const ALL: [SamplerKind; 3] = [
-        SamplerKind::Ddim,
-        SamplerKind::EulerAncestral,
-        SamplerKind::DpmPp2m,
-    ];
-
-    /// The name on our command line: `ddim`, `euler_a`, `dpmpp_2m`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "ddim",
-            SamplerKind::EulerAncestral => "euler_a",
-            SamplerKind::DpmPp2m => "dpmpp_2m",
-        }
-    }
-
-    /// The name A1111 writes in its generation parameters (`Sampler: Euler a`).
-    pub fn a1111_name(self) -> &'static str {
-        match self {
-            SamplerKind::Ddim => "DDIM",
-            SamplerKind::EulerAncestral => "Euler a",
-            SamplerKind::DpmPp2m => "DPM++ 2M",
-        }
-    }
-
     /// The spacing diffusers' class uses when the scheduler config names none.
     pub fn default_spacing(self) -> TimestepSpacing {
         match self {
@@ -98,33 +64,6 @@ impl SamplerKind {
             SamplerKind::EulerAncestral => Box::new(EulerAncestral::new(schedule, steps)),
             SamplerKind::DpmPp2m => Box::new(DpmPp2m::new(schedule, steps)),
         })
-    }
-}
-
-impl fmt::Display for SamplerKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for SamplerKind {
-    type Err = String;
-
-    /// Our names, plus the aliases kohya's `sample_sampler` and diffusers use for the same
-    /// samplers (`k_euler_a`, `dpmsolver++`, ...).
-    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "ddim" => Ok(SamplerKind::Ddim),
-            "euler_a" | "k_euler_a" | "euler_ancestral" | "euler a" => {
-                Ok(SamplerKind::EulerAncestral)
-            }
-            "dpmpp_2m" | "dpmsolver++" | "dpm++_2m" | "dpm++ 2m" | "k_dpmpp_2m" => {
-                Ok(SamplerKind::DpmPp2m)
-            }
-            _ => Err(format!(
-                "unknown sampler `{s}`; available: ddim, euler_a (Euler ancestral), dpmpp_2m (DPM++ 2M)"
-            )),
-        }
     }
 }
 

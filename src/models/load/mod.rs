@@ -491,7 +491,7 @@ fn resolve_tokenizer(given: &str, options: &LoadOptions) -> Result<PathBuf> {
             path.to_path_buf()
         });
     }
-    if super::source::is_hub_id(given) {
+    if crate::config::is_hub_id(given) {
         return diffusers::hub_tokenizer(given, options);
     }
     Err(ModelError::NotFound {
@@ -549,7 +549,7 @@ fn open_vae_override(
             ),
         ));
     }
-    if super::source::is_hub_id(given) {
+    if crate::config::is_hub_id(given) {
         let folder = diffusers::hub_vae(given, options)?;
         let (config, weights, note) = diffusers::open_vae_folder(&folder, options)?;
         return Ok((config, weights, format!("VAE: hub model {given} ({note})")));

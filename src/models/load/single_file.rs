@@ -18,11 +18,12 @@ use super::ldm_unet::LdmUnet;
 use super::ldm_vae::LdmVae;
 use super::ldm_yaml::{LdmYaml, SD_SCALE_FACTOR};
 use super::{ComponentWeights, LoadOptions, Opened};
+use crate::config::CheckpointFormat;
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
 use crate::models::source::{
-    ldm_architecture, not_an_sd_checkpoint, open_pickle, CheckpointFormat, SdVersion,
-    LDM_CLIP_PREFIX, LDM_OPENCLIP_PREFIX, LDM_UNET_PREFIX,
+    ldm_architecture, not_an_sd_checkpoint, open_pickle, SdVersion, LDM_CLIP_PREFIX,
+    LDM_OPENCLIP_PREFIX, LDM_UNET_PREFIX,
 };
 use crate::models::unet_config::UNetConfig;
 use crate::models::vae_config::VaeConfig;
@@ -364,7 +365,7 @@ pub(crate) fn open_vae_file(
     base: &VaeConfig,
     options: &LoadOptions,
 ) -> Result<(VaeConfig, ComponentWeights)> {
-    let format = crate::models::source::checkpoint_format(path).ok_or_else(|| {
+    let format = crate::config::checkpoint_format(path).ok_or_else(|| {
         Error::from(ModelError::Unreadable {
             path: path.to_path_buf(),
             reason: "a VAE file is a .safetensors or .ckpt/.pt checkpoint".to_string(),
