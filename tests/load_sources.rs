@@ -6,9 +6,9 @@
 mod load_support;
 
 use load_support::*;
+use lora_trainer::models::family::ModelFamily;
 use lora_trainer::models::load::LoadOptions;
 use lora_trainer::models::noise::PredictionType;
-use lora_trainer::models::source::SdVersion;
 
 fn with_tokenizer(folder: &str) -> LoadOptions {
     LoadOptions {
@@ -21,7 +21,7 @@ fn with_tokenizer(folder: &str) -> LoadOptions {
 fn tiny_sd1_folder_matches_the_references() {
     let refs = references("tiny-sd1");
     let ckpt = open(&fixture("tiny-sd1"), &offline_options());
-    assert_eq!(ckpt.version(), SdVersion::V1);
+    assert_eq!(ckpt.family(), ModelFamily::Sd1);
     assert_eq!(
         ckpt.architecture().to_string(),
         "SD 1.x-style, cross-attention width 64"
@@ -226,7 +226,7 @@ fn the_fp16_variant_is_read_when_asked() {
 fn tiny_sd2_folder_and_single_file_agree_and_match_the_references() {
     let refs = references("tiny-sd2");
     let folder_ckpt = open(&fixture("tiny-sd2"), &offline_options());
-    assert_eq!(folder_ckpt.version(), SdVersion::V2);
+    assert_eq!(folder_ckpt.family(), ModelFamily::Sd2);
     assert_eq!(
         folder_ckpt.noise_schedule().prediction_type(),
         PredictionType::VPrediction
@@ -238,7 +238,7 @@ fn tiny_sd2_folder_and_single_file_agree_and_match_the_references() {
         &fixture("tiny-sd2.safetensors"),
         &with_tokenizer("tiny-sd2/tokenizer"),
     );
-    assert_eq!(single.version(), SdVersion::V2);
+    assert_eq!(single.family(), ModelFamily::Sd2);
     assert_eq!(
         single.text_encoder_config().num_hidden_layers,
         3,

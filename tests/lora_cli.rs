@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::{SaveFormat, SavePrecision, TargetPreset};
 use lora_trainer::lora::{save_lora, LoraNetworks, NetworkOptions};
-use lora_trainer::models::source::SdVersion;
+use lora_trainer::models::family::ModelFamily;
 
 fn inspect(path: &Path) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lora"))
@@ -25,7 +25,7 @@ fn export(dir: &Path, format: SaveFormat) -> std::path::PathBuf {
     let s = settings(preset(TargetPreset::Default));
     let nets = LoraNetworks::new(
         &s,
-        Some(SdVersion::V1),
+        Some(ModelFamily::Sd1),
         NetworkOptions::new(1, &Device::Cpu),
     )
     .unwrap();

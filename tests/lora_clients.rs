@@ -16,7 +16,7 @@ use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::{SaveFormat, SavePrecision, TargetModules, TargetPreset};
 use lora_trainer::lora::{save_lora, LoraNetworks, NetworkOptions};
-use lora_trainer::models::source::SdVersion;
+use lora_trainer::models::family::ModelFamily;
 
 #[test]
 #[ignore = "writes files for tools/check_lora_clients.py; set LORA_CLIENT_CHECK_DIR"]
@@ -35,7 +35,7 @@ fn write_files_for_the_client_check() {
         s.conv_lora = conv;
         let nets = LoraNetworks::new(
             &s,
-            Some(SdVersion::V1),
+            Some(ModelFamily::Sd1),
             NetworkOptions::new(1, &Device::Cpu),
         )
         .unwrap();

@@ -13,7 +13,7 @@ use lora_support::*;
 use lora_trainer::config::{LoraSettings, SaveFormat, SavePrecision, TargetPreset, TrainPlan};
 use lora_trainer::lora::hash::{addnet_hashes, model_hash};
 use lora_trainer::lora::{save_lora, LoraFile, LoraFormat, LoraNetworks, NetworkOptions};
-use lora_trainer::models::source::SdVersion;
+use lora_trainer::models::family::ModelFamily;
 use lora_trainer::plan::StepPlan;
 
 fn header_metadata() -> BTreeMap<String, String> {
@@ -39,7 +39,7 @@ fn header_metadata() -> BTreeMap<String, String> {
 fn networks_for(settings: &LoraSettings) -> lora_trainer::Result<LoraNetworks> {
     LoraNetworks::new(
         settings,
-        Some(SdVersion::V1),
+        Some(ModelFamily::Sd1),
         NetworkOptions::new(5, &Device::Cpu),
     )
 }

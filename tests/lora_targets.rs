@@ -12,7 +12,7 @@ use lora_trainer::config::TargetPreset;
 use lora_trainer::lora::export::kohya_tensors;
 use lora_trainer::lora::{LoraNetworks, NetworkOptions};
 use lora_trainer::models::clip_text::ClipTextModel;
-use lora_trainer::models::source::SdVersion;
+use lora_trainer::models::family::ModelFamily;
 use lora_trainer::models::unet::UNet2DConditionModel;
 use lora_trainer::nn::{Scope, WeightStore};
 
@@ -22,7 +22,7 @@ fn sd15_networks(
 ) -> lora_trainer::Result<LoraNetworks> {
     let networks = LoraNetworks::new(
         settings,
-        Some(SdVersion::V1),
+        Some(ModelFamily::Sd1),
         NetworkOptions::new(1, &Device::Cpu),
     )?;
     let store = WeightStore::shape_only(DType::F32, Device::Cpu);
@@ -235,7 +235,7 @@ fn the_report_from_configs_alone_counts_sd15_modules_and_parameters() {
     s.rank = 8;
     let report = LoraNetworks::report_from_configs(
         &s,
-        Some(SdVersion::V1),
+        Some(ModelFamily::Sd1),
         &sd15_unet_config(),
         &sd15_text_config(),
     )

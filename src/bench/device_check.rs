@@ -374,6 +374,7 @@ fn train_steps(
         compute.dtype = dtype;
         let Setup { trainer, .. } = set_up(
             &preflight.plan,
+            &preflight.model,
             &preflight.steps,
             &compute,
             &dataset,

@@ -22,7 +22,7 @@ use super::error::GenerateError;
 use super::lora_files::LoadedLora;
 use crate::lora::import::FileTargets;
 use crate::lora::{Dropout, LoraAdapter, LoraModel, TrainingState};
-use crate::models::source::SdVersion;
+use crate::models::family::ModelFamily;
 use crate::nn::{Adapter, AdapterProvider, LayerKind};
 use crate::Result;
 
@@ -45,7 +45,7 @@ pub struct LoraStack {
 impl LoraStack {
     /// The stack of `loras` for a base model of family `version`, adapters on `device`. A file
     /// made for another family (SDXL, SD 2.x on SD 1.x...) is refused with the evidence.
-    pub fn new(loras: Vec<LoadedLora>, version: SdVersion, device: &Device) -> Result<Self> {
+    pub fn new(loras: Vec<LoadedLora>, version: ModelFamily, device: &Device) -> Result<Self> {
         let files = loras
             .into_iter()
             .map(|l| {

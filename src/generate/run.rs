@@ -86,7 +86,9 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
         .map(LoadedLora::read)
         .collect::<Result<Vec<_>>>()?;
 
-    let checkpoint = SdCheckpoint::open_path(&options.model, &options.load)?;
+    // The model is found once; what it is decides the loading, the sampler keys and the name.
+    let source = ModelSource::detect_with(&options.model, &options.load.hub_cache)?;
+    let checkpoint = SdCheckpoint::open(&source, &options.load)?;
     progress.note(&format!("model: {}", checkpoint.description()));
     for note in checkpoint.notes() {
         progress.note(&format!("  {note}"));
@@ -109,7 +111,7 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
             }
         ));
     }
-    let stack = LoraStack::new(loras, checkpoint.version(), &options.load.device)?;
+    let stack = LoraStack::new(loras, checkpoint.family(), &options.load.device)?;
     let unet_provider = stack.provider(LoraModel::Unet);
     let text_provider = stack.provider(LoraModel::TextEncoder);
     let with = |p| (!stack.is_empty()).then_some(p);
@@ -122,7 +124,7 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
     let vae = checkpoint.vae()?;
     let tokenizer = checkpoint.tokenizer()?;
 
-    let keys = SamplerConfig::for_model(&options.model, &options.load.hub_cache)?;
+    let keys = SamplerConfig::for_model(&source, &options.load.hub_cache)?;
     progress.note(&format!(
         "sampler: {} with {} timesteps (from {})",
         options.sampler,
@@ -155,7 +157,7 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
         ));
     }
 
-    let (model_name, model_hash) = model_identity(&options.model, &options.load)?;
+    let (model_name, model_hash) = model_identity(&options.model, &source)?;
     // The parameters show the LoRAs of `--lora` as the tags that apply them in WebUI.
     let mut shown_prompt = options.prompt.clone();
     for lora in &options.loras {
@@ -212,8 +214,8 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
 
 /// The model's name and A1111 short hash: a checkpoint file's stem and the first 10 hex digits
 /// of its sha256; a folder's name or the hub id, with no hash (A1111 hashes single files only).
-fn model_identity(model: &str, options: &LoadOptions) -> Result<(String, Option<String>)> {
-    Ok(match ModelSource::detect_with(model, &options.hub_cache)? {
+fn model_identity(model: &str, source: &ModelSource) -> Result<(String, Option<String>)> {
+    Ok(match source.clone() {
         ModelSource::SingleFile { path, .. } => {
             let name = path
                 .file_stem()

@@ -118,13 +118,15 @@ impl SamplerConfig {
         }
     }
 
-    /// The config of the model `base_model` names (a diffusers folder, a hub id already in
+    /// The config of the base model `source` (a diffusers folder, a hub id already in
     /// `hub_cache`, or a single file), read from its `scheduler/scheduler_config.json`; the
     /// default when there is none.
-    pub fn for_model(base_model: &str, hub_cache: &HubCache) -> Result<Self> {
-        let folder: Option<PathBuf> = match ModelSource::detect_with(base_model, hub_cache)? {
-            ModelSource::Diffusers { root, .. } => Some(root),
-            ModelSource::Hub { id, snapshot, .. } => snapshot.or_else(|| hub_cache.snapshot(&id)),
+    pub fn for_model(source: &ModelSource, hub_cache: &HubCache) -> Result<Self> {
+        let folder: Option<PathBuf> = match source {
+            ModelSource::Diffusers { root, .. } => Some(root.clone()),
+            ModelSource::Hub { id, snapshot, .. } => {
+                snapshot.clone().or_else(|| hub_cache.snapshot(id))
+            }
             ModelSource::SingleFile { .. } => None,
         };
         match folder.map(|f| f.join("scheduler").join("scheduler_config.json")) {
@@ -227,11 +229,12 @@ mod tests {
     fn model_folders_give_their_file_and_single_files_the_default() -> Result<()> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         let cache = HubCache::at(root.join("no-such-cache")).with_offline(true);
-        let folder = SamplerConfig::for_model(&root.join("tiny-sd1").to_string_lossy(), &cache)?;
+        let detect = |path: &Path| ModelSource::detect_with(&path.to_string_lossy(), &cache);
+        let folder = SamplerConfig::for_model(&detect(&root.join("tiny-sd1"))?, &cache)?;
         assert_eq!(folder.timestep_spacing, Some(TimestepSpacing::Leading));
         assert!(folder.origin.ends_with("scheduler_config.json"));
         let single = crate::fixtures::path("tiny-sd1.safetensors");
-        let file = SamplerConfig::for_model(&single.to_string_lossy(), &cache)?;
+        let file = SamplerConfig::for_model(&detect(&single)?, &cache)?;
         assert_eq!(file, SamplerConfig::stable_diffusion_default());
         Ok(())
     }

@@ -15,7 +15,7 @@ use super::error::{LoraError, LoraProblem};
 use super::file::{FileBase, LoraFile};
 use super::names::LoraModel;
 use super::targets::ModuleSpec;
-use crate::models::source::SdVersion;
+use crate::models::family::ModelFamily;
 use crate::nn::LayerKind;
 use crate::Result;
 
@@ -29,13 +29,13 @@ pub struct FileTargets {
 
 impl FileTargets {
     /// Checks that `file` was made for `base` (when known; an SDXL file is always refused).
-    pub fn new(file: LoraFile, base: Option<SdVersion>) -> Result<Self> {
+    pub fn new(file: LoraFile, base: Option<ModelFamily>) -> Result<Self> {
         if let Some((found, evidence)) = file.base_model() {
             let fits = match (&found, base) {
                 (FileBase::Sdxl, _) => false,
                 (_, None) => true,
-                (FileBase::Sd1, Some(v)) => v == SdVersion::V1,
-                (FileBase::Sd2, Some(v)) => v == SdVersion::V2,
+                (FileBase::Sd1, Some(v)) => v == ModelFamily::Sd1,
+                (FileBase::Sd2, Some(v)) => v == ModelFamily::Sd2,
             };
             if !fits {
                 let expected = base.map_or("SD 1.x or SD 2.x".to_string(), |v| v.to_string());

@@ -4,55 +4,10 @@
 //! `None`, `(512, 512)`), so tools that parse kohya's files parse ours.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use super::report::Layout;
 use crate::config::{LoraSettings, TargetModules};
-use crate::models::source::SdVersion;
-
-/// `ss_base_model_version`: the family and prediction type of the base model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BaseModelVersion {
-    /// SD 1.x (`sd_v1`).
-    SdV1,
-    /// SD 2.x predicting ε (`sd_v2`, the 512 px models).
-    SdV2,
-    /// SD 2.x predicting v (`sd_v2_v`, the 768 px models).
-    SdV2V,
-}
-
-impl BaseModelVersion {
-    /// kohya's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BaseModelVersion::SdV1 => "sd_v1",
-            BaseModelVersion::SdV2 => "sd_v2",
-            BaseModelVersion::SdV2V => "sd_v2_v",
-        }
-    }
-
-    pub fn family(self) -> SdVersion {
-        match self {
-            BaseModelVersion::SdV1 => SdVersion::V1,
-            BaseModelVersion::SdV2 | BaseModelVersion::SdV2V => SdVersion::V2,
-        }
-    }
-
-    /// The ModelSpec architecture of a LoRA for this base.
-    pub fn modelspec_architecture(self) -> &'static str {
-        match self {
-            BaseModelVersion::SdV1 => "stable-diffusion-v1/lora",
-            BaseModelVersion::SdV2 => "stable-diffusion-v2-512/lora",
-            BaseModelVersion::SdV2V => "stable-diffusion-v2-768-v/lora",
-        }
-    }
-}
-
-impl fmt::Display for BaseModelVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+use crate::models::family::{BaseModelVersion, ModelFamily};
 
 /// Everything the header says about a training run. [`TrainingMetadata::from_plan`] fills what
 /// the config decides; the trainer sets the rest (base model, images, progress, times, tags).
@@ -185,7 +140,7 @@ impl TrainingMetadata {
             network_args.insert("module_dropout", py_float(n.module_dropout));
         }
         network_args.insert("target_modules", n.target_modules.clone());
-        let v2 = self.base_model_version.family() == SdVersion::V2;
+        let v2 = self.base_model_version.family() == ModelFamily::Sd2;
         let (w, h) = self.resolution;
         let entries: Vec<(&str, String)> = vec![
             ("ss_network_module", "networks.lora".into()),

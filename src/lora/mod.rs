@@ -33,7 +33,7 @@ pub use export::{save_lora, SavedLora};
 pub use file::{FileModule, LoraFile};
 pub use file_keys::LoraFormat;
 pub use inspect::Inspection;
-pub use metadata::{BaseModelVersion, NetworkMetadata, TrainingMetadata};
+pub use metadata::{NetworkMetadata, TrainingMetadata};
 pub use names::LoraModel;
 pub use network::{InferenceMode, LoraNetwork, LoraNetworks, NetworkOptions, ParamGroup};
 pub use report::{Layout, LoraReport, ModelReport};

@@ -2,7 +2,7 @@
 //! [`AdapterProvider`] its model is built with, holding the adapters it created.
 //!
 //! ```text
-//! let networks = LoraNetworks::new(&plan.lora, Some(SdVersion::V1), NetworkOptions::new(seed, &device))?;
+//! let networks = LoraNetworks::new(&plan.lora, Some(ModelFamily::Sd1), NetworkOptions::new(seed, &device))?;
 //! let unet = UNet2DConditionModel::new(Scope::root(&unet_store).with_adapters(&networks.unet), &unet_config)?;
 //! if let Some(te) = &networks.text_encoder {
 //!     text_encoder = ClipTextModel::new(Scope::root(&te_store).with_adapters(te), &te_config)?;
@@ -32,7 +32,7 @@ use super::targets::{ModuleSpec, TargetSelector};
 use crate::config::{LoraSettings, SaveFormat, SavePrecision};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_text_config::ClipTextConfig;
-use crate::models::source::SdVersion;
+use crate::models::family::ModelFamily;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::{Adapter, AdapterProvider, LayerKind, Scope, WeightStore};
 use crate::Result;
@@ -224,7 +224,7 @@ impl LoraNetworks {
     /// for `base` (the base model's family, when known).
     pub fn new(
         settings: &LoraSettings,
-        base: Option<SdVersion>,
+        base: Option<ModelFamily>,
         options: NetworkOptions,
     ) -> Result<Self> {
         LoraNetworks::build(settings, base, options, false)
@@ -232,13 +232,13 @@ impl LoraNetworks {
 
     /// Networks that record which layers they would adapt without creating any adapter: build
     /// the models on [`crate::nn::WeightStore::shape_only`] stores with them to plan a run.
-    pub fn plan_only(settings: &LoraSettings, base: Option<SdVersion>) -> Result<Self> {
+    pub fn plan_only(settings: &LoraSettings, base: Option<ModelFamily>) -> Result<Self> {
         LoraNetworks::build(settings, base, NetworkOptions::new(0, &Device::Cpu), true)
     }
 
     fn build(
         settings: &LoraSettings,
-        base: Option<SdVersion>,
+        base: Option<ModelFamily>,
         options: NetworkOptions,
         plan_only: bool,
     ) -> Result<Self> {
@@ -335,7 +335,7 @@ impl LoraNetworks {
     /// targets that match nothing or a `network_weights` file that does not fit.
     pub fn report_from_configs(
         settings: &LoraSettings,
-        base: Option<SdVersion>,
+        base: Option<ModelFamily>,
         unet_config: &UNetConfig,
         text_config: &ClipTextConfig,
     ) -> Result<LoraReport> {

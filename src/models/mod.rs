@@ -7,6 +7,7 @@ pub mod clip_text_config;
 pub mod clip_vision;
 mod config_json;
 pub mod embeddings;
+pub mod family;
 #[cfg(test)]
 mod gradients;
 pub mod hub;

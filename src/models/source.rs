@@ -14,68 +14,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+use super::family::{Architecture, ModelFamily};
 use crate::config::{checkpoint_format, is_hub_id, CheckpointFormat};
 use crate::error::ModelError;
 use crate::nn::weights::TensorSource;
 use crate::{Error, Result};
-
-/// The Stable Diffusion family of a base model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SdVersion {
-    /// SD 1.x: OpenAI CLIP text encoder (ViT-L/14, 768 wide for the real models).
-    V1,
-    /// SD 2.x: OpenCLIP text encoder (ViT-H/14, 1024 wide), penultimate layer, linear projections.
-    V2,
-}
-
-impl SdVersion {
-    /// The cross-attention width of the released models of this family.
-    pub fn standard_cross_attention_dim(self) -> usize {
-        match self {
-            SdVersion::V1 => 768,
-            SdVersion::V2 => 1024,
-        }
-    }
-
-    /// The text encoder this family conditions on, in words.
-    pub fn text_encoder_name(self) -> &'static str {
-        match self {
-            SdVersion::V1 => "OpenAI CLIP text encoder",
-            SdVersion::V2 => "OpenCLIP text encoder",
-        }
-    }
-}
-
-impl fmt::Display for SdVersion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            SdVersion::V1 => "SD 1.x",
-            SdVersion::V2 => "SD 2.x",
-        })
-    }
-}
-
-/// What a base model's structure says: its family and the width its UNet cross-attends to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Architecture {
-    pub version: SdVersion,
-    pub cross_attention_dim: usize,
-}
-
-impl fmt::Display for Architecture {
-    /// `SD 1.x` for the real models; `SD 1.x-style, cross-attention width 32` for others.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.cross_attention_dim == self.version.standard_cross_attention_dim() {
-            write!(f, "{}", self.version)
-        } else {
-            write!(
-                f,
-                "{}-style, cross-attention width {}",
-                self.version, self.cross_attention_dim
-            )
-        }
-    }
-}
 
 /// A base model that exists (or, for a hub id, can be fetched).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -300,13 +243,13 @@ pub(crate) fn folder_architecture(root: &Path) -> Result<Architecture> {
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let version = match activation.as_deref() {
-        Some("gelu") => SdVersion::V2,
-        Some(_) => SdVersion::V1,
-        None if linear => SdVersion::V2,
-        None => SdVersion::V1,
+        Some("gelu") => ModelFamily::Sd2,
+        Some(_) => ModelFamily::Sd1,
+        None if linear => ModelFamily::Sd2,
+        None => ModelFamily::Sd1,
     };
     Ok(Architecture {
-        version,
+        family: version,
         cross_attention_dim: width,
     })
 }
@@ -414,17 +357,17 @@ pub(crate) fn ldm_architecture(
     }
     let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
     let version = if has(LDM_OPENCLIP_PREFIX) {
-        SdVersion::V2
+        ModelFamily::Sd2
     } else if has(LDM_CLIP_PREFIX) {
-        SdVersion::V1
+        ModelFamily::Sd1
     } else {
         match unet("proj_in.weight") {
-            Some((_, shape)) if shape.len() == 2 => SdVersion::V2,
-            _ => SdVersion::V1,
+            Some((_, shape)) if shape.len() == 2 => ModelFamily::Sd2,
+            _ => ModelFamily::Sd1,
         }
     };
     Ok(Architecture {
-        version,
+        family: version,
         cross_attention_dim: width,
     })
 }
@@ -495,14 +438,14 @@ mod tests {
                 "cond_stage_model.transformer.text_model.final_layer_norm.weight",
                 vec![320, 320, 1, 1],
                 768,
-                SdVersion::V1,
+                ModelFamily::Sd1,
                 "SD 1.x",
             ),
             (
                 "cond_stage_model.model.ln_final.weight",
                 vec![320, 320],
                 1024,
-                SdVersion::V2,
+                ModelFamily::Sd2,
                 "SD 2.x",
             ),
             // A tiny SD2: OpenCLIP keys decide, not the 128 width.
@@ -510,7 +453,7 @@ mod tests {
                 "cond_stage_model.model.ln_final.weight",
                 vec![32, 32],
                 128,
-                SdVersion::V2,
+                ModelFamily::Sd2,
                 "SD 2.x-style, cross-attention width 128",
             ),
             // No text encoder in the file: the projection's shape decides.
@@ -518,14 +461,14 @@ mod tests {
                 "first_stage_model.encoder.conv_in.weight",
                 vec![32, 32],
                 1024,
-                SdVersion::V2,
+                ModelFamily::Sd2,
                 "SD 2.x",
             ),
             (
                 "first_stage_model.encoder.conv_in.weight",
                 vec![32, 32, 1, 1],
                 64,
-                SdVersion::V1,
+                ModelFamily::Sd1,
                 "SD 1.x-style, cross-attention width 64",
             ),
         ];
@@ -541,7 +484,7 @@ mod tests {
             );
             let source = detect(&path).unwrap();
             let architecture = source.architecture().unwrap();
-            assert_eq!(architecture.version, version, "case {i}");
+            assert_eq!(architecture.family, version, "case {i}");
             assert_eq!(architecture.cross_attention_dim, width);
             assert_eq!(architecture.to_string(), shown);
             assert!(matches!(
@@ -629,7 +572,7 @@ mod tests {
         .unwrap();
         let source = detect(dir.path()).unwrap();
         let v2 = Architecture {
-            version: SdVersion::V2,
+            family: ModelFamily::Sd2,
             cross_attention_dim: 1024,
         };
         assert_eq!(
@@ -647,7 +590,7 @@ mod tests {
         )
         .unwrap();
         let architecture = detect(dir.path()).unwrap().architecture().unwrap();
-        assert_eq!(architecture.version, SdVersion::V1);
+        assert_eq!(architecture.family, ModelFamily::Sd1);
         std::fs::write(dir.path().join("unet/config.json"), "{oops").unwrap();
         assert!(error_text(detect(dir.path())).contains("not valid JSON"));
         std::fs::write(
@@ -667,17 +610,17 @@ mod tests {
             "SD 1.x-style, cross-attention width 32"
         );
         for (name, version, width) in [
-            ("tiny-sd1", SdVersion::V1, 64),
-            ("tiny-sd2", SdVersion::V2, 128),
-            ("tiny-sd1.safetensors", SdVersion::V1, 64),
-            ("tiny-sd2.safetensors", SdVersion::V2, 128),
-            ("tiny-sd1.ckpt", SdVersion::V1, 64),
+            ("tiny-sd1", ModelFamily::Sd1, 64),
+            ("tiny-sd2", ModelFamily::Sd2, 128),
+            ("tiny-sd1.safetensors", ModelFamily::Sd1, 64),
+            ("tiny-sd2.safetensors", ModelFamily::Sd2, 128),
+            ("tiny-sd1.ckpt", ModelFamily::Sd1, 64),
         ] {
             let architecture = detect(&crate::fixtures::path(name)).unwrap().architecture();
             assert_eq!(
                 architecture,
                 Some(Architecture {
-                    version,
+                    family: version,
                     cross_attention_dim: width
                 }),
                 "{name}"
@@ -706,7 +649,7 @@ mod tests {
                 id: "org/sd-model".into(),
                 snapshot: Some(snapshot),
                 architecture: Some(Architecture {
-                    version: SdVersion::V1,
+                    family: ModelFamily::Sd1,
                     cross_attention_dim: 768
                 })
             }

@@ -87,7 +87,7 @@ impl Preflight {
         let checkpoint = SdCheckpoint::open(&self.model, &options)?;
         self.lora = Some(LoraNetworks::report_from_configs(
             &self.plan.lora,
-            Some(checkpoint.version()),
+            Some(checkpoint.family()),
             checkpoint.unet_config(),
             checkpoint.text_encoder_config(),
         )?);

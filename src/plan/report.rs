@@ -304,7 +304,8 @@ fn number(x: f64) -> String {
 mod tests {
     use super::super::DatasetFacts;
     use super::*;
-    use crate::models::source::{Architecture, ModelSource, SdVersion};
+    use crate::models::family::{Architecture, ModelFamily};
+    use crate::models::source::ModelSource;
     use std::path::{Path, PathBuf};
 
     fn preflight(extra: &str, facts: DatasetFacts) -> Preflight {
@@ -315,7 +316,7 @@ mod tests {
         let model = ModelSource::Diffusers {
             root: PathBuf::from("/p/m"),
             architecture: Some(Architecture {
-                version: SdVersion::V1,
+                family: ModelFamily::Sd1,
                 cross_attention_dim: 768,
             }),
         };

@@ -13,9 +13,8 @@ use crate::dataset::Dataset;
 use crate::files::write_atomically;
 use crate::log::summary::SUMMARY_FILE;
 use crate::log::TrainSummary;
-use crate::lora::{BaseModelVersion, NetworkMetadata, TrainingMetadata};
-use crate::models::noise::PredictionType;
-use crate::models::source::SdVersion;
+use crate::lora::{NetworkMetadata, TrainingMetadata};
+use crate::models::family::BaseModelVersion;
 use crate::plan::StepPlan;
 use crate::{Error, Result};
 
@@ -104,15 +103,6 @@ fn is_legacy_temporary(name: &str) -> bool {
     let state =
         name.starts_with("state-step") && (name.ends_with(".tmp") || name.ends_with(".old"));
     state || name.ends_with(".tmp~") || name == ".train_summary.json.tmp"
-}
-
-/// `ss_base_model_version` of a base model.
-pub fn base_model_version(version: SdVersion, prediction: PredictionType) -> BaseModelVersion {
-    match (version, prediction) {
-        (SdVersion::V1, _) => BaseModelVersion::SdV1,
-        (SdVersion::V2, PredictionType::VPrediction) => BaseModelVersion::SdV2V,
-        (SdVersion::V2, _) => BaseModelVersion::SdV2,
-    }
 }
 
 /// What the config and the step plan decide; progress, images, times, tags and the base

@@ -12,6 +12,7 @@ use crate::generate::schedule::{SamplerConfig, SamplingSchedule};
 use crate::log::EventWriter;
 use crate::models::hub::HubCache;
 use crate::models::noise::NoiseSchedule;
+use crate::models::source::ModelSource;
 use crate::Result;
 
 /// The preview prompts of a run and how to draw them.
@@ -26,6 +27,7 @@ impl Previews {
     /// ([`crate::plan::Preflight::sample_prompts`]), before any training.
     pub fn new(
         plan: &TrainPlan,
+        model: &ModelSource,
         prompts: Option<Vec<SamplePrompt>>,
         noise: &NoiseSchedule,
     ) -> Result<Option<Previews>> {
@@ -33,7 +35,7 @@ impl Previews {
         let Some(prompts) = prompts else {
             return Ok(None);
         };
-        let keys = SamplerConfig::for_model(&plan.model.base_model, &HubCache::from_env())?;
+        let keys = SamplerConfig::for_model(model, &HubCache::from_env())?;
         Ok(Some(Previews {
             prompts,
             settings: PreviewSettings {

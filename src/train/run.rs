@@ -155,6 +155,7 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         previews,
     } = set_up(
         plan,
+        &preflight.model,
         &steps,
         &compute,
         &dataset,

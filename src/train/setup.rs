@@ -7,7 +7,6 @@ use super::device::Compute;
 use super::disk_latents::{self, DiskLatents};
 use super::latents::LatentCache;
 use super::optim::{build_optimizer, OptimizerSettings};
-use super::outputs::base_model_version;
 use super::previews::Previews;
 use super::schedule::LrSchedule;
 use super::text_cache::TextCache;
@@ -16,9 +15,11 @@ use crate::config::{PredictionType as ConfigPrediction, TrainPlan};
 use crate::dataset::Dataset;
 use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
-use crate::lora::{BaseModelVersion, LoraNetworks, NetworkOptions};
+use crate::lora::{LoraNetworks, NetworkOptions};
+use crate::models::family::BaseModelVersion;
 use crate::models::load::{LoadOptions, SdCheckpoint};
 use crate::models::noise::PredictionType;
+use crate::models::source::ModelSource;
 use crate::plan::StepPlan;
 use crate::Result;
 
@@ -30,10 +31,11 @@ pub struct Setup {
     pub previews: Option<Previews>,
 }
 
-/// Loads and builds everything the steps need; prints the start-up lines to stderr and shows
+/// Loads and builds everything the steps need from `model`, the base model the preflight found; prints the start-up lines to stderr and shows
 /// the latent caching's progress in `display`.
 pub fn set_up(
     plan: &TrainPlan,
+    model: &ModelSource,
     steps: &StepPlan,
     compute: &Compute,
     dataset: &Dataset,
@@ -52,11 +54,11 @@ pub fn set_up(
         }),
         ..LoadOptions::default()
     };
-    let checkpoint = SdCheckpoint::open_path(&plan.model.base_model, &load)?;
+    let checkpoint = SdCheckpoint::open(model, &load)?;
     let seed = plan.data.seed;
     let networks = LoraNetworks::new(
         &plan.lora,
-        Some(checkpoint.version()),
+        Some(checkpoint.family()),
         NetworkOptions::new(seed, &compute.device),
     )?;
     let mut unet = checkpoint.unet(Some(&networks.unet))?;
@@ -74,7 +76,9 @@ pub fn set_up(
     }
     let schedule = LrSchedule::from_training(t, steps.total_steps)?;
     let noise = checkpoint.noise_schedule().clone();
-    let base = base_model_version(checkpoint.version(), noise.prediction_type());
+    let base = checkpoint
+        .family()
+        .base_model_version(noise.prediction_type());
 
     let report = networks.report();
     let facts = StartupFacts {
@@ -83,7 +87,7 @@ pub fn set_up(
         model_source: checkpoint.description().to_string(),
         model_version: Some(format!(
             "{} ({})",
-            checkpoint.version(),
+            checkpoint.family(),
             noise.prediction_type().as_str()
         )),
         images: dataset.len(),
@@ -100,7 +104,7 @@ pub fn set_up(
     };
     eprint!("{facts}");
 
-    let previews = Previews::new(plan, sample_prompts, &noise)?;
+    let previews = Previews::new(plan, model, sample_prompts, &noise)?;
     let vae = checkpoint.vae()?;
     let latents = if t.cache_latents {
         let views = LatentCache::views_for_run(dataset, steps.epochs_run().max(1));

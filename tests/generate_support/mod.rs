@@ -65,7 +65,7 @@ pub fn with_pipeline<T>(
         .iter()
         .map(LoadedLora::read)
         .collect::<Result<Vec<_>>>()?;
-    let stack = LoraStack::new(loaded, ckpt.version(), &Device::Cpu)?;
+    let stack = LoraStack::new(loaded, ckpt.family(), &Device::Cpu)?;
     let unet_p = stack.provider(LoraModel::Unet);
     let te_p = stack.provider(LoraModel::TextEncoder);
     let unet = ckpt.unet(Some(&unet_p))?;

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{json, Value};
 
 use super::MappedKey;
-use crate::models::source::SdVersion;
+use crate::models::family::ModelFamily;
 
 /// One resnet slot of a level: its block index and whether an attention follows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,7 +191,7 @@ impl LdmUnet {
     /// A diffusers `unet/config.json` from the shapes, with the conventions of `version` where
     /// the shapes are silent (the number of heads: 8 per block for SD 1.x, 64-wide heads for
     /// SD 2.x; upcast attention for SD 2.x, as its LDM code computes attention in f32).
-    pub(crate) fn infer_config(&self, version: SdVersion) -> Result<Value, String> {
+    pub(crate) fn infer_config(&self, version: ModelFamily) -> Result<Value, String> {
         let mut config = self.shape_facts()?;
         let channels: Vec<usize> = config["block_out_channels"]
             .as_array()
@@ -203,8 +203,8 @@ impl LdmUnet {
             })
             .unwrap_or_default();
         let heads: Vec<usize> = match version {
-            SdVersion::V1 => vec![8; channels.len()],
-            SdVersion::V2 => channels
+            ModelFamily::Sd1 => vec![8; channels.len()],
+            ModelFamily::Sd2 => channels
                 .iter()
                 .map(|&c| {
                     if c % 64 == 0 {
@@ -219,7 +219,7 @@ impl LdmUnet {
                 .collect::<Result<_, _>>()?,
         };
         config["attention_head_dim"] = json!(heads);
-        config["upcast_attention"] = json!(version == SdVersion::V2);
+        config["upcast_attention"] = json!(version == ModelFamily::Sd2);
         Ok(config)
     }
 
@@ -499,7 +499,7 @@ mod tests {
     #[test]
     fn infers_the_config_from_shapes() {
         let unet = LdmUnet::parse(&keys()).unwrap();
-        let config = unet.infer_config(SdVersion::V1).unwrap();
+        let config = unet.infer_config(ModelFamily::Sd1).unwrap();
         assert_eq!(config["block_out_channels"], json!([32, 64]));
         assert_eq!(config["layers_per_block"], json!([1, 1]));
         assert_eq!(
@@ -514,7 +514,7 @@ mod tests {
         assert_eq!(config["use_linear_projection"], json!(false));
         assert_eq!(config["attention_head_dim"], json!([8, 8]));
         assert!(config.get("time_embedding_dim").is_none());
-        let err = unet.infer_config(SdVersion::V2).unwrap_err();
+        let err = unet.infer_config(ModelFamily::Sd2).unwrap_err();
         assert!(
             err.contains("64-wide") && err.contains("32 channels"),
             "{err}"

@@ -19,8 +19,8 @@ use serde_json::{json, Value as Json};
 use serde_yaml::Value;
 
 use crate::error::ModelError;
+use crate::models::family::ModelFamily;
 use crate::models::noise::SchedulerConfig;
-use crate::models::source::SdVersion;
 use crate::{Error, Result};
 
 /// The VAE's latent scaling factor of every SD 1.x/2.x model, when a yaml does not say
@@ -30,7 +30,7 @@ pub(crate) const SD_SCALE_FACTOR: f64 = 0.18215;
 /// The text encoder the yaml names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct YamlText {
-    pub version: SdVersion,
+    pub family: ModelFamily,
     /// Condition on the penultimate layer (drop the last block).
     pub penultimate: bool,
 }
@@ -199,7 +199,7 @@ impl LdmYaml {
         let unet = Self::unet(
             &r,
             r.section(model, "unet_config.params")?,
-            text_config.version,
+            text_config.family,
         )?;
         let scale = r.f64(model, "model.params", "scale_factor", SD_SCALE_FACTOR)?;
         let vae = Self::vae(&r, r.section(model, "first_stage_config.params")?, scale)?;
@@ -251,7 +251,7 @@ impl LdmYaml {
         let class = target.rsplit('.').next().unwrap_or(target);
         match class {
             "FrozenCLIPEmbedder" => Ok(YamlText {
-                version: SdVersion::V1,
+                family: ModelFamily::Sd1,
                 penultimate: false,
             }),
             "FrozenOpenCLIPEmbedder" => {
@@ -269,7 +269,7 @@ impl LdmYaml {
                     }
                 };
                 Ok(YamlText {
-                    version: SdVersion::V2,
+                    family: ModelFamily::Sd2,
                     penultimate,
                 })
             }
@@ -284,7 +284,7 @@ impl LdmYaml {
         }
     }
 
-    fn unet(r: &Reader, p: &Value, version: SdVersion) -> Result<Json> {
+    fn unet(r: &Reader, p: &Value, family: ModelFamily) -> Result<Json> {
         let base = "model.params.unet_config.params";
         for refused in ["num_classes", "adm_in_channels"] {
             if p.get(refused).is_some_and(|v| !v.is_null()) {
@@ -381,7 +381,7 @@ impl LdmYaml {
             "cross_attention_dim": context,
             "attention_head_dim": heads,
             "use_linear_projection": r.bool(p, base, "use_linear_in_transformer", false)?,
-            "upcast_attention": version == SdVersion::V2,
+            "upcast_attention": family == ModelFamily::Sd2,
             "norm_num_groups": 32,
             "flip_sin_to_cos": true,
             "freq_shift": 0,
@@ -452,7 +452,7 @@ mod tests {
         assert_eq!(
             y.text,
             YamlText {
-                version: SdVersion::V1,
+                family: ModelFamily::Sd1,
                 penultimate: false
             }
         );
@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(
             y.text,
             YamlText {
-                version: SdVersion::V2,
+                family: ModelFamily::Sd2,
                 penultimate: true
             }
         );

@@ -30,9 +30,10 @@ use candle_core::{DType, Device};
 
 use super::clip_text::ClipTextModel;
 use super::clip_text_config::ClipTextConfig;
+use super::family::{Architecture, ModelFamily};
 use super::hub::HubCache;
 use super::noise::{NoiseSchedule, PredictionType};
-use super::source::{Architecture, ModelSource, SdVersion};
+use super::source::ModelSource;
 use super::tokenizer::ClipTokenizer;
 use super::unet::UNet2DConditionModel;
 use super::unet_config::UNetConfig;
@@ -295,7 +296,7 @@ impl SdCheckpoint {
         let architecture = opened.architecture;
         let mut notes = vec![format!(
             "{architecture} ({})",
-            architecture.version.text_encoder_name()
+            architecture.family.text_encoder_name()
         )];
 
         // The VAE override replaces the model's before anything is built.
@@ -326,7 +327,7 @@ impl SdCheckpoint {
             None => match &opened.prediction_origin {
                 Some(origin) => format!("{} (from {origin})", scheduler.prediction_type),
                 None => {
-                    let hint = if architecture.version == SdVersion::V2 {
+                    let hint = if architecture.family == ModelFamily::Sd2 {
                         "; SD 2.x 768-v models predict v: set `prediction_type: v_prediction` for them"
                     } else {
                         ""
@@ -345,7 +346,7 @@ impl SdCheckpoint {
             ),
             (None, Some(folder)) => (TokenizerChoice::Folder(folder), None),
             (None, None) => {
-                let pad = (architecture.version == SdVersion::V2).then_some("!");
+                let pad = (architecture.family == ModelFamily::Sd2).then_some("!");
                 (TokenizerChoice::Bundled, pad)
             }
         };
@@ -429,8 +430,8 @@ impl SdCheckpoint {
     }
 
     /// SD 1.x or 2.x.
-    pub fn version(&self) -> SdVersion {
-        self.architecture.version
+    pub fn family(&self) -> ModelFamily {
+        self.architecture.family
     }
 
     /// The version and the cross-attention width.

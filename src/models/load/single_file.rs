@@ -21,9 +21,10 @@ use super::{ComponentWeights, LoadOptions, Opened};
 use crate::config::CheckpointFormat;
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
+use crate::models::family::ModelFamily;
 use crate::models::source::{
-    ldm_architecture, not_an_sd_checkpoint, open_pickle, SdVersion, LDM_CLIP_PREFIX,
-    LDM_OPENCLIP_PREFIX, LDM_UNET_PREFIX,
+    ldm_architecture, not_an_sd_checkpoint, open_pickle, LDM_CLIP_PREFIX, LDM_OPENCLIP_PREFIX,
+    LDM_UNET_PREFIX,
 };
 use crate::models::unet_config::UNetConfig;
 use crate::models::vae_config::VaeConfig;
@@ -128,7 +129,7 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
     let unet_source = open_source(path, format)?;
     let keys = unet_source.keys_and_shapes();
     let architecture = ldm_architecture(&keys).map_err(|e| e.at(path))?;
-    let version = architecture.version;
+    let version = architecture.family;
     let parts = split(keys);
     if !parts.unknown.is_empty() {
         return Err(unsupported(
@@ -155,13 +156,13 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
         None
     };
     if let Some(y) = &yaml {
-        if y.text.version != version {
+        if y.text.family != version {
             return Err(ModelError::InvalidConfig {
                 origin: yaml_path.display().to_string(),
                 message: format!(
                     "names the text encoder of {} but {file_name} holds the {} of {version}; the \
                      yaml belongs to another model",
-                    y.text.version,
+                    y.text.family,
                     version.text_encoder_name()
                 ),
             }
@@ -257,12 +258,16 @@ pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions)
     notes.push(match &yaml {
         Some(y) => format!("configs: from {}", y.name),
         None => match version {
-            SdVersion::V1 => "configs: inferred from the tensor shapes, with SD 1.x's conventions \
+            ModelFamily::Sd1 => {
+                "configs: inferred from the tensor shapes, with SD 1.x's conventions \
                               (8 attention heads per block, quick_gelu text encoder)"
-                .to_string(),
-            SdVersion::V2 => "configs: inferred from the tensor shapes, with SD 2.x's conventions \
+                    .to_string()
+            }
+            ModelFamily::Sd2 => {
+                "configs: inferred from the tensor shapes, with SD 2.x's conventions \
                               (64-wide attention heads, gelu text encoder, penultimate layer)"
-                .to_string(),
+                    .to_string()
+            }
         },
     });
     let mut skipped = Vec::new();
