@@ -18,7 +18,7 @@ pub mod log;
 pub mod lora;
 pub mod models;
 pub mod nn;
-pub mod plan;
+pub mod preflight;
 pub mod rng;
 pub mod train;
 

@@ -145,13 +145,13 @@ fn a_single_file_checkpoint_draws_the_folder_picture() {
         tokenizer: Some(fixture("tiny-sd1/tokenizer").display().to_string()),
         ..Default::default()
     };
-    let file = lora_trainer::models::load::SdCheckpoint::open_path(
+    let file = lora_trainer::models::load::BaseModel::open_path(
         fixture("tiny-sd1.safetensors").to_str().unwrap(),
         &options,
     )
     .unwrap();
     let r = request(21, SamplerKind::DpmPp2m);
-    let render = |ckpt: &lora_trainer::models::load::SdCheckpoint| {
+    let render = |ckpt: &lora_trainer::models::load::BaseModel| {
         with_pipeline(ckpt, &[], false, |p| {
             let schedule = schedule(&folder);
             let p = lora_trainer::generate::pipeline::Pipeline {

@@ -10,7 +10,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use load_support::*;
 use lora_trainer::error::ModelError;
-use lora_trainer::models::load::SdCheckpoint;
+use lora_trainer::models::load::BaseModel;
 use lora_trainer::models::source::ModelSource;
 use lora_trainer::Error;
 
@@ -34,7 +34,7 @@ fn open_error(path: &str) -> Error {
     let options = offline_options();
     match ModelSource::detect_with(path, &options.hub_cache) {
         Err(e) => e,
-        Ok(source) => match SdCheckpoint::open(&source, &options) {
+        Ok(source) => match BaseModel::open(&source, &options) {
             Err(e) => e,
             Ok(ckpt) => ckpt
                 .unet(None)

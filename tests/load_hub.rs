@@ -9,7 +9,7 @@ use std::path::Path;
 
 use load_support::*;
 use lora_trainer::models::hub::HubCache;
-use lora_trainer::models::load::{LoadOptions, SdCheckpoint};
+use lora_trainer::models::load::{BaseModel, LoadOptions};
 use lora_trainer::models::source::ModelSource;
 
 /// A cache holding `org/tiny-sd1` = the tiny-sd1 folder, the way huggingface_hub lays it out.
@@ -42,7 +42,7 @@ fn a_cached_model_loads_without_network() {
         };
         let source = ModelSource::detect_with("org/tiny-sd1", &cache).unwrap();
         assert!(matches!(&source, ModelSource::Hub { snapshot: Some(s), .. } if *s == snapshot));
-        let ckpt = SdCheckpoint::open(&source, &options).unwrap();
+        let ckpt = BaseModel::open(&source, &options).unwrap();
         assert!(ckpt.description().contains("org/tiny-sd1"));
         assert_matches_references(&outputs(&ckpt, &refs), &refs);
     }
@@ -52,8 +52,8 @@ fn a_cached_model_loads_without_network() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let ckpt = SdCheckpoint::open_path(fixture("tiny-sd1.safetensors").to_str().unwrap(), &options)
-        .unwrap();
+    let ckpt =
+        BaseModel::open_path(fixture("tiny-sd1.safetensors").to_str().unwrap(), &options).unwrap();
     assert_eq!(ckpt.tokenizer().unwrap().vocab_size(), 1000);
     assert!(ckpt
         .notes()
@@ -65,7 +65,7 @@ fn a_cached_model_loads_without_network() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let ckpt = SdCheckpoint::open_path(fixture("tiny-sd2").to_str().unwrap(), &options).unwrap();
+    let ckpt = BaseModel::open_path(fixture("tiny-sd2").to_str().unwrap(), &options).unwrap();
     assert!(ckpt
         .notes()
         .iter()
@@ -85,7 +85,7 @@ fn an_absent_model_offline_lists_the_files_and_where_they_go() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/absent", &options)
+    let err = BaseModel::open_path("org/absent", &options)
         .err()
         .expect("absent")
         .to_string();
@@ -112,7 +112,7 @@ fn an_incomplete_cached_model_names_what_is_missing() {
         hub_cache: HubCache::at(dir.path()).with_offline(true),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/tiny-sd1", &options)
+    let err = BaseModel::open_path("org/tiny-sd1", &options)
         .err()
         .expect("incomplete")
         .to_string();
@@ -134,7 +134,7 @@ fn a_failed_download_says_what_to_download() {
         hub_cache: unreachable_cache(dir.path()),
         ..LoadOptions::default()
     };
-    let err = SdCheckpoint::open_path("org/absent", &options)
+    let err = BaseModel::open_path("org/absent", &options)
         .err()
         .expect("no server")
         .to_string();

@@ -2,7 +2,7 @@
 //! because it sets process-wide variables.
 
 use lora_trainer::models::hub::HubCache;
-use lora_trainer::models::load::{LoadOptions, SdCheckpoint};
+use lora_trainer::models::load::{BaseModel, LoadOptions};
 
 #[test]
 fn hf_hub_offline_stops_downloads_with_a_clear_message() {
@@ -12,7 +12,7 @@ fn hf_hub_offline_stops_downloads_with_a_clear_message() {
     let cache = HubCache::from_env();
     assert!(cache.is_offline());
     assert_eq!(cache.root(), Some(dir.path()));
-    let err = SdCheckpoint::open_path("someone/not-downloaded", &LoadOptions::default())
+    let err = BaseModel::open_path("someone/not-downloaded", &LoadOptions::default())
         .err()
         .expect("offline")
         .to_string();

@@ -268,7 +268,7 @@ fn tiny_sd2_without_its_yaml_says_what_cannot_be_inferred() {
     std::fs::copy(fixture("tiny-sd2.safetensors"), &alone).unwrap();
     let source =
         lora_trainer::models::source::ModelSource::detect(alone.to_str().unwrap()).unwrap();
-    let err = lora_trainer::models::load::SdCheckpoint::open(&source, &offline_options())
+    let err = lora_trainer::models::load::BaseModel::open(&source, &offline_options())
         .err()
         .expect("heads cannot be inferred")
         .to_string();

@@ -14,7 +14,7 @@ use lora_trainer::config::{LoraSettings, SaveFormat, SavePrecision, TargetPreset
 use lora_trainer::lora::hash::{addnet_hashes, model_hash};
 use lora_trainer::lora::{save_lora, LoraFile, LoraFormat, LoraNetworks, NetworkOptions};
 use lora_trainer::models::family::ModelFamily;
-use lora_trainer::plan::StepPlan;
+use lora_trainer::preflight::StepCounts;
 
 fn header_metadata() -> BTreeMap<String, String> {
     let config = "train_data_dir: data/x\nbase_model: ./models/v1-5-pruned.safetensors\n\
@@ -22,7 +22,7 @@ fn header_metadata() -> BTreeMap<String, String> {
                   text_encoder_lr: 5e-5\nseed: 7\nclip_skip: 2\nmin_snr_gamma: 5\n\
                   conv_lora: true\nconv_rank: 2\nconv_alpha: 4\n";
     let plan = TrainPlan::from_yaml(config, Path::new("c.yaml"), &[], Path::new("/p")).unwrap();
-    let steps = StepPlan::new(10, &plan.training);
+    let steps = StepCounts::new(10, &plan.training);
     let mut m = lora_trainer::train::outputs::plan_metadata(&plan, &steps);
     m.num_train_images = 20;
     m.epoch = 1;

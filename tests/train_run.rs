@@ -12,7 +12,7 @@ use std::sync::Arc;
 use lora_trainer::config::TrainPlan;
 use lora_trainer::log::event_reader::{event_files, read_event_file, scalar_series};
 use lora_trainer::log::{DisplayMode, TrainSummary};
-use lora_trainer::plan::Preflight;
+use lora_trainer::preflight::Preflight;
 use lora_trainer::train::{train, RunEnd, RunOptions, RunReport};
 
 /// A project in a temporary folder: 4 pictures with captions and a config using the tiny SD1

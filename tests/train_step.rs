@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use lora_trainer::config::TrainPlan;
 use lora_trainer::dataset::Dataset;
 use lora_trainer::log::DisplayMode;
-use lora_trainer::plan::Preflight;
+use lora_trainer::preflight::Preflight;
 use lora_trainer::train::device::Compute;
 use lora_trainer::train::setup::{set_up, Setup};
 use lora_trainer::train::step::{diffusion_loss, Draws};

@@ -30,8 +30,8 @@ use crate::config::{DeviceChoice, MixedPrecision, TrainPlan};
 use crate::dataset::Dataset;
 use crate::log::event_reader::{event_files, read_event_file, scalar_series};
 use crate::log::DisplayMode;
-use crate::models::load::{LoadOptions, SdCheckpoint};
-use crate::plan::Preflight;
+use crate::models::load::{BaseModel, LoadOptions};
+use crate::preflight::Preflight;
 use crate::train::device::Compute;
 use crate::train::setup::{set_up, Setup};
 use crate::train::{train, RunOptions};
@@ -262,7 +262,7 @@ fn forward(options: &CheckOptions, device: &Device, dtype: DType, s: &mut Sectio
         ..LoadOptions::default()
     };
     let model = fixtures.join("tiny-sd1");
-    let checkpoint = SdCheckpoint::open_path(&model.to_string_lossy(), &load)?;
+    let checkpoint = BaseModel::open_path(&model.to_string_lossy(), &load)?;
     let refs = candle_core::safetensors::load(
         fixtures.join("tiny-sd1.reference.safetensors"),
         &Device::Cpu,

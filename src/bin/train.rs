@@ -9,7 +9,7 @@ use clap::Parser;
 use lora_trainer::config::TrainPlan;
 use lora_trainer::log::memory::gib;
 use lora_trainer::log::DisplayMode;
-use lora_trainer::plan::Preflight;
+use lora_trainer::preflight::Preflight;
 use lora_trainer::train::interrupt::install_stop_handler;
 use lora_trainer::train::{train, RunEnd, RunOptions};
 

@@ -25,7 +25,7 @@ pub use choices::{
     SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
-pub use model_ref::{checkpoint_format, is_hub_id, CheckpointFormat};
+pub use model_ref::{is_hub_id, weights_format, WeightsFormat};
 pub use plan::{
     DatasetSpec, LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings,
     TrainPlan, TrainingSettings,

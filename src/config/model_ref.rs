@@ -5,7 +5,7 @@ use std::path::Path;
 
 /// How a single-file checkpoint is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CheckpointFormat {
+pub enum WeightsFormat {
     Safetensors,
     /// A PyTorch pickle (`.ckpt`, `.pt`, `.pth`, `.bin`).
     Pickle,
@@ -21,18 +21,18 @@ pub fn is_hub_id(text: &str) -> bool {
     };
     match text.split_once('/') {
         Some((org, name)) => {
-            part_ok(org) && part_ok(name) && checkpoint_format(Path::new(name)).is_none()
+            part_ok(org) && part_ok(name) && weights_format(Path::new(name)).is_none()
         }
         None => false,
     }
 }
 
 /// The checkpoint format a file name announces, if any.
-pub fn checkpoint_format(path: &Path) -> Option<CheckpointFormat> {
+pub fn weights_format(path: &Path) -> Option<WeightsFormat> {
     let ext = path.extension()?.to_str()?.to_ascii_lowercase();
     match ext.as_str() {
-        "safetensors" => Some(CheckpointFormat::Safetensors),
-        "ckpt" | "pt" | "pth" | "bin" => Some(CheckpointFormat::Pickle),
+        "safetensors" => Some(WeightsFormat::Safetensors),
+        "ckpt" | "pt" | "pth" | "bin" => Some(WeightsFormat::Pickle),
         _ => None,
     }
 }

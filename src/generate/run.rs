@@ -17,7 +17,7 @@ use super::prompt::parse_prompt;
 use super::samplers::SamplerKind;
 use super::schedule::{SamplerConfig, SamplingSchedule};
 use crate::lora::LoraModel;
-use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::source::ModelSource;
 use crate::{Error, Result};
 
@@ -88,7 +88,7 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
 
     // The model is found once; what it is decides the loading, the sampler keys and the name.
     let source = ModelSource::detect_with(&options.model, &options.load.hub_cache)?;
-    let checkpoint = SdCheckpoint::open(&source, &options.load)?;
+    let checkpoint = BaseModel::open(&source, &options.load)?;
     progress.note(&format!("model: {}", checkpoint.description()));
     for note in checkpoint.notes() {
         progress.note(&format!("  {note}"));

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
 
-use crate::nn::checkpoint::{checkpoint, Segment};
+use crate::nn::recompute::{recompute, Segment};
 use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, LayerNorm, Linear, Scope};
 use crate::Result;
 
@@ -387,7 +387,7 @@ impl Transformer2DModel {
         if self.gradient_checkpointing {
             let model = self.clone();
             let f: Arc<Segment> = Arc::new(move |x: &Tensor, c: &Tensor| model.run(x, c));
-            checkpoint(x, context, &self.trainable_vars(), f)
+            recompute(x, context, &self.trainable_vars(), f)
         } else {
             self.run(x, context)
         }

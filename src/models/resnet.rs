@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, Var};
 
-use crate::nn::checkpoint::{checkpoint, Segment};
+use crate::nn::recompute::{recompute, Segment};
 use crate::nn::{activation, Conv2d, ConvConfig, GroupNorm, Linear, Scope};
 use crate::Result;
 
@@ -119,7 +119,7 @@ impl ResnetBlock2D {
             Some(temb) if self.gradient_checkpointing => {
                 let block = self.clone();
                 let f: Arc<Segment> = Arc::new(move |x: &Tensor, t: &Tensor| block.run(x, Some(t)));
-                checkpoint(x, temb, &self.trainable_vars(), f)
+                recompute(x, temb, &self.trainable_vars(), f)
             }
             _ => self.run(x, temb),
         }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 
 use super::family::{Architecture, ModelFamily};
-use crate::config::{checkpoint_format, is_hub_id, CheckpointFormat};
+use crate::config::{is_hub_id, weights_format, WeightsFormat};
 use crate::error::ModelError;
 use crate::nn::weights::TensorSource;
 use crate::{Error, Result};
@@ -31,7 +31,7 @@ pub enum ModelSource {
     /// An original-layout (LDM) checkpoint in one file.
     SingleFile {
         path: PathBuf,
-        format: CheckpointFormat,
+        format: WeightsFormat,
         architecture: Option<Architecture>,
     },
     /// A Hugging Face hub id; `snapshot` is its folder in the local cache when downloaded.
@@ -105,8 +105,8 @@ impl fmt::Display for ModelSource {
             ModelSource::Diffusers { root, .. } => write!(f, "diffusers folder {}", root.display()),
             ModelSource::SingleFile { path, format, .. } => {
                 let kind = match format {
-                    CheckpointFormat::Safetensors => "safetensors",
-                    CheckpointFormat::Pickle => "PyTorch pickle",
+                    WeightsFormat::Safetensors => "safetensors",
+                    WeightsFormat::Pickle => "PyTorch pickle",
                 };
                 write!(f, "single-file checkpoint ({kind}) {}", path.display())
             }
@@ -255,11 +255,11 @@ pub(crate) fn folder_architecture(root: &Path) -> Result<Architecture> {
 }
 
 fn single_file(path: &Path) -> Result<ModelSource> {
-    let format = checkpoint_format(path)
+    let format = weights_format(path)
         .ok_or_else(|| unreadable(path, format!("unknown file type; {EXPECTED}")))?;
     let keys = match format {
-        CheckpointFormat::Safetensors => safetensors_header(path)?,
-        CheckpointFormat::Pickle => open_pickle(path)?.keys_and_shapes(),
+        WeightsFormat::Safetensors => safetensors_header(path)?,
+        WeightsFormat::Pickle => open_pickle(path)?.keys_and_shapes(),
     };
     let architecture = ldm_architecture(&keys).map_err(|e| e.at(path))?;
     Ok(ModelSource::SingleFile {
@@ -490,7 +490,7 @@ mod tests {
             assert!(matches!(
                 source,
                 ModelSource::SingleFile {
-                    format: CheckpointFormat::Safetensors,
+                    format: WeightsFormat::Safetensors,
                     ..
                 }
             ));

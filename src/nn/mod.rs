@@ -16,7 +16,6 @@
 
 pub mod activation;
 pub mod adapter;
-pub mod checkpoint;
 pub mod chunked_attention;
 pub mod conv;
 pub mod custom_backward;
@@ -33,6 +32,7 @@ pub mod mem_attention;
 pub mod norm;
 pub mod norm_generic;
 pub mod profile;
+pub mod recompute;
 pub mod runtime;
 pub mod tensor_file;
 pub mod weights;

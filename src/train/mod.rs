@@ -10,30 +10,30 @@
 //! rates give bit-identical parameters, also across a save/restore of the optimizer state, and
 //! every random draw comes from a stream keyed by where it happens ([`crate::rng`]).
 
-pub mod checkpoint;
 pub mod clip_grad;
 pub mod device;
 pub mod disk_latents;
 pub(crate) mod error;
 pub mod interrupt;
 pub mod latents;
+pub mod lr_schedule;
 pub mod optim;
 pub mod outputs;
 pub mod previews;
 pub mod resume;
 pub mod run;
-pub mod schedule;
 pub mod setup;
+pub mod state;
 pub mod step;
 pub mod text_cache;
 pub mod trainer;
 
 pub use clip_grad::clip_grad_norm;
 pub use error::TrainError;
+pub use lr_schedule::LrSchedule;
 pub use optim::{
     build_optimizer, AdamW, AdamW8bit, Lion, NamedParam, OptimizerSettings, OptimizerState,
     ParamGroup, ParamOptimizer, Sgd,
 };
 pub use run::{train, RunEnd, RunOptions, RunReport};
-pub use schedule::LrSchedule;
 pub use trainer::{StepReport, Trainer};

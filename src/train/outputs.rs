@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint::{list_states, list_step_files, CONFIG_FILE};
 use super::disk_latents;
+use super::state::{list_states, list_step_files, CONFIG_FILE};
 use super::TrainError;
 use crate::config::TrainPlan;
 use crate::dataset::Dataset;
@@ -15,7 +15,7 @@ use crate::log::summary::SUMMARY_FILE;
 use crate::log::TrainSummary;
 use crate::lora::{NetworkMetadata, TrainingMetadata};
 use crate::models::family::BaseModelVersion;
-use crate::plan::StepPlan;
+use crate::preflight::StepCounts;
 use crate::{Error, Result};
 
 /// What a new run may do with an output folder that already holds one.
@@ -107,7 +107,7 @@ fn is_legacy_temporary(name: &str) -> bool {
 
 /// What the config and the step plan decide; progress, images, times, tags and the base
 /// model's version are left for the trainer (zero, empty, `sd_v1`).
-pub fn plan_metadata(plan: &TrainPlan, steps: &StepPlan) -> TrainingMetadata {
+pub fn plan_metadata(plan: &TrainPlan, steps: &StepCounts) -> TrainingMetadata {
     let t = &plan.training;
     let d = &plan.data;
     let sd_model_name = std::path::Path::new(&plan.model.base_model)
@@ -156,7 +156,7 @@ pub fn plan_metadata(plan: &TrainPlan, steps: &StepPlan) -> TrainingMetadata {
 /// `steps` and (for the final file) `training_finished_at`.
 pub fn run_metadata(
     plan: &TrainPlan,
-    steps: &StepPlan,
+    steps: &StepCounts,
     dataset: &Dataset,
     base: BaseModelVersion,
     started_at: f64,

@@ -24,7 +24,7 @@ pub struct Previews {
 
 impl Previews {
     /// `None` without prompts; `prompts` are those the preflight read from `sample_prompts`
-    /// ([`crate::plan::Preflight::sample_prompts`]), before any training.
+    /// ([`crate::preflight::Preflight::sample_prompts`]), before any training.
     pub fn new(
         plan: &TrainPlan,
         model: &ModelSource,

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::checkpoint::{list_states, read_state, SavedState, CONFIG_FILE};
+use super::state::{list_states, read_state, SavedState, CONFIG_FILE};
 use super::TrainError;
 use crate::config::TrainPlan;
 use crate::dataset::Dataset;

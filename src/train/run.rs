@@ -13,14 +13,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::checkpoint::{
-    prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT,
-};
 use super::device::Compute;
 use super::outputs::{prepare, run_metadata, unix_now, OutputUse};
 use super::previews::Previews;
 use super::resume;
 use super::setup::{set_up, Setup};
+use super::state::{prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT};
 use super::trainer::Trainer;
 use crate::config::{LogWith, TrainPlan};
 use crate::dataset::{Batch, Dataset};
@@ -31,7 +29,7 @@ use crate::log::{
     TrainProgress, TrainSummary,
 };
 use crate::lora::{NetworkMetadata, TrainingMetadata};
-use crate::plan::Preflight;
+use crate::preflight::Preflight;
 use crate::Result;
 
 /// How to run, besides the plan.
@@ -294,7 +292,7 @@ impl Loop<'_> {
                     self.log(|w| w.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch as u64 + 1));
                 }
             }
-            if self.preflight.checkpoints.is_checkpoint(step) {
+            if self.preflight.save_points.is_save_point(step) {
                 self.checkpoint(trainer, step)?;
             }
             if self.plan.sampling.is_due(step, steps.total_steps) {

@@ -2,13 +2,13 @@
 //! the LoRA adapters built into it (and restored from a state when resuming), the optimizer and
 //! schedule, the start-up lines, the latent and text caches, and the preview prompts.
 
-use super::checkpoint::SavedState;
 use super::device::Compute;
 use super::disk_latents::{self, DiskLatents};
 use super::latents::LatentCache;
+use super::lr_schedule::LrSchedule;
 use super::optim::{build_optimizer, OptimizerSettings};
 use super::previews::Previews;
-use super::schedule::LrSchedule;
+use super::state::SavedState;
 use super::text_cache::TextCache;
 use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
 use crate::config::{PredictionType as ConfigPrediction, TrainPlan};
@@ -17,10 +17,10 @@ use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
 use crate::lora::{LoraNetworks, NetworkOptions};
 use crate::models::family::BaseModelVersion;
-use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::noise::PredictionType;
 use crate::models::source::ModelSource;
-use crate::plan::StepPlan;
+use crate::preflight::StepCounts;
 use crate::Result;
 
 /// A run ready for its first step.
@@ -36,7 +36,7 @@ pub struct Setup {
 pub fn set_up(
     plan: &TrainPlan,
     model: &ModelSource,
-    steps: &StepPlan,
+    steps: &StepCounts,
     compute: &Compute,
     dataset: &Dataset,
     saved: Option<&SavedState>,
@@ -54,7 +54,7 @@ pub fn set_up(
         }),
         ..LoadOptions::default()
     };
-    let checkpoint = SdCheckpoint::open(model, &load)?;
+    let checkpoint = BaseModel::open(model, &load)?;
     let seed = plan.data.seed;
     let networks = LoraNetworks::new(
         &plan.lora,

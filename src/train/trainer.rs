@@ -13,8 +13,8 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor, Var};
 
 use super::latents::{encode_batch, LatentCache};
+use super::lr_schedule::LrSchedule;
 use super::optim::{ParamGroup, ParamOptimizer};
-use super::schedule::LrSchedule;
 use super::step::{diffusion_loss, Draws};
 use super::text_cache::TextCache;
 use super::{clip_grad_norm, TrainError};

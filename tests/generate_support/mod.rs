@@ -14,7 +14,7 @@ use lora_trainer::generate::pipeline::{ImageRequest, Pipeline};
 use lora_trainer::generate::samplers::SamplerKind;
 use lora_trainer::generate::schedule::{SamplerConfig, SamplingSchedule};
 use lora_trainer::lora::{save_lora, Dropout, LoraAdapter, LoraModel, ModuleSpec, TrainingState};
-use lora_trainer::models::load::{LoadOptions, SdCheckpoint};
+use lora_trainer::models::load::{BaseModel, LoadOptions};
 use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind};
 use lora_trainer::Result;
 
@@ -24,8 +24,8 @@ pub fn fixture(path: &str) -> PathBuf {
     p
 }
 
-pub fn tiny() -> SdCheckpoint {
-    SdCheckpoint::open_path(
+pub fn tiny() -> BaseModel {
+    BaseModel::open_path(
         fixture("tiny-sd1").to_str().unwrap(),
         &LoadOptions::default(),
     )
@@ -47,7 +47,7 @@ pub fn request(seed: u64, sampler: SamplerKind) -> ImageRequest {
 }
 
 /// The tiny model's sampling schedule (its own scheduler config).
-pub fn schedule(ckpt: &SdCheckpoint) -> SamplingSchedule {
+pub fn schedule(ckpt: &BaseModel) -> SamplingSchedule {
     let keys =
         SamplerConfig::from_file(&fixture("tiny-sd1/scheduler/scheduler_config.json")).unwrap();
     SamplingSchedule::new(ckpt.noise_schedule(), keys)
@@ -56,7 +56,7 @@ pub fn schedule(ckpt: &SdCheckpoint) -> SamplingSchedule {
 /// Builds the tiny model with `loras` stacked and hands the pipeline to `f`; also returns the
 /// stack's warnings (lenient mode).
 pub fn with_pipeline<T>(
-    ckpt: &SdCheckpoint,
+    ckpt: &BaseModel,
     loras: &[LoraUse],
     lenient: bool,
     f: impl FnOnce(&Pipeline) -> Result<T>,
@@ -87,7 +87,7 @@ pub fn with_pipeline<T>(
 }
 
 /// The sampled latents of `request` with `loras`.
-pub fn latents(ckpt: &SdCheckpoint, loras: &[LoraUse], request: &ImageRequest) -> Tensor {
+pub fn latents(ckpt: &BaseModel, loras: &[LoraUse], request: &ImageRequest) -> Tensor {
     with_pipeline(ckpt, loras, false, |p| p.denoise(request, &mut |_, _| {}))
         .unwrap()
         .0
@@ -121,7 +121,7 @@ impl AdapterProvider for LayerRecorder {
 }
 
 /// The adaptable layers of the tiny UNet and text encoder.
-pub fn layers(ckpt: &SdCheckpoint) -> Vec<(LoraModel, String, LayerKind)> {
+pub fn layers(ckpt: &BaseModel) -> Vec<(LoraModel, String, LayerKind)> {
     let unet = LayerRecorder::default();
     ckpt.unet(Some(&unet)).unwrap();
     let te = LayerRecorder::default();
@@ -228,7 +228,7 @@ pub fn uses(path: &Path, weight: f64) -> LoraUse {
 
 /// The layers a typical kohya file touches: a linear attention projection, a 1×1 conv
 /// (`proj_in`), a 3×3 resnet conv (LoCon) and a text-encoder projection.
-pub fn mixed_layers(ckpt: &SdCheckpoint) -> Vec<(LoraModel, String, LayerKind)> {
+pub fn mixed_layers(ckpt: &BaseModel) -> Vec<(LoraModel, String, LayerKind)> {
     let all = layers(ckpt);
     vec![
         layer(&all, LoraModel::Unet, "attn1.to_q", None),

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use lora_trainer::models::load::{LoadOptions, SdCheckpoint};
+use lora_trainer::models::load::{BaseModel, LoadOptions};
 use lora_trainer::models::source::ModelSource;
 
 pub fn root() -> PathBuf {
@@ -42,10 +42,10 @@ pub fn offline_options() -> LoadOptions {
     }
 }
 
-pub fn open(path: &Path, options: &LoadOptions) -> SdCheckpoint {
+pub fn open(path: &Path, options: &LoadOptions) -> BaseModel {
     let source = ModelSource::detect_with(path.to_str().expect("utf-8 path"), &options.hub_cache)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    SdCheckpoint::open(&source, options).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    BaseModel::open(&source, options).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// Every output the references record, computed by our models from the references' inputs.
@@ -59,7 +59,7 @@ pub struct Outputs {
     pub decoded: Tensor,
 }
 
-pub fn outputs(ckpt: &SdCheckpoint, refs: &HashMap<String, Tensor>) -> Outputs {
+pub fn outputs(ckpt: &BaseModel, refs: &HashMap<String, Tensor>) -> Outputs {
     let text_encoder = ckpt.text_encoder(None).expect("text encoder");
     let ids = &refs["text.input_ids"];
     let text = text_encoder.forward(ids).expect("text forward");

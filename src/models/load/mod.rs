@@ -1,7 +1,7 @@
 //! Loading a whole Stable Diffusion model from any source: a diffusers folder, a single LDM
 //! checkpoint (`.safetensors` / `.ckpt`) or a hub id.
 //!
-//! [`SdCheckpoint::open`] resolves every config (from the files, an LDM yaml, or the tensor
+//! [`BaseModel::open`] resolves every config (from the files, an LDM yaml, or the tensor
 //! shapes) and maps every weight key of the UNet, the text encoder and the VAE into its own
 //! [`WeightStore`] under diffusers names, without reading a weight (files are memory-mapped).
 //! Each component is then built on demand, and separately: the trainer drops the VAE once the
@@ -228,9 +228,9 @@ enum TokenizerChoice {
 }
 
 /// A Stable Diffusion 1.x/2.x model opened from any source: configs resolved, every weight
-/// mapped (not read). Build its components with [`SdCheckpoint::unet`],
-/// [`SdCheckpoint::text_encoder`], [`SdCheckpoint::vae`]; see the module docs.
-pub struct SdCheckpoint {
+/// mapped (not read). Build its components with [`BaseModel::unet`],
+/// [`BaseModel::text_encoder`], [`BaseModel::vae`]; see the module docs.
+pub struct BaseModel {
     description: String,
     architecture: Architecture,
     unet_config: UNetConfig,
@@ -267,7 +267,7 @@ pub(crate) struct Opened {
     pub notes: Vec<String>,
 }
 
-impl SdCheckpoint {
+impl BaseModel {
     /// Opens the model `source` names: configs resolved and weights mapped, nothing read.
     pub fn open(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
         let opened = match source {
@@ -285,7 +285,7 @@ impl SdCheckpoint {
         Self::finish(opened, options)
     }
 
-    /// [`ModelSource::detect`] then [`SdCheckpoint::open`]: `base_model` is a folder, a
+    /// [`ModelSource::detect`] then [`BaseModel::open`]: `base_model` is a folder, a
     /// checkpoint file or a hub id.
     pub fn open_path(base_model: &str, options: &LoadOptions) -> Result<Self> {
         let source = ModelSource::detect_with(base_model, &options.hub_cache)?;
@@ -359,7 +359,7 @@ impl SdCheckpoint {
         });
         notes.append(&mut opened.notes);
 
-        Ok(SdCheckpoint {
+        Ok(BaseModel {
             description: opened.description,
             architecture,
             unet_config: opened.unet_config,

@@ -18,7 +18,7 @@ use super::ldm_unet::LdmUnet;
 use super::ldm_vae::LdmVae;
 use super::ldm_yaml::{LdmYaml, SD_SCALE_FACTOR};
 use super::{ComponentWeights, LoadOptions, Opened};
-use crate::config::CheckpointFormat;
+use crate::config::WeightsFormat;
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
 use crate::models::family::ModelFamily;
@@ -54,10 +54,10 @@ const DDPM_BUFFERS: [&str; 12] = [
 /// checkpoints every UNet weight again); training starts from the regular weights.
 const EMA_PREFIX: &str = "model_ema.";
 
-fn open_source(path: &Path, format: CheckpointFormat) -> Result<TensorSource> {
+fn open_source(path: &Path, format: WeightsFormat) -> Result<TensorSource> {
     match format {
-        CheckpointFormat::Safetensors => TensorSource::safetensors(path),
-        CheckpointFormat::Pickle => open_pickle(path),
+        WeightsFormat::Safetensors => TensorSource::safetensors(path),
+        WeightsFormat::Pickle => open_pickle(path),
     }
 }
 
@@ -124,7 +124,7 @@ fn list(keys: &[String]) -> String {
 }
 
 /// Opens a single-file checkpoint: configs resolved, every tensor mapped or skipped by name.
-pub(crate) fn open(path: &Path, format: CheckpointFormat, options: &LoadOptions) -> Result<Opened> {
+pub(crate) fn open(path: &Path, format: WeightsFormat, options: &LoadOptions) -> Result<Opened> {
     // The first source serves the UNet: a pickle's index is read once per source.
     let unet_source = open_source(path, format)?;
     let keys = unet_source.keys_and_shapes();
@@ -370,7 +370,7 @@ pub(crate) fn open_vae_file(
     base: &VaeConfig,
     options: &LoadOptions,
 ) -> Result<(VaeConfig, ComponentWeights)> {
-    let format = crate::config::checkpoint_format(path).ok_or_else(|| {
+    let format = crate::config::weights_format(path).ok_or_else(|| {
         Error::from(ModelError::Unreadable {
             path: path.to_path_buf(),
             reason: "a VAE file is a .safetensors or .ckpt/.pt checkpoint".to_string(),

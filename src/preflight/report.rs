@@ -128,16 +128,16 @@ impl Preflight {
 
     fn output_lines(&self) -> Vec<String> {
         let out = &self.plan.output;
-        let checkpoints = &self.checkpoints;
-        let count = checkpoints.count();
+        let save_points = &self.save_points;
+        let count = save_points.count();
         let mut lines = vec![out.output_dir.display().to_string()];
-        if let Some(first) = checkpoints.steps().next() {
-            let mut shown = checkpoints
+        if let Some(first) = save_points.steps().next() {
+            let mut shown = save_points
                 .steps()
                 .take(SHOWN)
                 .map(|s| s.to_string())
                 .collect::<Vec<_>>();
-            if let (true, Some(last)) = (count > SHOWN, checkpoints.last()) {
+            if let (true, Some(last)) = (count > SHOWN, save_points.last()) {
                 shown.push(format!("… {last}"));
             }
             let keep = match out.save_last_n {

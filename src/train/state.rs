@@ -1,5 +1,5 @@
 //! The resumable state of a run on disk (the writer; *when* to write is
-//! [`crate::plan::CheckpointSchedule`]'s business).
+//! [`crate::preflight::SavePoints`]'s business).
 //!
 //! ```text
 //! <output_dir>/state-step00000100/

@@ -13,10 +13,10 @@ use crate::config::{ConfigError, Location, Problem, TrainPlan, MAX_STEPS, STEPS_
 use crate::dataset::Dataset;
 use crate::lora::network::LoraNetworks;
 use crate::lora::report::LoraReport;
-use crate::models::load::{LoadOptions, SdCheckpoint};
+use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::source::ModelSource;
 use crate::Result;
-pub use steps::{CheckpointSchedule, StepLimit, StepPlan};
+pub use steps::{SavePoints, StepCounts, StepLimit};
 
 /// What the dataset check found, in the terms the plan needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,8 +40,8 @@ pub struct Preflight {
     pub plan: TrainPlan,
     pub model: ModelSource,
     pub dataset: DatasetFacts,
-    pub steps: StepPlan,
-    pub checkpoints: CheckpointSchedule,
+    pub steps: StepCounts,
+    pub save_points: SavePoints,
     /// The adapters the run will train, counted from the model configs; `None` until
     /// [`Preflight::count_adapters`] ran (or when the model is a hub id not downloaded yet).
     pub lora: Option<LoraReport>,
@@ -84,7 +84,7 @@ impl Preflight {
             vae: local_vae,
             ..LoadOptions::default()
         };
-        let checkpoint = SdCheckpoint::open(&self.model, &options)?;
+        let checkpoint = BaseModel::open(&self.model, &options)?;
         self.lora = Some(LoraNetworks::report_from_configs(
             &self.plan.lora,
             Some(checkpoint.family()),
@@ -96,15 +96,15 @@ impl Preflight {
 
     /// The step arithmetic for a model and dataset already checked.
     pub fn new(plan: TrainPlan, model: ModelSource, dataset: DatasetFacts) -> Preflight {
-        let steps = StepPlan::new(dataset.batches_per_epoch, &plan.training);
+        let steps = StepCounts::new(dataset.batches_per_epoch, &plan.training);
         let out = &plan.output;
-        let checkpoints = CheckpointSchedule::new(out.save_steps, out.save_every_n_epochs, &steps);
+        let save_points = SavePoints::new(out.save_steps, out.save_every_n_epochs, &steps);
         Preflight {
             plan,
             model,
             dataset,
             steps,
-            checkpoints,
+            save_points,
             lora: None,
             checked_dataset: None,
             sample_prompts: None,
@@ -146,8 +146,8 @@ impl Preflight {
                 steps.warmup_steps, steps.total_steps
             ));
         }
-        let asked_for_checkpoints = out.save_steps.is_some() || out.save_every_n_epochs.is_some();
-        if asked_for_checkpoints && self.checkpoints.steps().next().is_none() {
+        let asked_for_step_files = out.save_steps.is_some() || out.save_every_n_epochs.is_some();
+        if asked_for_step_files && self.save_points.steps().next().is_none() {
             notes.push(format!(
                 "no step checkpoint will be written: the run has only {} steps",
                 steps.total_steps

@@ -1,7 +1,7 @@
 //! Gradient checkpointing: run a segment of the model without keeping its activations, and
 //! recompute them in backward.
 //!
-//! candle has no recompute facility (DESIGN.md §7), so [`checkpoint`] builds one from a custom
+//! candle has no recompute facility (DESIGN.md §7), so [`recompute`] builds one from a custom
 //! op. Forward runs the segment on detached inputs and detaches its output, which frees the graph
 //! (and every activation) the segment built; the op takes the segment's input `x`, a side input
 //! (the time embedding or the text context) and the segment's trainable tensors concatenated into
@@ -27,7 +27,7 @@ pub type Segment = dyn Fn(&Tensor, &Tensor) -> Result<Tensor> + Send + Sync;
 ///
 /// On the CPU and on CUDA; other devices, and calls where nothing needs a gradient, run `f`
 /// directly.
-pub fn checkpoint(x: &Tensor, side: &Tensor, params: &[Var], f: Arc<Segment>) -> Result<Tensor> {
+pub fn recompute(x: &Tensor, side: &Tensor, params: &[Var], f: Arc<Segment>) -> Result<Tensor> {
     let tracked =
         x.track_op() || side.track_op() || params.iter().any(|p| p.as_tensor().track_op());
     if !tracked || !(x.device().is_cpu() || x.device().is_cuda()) {
@@ -170,7 +170,7 @@ mod tests {
         });
         let weights = randn(&mut rng, &[3, 4], 1.0, 0.0)?;
         let plain = (f(x.as_tensor(), side.as_tensor())? * &weights)?.sum_all()?;
-        let ckpt = (checkpoint(
+        let ckpt = (recompute(
             x.as_tensor(),
             side.as_tensor(),
             &[a.clone(), b.clone()],
@@ -195,7 +195,7 @@ mod tests {
             }
         }
         // An untracked side input gets no gradient and is not required.
-        let ckpt = checkpoint(
+        let ckpt = recompute(
             x.as_tensor(),
             &side.as_tensor().detach(),
             std::slice::from_ref(&a),
