@@ -293,7 +293,7 @@ impl Loop<'_> {
                 }
             }
             if self.preflight.save_points.is_save_point(step) {
-                self.checkpoint(trainer, step)?;
+                self.save_step_checkpoint(trainer, step)?;
             }
             if self.plan.sampling.is_due(step, steps.total_steps) {
                 self.render_previews(trainer, step);
@@ -305,11 +305,14 @@ impl Loop<'_> {
     }
 
     /// A step LoRA file and a state folder after `step`, then the pruning of old ones.
-    fn checkpoint(&mut self, trainer: &Trainer, step: usize) -> Result<()> {
-        self.save_lora(trainer, step, false)?;
+    fn save_step_checkpoint(&mut self, trainer: &Trainer, step: usize) -> Result<()> {
+        let lora = self.save_lora(trainer, step, false)?;
         let state = self.save_state(trainer, step)?;
-        self.progress
-            .println(&format!("checkpoint at step {step}: {}", state.display()));
+        self.progress.println(&format!(
+            "step checkpoint at step {step}: {} and {}",
+            lora.display(),
+            state.display()
+        ));
         let out = &self.plan.output;
         if let Some(keep) = out.save_last_n {
             prune(&out.output_dir, &out.output_name, keep)?;
