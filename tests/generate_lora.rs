@@ -182,8 +182,9 @@ fn a_third_party_kohya_file_acts_like_its_merged_weights() {
         let x = pseudo_random(&[1, 4, 16, 16], 1, 1.0);
         let ctx = pseudo_random(&[1, 77, 64], 2, 1.0);
         let t = Tensor::new(&[500f32], &Device::Cpu)?;
-        let ids = p.tokenizer.input_ids(&["a red cube"], &Device::Cpu)?;
-        Ok((p.unet.forward(&x, &t, &ctx)?, p.text_encoder.forward(&ids)?))
+        let text = &p.text_encoders.encoders[0];
+        let ids = text.tokenizer.input_ids(&["a red cube"], &Device::Cpu)?;
+        Ok((p.unet.forward(&x, &t, &ctx)?, text.model.forward(&ids)?))
     })
     .unwrap()
     .0;

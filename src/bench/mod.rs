@@ -22,6 +22,7 @@ use crate::config::{
     DeviceChoice, LoraSettings, MixedPrecision, SaveFormat, SavePrecision, TargetModules,
 };
 use crate::lora::{LoraNetworks, NetworkOptions};
+use crate::models::conditioning::Conditioning;
 use crate::models::noise::{NoiseSchedule, SchedulerConfig};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::flops::{self, TrainingFlops};
@@ -440,6 +441,9 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     let context_dims = (options.batch, options.tokens, config.cross_attention_dim[0]);
     let m = context_dims.0 * context_dims.1 * context_dims.2;
     let context = Tensor::from_vec(crate::rng::normal_f32(&mut rng, m), context_dims, &device)?;
+    let conditioning = Conditioning {
+        context: context.clone(),
+    };
 
     // One forward without gradients, to count the model's FLOPs.
     let draws = Draws::sample(options.seed, 0, 0, &latent_dims, 1000, 0.0, &device)?;
@@ -478,7 +482,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
         let heap_before = profile::heap_bytes();
         let loss = {
             let _t = profile::scope("step: forward and loss");
-            diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?
+            diffusion_loss(&unet, &schedule, &latents, &conditioning, &draws, None)?
         };
         if options.breakdown && step == options.warmup {
             eprint!("{}", kept_for_backward(&loss.loss));

@@ -12,8 +12,7 @@ use super::error::GenerateError;
 use super::noise::{starting_noise, SeededStepNoise};
 use super::samplers::{SamplerKind, StepNoise};
 use super::schedule::SamplingSchedule;
-use crate::models::clip_text::ClipTextModel;
-use crate::models::tokenizer::ClipTokenizer;
+use crate::models::conditioning::{Conditioning, TextEncoders};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::Result;
@@ -21,12 +20,10 @@ use crate::Result;
 /// The models a picture is made with.
 pub struct Pipeline<'a> {
     pub unet: &'a UNet2DConditionModel,
-    pub text_encoder: &'a ClipTextModel,
+    /// With their `clip_skip` (A1111's "Clip skip").
+    pub text_encoders: &'a TextEncoders,
     pub vae: &'a AutoencoderKL,
-    pub tokenizer: &'a ClipTokenizer,
     pub schedule: &'a SamplingSchedule,
-    /// 1 = the text encoder's last layer (A1111's "Clip skip").
-    pub clip_skip: usize,
     /// Where the latents live (the UNet's device).
     pub device: Device,
 }
@@ -69,11 +66,9 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// The text encoder's hidden states for `text`: `[1, 77, hidden]`.
-    pub fn encode_prompt(&self, text: &str) -> Result<Tensor> {
-        let ids = self.tokenizer.input_ids(&[text], &self.device)?;
-        self.text_encoder
-            .forward_with_clip_skip(&ids, self.clip_skip)
+    /// The conditioning of `text` (context `[1, 77, hidden]`).
+    pub fn encode_prompt(&self, text: &str) -> Result<Conditioning> {
+        self.text_encoders.encode(&[text], &self.device)
     }
 
     /// Draws one picture; `on_step(done, total)` is called after every sampler step.
@@ -113,12 +108,13 @@ impl Pipeline<'_> {
     ) -> Result<Tensor> {
         let guided = request.cfg_scale > 1.0;
         let cond = self.encode_prompt(&request.prompt)?;
-        let context = if guided {
+        let conditioning = if guided {
             let uncond = self.encode_prompt(&request.negative_prompt)?;
-            Tensor::cat(&[&uncond, &cond], 0)?
+            Conditioning::cat(&[&uncond, &cond])?
         } else {
             cond
         };
+        let context = &conditioning.context;
 
         let mut sampler = request.sampler.build(self.schedule, request.steps)?;
         let mut x = (unit_noise.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
@@ -130,7 +126,7 @@ impl Pipeline<'_> {
                 let batch = Tensor::cat(&[&input, &input], 0)?;
                 let out = self
                     .unet
-                    .forward(&batch, &t, &context)?
+                    .forward(&batch, &t, context)?
                     .to_dtype(DType::F32)?;
                 let uncond = out.get(0)?.unsqueeze(0)?;
                 let cond = out.get(1)?.unsqueeze(0)?;
@@ -138,7 +134,7 @@ impl Pipeline<'_> {
                 (&uncond + ((cond - &uncond)? * request.cfg_scale)?)?
             } else {
                 self.unet
-                    .forward(&input, &t, &context)?
+                    .forward(&input, &t, context)?
                     .to_dtype(DType::F32)?
             };
             x = sampler.step(i, &output, &x, noise)?;

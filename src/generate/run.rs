@@ -17,6 +17,7 @@ use super::prompt::parse_prompt;
 use super::samplers::SamplerKind;
 use super::schedule::{SamplerConfig, SamplingSchedule};
 use crate::lora::LoraModel;
+use crate::models::conditioning::TextEncoders;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::source::ModelSource;
 use crate::{Error, Result};
@@ -122,7 +123,8 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
         progress.note(&format!("warning: {warning}"));
     }
     let vae = checkpoint.vae()?;
-    let tokenizer = checkpoint.tokenizer()?;
+    let text_encoders =
+        TextEncoders::single(checkpoint.tokenizer()?, text_encoder, options.clip_skip);
 
     let keys = SamplerConfig::for_model(&source, &options.load.hub_cache)?;
     progress.note(&format!(
@@ -140,20 +142,17 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
     let schedule = SamplingSchedule::new(checkpoint.noise_schedule(), keys);
     let pipeline = Pipeline {
         unet: &unet,
-        text_encoder: &text_encoder,
+        text_encoders: &text_encoders,
         vae: &vae,
-        tokenizer: &tokenizer,
         schedule: &schedule,
-        clip_skip: options.clip_skip,
         device: options.load.device.clone(),
     };
     pipeline.check_size(options.width, options.height)?;
-    let dropped = tokenizer.truncated_tokens(&parsed.text)?;
+    let (dropped, read) = text_encoders.truncation(&parsed.text)?;
     if dropped > 0 {
         progress.note(&format!(
-            "warning: the prompt is {dropped} token(s) longer than the text encoder reads ({}); \
-             the end is cut off",
-            tokenizer.max_length() - 2
+            "warning: the prompt is {dropped} token(s) longer than the text encoder reads \
+             ({read}); the end is cut off"
         ));
     }
 

@@ -5,6 +5,7 @@ pub mod clip_model;
 pub mod clip_text;
 pub mod clip_text_config;
 pub mod clip_vision;
+pub mod conditioning;
 mod config_json;
 pub mod embeddings;
 pub mod family;

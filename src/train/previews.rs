@@ -63,7 +63,6 @@ impl Previews {
     pub fn render(
         &self,
         trainer: &Trainer,
-        clip_skip: usize,
         step: usize,
         events: Option<&mut EventWriter>,
     ) -> Result<Vec<PathBuf>> {
@@ -73,11 +72,9 @@ impl Previews {
         let _inference = trainer.networks.inference();
         let pipeline = Pipeline {
             unet: &trainer.unet,
-            text_encoder: &trainer.text_encoder,
+            text_encoders: &trainer.text_encoders,
             vae,
-            tokenizer: &trainer.tokenizer,
             schedule: &self.schedule,
-            clip_skip,
             device: trainer.device.clone(),
         };
         render_previews(

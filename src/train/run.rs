@@ -394,12 +394,7 @@ impl Loop<'_> {
         let Some(previews) = &self.previews else {
             return;
         };
-        match previews.render(
-            trainer,
-            self.plan.model.clip_skip,
-            step,
-            self.events.as_mut(),
-        ) {
+        match previews.render(trainer, step, self.events.as_mut()) {
             Ok(files) => {
                 self.progress.println(&format!(
                     "previews at step {step}: {} picture(s) in {}",

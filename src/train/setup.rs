@@ -16,6 +16,7 @@ use crate::dataset::Dataset;
 use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
 use crate::lora::{LoraNetworks, NetworkOptions};
+use crate::models::conditioning::TextEncoders;
 use crate::models::family::BaseModelVersion;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::noise::PredictionType;
@@ -127,7 +128,8 @@ pub fn set_up(
         LatentSource::Live
     };
     let keep_vae = !t.cache_latents || previews.is_some();
-    let tokenizer = checkpoint.tokenizer()?;
+    let text_encoders =
+        TextEncoders::single(checkpoint.tokenizer()?, text_encoder, plan.model.clip_skip);
     let d = &plan.data;
     let captions_fixed = !d.shuffle_caption && d.caption_dropout_rate == 0.0;
     let text_cache = if networks.text_encoder.is_none() && captions_fixed {
@@ -137,10 +139,8 @@ pub fn set_up(
             .collect();
         Some(TextCache::build(
             captions.iter().map(String::as_str),
-            &tokenizer,
-            &text_encoder,
+            &text_encoders,
             &compute.device,
-            plan.model.clip_skip,
             t.batch_size,
         )?)
     } else {
@@ -149,8 +149,7 @@ pub fn set_up(
 
     let trainer = Trainer {
         unet,
-        text_encoder,
-        tokenizer,
+        text_encoders,
         text_cache,
         vae: keep_vae.then_some(vae),
         latents,
@@ -164,7 +163,6 @@ pub fn set_up(
             max_grad_norm: t.max_grad_norm,
             min_snr_gamma: t.min_snr_gamma,
             noise_offset: t.noise_offset,
-            clip_skip: plan.model.clip_skip,
         },
         device: compute.device.clone(),
     };

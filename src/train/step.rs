@@ -10,6 +10,7 @@
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
 
+use crate::models::conditioning::Conditioning;
 use crate::models::noise::NoiseSchedule;
 use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{normal_f32, stream, Purpose};
@@ -69,14 +70,14 @@ pub struct MicroBatchLoss {
 }
 
 /// The diffusion loss of a micro-batch. `latents`: `[B, C, h, w]` f32, already scaled by the
-/// VAE's scaling factor; `context`: `[B, T, cross_attention_dim]` (the text encoder's output);
+/// VAE's scaling factor; `conditioning`: the captions' (context `[B, T, cross_attention_dim]`);
 /// `min_snr_gamma`: weight each sample by min-SNR-γ. The UNet runs in its own dtype; the loss is
 /// computed in f32.
 pub fn diffusion_loss(
     unet: &UNet2DConditionModel,
     schedule: &NoiseSchedule,
     latents: &Tensor,
-    context: &Tensor,
+    conditioning: &Conditioning,
     draws: &Draws,
     min_snr_gamma: Option<f64>,
 ) -> Result<MicroBatchLoss> {
@@ -87,7 +88,7 @@ pub fn diffusion_loss(
     let prediction = unet.forward(
         &noisy.to_dtype(dtype)?,
         &draws.timesteps,
-        &context.to_dtype(dtype)?,
+        &conditioning.context.to_dtype(dtype)?,
     )?;
     let error = (prediction.to_dtype(DType::F32)? - target)?.sqr()?;
     let per_sample = error.flatten_from(1)?.mean(1)?;
@@ -209,14 +210,24 @@ mod tests {
                 .mean(1)?
                 .to_vec1()?;
             let weights: Vec<f32> = schedule.min_snr_weight(&draws.timesteps, 0.01)?.to_vec1()?;
-            let plain = diffusion_loss(&unet, &schedule, &latents, &context, &draws, None)?;
+            let conditioning = Conditioning {
+                context: context.clone(),
+            };
+            let plain = diffusion_loss(&unet, &schedule, &latents, &conditioning, &draws, None)?;
             let want = (per_sample[0] + per_sample[1]) / 2.0;
             assert!(
                 (plain.value - want).abs() <= 1e-5 * want.abs(),
                 "{prediction}: {} vs {want}",
                 plain.value
             );
-            let snr = diffusion_loss(&unet, &schedule, &latents, &context, &draws, Some(0.01))?;
+            let snr = diffusion_loss(
+                &unet,
+                &schedule,
+                &latents,
+                &conditioning,
+                &draws,
+                Some(0.01),
+            )?;
             let want = (per_sample[0] * weights[0] + per_sample[1] * weights[1]) / 2.0;
             assert!(
                 (snr.value - want).abs() <= 1e-5 * want.abs(),

@@ -1,31 +1,28 @@
-//! Text-encoder outputs computed once, when the text encoder is frozen and captions are fixed.
+//! Text-encoder outputs computed once, when the text encoders are frozen and captions are fixed.
 //!
 //! Without text-encoder adapters and with captions that never change between epochs (no tag
-//! shuffling, no caption dropout), every caption's embedding is the same at every step: it is
+//! shuffling, no caption dropout), every caption's conditioning is the same at every step: it is
 //! computed once, in batches, and looked up afterwards.
 
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::models::clip_text::ClipTextModel;
-use crate::models::tokenizer::ClipTokenizer;
+use crate::models::conditioning::{Conditioning, TextEncoders};
 use crate::Result;
 
-/// The text encoder's output (`[T, hidden]` f32 on the CPU) by caption.
+/// The conditioning's context (`[T, hidden]` f32 on the CPU) by caption.
 #[derive(Debug, Default)]
 pub struct TextCache {
     embeddings: BTreeMap<String, Tensor>,
 }
 
 impl TextCache {
-    /// Encodes every distinct caption of `captions` with `clip_skip`, `batch_size` at a time.
+    /// Encodes every distinct caption of `captions`, `batch_size` at a time.
     pub fn build<'a>(
         captions: impl IntoIterator<Item = &'a str>,
-        tokenizer: &ClipTokenizer,
-        text_encoder: &ClipTextModel,
+        text_encoders: &TextEncoders,
         device: &Device,
-        clip_skip: usize,
         batch_size: usize,
     ) -> Result<Self> {
         let mut distinct: Vec<&str> = captions.into_iter().collect();
@@ -33,9 +30,9 @@ impl TextCache {
         distinct.dedup();
         let mut embeddings = BTreeMap::new();
         for chunk in distinct.chunks(batch_size.max(1)) {
-            let ids = tokenizer.input_ids(chunk, device)?;
-            let hidden = text_encoder
-                .forward_with_clip_skip(&ids, clip_skip)?
+            let hidden = text_encoders
+                .encode(chunk, device)?
+                .context
                 .to_dtype(DType::F32)?
                 .to_device(&Device::Cpu)?;
             for (i, caption) in chunk.iter().enumerate() {
@@ -55,8 +52,8 @@ impl TextCache {
         self.embeddings.is_empty()
     }
 
-    /// The embeddings of `captions` stacked into `[B, T, hidden]` on `device`.
-    pub fn batch<S: AsRef<str>>(&self, captions: &[S], device: &Device) -> Result<Tensor> {
+    /// The conditioning of `captions` (context `[B, T, hidden]`) on `device`.
+    pub fn batch<S: AsRef<str>>(&self, captions: &[S], device: &Device) -> Result<Conditioning> {
         let tensors = captions
             .iter()
             .map(|c| {
@@ -68,14 +65,18 @@ impl TextCache {
                 })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Tensor::stack(&tensors, 0)?.to_device(device)?)
+        Ok(Conditioning {
+            context: Tensor::stack(&tensors, 0)?.to_device(device)?,
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::clip_text::ClipTextModel;
     use crate::models::clip_text_config::ClipTextConfig;
+    use crate::models::tokenizer::ClipTokenizer;
     use crate::nn::weights::TensorSource;
     use crate::nn::{Scope, WeightStore};
     use std::path::Path;
@@ -89,11 +90,14 @@ mod tests {
         let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
         let encoder = ClipTextModel::new(Scope::root(&store), &config)?;
         let captions = ["a red city", "ink mountains", "a red city"];
-        let cache = TextCache::build(captions, &tokenizer, &encoder, &Device::Cpu, 2, 2)?;
-        assert_eq!(cache.len(), 2);
-        let got = cache.batch(&["ink mountains", "a red city"], &Device::Cpu)?;
         let ids = tokenizer.input_ids(&["ink mountains", "a red city"], &Device::Cpu)?;
         let want = encoder.forward_with_clip_skip(&ids, 2)?;
+        let encoders = TextEncoders::single(tokenizer, encoder, 2);
+        let cache = TextCache::build(captions, &encoders, &Device::Cpu, 2)?;
+        assert_eq!(cache.len(), 2);
+        let got = cache
+            .batch(&["ink mountains", "a red city"], &Device::Cpu)?
+            .context;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert_eq!(diff, 0.0);
         assert!(cache.batch(&["never seen"], &Device::Cpu).is_err());

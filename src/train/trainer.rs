@@ -20,9 +20,8 @@ use super::text_cache::TextCache;
 use super::{clip_grad_norm, TrainError};
 use crate::dataset::{Batch, Dataset, ImageView};
 use crate::lora::LoraNetworks;
-use crate::models::clip_text::ClipTextModel;
+use crate::models::conditioning::{Conditioning, TextEncoders};
 use crate::models::noise::NoiseSchedule;
-use crate::models::tokenizer::ClipTokenizer;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
 use crate::Result;
@@ -44,7 +43,6 @@ pub struct StepSettings {
     pub max_grad_norm: f64,
     pub min_snr_gamma: Option<f64>,
     pub noise_offset: f64,
-    pub clip_skip: usize,
 }
 
 /// What one optimizer step did.
@@ -63,11 +61,10 @@ pub struct StepReport {
 /// The models, caches, adapters and optimizer of a run.
 pub struct Trainer {
     pub unet: UNet2DConditionModel,
-    /// Carries adapters when it is trained.
-    pub text_encoder: ClipTextModel,
-    pub tokenizer: ClipTokenizer,
-    /// Every caption's embedding, when the text encoder is frozen and captions never change
-    /// (no tag shuffling, no caption dropout); otherwise the encoder runs at every micro-batch.
+    /// The base model's text encoders (with `clip_skip`); they carry adapters when trained.
+    pub text_encoders: TextEncoders,
+    /// Every caption's conditioning, when the text encoders are frozen and captions never change
+    /// (no tag shuffling, no caption dropout); otherwise the encoders run at every micro-batch.
     pub text_cache: Option<TextCache>,
     /// Kept when latents are not cached or previews are drawn.
     pub vae: Option<AutoencoderKL>,
@@ -103,7 +100,7 @@ impl Trainer {
         for (micro, batch) in batches.iter().enumerate() {
             self.networks.set_step(step as u64, micro as u64);
             let latents = self.latents_of(dataset, batch)?;
-            let context = self.context_of(batch)?;
+            let conditioning = self.conditioning_of(batch)?;
             let draws = Draws::sample(
                 self.settings.seed,
                 step as u64,
@@ -117,7 +114,7 @@ impl Trainer {
                 &self.unet,
                 &self.noise,
                 &latents,
-                &context,
+                &conditioning,
                 &draws,
                 self.settings.min_snr_gamma,
             )?;
@@ -158,16 +155,12 @@ impl Trainer {
         }
     }
 
-    /// `[B, 77, hidden]` text embeddings of a batch's captions.
-    fn context_of(&self, batch: &Batch) -> Result<Tensor> {
+    /// The conditioning of a batch's captions (context `[B, 77, hidden]`).
+    fn conditioning_of(&self, batch: &Batch) -> Result<Conditioning> {
         let captions: Vec<&str> = batch.items.iter().map(|i| i.caption.as_str()).collect();
         match &self.text_cache {
             Some(cache) => cache.batch(&captions, &self.device),
-            None => {
-                let ids = self.tokenizer.input_ids(&captions, &self.device)?;
-                self.text_encoder
-                    .forward_with_clip_skip(&ids, self.settings.clip_skip)
-            }
+            None => self.text_encoders.encode(&captions, &self.device),
         }
     }
 }

@@ -14,6 +14,7 @@ use lora_trainer::generate::pipeline::{ImageRequest, Pipeline};
 use lora_trainer::generate::samplers::SamplerKind;
 use lora_trainer::generate::schedule::{SamplerConfig, SamplingSchedule};
 use lora_trainer::lora::{save_lora, Dropout, LoraAdapter, LoraModel, ModuleSpec, TrainingState};
+use lora_trainer::models::conditioning::TextEncoders;
 use lora_trainer::models::load::{BaseModel, LoadOptions};
 use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind};
 use lora_trainer::Result;
@@ -72,15 +73,13 @@ pub fn with_pipeline<T>(
     let text_encoder = ckpt.text_encoder(Some(&te_p))?;
     let warnings = stack.check_all_matched(lenient)?;
     let vae = ckpt.vae()?;
-    let tokenizer = ckpt.tokenizer()?;
+    let text_encoders = TextEncoders::single(ckpt.tokenizer()?, text_encoder, 1);
     let schedule = schedule(ckpt);
     let pipeline = Pipeline {
         unet: &unet,
-        text_encoder: &text_encoder,
+        text_encoders: &text_encoders,
         vae: &vae,
-        tokenizer: &tokenizer,
         schedule: &schedule,
-        clip_skip: 1,
         device: Device::Cpu,
     };
     Ok((f(&pipeline)?, warnings))
