@@ -58,9 +58,7 @@ fn setup_in(dir: &Path, extra: &str, half: Option<DType>) -> (Trainer, Dataset, 
     }
     let dataset = Dataset::open(&preflight.plan.dataset_spec()).unwrap();
     let Setup { trainer, .. } = set_up(
-        &preflight.plan,
-        &preflight.model,
-        &preflight.steps,
+        &preflight,
         &compute,
         &dataset,
         None,

@@ -373,9 +373,7 @@ fn train_steps(
         compute.device = device.clone();
         compute.dtype = dtype;
         let Setup { trainer, .. } = set_up(
-            &preflight.plan,
-            &preflight.model,
-            &preflight.steps,
+            &preflight,
             &compute,
             &dataset,
             None,

@@ -152,9 +152,7 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         base,
         previews,
     } = set_up(
-        plan,
-        &preflight.model,
-        &steps,
+        &preflight,
         &compute,
         &dataset,
         saved.as_ref(),

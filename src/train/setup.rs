@@ -11,7 +11,7 @@ use super::previews::Previews;
 use super::state::SavedState;
 use super::text_cache::TextCache;
 use super::trainer::{param_groups, LatentSource, StepSettings, Trainer};
-use crate::config::{PredictionType as ConfigPrediction, TrainPlan};
+use crate::config::PredictionType as ConfigPrediction;
 use crate::dataset::Dataset;
 use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
@@ -20,8 +20,8 @@ use crate::models::conditioning::TextEncoders;
 use crate::models::family::BaseModelVersion;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::noise::PredictionType;
-use crate::models::source::ModelSource;
-use crate::preflight::StepCounts;
+
+use crate::preflight::Preflight;
 use crate::Result;
 
 /// A run ready for its first step.
@@ -32,18 +32,18 @@ pub struct Setup {
     pub previews: Option<Previews>,
 }
 
-/// Loads and builds everything the steps need from `model`, the base model the preflight found; prints the start-up lines to stderr and shows
+/// Loads and builds everything the steps of `preflight`'s run need, from the base model it
+/// found (not looked for again); prints the start-up lines to stderr and shows
 /// the latent caching's progress in `display`.
 pub fn set_up(
-    plan: &TrainPlan,
-    model: &ModelSource,
-    steps: &StepCounts,
+    preflight: &Preflight,
     compute: &Compute,
     dataset: &Dataset,
     saved: Option<&SavedState>,
     sample_prompts: Option<Vec<SamplePrompt>>,
     display: DisplayMode,
 ) -> Result<Setup> {
+    let (plan, model, steps) = (&preflight.plan, &preflight.model, &preflight.steps);
     let load = LoadOptions {
         dtype: compute.dtype,
         device: compute.device.clone(),
