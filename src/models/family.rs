@@ -1,11 +1,17 @@
 //! What a model family is, in one place: its name, its text encoder, what its LoRA files and
 //! their metadata call it (`ss_base_model_version`, `modelspec.architecture`). The base model's
 //! family is detected once, when the model is found ([`super::source::ModelSource::detect`]), and
-//! handed on with it.
+//! handed on with it; the rules that tell the families apart from a folder's configs or a
+//! file's tensor names are here too.
 
 use std::fmt;
+use std::path::Path;
+
+use serde_json::{Map, Value};
 
 use super::noise::PredictionType;
+use crate::error::ModelError;
+use crate::Error;
 
 /// The Stable Diffusion family of a base model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,5 +121,211 @@ impl BaseModelVersion {
 impl fmt::Display for BaseModelVersion {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// Prefix of the UNet's tensors in an original-layout checkpoint.
+pub(crate) const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
+/// Prefix of an SD 2.x (OpenCLIP) text encoder in an original-layout checkpoint.
+pub(crate) const LDM_OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
+/// Prefix of an SD 1.x (Hugging Face CLIP) text encoder in an original-layout checkpoint.
+pub(crate) const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+
+/// What `base_model` can name, for messages.
+pub(crate) const BASE_MODEL_FORMS: &str =
+    "expected a diffusers folder (with model_index.json or unet/config.json), \
+                        a .safetensors/.ckpt checkpoint, or a hub id such as `org/name`";
+
+/// Which of a diffusers folder's files a problem is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FolderFile {
+    Index,
+    Unet,
+}
+
+/// The architecture a diffusers folder's configs describe: `model_index.json` (when present),
+/// `unet/config.json` and `text_encoder/config.json` (when present): `gelu` = OpenCLIP = SD 2.x,
+/// `quick_gelu` = OpenAI CLIP = SD 1.x; without a text-encoder config, linear transformer
+/// projections mean SD 2.x. SDXL is refused by name.
+pub(crate) fn folder_family(
+    index: Option<&Map<String, Value>>,
+    unet: &Map<String, Value>,
+    text: Option<&Map<String, Value>>,
+) -> Result<Architecture, (FolderFile, NotABaseModel)> {
+    if let Some(map) = index {
+        if let Some(class) = map.get("_class_name").and_then(Value::as_str) {
+            if class.contains("XL") || map.contains_key("text_encoder_2") {
+                return Err((
+                    FolderFile::Index,
+                    NotABaseModel::Unsupported(format!(
+                        "`{class}` is an SDXL pipeline; this trainer supports Stable Diffusion \
+                         1.x and 2.x"
+                    )),
+                ));
+            }
+        }
+    }
+    let width = match unet.get("cross_attention_dim") {
+        Some(Value::Array(items)) => items.first().and_then(Value::as_u64),
+        Some(v) => v.as_u64(),
+        None => Some(1280), // diffusers' default
+    };
+    let Some(width) = width.map(|w| w as usize) else {
+        return Err((
+            FolderFile::Unet,
+            NotABaseModel::InvalidConfig(
+                "`cross_attention_dim` is not a positive integer".to_string(),
+            ),
+        ));
+    };
+    let sdxl_embedding = unet
+        .get("addition_embed_type")
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "text_time");
+    if sdxl_embedding || width == 2048 {
+        return Err((
+            FolderFile::Unet,
+            NotABaseModel::Unsupported(format!(
+                "this UNet (cross-attention width {width}, size/time conditioning) is SDXL's; \
+                 this trainer supports Stable Diffusion 1.x and 2.x"
+            )),
+        ));
+    }
+    let activation = text.and_then(|text| {
+        let text = match text.get("text_config") {
+            Some(Value::Object(inner)) => inner,
+            _ => text,
+        };
+        text.get("hidden_act").and_then(Value::as_str)
+    });
+    let linear = unet
+        .get("use_linear_projection")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let family = match activation {
+        Some("gelu") => ModelFamily::Sd2,
+        Some(_) => ModelFamily::Sd1,
+        None if linear => ModelFamily::Sd2,
+        None => ModelFamily::Sd1,
+    };
+    Ok(Architecture {
+        family,
+        cross_attention_dim: width,
+    })
+}
+
+/// Why a file or folder cannot be used as a base model, before it is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum NotABaseModel {
+    /// Not a Stable Diffusion checkpoint at all (a LoRA, one diffusers component, ...).
+    Unreadable(String),
+    /// A Stable Diffusion checkpoint of a kind we do not train (SDXL, ...).
+    Unsupported(String),
+    /// A config value that cannot be read.
+    InvalidConfig(String),
+}
+
+impl NotABaseModel {
+    /// The error, naming `path`.
+    pub(crate) fn at(self, path: &Path) -> Error {
+        match self {
+            NotABaseModel::Unreadable(reason) => ModelError::Unreadable {
+                path: path.to_path_buf(),
+                reason,
+            },
+            NotABaseModel::Unsupported(message) => ModelError::Unsupported {
+                origin: path.display().to_string(),
+                message,
+            },
+            NotABaseModel::InvalidConfig(message) => ModelError::InvalidConfig {
+                origin: path.display().to_string(),
+                message,
+            },
+        }
+        .into()
+    }
+}
+
+/// The architecture of an original-layout (LDM) checkpoint from its tensor names and shapes:
+/// the text encoder's kind (`cond_stage_model.model.` = OpenCLIP = SD 2.x,
+/// `cond_stage_model.transformer.` = CLIP = SD 1.x), else the shape of the transformers'
+/// `proj_in` (linear = SD 2.x); the width of `attn2.to_k`.
+pub(crate) fn ldm_architecture(
+    keys: &[(String, Vec<usize>)],
+) -> std::result::Result<Architecture, NotABaseModel> {
+    if !keys.iter().any(|(k, _)| k.starts_with(LDM_UNET_PREFIX)) {
+        return Err(NotABaseModel::Unreadable(not_an_sd_checkpoint(
+            keys.iter().map(|(k, _)| k.as_str()),
+        )));
+    }
+    let sdxl = keys.iter().find(|(k, _)| {
+        k.starts_with("conditioner.embedders.") || k.starts_with("model.diffusion_model.label_emb.")
+    });
+    if let Some((key, _)) = sdxl {
+        return Err(NotABaseModel::Unsupported(format!(
+            "the tensor `{key}` belongs to SDXL (or another model with size/class conditioning); \
+             this trainer supports Stable Diffusion 1.x and 2.x"
+        )));
+    }
+    let unet = |suffix: &str| {
+        keys.iter()
+            .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with(suffix))
+    };
+    let width = match unet("attn2.to_k.weight") {
+        Some((_, shape)) if shape.len() == 2 => shape[1],
+        Some((key, shape)) => {
+            return Err(NotABaseModel::Unreadable(format!(
+                "`{key}` has shape {shape:?}; a cross-attention key projection is 2-D"
+            )))
+        }
+        None => {
+            return Err(NotABaseModel::Unsupported(
+                "its UNet has no cross-attention (`attn2.to_k`): not a text-to-image Stable \
+                 Diffusion model"
+                    .to_string(),
+            ))
+        }
+    };
+    if width == 2048 {
+        return Err(NotABaseModel::Unsupported(
+            "its UNet cross-attends to 2048-wide text embeddings, which is SDXL; this trainer \
+             supports Stable Diffusion 1.x and 2.x"
+                .to_string(),
+        ));
+    }
+    let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
+    let version = if has(LDM_OPENCLIP_PREFIX) {
+        ModelFamily::Sd2
+    } else if has(LDM_CLIP_PREFIX) {
+        ModelFamily::Sd1
+    } else {
+        match unet("proj_in.weight") {
+            Some((_, shape)) if shape.len() == 2 => ModelFamily::Sd2,
+            _ => ModelFamily::Sd1,
+        }
+    };
+    Ok(Architecture {
+        family: version,
+        cross_attention_dim: width,
+    })
+}
+
+/// Why a file without `model.diffusion_model.` tensors is not a base model.
+pub(crate) fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> String {
+    if keys
+        .clone()
+        .any(|k| k.starts_with("lora_") || k.contains(".lora_down.") || k.contains(".lora_A."))
+    {
+        "this is a LoRA file, not a base model; set `base_model` to the Stable Diffusion \
+         checkpoint the LoRA was trained on (and `network_weights` to the LoRA to continue it)"
+            .to_string()
+    } else if keys.any(|k| k.starts_with("down_blocks.") || k.starts_with("conv_in.")) {
+        "this is one component of a diffusers model; set base_model to the whole diffusers folder"
+            .to_string()
+    } else {
+        format!(
+            "it holds no `{LDM_UNET_PREFIX}` tensors, so it is not a Stable Diffusion checkpoint; \
+             {BASE_MODEL_FORMS}"
+        )
     }
 }

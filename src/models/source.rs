@@ -1,12 +1,9 @@
 //! Where a base model comes from: a diffusers folder, a single checkpoint file or a hub id.
 //!
 //! [`ModelSource::detect`] decides which one a config's `base_model` names and checks what can
-//! be checked without reading weights (configs, a safetensors header, a pickle's index). It also
-//! tells SD 1.x from SD 2.x by structure, the way the loader does: SD 2.x conditions on an
-//! OpenCLIP text encoder (`cond_stage_model.model.` keys in a single file, `gelu` in a folder's
-//! text-encoder config) and projects into its transformers with linear layers. The
-//! cross-attention width is reported but decides nothing: 768/1024 for the real models, anything
-//! for tiny test models.
+//! be checked without reading weights (configs, a safetensors header, a pickle's index), and
+//! finds the model's family by structure with the rules of [`super::family`], once: the source
+//! carries its [`Architecture`] to whoever loads it.
 
 use std::fmt;
 
@@ -14,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::family::{Architecture, ModelFamily};
+use super::family::{folder_family, ldm_architecture, Architecture, FolderFile, BASE_MODEL_FORMS};
 use crate::config::{is_hub_id, weights_format, WeightsFormat};
 use crate::error::ModelError;
 use crate::nn::weights::TensorSource;
@@ -41,16 +38,6 @@ pub enum ModelSource {
         architecture: Option<Architecture>,
     },
 }
-
-const EXPECTED: &str = "expected a diffusers folder (with model_index.json or unet/config.json), \
-                        a .safetensors/.ckpt checkpoint, or a hub id such as `org/name`";
-
-/// Prefix of the UNet's tensors in an original-layout checkpoint.
-pub(crate) const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
-/// Prefix of an SD 2.x (OpenCLIP) text encoder in an original-layout checkpoint.
-pub(crate) const LDM_OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
-/// Prefix of an SD 1.x (Hugging Face CLIP) text encoder in an original-layout checkpoint.
-pub(crate) const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 
 impl ModelSource {
     /// Finds out what `base_model` names, looking up hub ids in the standard Hugging Face cache.
@@ -83,7 +70,7 @@ impl ModelSource {
         }
         Err(ModelError::NotFound {
             path: path.to_path_buf(),
-            hint: format!("check `base_model` in the config; {EXPECTED}"),
+            hint: format!("check `base_model` in the config; {BASE_MODEL_FORMS}"),
         }
         .into())
     }
@@ -140,21 +127,13 @@ fn unreadable(path: &Path, reason: String) -> Error {
     .into()
 }
 
-fn unsupported(path: &Path, message: String) -> Error {
-    ModelError::Unsupported {
-        origin: path.display().to_string(),
-        message,
-    }
-    .into()
-}
-
 fn diffusers_folder(root: &Path) -> Result<ModelSource> {
     let has_index = root.join("model_index.json").is_file();
     let has_unet = root.join("unet").join("config.json").is_file();
     if !has_index && !has_unet {
         return Err(unreadable(
             root,
-            format!("this folder holds neither model_index.json nor unet/config.json; {EXPECTED}"),
+            format!("this folder holds neither model_index.json nor unet/config.json; {BASE_MODEL_FORMS}"),
         ));
     }
     let architecture = if has_unet {
@@ -185,78 +164,32 @@ fn read_json_object(path: &Path) -> Result<serde_json::Map<String, Value>> {
     }
 }
 
-/// The architecture of a diffusers folder, from `unet/config.json` and, when present,
-/// `text_encoder/config.json` (`gelu` = OpenCLIP = SD 2.x, `quick_gelu` = OpenAI CLIP = SD 1.x);
-/// without it, linear transformer projections mean SD 2.x. SDXL is refused by name.
+/// The architecture of a diffusers folder, from its `model_index.json`, `unet/config.json` and,
+/// when present, `text_encoder/config.json` ([`folder_family`] decides).
 pub(crate) fn folder_architecture(root: &Path) -> Result<Architecture> {
-    let index = root.join("model_index.json");
-    if index.is_file() {
-        let map = read_json_object(&index)?;
-        if let Some(class) = map.get("_class_name").and_then(Value::as_str) {
-            if class.contains("XL") || map.contains_key("text_encoder_2") {
-                return Err(unsupported(
-                    &index,
-                    format!("`{class}` is an SDXL pipeline; this trainer supports Stable Diffusion 1.x and 2.x"),
-                ));
-            }
-        }
-    }
+    let index_path = root.join("model_index.json");
+    let index = match index_path.is_file() {
+        true => Some(read_json_object(&index_path)?),
+        false => None,
+    };
     let unet_path = root.join("unet").join("config.json");
     let unet = read_json_object(&unet_path)?;
-    let width = match unet.get("cross_attention_dim") {
-        Some(Value::Array(items)) => items.first().and_then(Value::as_u64),
-        Some(v) => v.as_u64(),
-        None => Some(1280), // diffusers' default
-    };
-    let Some(width) = width.map(|w| w as usize) else {
-        return Err(ModelError::InvalidConfig {
-            origin: unet_path.display().to_string(),
-            message: "`cross_attention_dim` is not a positive integer".to_string(),
-        }
-        .into());
-    };
-    let sdxl_embedding = unet
-        .get("addition_embed_type")
-        .and_then(Value::as_str)
-        .is_some_and(|t| t == "text_time");
-    if sdxl_embedding || width == 2048 {
-        return Err(unsupported(
-            &unet_path,
-            format!("this UNet (cross-attention width {width}, size/time conditioning) is SDXL's; this trainer supports Stable Diffusion 1.x and 2.x"),
-        ));
-    }
     let text_path = root.join("text_encoder").join("config.json");
-    let activation = if text_path.is_file() {
-        let text = read_json_object(&text_path)?;
-        let text = match text.get("text_config") {
-            Some(Value::Object(inner)) => inner.clone(),
-            _ => text,
-        };
-        text.get("hidden_act")
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    } else {
-        None
+    let text = match text_path.is_file() {
+        true => Some(read_json_object(&text_path)?),
+        false => None,
     };
-    let linear = unet
-        .get("use_linear_projection")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let version = match activation.as_deref() {
-        Some("gelu") => ModelFamily::Sd2,
-        Some(_) => ModelFamily::Sd1,
-        None if linear => ModelFamily::Sd2,
-        None => ModelFamily::Sd1,
-    };
-    Ok(Architecture {
-        family: version,
-        cross_attention_dim: width,
+    folder_family(index.as_ref(), &unet, text.as_ref()).map_err(|(file, problem)| {
+        problem.at(match file {
+            FolderFile::Index => &index_path,
+            FolderFile::Unet => &unet_path,
+        })
     })
 }
 
 fn single_file(path: &Path) -> Result<ModelSource> {
     let format = weights_format(path)
-        .ok_or_else(|| unreadable(path, format!("unknown file type; {EXPECTED}")))?;
+        .ok_or_else(|| unreadable(path, format!("unknown file type; {BASE_MODEL_FORMS}")))?;
     let keys = match format {
         WeightsFormat::Safetensors => safetensors_header(path)?,
         WeightsFormat::Pickle => open_pickle(path)?.keys_and_shapes(),
@@ -289,112 +222,10 @@ fn safetensors_header(path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
     Ok(file.keys_and_shapes())
 }
 
-/// Why a single file cannot be used as a base model, before the file is named.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum NotABaseModel {
-    /// Not a Stable Diffusion checkpoint at all (a LoRA, one diffusers component, ...).
-    Unreadable(String),
-    /// A Stable Diffusion checkpoint of a kind we do not train (SDXL, ...).
-    Unsupported(String),
-}
-
-impl NotABaseModel {
-    /// The error, naming `path`.
-    pub(crate) fn at(self, path: &Path) -> Error {
-        match self {
-            NotABaseModel::Unreadable(reason) => unreadable(path, reason),
-            NotABaseModel::Unsupported(message) => unsupported(path, message),
-        }
-    }
-}
-
-/// The architecture of an original-layout (LDM) checkpoint from its tensor names and shapes:
-/// the text encoder's kind (`cond_stage_model.model.` = OpenCLIP = SD 2.x,
-/// `cond_stage_model.transformer.` = CLIP = SD 1.x), else the shape of the transformers'
-/// `proj_in` (linear = SD 2.x); the width of `attn2.to_k`.
-pub(crate) fn ldm_architecture(
-    keys: &[(String, Vec<usize>)],
-) -> std::result::Result<Architecture, NotABaseModel> {
-    if !keys.iter().any(|(k, _)| k.starts_with(LDM_UNET_PREFIX)) {
-        return Err(NotABaseModel::Unreadable(not_an_sd_checkpoint(
-            keys.iter().map(|(k, _)| k.as_str()),
-        )));
-    }
-    let sdxl = keys.iter().find(|(k, _)| {
-        k.starts_with("conditioner.embedders.") || k.starts_with("model.diffusion_model.label_emb.")
-    });
-    if let Some((key, _)) = sdxl {
-        return Err(NotABaseModel::Unsupported(format!(
-            "the tensor `{key}` belongs to SDXL (or another model with size/class conditioning); \
-             this trainer supports Stable Diffusion 1.x and 2.x"
-        )));
-    }
-    let unet = |suffix: &str| {
-        keys.iter()
-            .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with(suffix))
-    };
-    let width = match unet("attn2.to_k.weight") {
-        Some((_, shape)) if shape.len() == 2 => shape[1],
-        Some((key, shape)) => {
-            return Err(NotABaseModel::Unreadable(format!(
-                "`{key}` has shape {shape:?}; a cross-attention key projection is 2-D"
-            )))
-        }
-        None => {
-            return Err(NotABaseModel::Unsupported(
-                "its UNet has no cross-attention (`attn2.to_k`): not a text-to-image Stable \
-                 Diffusion model"
-                    .to_string(),
-            ))
-        }
-    };
-    if width == 2048 {
-        return Err(NotABaseModel::Unsupported(
-            "its UNet cross-attends to 2048-wide text embeddings, which is SDXL; this trainer \
-             supports Stable Diffusion 1.x and 2.x"
-                .to_string(),
-        ));
-    }
-    let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
-    let version = if has(LDM_OPENCLIP_PREFIX) {
-        ModelFamily::Sd2
-    } else if has(LDM_CLIP_PREFIX) {
-        ModelFamily::Sd1
-    } else {
-        match unet("proj_in.weight") {
-            Some((_, shape)) if shape.len() == 2 => ModelFamily::Sd2,
-            _ => ModelFamily::Sd1,
-        }
-    };
-    Ok(Architecture {
-        family: version,
-        cross_attention_dim: width,
-    })
-}
-
-/// Why a file without `model.diffusion_model.` tensors is not a base model.
-pub(crate) fn not_an_sd_checkpoint<'a>(mut keys: impl Iterator<Item = &'a str> + Clone) -> String {
-    if keys
-        .clone()
-        .any(|k| k.starts_with("lora_") || k.contains(".lora_down.") || k.contains(".lora_A."))
-    {
-        "this is a LoRA file, not a base model; set `base_model` to the Stable Diffusion \
-         checkpoint the LoRA was trained on (and `network_weights` to the LoRA to continue it)"
-            .to_string()
-    } else if keys.any(|k| k.starts_with("down_blocks.") || k.starts_with("conv_in.")) {
-        "this is one component of a diffusers model; set base_model to the whole diffusers folder"
-            .to_string()
-    } else {
-        format!(
-            "it holds no `{LDM_UNET_PREFIX}` tensors, so it is not a Stable Diffusion checkpoint; \
-             {EXPECTED}"
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::family::ModelFamily;
     use crate::models::hub::HubCache;
     use std::collections::BTreeMap;
 

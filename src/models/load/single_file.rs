@@ -21,11 +21,11 @@ use super::{ComponentWeights, LoadOptions, Opened};
 use crate::config::WeightsFormat;
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
-use crate::models::family::ModelFamily;
-use crate::models::source::{
-    ldm_architecture, not_an_sd_checkpoint, open_pickle, LDM_CLIP_PREFIX, LDM_OPENCLIP_PREFIX,
+use crate::models::family::{
+    ldm_architecture, not_an_sd_checkpoint, ModelFamily, LDM_CLIP_PREFIX, LDM_OPENCLIP_PREFIX,
     LDM_UNET_PREFIX,
 };
+use crate::models::source::open_pickle;
 use crate::models::unet_config::UNetConfig;
 use crate::models::vae_config::VaeConfig;
 use crate::nn::weights::TensorSource;
