@@ -1,13 +1,13 @@
 //! Parity with diffusers: our UNet2DConditionModel, loaded from the tiny diffusers folders in
 //! `tests/fixtures/`, must reproduce diffusers' output and every top-level module's output for
 //! the same inputs (`tests/fixtures/tiny-sd*.reference.safetensors`, made by
-//! `tools/make_fixtures.py`).
+//! `tools/make_fixtures.py`; the SDXL-structured one by `tools/make_sdxl_fixtures.py`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use lora_trainer::models::unet::{UNet2DConditionModel, UNetConfig};
+use lora_trainer::models::unet::{TextTimeInputs, UNet2DConditionModel, UNetConfig};
 use lora_trainer::nn::weights::TensorSource;
 use lora_trainer::nn::{Scope, WeightStore};
 
@@ -59,11 +59,19 @@ fn check_unet(variant: &str) {
     };
     let timesteps = get("unet.timesteps");
     let mut hooks: Vec<(String, Tensor)> = Vec::new();
+    // SDXL's added conditioning, when the fixture has it.
+    let added = refs
+        .contains_key("unet.text_embeds")
+        .then(|| TextTimeInputs {
+            text_embeds: get("unet.text_embeds"),
+            time_ids: get("unet.time_ids"),
+        });
     let out = unet
-        .forward_traced(
+        .forward_with(
             &get("unet.sample"),
             &timesteps,
             &get("unet.encoder_hidden_states"),
+            added.as_ref(),
             &mut |name, t| {
                 hooks.push((name.to_string(), t.clone()));
                 Ok(())
@@ -145,4 +153,50 @@ fn check_unet_f16(variant: &str) {
 fn tiny_unets_in_half_precision_stay_close_to_diffusers() {
     check_unet_f16("tiny-sd1");
     check_unet_f16("tiny-sd2");
+}
+
+/// SDXL's structure at toy size: no attention at the first level, two transformer layers at the
+/// last, linear projections, and `add_embedding` fed the pooled text and six time ids.
+#[test]
+fn tiny_sdxl_unet_matches_diffusers() {
+    check_unet("tiny-sdxl");
+}
+
+/// The SDXL UNet refuses to run without its added conditioning, and an SD UNet refuses it.
+#[test]
+fn added_conditioning_is_required_exactly_by_the_unet_that_has_it() {
+    let load = |variant: &str| {
+        let dir = fixture(&format!("{variant}/unet"));
+        let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+        let source =
+            TensorSource::safetensors(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
+        UNet2DConditionModel::new(Scope::root(&store), &config).unwrap()
+    };
+    let (sdxl, sd1) = (load("tiny-sdxl"), load("tiny-sd1"));
+    let dev = Device::Cpu;
+    let sample = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
+    let t = Tensor::new(&[10u32], &dev).unwrap();
+    let ehs = |width: usize| Tensor::zeros((1, 3, width), DType::F32, &dev).unwrap();
+    let err = sdxl.forward(&sample, &t, &ehs(24)).unwrap_err().to_string();
+    assert!(err.contains("add_time_ids"), "{err}");
+    let added = TextTimeInputs {
+        text_embeds: Tensor::zeros((1, 16), DType::F32, &dev).unwrap(),
+        time_ids: Tensor::zeros((1, 6), DType::F32, &dev).unwrap(),
+    };
+    let width = sd1.config().cross_attention_dim[0];
+    let err = sd1
+        .forward_with(&sample, &t, &ehs(width), Some(&added), &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("only SDXL"), "{err}");
+    let wrong_rows = TextTimeInputs {
+        text_embeds: Tensor::zeros((2, 16), DType::F32, &dev).unwrap(),
+        ..added
+    };
+    let err = sdxl
+        .forward_with(&sample, &t, &ehs(24), Some(&wrong_rows), &mut |_, _| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("one per sample"), "{err}");
 }

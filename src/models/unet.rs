@@ -15,7 +15,18 @@ use super::unet_blocks::{
 use crate::nn::{Conv2d, ConvConfig, GroupNorm, Scope};
 use crate::Result;
 
-pub use super::unet_config::{DownBlockType, UNetConfig, UpBlockType};
+pub use super::unet_config::{DownBlockType, TextTimeEmbedding, UNetConfig, UpBlockType};
+
+/// SDXL's added conditioning of a batch (diffusers' `added_cond_kwargs`), for a UNet whose config
+/// has `addition_embed_type: "text_time"`.
+#[derive(Debug, Clone)]
+pub struct TextTimeInputs {
+    /// `[B, pooled]`: the pooled, projected output of the last text encoder.
+    pub text_embeds: Tensor,
+    /// `[B, n]` (n = 6 for SDXL): original height and width, crop top and left, target height
+    /// and width, in pixels.
+    pub time_ids: Tensor,
+}
 
 /// Stable Diffusion's noise-prediction network (diffusers' `UNet2DConditionModel`).
 /// How many resolution levels, from the full latent size down, have their transformers
@@ -36,6 +47,8 @@ pub struct UNet2DConditionModel {
     dtype: DType,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
+    /// SDXL's embedding of the pooled text and the time ids (`add_embedding`).
+    add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<DownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UpBlock>,
@@ -71,6 +84,14 @@ impl UNet2DConditionModel {
             true,
         )?;
         let time_embedding = TimestepEmbedding::new(scope.pp("time_embedding"), ch0, temb)?;
+        let add_embedding = match c.addition {
+            Some(a) => Some(TimestepEmbedding::new(
+                scope.pp("add_embedding"),
+                a.input_dim,
+                temb,
+            )?),
+            None => None,
+        };
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut output_channels = ch0;
@@ -153,6 +174,7 @@ impl UNet2DConditionModel {
             dtype: scope.store().dtype(),
             conv_in,
             time_embedding,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -216,6 +238,19 @@ impl UNet2DConditionModel {
         self.forward_traced(sample, timesteps, encoder_hidden_states, &mut |_, _| Ok(()))
     }
 
+    /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning, which a UNet with
+    /// `addition_embed_type: "text_time"` needs (and any other refuses).
+    pub fn forward_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&TextTimeInputs>,
+        trace: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.run(sample, timesteps, encoder_hidden_states, added, trace)
+    }
+
     /// [`UNet2DConditionModel::forward`], calling `trace(module_path, output)` with the output
     /// of each top-level module: `time_proj` (the sinusoidal features), `time_embedding`,
     /// `conv_in`, `down_blocks.{i}` (the hidden states), `mid_block`, `up_blocks.{i}`,
@@ -225,6 +260,17 @@ impl UNet2DConditionModel {
         sample: &Tensor,
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
+        trace: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        self.run(sample, timesteps, encoder_hidden_states, None, trace)
+    }
+
+    fn run(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        encoder_hidden_states: &Tensor,
+        added: Option<&TextTimeInputs>,
         trace: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
     ) -> Result<Tensor> {
         let (b, c, _, _) = sample.dims4()?;
@@ -260,6 +306,26 @@ impl UNet2DConditionModel {
             .time_embedding
             .forward(&features.to_dtype(self.dtype)?)?;
         trace("time_embedding", &temb)?;
+        let temb =
+            match (&self.add_embedding, self.config.addition, added) {
+                (Some(embedding), Some(a), Some(inputs)) => {
+                    let aug = self.text_time_embedding(embedding, a.time_ids_dim, inputs, b)?;
+                    trace("add_embedding", &aug)?;
+                    (temb + aug)?
+                }
+                (Some(_), _, None) => {
+                    return Err(shape_error(
+                        "this UNet (SDXL's) needs the pooled text embedding and the size and crop \
+                     numbers (`add_time_ids`)"
+                            .to_string(),
+                    ))
+                }
+                (None, _, Some(_)) | (Some(_), None, Some(_)) => return Err(shape_error(
+                    "this UNet takes no pooled text embedding or size numbers (only SDXL's does)"
+                        .to_string(),
+                )),
+                (None, _, None) => temb,
+            };
 
         let mut h = self.conv_in.forward(&sample)?;
         trace("conv_in", &h)?;
@@ -287,6 +353,42 @@ impl UNet2DConditionModel {
         let out = self.conv_out.forward(&h)?;
         trace("conv_out", &out)?;
         Ok(out)
+    }
+}
+
+impl UNet2DConditionModel {
+    /// `add_embedding(cat(text_embeds, features(time_ids)))`: `[B, time_embed_dim]`.
+    fn text_time_embedding(
+        &self,
+        embedding: &TimestepEmbedding,
+        time_ids_dim: usize,
+        inputs: &TextTimeInputs,
+        batch: usize,
+    ) -> Result<Tensor> {
+        let (tb, _) = inputs.text_embeds.dims2()?;
+        let (ib, n) = inputs.time_ids.dims2()?;
+        if tb != batch || ib != batch {
+            return Err(shape_error(format!(
+                "text_embeds {:?} and time_ids {:?} need {batch} rows, one per sample",
+                inputs.text_embeds.dims(),
+                inputs.time_ids.dims()
+            )));
+        }
+        let features = timestep_features(
+            &inputs.time_ids.flatten_all()?,
+            time_ids_dim,
+            self.config.flip_sin_to_cos,
+            self.config.freq_shift,
+        )?
+        .reshape((batch, n * time_ids_dim))?;
+        let joined = Tensor::cat(
+            &[
+                &inputs.text_embeds.to_dtype(DType::F32)?,
+                &features.to_dtype(DType::F32)?,
+            ],
+            1,
+        )?;
+        embedding.forward(&joined.to_dtype(self.dtype)?)
     }
 }
 

@@ -61,6 +61,19 @@ pub struct UNetConfig {
     pub time_embedding_dim: Option<usize>,
     pub conv_in_kernel: usize,
     pub conv_out_kernel: usize,
+    /// SDXL's added conditioning (`addition_embed_type: "text_time"`); `None` for SD 1.x/2.x.
+    pub addition: Option<TextTimeEmbedding>,
+}
+
+/// `addition_embed_type: "text_time"`: the pooled text embedding and the sinusoidal features of
+/// each size/crop number (`add_time_ids`) are joined and embedded like the timestep
+/// (`add_embedding`), and added to the time embedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TextTimeEmbedding {
+    /// `addition_time_embed_dim`: the sinusoidal features of each time id.
+    pub time_ids_dim: usize,
+    /// `projection_class_embeddings_input_dim`: pooled text width + time ids × `time_ids_dim`.
+    pub input_dim: usize,
 }
 
 impl Default for UNetConfig {
@@ -101,6 +114,7 @@ impl Default for UNetConfig {
             time_embedding_dim: None,
             conv_in_kernel: 3,
             conv_out_kernel: 3,
+            addition: None,
         }
     }
 }
@@ -143,7 +157,8 @@ impl UNetConfig {
                 return Err(c.error("_class_name", format!("\"{name}\" is not a UNet2DConditionModel config; point the model path at the `unet/` folder of a Stable Diffusion 1.x/2.x model")));
             }
         }
-        refuse_unsupported(c)?;
+        let addition = text_time_embedding(c)?;
+        refuse_unsupported(c, addition.is_some())?;
 
         let down_names = c.strings(
             "down_block_types",
@@ -273,6 +288,7 @@ impl UNetConfig {
             time_embedding_dim: c.opt_usize("time_embedding_dim")?,
             conv_in_kernel: c.usize("conv_in_kernel", 3)?,
             conv_out_kernel: c.usize("conv_out_kernel", 3)?,
+            addition,
         };
         config.validate(c)?;
         Ok(config)
@@ -334,7 +350,37 @@ impl UNetConfig {
 }
 
 /// Keys whose non-default values switch on features our UNet does not implement.
-fn refuse_unsupported(c: &mut ConfigJson) -> Result<()> {
+/// SDXL's `addition_embed_type: "text_time"` with the two widths it needs; `None` when the key
+/// is absent or null (its other values are refused).
+fn text_time_embedding(c: &mut ConfigJson) -> Result<Option<TextTimeEmbedding>> {
+    if !matches!(c.peek("addition_embed_type"), Some(Value::String(_))) {
+        return Ok(None);
+    }
+    let kind = c.string("addition_embed_type", "")?;
+    if kind != "text_time" {
+        return Err(c.error(
+            "addition_embed_type",
+            format!("\"{kind}\" is not supported (null, or \"text_time\" as in SDXL)"),
+        ));
+    }
+    let mut need = |key: &str| -> Result<usize> {
+        match c.opt_usize(key)? {
+            Some(n) if n > 0 => Ok(n),
+            _ => Err(c.error(
+                key,
+                "must be a positive integer with `addition_embed_type: \"text_time\"`",
+            )),
+        }
+    };
+    Ok(Some(TextTimeEmbedding {
+        time_ids_dim: need("addition_time_embed_dim")?,
+        input_dim: need("projection_class_embeddings_input_dim")?,
+    }))
+}
+
+/// Refuses every key whose value asks for a feature we do not build; `text_time`: SDXL's added
+/// conditioning was read, so its keys are allowed.
+fn refuse_unsupported(c: &mut ConfigJson, text_time: bool) -> Result<()> {
     let null = Value::is_null;
     let is_false = |v: &Value| v == &Value::Bool(false);
     let all_false = |v: &Value| match v {
@@ -368,9 +414,11 @@ fn refuse_unsupported(c: &mut ConfigJson) -> Result<()> {
     c.require("class_embed_type", "null", null)?;
     c.require("num_class_embeds", "null", null)?;
     c.require("class_embeddings_concat", "false", is_false)?;
-    c.require("projection_class_embeddings_input_dim", "null", null)?;
-    c.require("addition_embed_type", "null", null)?;
-    c.require("addition_time_embed_dim", "null", null)?;
+    if !text_time {
+        c.require("projection_class_embeddings_input_dim", "null", null)?;
+        c.require("addition_embed_type", "null or \"text_time\"", null)?;
+        c.require("addition_time_embed_dim", "null", null)?;
+    }
     c.require("encoder_hid_dim", "null", null)?;
     c.require("encoder_hid_dim_type", "null", null)?;
     c.require("reverse_transformer_layers_per_block", "null", null)?;
@@ -430,6 +478,28 @@ mod tests {
         assert_eq!(c.cross_attention_dim, vec![1024; 4]);
         assert_eq!(c.sample_size, Some((96, 96)));
         assert!(c.upcast_attention && c.use_linear_projection);
+        assert_eq!(c.addition, None);
+        Ok(())
+    }
+
+    #[test]
+    fn reads_sdxl_added_conditioning() -> Result<()> {
+        let text = r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816, "addition_embed_type_num_heads": 64,
+            "transformer_layers_per_block": [1, 2, 10], "block_out_channels": [320, 640, 1280],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+            "use_linear_projection": true}"#;
+        let c = UNetConfig::from_json_str(text, "unet/config.json")?;
+        assert_eq!(
+            c.addition,
+            Some(TextTimeEmbedding {
+                time_ids_dim: 256,
+                input_dim: 2816
+            })
+        );
+        assert_eq!(c.transformer_layers_per_block, vec![1, 2, 10]);
         Ok(())
     }
 
@@ -442,9 +512,19 @@ mod tests {
                 "timestep",
             ),
             (
-                r#"{"addition_embed_type": "text_time"}"#,
+                r#"{"addition_embed_type": "image"}"#,
                 "addition_embed_type",
-                "text_time",
+                "image",
+            ),
+            (
+                r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256}"#,
+                "projection_class_embeddings_input_dim",
+                "positive integer",
+            ),
+            (
+                r#"{"addition_time_embed_dim": 256}"#,
+                "addition_time_embed_dim",
+                "256",
             ),
             (
                 r#"{"time_embedding_type": "fourier"}"#,

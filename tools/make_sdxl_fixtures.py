@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Tiny random SDXL fixtures for the parity tests (issue 15: SDXL through the same trainer).
+
+Writes, under tests/fixtures/:
+
+- tiny-sdxl/unet/config.json, diffusion_pytorch_model.safetensors: a UNet2DConditionModel with
+  SDXL's structure at toy size: no attention at the first level, 1/1/2 transformer layers per
+  level, linear proj_in/proj_out, `addition_embed_type: "text_time"` (`add_embedding` fed the
+  pooled text embedding and the sinusoidal features of six time ids).
+- tiny-sdxl.reference.safetensors: inputs and diffusers' outputs: `unet.sample`,
+  `unet.timesteps`, `unet.encoder_hidden_states`, `unet.text_embeds`, `unet.time_ids`,
+  `unet.out`, and `unet.hook.<module>` for every top-level module (time_proj, time_embedding,
+  add_embedding, conv_in, down_blocks.N, mid_block, up_blocks.N, conv_out).
+
+Seeded, one CPU thread: two runs give byte-identical files. Run with a Python that has torch and
+diffusers (the versions used are written into the reference's metadata):
+
+    python tools/make_sdxl_fixtures.py
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+POOLED = 16  # width of the pooled text embedding (1280 in SDXL)
+TIME_IDS_DIM = 8  # addition_time_embed_dim (256 in SDXL)
+CONTEXT = 24  # cross-attention width (2048 in SDXL: 768 + 1280)
+
+
+def unet_config() -> dict:
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(4, 8, 16),
+        layers_per_block=2,
+        norm_num_groups=2,
+        cross_attention_dim=CONTEXT,
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(1, 2, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_IDS_DIM,
+        projection_class_embeddings_input_dim=POOLED + 6 * TIME_IDS_DIM,
+    )
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config()).eval()
+    # diffusers zero-initialises some layers (proj_out, conv_out): give every weight a value, so
+    # that a weight read wrongly cannot hide.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    folder = ROOT / "tiny-sdxl" / "unet"
+    unet.save_pretrained(folder, safe_serialization=True)
+    # Keep only what a model card needs: no absolute paths or timestamps.
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    gen = torch.Generator().manual_seed(2)
+    sample = torch.randn((2, 4, 16, 16), generator=gen)
+    timesteps = torch.tensor([999, 10], dtype=torch.int64)
+    ehs = torch.randn((2, 7, CONTEXT), generator=gen)
+    text_embeds = torch.randn((2, POOLED), generator=gen)
+    # original (h, w), crop (top, left), target (h, w): one sample cropped, one not.
+    time_ids = torch.tensor([[1024.0, 768.0, 0.0, 0.0, 1024.0, 768.0], [512.0, 512.0, 64.0, 32.0, 448.0, 448.0]])
+    names = ["time_proj", "time_embedding", "add_embedding", "conv_in"]
+    names += [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+    names += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] + ["conv_out"]
+    hooks, handles = {}, []
+    for n in names:
+        def hook(_m, _inp, out, n=n):
+            hooks[n] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+        handles.append(unet.get_submodule(n).register_forward_hook(hook))
+    with torch.no_grad():
+        out = unet(
+            sample,
+            timesteps,
+            ehs,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+        ).sample
+    for h in handles:
+        h.remove()
+    ref = {
+        "unet.sample": sample,
+        "unet.timesteps": timesteps,
+        "unet.encoder_hidden_states": ehs,
+        "unet.text_embeds": text_embeds,
+        "unet.time_ids": time_ids,
+        "unet.out": out,
+    }
+    ref.update({f"unet.hook.{n}": t.contiguous() for n, t in hooks.items()})
+    # One key: safetensors writes a metadata map in no fixed order, and the file must not change
+    # from run to run.
+    meta = {"made_with": f"torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}"}
+    save_file(dict(sorted(ref.items())), ROOT / "tiny-sdxl.reference.safetensors", metadata=meta)
+    print(f"wrote {folder} and tiny-sdxl.reference.safetensors")
+
+
+if __name__ == "__main__":
+    main()
