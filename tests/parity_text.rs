@@ -1,5 +1,6 @@
 //! The CLIP text encoder and tokenizer against transformers on the tiny fixture models
-//! (`tests/fixtures/tiny-sd{1,2}`, references in `tiny-sd{1,2}.reference.safetensors`):
+//! (`tests/fixtures/tiny-sd{1,2}`, references in `tiny-sd{1,2}.reference.safetensors`; SDXL's two
+//! encoders in `tiny-sdxl/`):
 //! `last_hidden_state`, the clip_skip 2 state, `pooler_output`, and the prompts' input ids.
 
 use std::collections::HashMap;
@@ -191,4 +192,61 @@ fn tiny_sd2_tokenizer_matches_transformers() {
         .to_vec2::<i64>()
         .expect("ids");
     assert_eq!(ids[0][76], 0, "SD2 pads with `!` (id 0)");
+}
+
+/// SDXL's two text encoders at toy size (`tools/make_sdxl_fixtures.py`): the penultimate hidden
+/// states of both (no final layer norm, as SDXL conditions), and the second one's
+/// `last_hidden_state` and projected pooled output (`text_embeds`).
+#[test]
+fn tiny_sdxl_text_encoders_match_transformers() {
+    use lora_trainer::models::clip_text_projection::ClipTextModelWithProjection;
+    let refs =
+        candle_core::safetensors::load(fixture("tiny-sdxl.reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let get = |k: &str| {
+        refs.get(k)
+            .unwrap_or_else(|| panic!("`{k}` missing"))
+            .clone()
+    };
+    let store = |folder: &str| {
+        let dir = fixture(&format!("tiny-sdxl/{folder}"));
+        let config = ClipTextConfig::from_file(&dir.join("config.json")).unwrap();
+        let source = TensorSource::safetensors(&dir.join("model.safetensors")).unwrap();
+        (
+            config,
+            WeightStore::from_source(source, DType::F32, Device::Cpu),
+        )
+    };
+    let ids = get("text.input_ids");
+
+    let (config, te1_store) = store("text_encoder");
+    let te1 = ClipTextModel::new(Scope::root(&te1_store), &config).unwrap();
+    te1_store.check_all_used().unwrap();
+    let (penultimate, _) = te1.forward_penultimate(&ids).unwrap();
+    assert_close(
+        &penultimate,
+        &get("text1.penultimate"),
+        "text_encoder hidden_states[-2]",
+    );
+
+    let (config, te2_store) = store("text_encoder_2");
+    let te2 = ClipTextModelWithProjection::new(Scope::root(&te2_store), &config).unwrap();
+    te2_store.check_all_used().unwrap();
+    let out = te2.forward(&ids).unwrap();
+    assert_close(
+        &out.penultimate,
+        &get("text2.penultimate"),
+        "text_encoder_2 hidden_states[-2]",
+    );
+    assert_close(
+        &out.text_embeds,
+        &get("text2.text_embeds"),
+        "text_encoder_2 text_embeds",
+    );
+    let (_, last) = te2.text_model().forward_penultimate(&ids).unwrap();
+    assert_close(
+        &last,
+        &get("text2.last_hidden_state"),
+        "text_encoder_2 last_hidden_state",
+    );
 }

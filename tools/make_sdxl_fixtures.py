@@ -7,7 +7,13 @@ Writes, under tests/fixtures/:
   SDXL's structure at toy size: no attention at the first level, 1/1/2 transformer layers per
   level, linear proj_in/proj_out, `addition_embed_type: "text_time"` (`add_embedding` fed the
   pooled text embedding and the sinusoidal features of six time ids).
-- tiny-sdxl.reference.safetensors: inputs and diffusers' outputs: `unet.sample`,
+- tiny-sdxl/text_encoder/ (CLIPTextModel, quick_gelu, 8 wide) and tiny-sdxl/text_encoder_2/
+  (CLIPTextModelWithProjection, gelu, 16 wide, `text_projection` to 16): SDXL's two encoders at
+  toy size; their penultimate hidden states joined make the UNet's 24-wide context, and the
+  second one's projected pooled output is the UNet's `text_embeds`.
+- tiny-sdxl.reference.safetensors: inputs and transformers'/diffusers' outputs: `text.input_ids`,
+  `text1.penultimate` and `text2.penultimate` (`hidden_states[-2]`, no final layer norm, as
+  SDXL conditions), `text2.last_hidden_state`, `text2.text_embeds`; `unet.sample`,
   `unet.timesteps`, `unet.encoder_hidden_states`, `unet.text_embeds`, `unet.time_ids`,
   `unet.out`, and `unet.hook.<module>` for every top-level module (time_proj, time_embedding,
   add_embedding, conv_in, down_blocks.N, mid_block, up_blocks.N, conv_out).
@@ -27,6 +33,7 @@ import diffusers
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 POOLED = 16  # width of the pooled text embedding (1280 in SDXL)
@@ -52,6 +59,55 @@ def unet_config() -> dict:
         addition_time_embed_dim=TIME_IDS_DIM,
         projection_class_embeddings_input_dim=POOLED + 6 * TIME_IDS_DIM,
     )
+
+
+VOCAB = 64
+EOS = 63  # the tiny vocabulary's end-of-text id (49407 in the real tokenizers)
+
+
+def text_config(hidden: int, act: str, projection: int | None) -> CLIPTextConfig:
+    extra = {"projection_dim": projection} if projection else {}
+    return CLIPTextConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        hidden_act=act,
+        bos_token_id=EOS - 1,
+        eos_token_id=EOS,
+        pad_token_id=0,
+        **extra,
+    )
+
+
+def save_text(model, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("transformers_version", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def text_encoders(ref: dict) -> None:
+    torch.manual_seed(3)
+    te1 = CLIPTextModel(text_config(8, "quick_gelu", None)).eval()
+    te2 = CLIPTextModelWithProjection(text_config(CONTEXT - 8, "gelu", POOLED)).eval()
+    save_text(te1, ROOT / "tiny-sdxl" / "text_encoder")
+    save_text(te2, ROOT / "tiny-sdxl" / "text_encoder_2")
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, EOS - 1, (2, 16), generator=gen)
+    ids[:, 0] = EOS - 1
+    ids[0, 9], ids[1, 15] = EOS, EOS  # the pooled row is taken at the first EOS
+    ids[0, 10:] = 0
+    with torch.no_grad():
+        out1 = te1(ids, output_hidden_states=True)
+        out2 = te2(ids, output_hidden_states=True)
+    ref["text.input_ids"] = ids
+    ref["text1.penultimate"] = out1.hidden_states[-2]
+    ref["text2.penultimate"] = out2.hidden_states[-2]
+    ref["text2.last_hidden_state"] = out2.last_hidden_state
+    ref["text2.text_embeds"] = out2.text_embeds
 
 
 def main() -> None:
@@ -104,11 +160,15 @@ def main() -> None:
         "unet.out": out,
     }
     ref.update({f"unet.hook.{n}": t.contiguous() for n, t in hooks.items()})
+    text_encoders(ref)
     # One key: safetensors writes a metadata map in no fixed order, and the file must not change
     # from run to run.
-    meta = {"made_with": f"torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}"}
+    import transformers
+
+    versions = f"torch {torch.__version__.split('+')[0]}, diffusers {diffusers.__version__}"
+    meta = {"made_with": f"{versions}, transformers {transformers.__version__}"}
     save_file(dict(sorted(ref.items())), ROOT / "tiny-sdxl.reference.safetensors", metadata=meta)
-    print(f"wrote {folder} and tiny-sdxl.reference.safetensors")
+    print(f"wrote {folder.parent} and tiny-sdxl.reference.safetensors")
 
 
 if __name__ == "__main__":

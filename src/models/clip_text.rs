@@ -315,6 +315,29 @@ impl ClipTextModel {
         self.final_layer_norm.forward(&h)
     }
 
+    /// One pass that gives what SDXL reads: the hidden state before the last layer, without the
+    /// final layer norm (transformers' `hidden_states[-2]`, the conditioning), and
+    /// `last_hidden_state` (final layer norm applied; the pooled output is taken from it).
+    /// `input_ids: [B, T]` → (`[B, T, hidden]`, `[B, T, hidden]`).
+    pub fn forward_penultimate(&self, input_ids: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.check_ids(input_ids)?;
+        let mut h = self.embeddings.forward(input_ids)?;
+        let mask = causal_mask(input_ids.dim(1)?, h.dtype(), h.device())?;
+        let Some((last, before)) = self.layers.split_last() else {
+            return Err(ModelError::InvalidConfig {
+                origin: "the CLIP text encoder".to_string(),
+                message: "it has no layers; SDXL conditions on the one before the last".to_string(),
+            }
+            .into());
+        };
+        for layer in before {
+            h = layer.forward(&h, Some(&mask))?;
+        }
+        let penultimate = h.clone();
+        let h = last.forward(&h, Some(&mask))?;
+        Ok((penultimate, self.final_layer_norm.forward(&h)?))
+    }
+
     /// transformers' `pooler_output`: `last_hidden_state [B, T, hidden]` at the first EOS of each
     /// row of `input_ids [B, T]` (position 0 if a row has none), or at the row's largest id when
     /// the config's `eos_token_id` is the legacy 2 → `[B, hidden]`.

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod clip_model;
 pub mod clip_text;
 pub mod clip_text_config;
+pub mod clip_text_projection;
 pub mod clip_vision;
 pub mod conditioning;
 mod config_json;
