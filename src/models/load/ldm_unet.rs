@@ -1,6 +1,7 @@
 //! The UNet of an LDM checkpoint (`model.diffusion_model.*`, `openaimodel.UNetModel` names):
-//! its block structure read from the keys, the LDM → diffusers key conversion (DESIGN.md §3), and
-//! a diffusers config inferred from the tensor shapes.
+//! its block structure read from the keys, the LDM → diffusers key conversion (DESIGN.md §3), a
+//! diffusers config inferred from the tensor shapes, and the other way, a diffusers path's LDM
+//! name for a given config ([`ldm_path`]: kohya's SDXL LoRA names).
 //!
 //! The structure comes from the keys alone: `input_blocks.N` is a resnet (with an attention at
 //! `.1`) or a downsampler (`.0.op`), and downsamplers end the levels; `output_blocks.N` is a
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use super::MappedKey;
 use crate::models::family::ModelFamily;
+use crate::models::unet_config::{UNetConfig, UpBlockType};
 
 /// One resnet slot of a level: its block index and whether an attention follows it.
 #[derive(Debug, Clone, PartialEq)]
@@ -394,6 +396,115 @@ fn diffusers_key(
     }
 }
 
+/// The LDM (`openaimodel.UNetModel`) path of a diffusers UNet module or tensor path, for a UNet
+/// of `config`'s structure (`down_blocks.1.attentions.0.proj_in` →
+/// `input_blocks.4.1.proj_in` with two resnets per level): the names kohya gives SDXL LoRA
+/// modules (`lora_unet_input_blocks_4_1_proj_in`). `None` for a path that is not the UNet's.
+pub fn ldm_path(config: &UNetConfig, path: &str) -> Option<String> {
+    const SIMPLE: [(&str, &str); 7] = [
+        ("time_embedding.linear_1", "time_embed.0"),
+        ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"),
+        ("add_embedding.linear_2", "label_emb.0.2"),
+        ("conv_in", "input_blocks.0.0"),
+        ("conv_norm_out", "out.0"),
+        ("conv_out", "out.2"),
+    ];
+    for (ours, ldm) in SIMPLE {
+        if let Some(tail) = strip_module(path, ours) {
+            return Some(format!("{ldm}{tail}"));
+        }
+    }
+    let layers = &config.layers_per_block;
+    let n = layers.len();
+    if let Some(rest) = path.strip_prefix("mid_block.") {
+        let (kind, rest) = rest.split_once('.')?;
+        let (j, tail) = split_index(rest)?;
+        return match (kind, j) {
+            ("resnets", 0 | 1) => Some(format!("middle_block.{}{}", 2 * j, ldm_resnet(tail)?)),
+            ("attentions", 0) => Some(format!("middle_block.1{tail}")),
+            _ => None,
+        };
+    }
+    let (output, rest) = match path.strip_prefix("down_blocks.") {
+        Some(rest) => (false, rest),
+        None => (true, path.strip_prefix("up_blocks.")?),
+    };
+    let (level, rest) = index_and_rest(rest)?;
+    if level >= n {
+        return None;
+    }
+    // Each level's resnets (each with its attention at `.1`) and its sampler, one block each,
+    // numbered on from the levels before; input block 0 is conv_in.
+    let per_level = |i: usize| {
+        if output {
+            layers[n - 1 - i] + 1
+        } else {
+            layers[i] + 1
+        }
+    };
+    let start = (0..level).map(per_level).sum::<usize>() + usize::from(!output);
+    let blocks = if output {
+        "output_blocks"
+    } else {
+        "input_blocks"
+    };
+    let (kind, rest) = rest.split_once('.')?;
+    let (j, tail) = split_index(rest)?;
+    let resnets = if output {
+        per_level(level)
+    } else {
+        layers[level]
+    };
+    match kind {
+        "resnets" if j < resnets => Some(format!("{blocks}.{}.0{}", start + j, ldm_resnet(tail)?)),
+        "attentions" if j < resnets => Some(format!("{blocks}.{}.1{tail}", start + j)),
+        "downsamplers" if !output && j == 0 && level + 1 < n => {
+            let tail = strip_module(tail.strip_prefix('.')?, "conv")?;
+            Some(format!("{blocks}.{}.0.op{tail}", start + layers[level]))
+        }
+        "upsamplers" if output && j == 0 && level + 1 < n => {
+            let tail = strip_module(tail.strip_prefix('.')?, "conv")?;
+            let attention = config.up_block_types[level] == UpBlockType::CrossAttnUpBlock2D;
+            let sub = 1 + usize::from(attention);
+            Some(format!("{blocks}.{}.{sub}.conv{tail}", start + resnets - 1))
+        }
+        _ => None,
+    }
+}
+
+/// `path` minus the module `name` at its start: `""` for the module itself, `".weight"` for a
+/// tensor of it, `None` for another module.
+fn strip_module<'a>(path: &'a str, name: &str) -> Option<&'a str> {
+    let tail = path.strip_prefix(name)?;
+    (tail.is_empty() || tail.starts_with('.')).then_some(tail)
+}
+
+/// `"3.rest"` → (3, `".rest"`); `"3"` → (3, `""`).
+fn split_index(text: &str) -> Option<(usize, &str)> {
+    let end = text.find('.').unwrap_or(text.len());
+    Some((text[..end].parse().ok()?, &text[end..]))
+}
+
+/// `.conv1.weight` → `.in_layers.2.weight` and the other renames inside a resnet (the inverse of
+/// [`resnet_key`]); `""` (the resnet itself) stays.
+fn ldm_resnet(tail: &str) -> Option<String> {
+    const RENAMES: [(&str, &str); 6] = [
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("conv_shortcut", "skip_connection"),
+    ];
+    let Some(rest) = tail.strip_prefix('.') else {
+        return tail.is_empty().then(String::new);
+    };
+    RENAMES
+        .iter()
+        .find_map(|(ours, ldm)| strip_module(rest, ours).map(|t| format!(".{ldm}{t}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -537,5 +648,111 @@ mod tests {
             .filter(|(k, _)| !k.starts_with("input_blocks.2."))
             .collect();
         assert!(LdmUnet::parse(&gap).unwrap_err().contains("input_blocks.2"));
+    }
+
+    /// kohya's SDXL LoRA names are the LDM paths; these are names found in kohya-trained SDXL
+    /// files (two resnets per level, three levels, no attention at the first).
+    #[test]
+    fn sdxl_module_paths_become_kohyas_ldm_names() {
+        let text = r#"{"addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816, "transformer_layers_per_block": [1, 2, 10],
+            "block_out_channels": [320, 640, 1280], "attention_head_dim": [5, 10, 20],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "cross_attention_dim": 2048, "use_linear_projection": true}"#;
+        let config = UNetConfig::from_json_str(text, "sdxl unet").unwrap();
+        let cases = [
+            (
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+                "input_blocks.4.1.transformer_blocks.0.attn1.to_q",
+            ),
+            (
+                "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
+                "input_blocks.8.1.transformer_blocks.9.attn2.to_k",
+            ),
+            (
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                "middle_block.1.transformer_blocks.0.attn1.to_q",
+            ),
+            ("mid_block.resnets.1.conv2", "middle_block.2.out_layers.3"),
+            (
+                "up_blocks.0.attentions.2.transformer_blocks.0.ff.net.2",
+                "output_blocks.2.1.transformer_blocks.0.ff.net.2",
+            ),
+            (
+                "up_blocks.1.attentions.0.proj_in",
+                "output_blocks.3.1.proj_in",
+            ),
+            ("up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
+            (
+                "up_blocks.2.resnets.2.conv_shortcut",
+                "output_blocks.8.0.skip_connection",
+            ),
+            (
+                "down_blocks.0.resnets.1.conv1",
+                "input_blocks.2.0.in_layers.2",
+            ),
+            ("down_blocks.0.downsamplers.0.conv", "input_blocks.3.0.op"),
+            (
+                "down_blocks.1.resnets.0.time_emb_proj.weight",
+                "input_blocks.4.0.emb_layers.1.weight",
+            ),
+            ("add_embedding.linear_2", "label_emb.0.2"),
+            ("time_embedding.linear_1.bias", "time_embed.0.bias"),
+            ("conv_in", "input_blocks.0.0"),
+        ];
+        for (ours, ldm) in cases {
+            assert_eq!(ldm_path(&config, ours).as_deref(), Some(ldm), "{ours}");
+        }
+        for outside in [
+            "down_blocks.2.downsamplers.0.conv",
+            "up_blocks.2.upsamplers.0.conv",
+            "down_blocks.3.resnets.0",
+            "down_blocks.0.resnets.2.conv1",
+            "conv_inx",
+            "text_model.encoder.layers.0.self_attn.q_proj",
+        ] {
+            assert_eq!(ldm_path(&config, outside), None, "{outside}");
+        }
+    }
+
+    /// Every tensor of the tiny SD 1.x and SDXL-structured UNets goes to an LDM key and back
+    /// through the loader's own LDM → diffusers conversion unchanged.
+    #[test]
+    fn ldm_paths_are_what_the_single_file_loader_reads_back() {
+        use crate::nn::weights::TensorSource;
+        for variant in ["tiny-sd1", "tiny-sdxl"] {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures")
+                .join(variant)
+                .join("unet");
+            let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+            let source =
+                TensorSource::safetensors(&dir.join("diffusion_pytorch_model.safetensors"))
+                    .unwrap();
+            // The loader does not read SDXL's label_emb (SDXL files are refused before it).
+            let ours: Vec<(String, Vec<usize>)> = source
+                .keys_and_shapes()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("add_embedding."))
+                .collect();
+            let ldm: Vec<(String, Vec<usize>)> = ours
+                .iter()
+                .map(|(k, shape)| {
+                    let path = ldm_path(&config, k).unwrap_or_else(|| panic!("{variant}: {k}"));
+                    (path, shape.clone())
+                })
+                .collect();
+            let unet = LdmUnet::parse(&ldm).unwrap();
+            let back: BTreeMap<String, String> = unet
+                .map_keys("")
+                .unwrap()
+                .into_iter()
+                .map(|m| (m.file_key, m.target))
+                .collect();
+            for ((key, _), (ldm_key, _)) in ours.iter().zip(&ldm) {
+                assert_eq!(back.get(ldm_key), Some(key), "{variant}: {key} → {ldm_key}");
+            }
+        }
     }
 }

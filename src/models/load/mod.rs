@@ -23,6 +23,7 @@ mod ldm_vae;
 mod ldm_yaml;
 mod single_file;
 
+pub use ldm_unet::ldm_path;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
