@@ -184,7 +184,10 @@ fn a_third_party_kohya_file_acts_like_its_merged_weights() {
         let t = Tensor::new(&[500f32], &Device::Cpu)?;
         let text = &p.text_encoders.encoders[0];
         let ids = text.tokenizer.input_ids(&["a red cube"], &Device::Cpu)?;
-        Ok((p.unet.forward(&x, &t, &ctx)?, text.model.forward(&ids)?))
+        Ok((
+            p.unet.forward(&x, &t, &ctx)?,
+            text.model.clip().forward(&ids)?,
+        ))
     })
     .unwrap()
     .0;

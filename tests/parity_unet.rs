@@ -200,3 +200,95 @@ fn added_conditioning_is_required_exactly_by_the_unet_that_has_it() {
         .to_string();
     assert!(err.contains("one per sample"), "{err}");
 }
+
+/// SDXL's conditioning end to end on the tiny fixtures: both text encoders' penultimate states
+/// joined, the second one's projected pooled output and the size numbers, into the UNet, against
+/// the same composition in diffusers (`step.out`).
+#[test]
+fn tiny_sdxl_conditioning_from_both_encoders_drives_the_unet_as_in_diffusers() {
+    use lora_trainer::models::clip_text::{ClipTextConfig, ClipTextModel};
+    use lora_trainer::models::clip_text_projection::ClipTextModelWithProjection;
+    use lora_trainer::models::conditioning::{
+        ConditioningRule, TextEncoder, TextEncoders, TextModel,
+    };
+    use lora_trainer::models::tokenizer::ClipTokenizer;
+
+    let refs: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fixture("tiny-sdxl.reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let get = |k: &str| {
+        refs.get(k)
+            .unwrap_or_else(|| panic!("`{k}` missing"))
+            .clone()
+    };
+    let store = |path: &str| {
+        let source = TensorSource::safetensors(&fixture(path)).unwrap();
+        WeightStore::from_source(source, DType::F32, Device::Cpu)
+    };
+    let text_config = |folder: &str| {
+        ClipTextConfig::from_file(&fixture(&format!("tiny-sdxl/{folder}/config.json"))).unwrap()
+    };
+    // The ids are given directly; the tokenizers are not used (the tiny models have none).
+    let tokenizer = || ClipTokenizer::from_dir(&fixture("tiny-sd1/tokenizer")).unwrap();
+    let te1_store = store("tiny-sdxl/text_encoder/model.safetensors");
+    let te2_store = store("tiny-sdxl/text_encoder_2/model.safetensors");
+    let encoders = TextEncoders {
+        encoders: vec![
+            TextEncoder {
+                tokenizer: tokenizer(),
+                model: TextModel::Clip(
+                    ClipTextModel::new(Scope::root(&te1_store), &text_config("text_encoder"))
+                        .unwrap(),
+                ),
+            },
+            TextEncoder {
+                tokenizer: tokenizer(),
+                model: TextModel::WithProjection(
+                    ClipTextModelWithProjection::new(
+                        Scope::root(&te2_store),
+                        &text_config("text_encoder_2"),
+                    )
+                    .unwrap(),
+                ),
+            },
+        ],
+        rule: ConditioningRule::PenultimateAndPooled,
+    };
+    let ids = get("text.input_ids");
+    let conditioning = encoders.encode_ids(&[ids.clone(), ids]).unwrap();
+    let pooled = conditioning
+        .pooled
+        .clone()
+        .expect("SDXL conditioning has a pooled output");
+
+    let dir = fixture("tiny-sdxl/unet");
+    let config = UNetConfig::from_file(&dir.join("config.json")).unwrap();
+    let unet_store = store("tiny-sdxl/unet/diffusion_pytorch_model.safetensors");
+    let unet = UNet2DConditionModel::new(Scope::root(&unet_store), &config).unwrap();
+    let added = TextTimeInputs {
+        text_embeds: pooled,
+        time_ids: get("unet.time_ids"),
+    };
+    let out = unet
+        .forward_with(
+            &get("unet.sample"),
+            &get("unet.timesteps"),
+            &conditioning.context,
+            Some(&added),
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+    let err = relative_error(&out, &get("step.out"));
+    assert!(err <= 1e-4, "step.out differs from diffusers by {err:.2e}");
+
+    // Read with SD's rule (clip skip, final layer norm, no pooled output), the same encoders
+    // give another context and no pooled output: the rule is what decides.
+    let sd_rule = TextEncoders {
+        rule: ConditioningRule::ClipSkip(2),
+        ..encoders
+    };
+    let ids = get("text.input_ids");
+    let other = sd_rule.encode_ids(&[ids.clone(), ids]).unwrap();
+    assert!(other.pooled.is_none());
+    assert!(relative_error(&other.context, &conditioning.context) > 1e-2);
+}

@@ -13,7 +13,9 @@ Writes, under tests/fixtures/:
   second one's projected pooled output is the UNet's `text_embeds`.
 - tiny-sdxl.reference.safetensors: inputs and transformers'/diffusers' outputs: `text.input_ids`,
   `text1.penultimate` and `text2.penultimate` (`hidden_states[-2]`, no final layer norm, as
-  SDXL conditions), `text2.last_hidden_state`, `text2.text_embeds`; `unet.sample`,
+  SDXL conditions), `text2.last_hidden_state`, `text2.text_embeds`; `step.out` (the UNet on
+  `unet.sample`/`unet.timesteps`/`unet.time_ids` conditioned on both encoders as
+  StableDiffusionXLPipeline conditions); `unet.sample`,
   `unet.timesteps`, `unet.encoder_hidden_states`, `unet.text_embeds`, `unet.time_ids`,
   `unet.out`, and `unet.hook.<module>` for every top-level module (time_proj, time_embedding,
   add_embedding, conv_in, down_blocks.N, mid_block, up_blocks.N, conv_out).
@@ -89,7 +91,7 @@ def save_text(model, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def text_encoders(ref: dict) -> None:
+def text_encoders(ref: dict):
     torch.manual_seed(3)
     te1 = CLIPTextModel(text_config(8, "quick_gelu", None)).eval()
     te2 = CLIPTextModelWithProjection(text_config(CONTEXT - 8, "gelu", POOLED)).eval()
@@ -108,6 +110,7 @@ def text_encoders(ref: dict) -> None:
     ref["text2.penultimate"] = out2.hidden_states[-2]
     ref["text2.last_hidden_state"] = out2.last_hidden_state
     ref["text2.text_embeds"] = out2.text_embeds
+    return ids, out1, out2
 
 
 def main() -> None:
@@ -160,7 +163,17 @@ def main() -> None:
         "unet.out": out,
     }
     ref.update({f"unet.hook.{n}": t.contiguous() for n, t in hooks.items()})
-    text_encoders(ref)
+    ids, out1, out2 = text_encoders(ref)
+    # One UNet evaluation conditioned as StableDiffusionXLPipeline conditions: both encoders'
+    # penultimate states joined, the second one's projected pooled output, the size numbers.
+    context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
+    with torch.no_grad():
+        ref["step.out"] = unet(
+            sample,
+            timesteps,
+            context,
+            added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids},
+        ).sample
     # One key: safetensors writes a metadata map in no fixed order, and the file must not change
     # from run to run.
     import transformers

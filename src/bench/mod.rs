@@ -443,6 +443,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     let context = Tensor::from_vec(crate::rng::normal_f32(&mut rng, m), context_dims, &device)?;
     let conditioning = Conditioning {
         context: context.clone(),
+        pooled: None,
     };
 
     // One forward without gradients, to count the model's FLOPs.

@@ -13,7 +13,7 @@ use super::noise::{starting_noise, SeededStepNoise};
 use super::samplers::{SamplerKind, StepNoise};
 use super::schedule::SamplingSchedule;
 use crate::models::conditioning::{Conditioning, TextEncoders};
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{TextTimeInputs, UNet2DConditionModel};
 use crate::models::vae::AutoencoderKL;
 use crate::Result;
 
@@ -115,6 +115,26 @@ impl Pipeline<'_> {
             cond
         };
         let context = &conditioning.context;
+        // SDXL's size conditioning: the picture as asked, uncropped (diffusers' default
+        // original_size = target_size, crops (0, 0)).
+        let added = match &conditioning.pooled {
+            Some(pooled) => {
+                let (h, w) = (request.height as f32, request.width as f32);
+                let time_ids = Tensor::new(&[h, w, 0.0, 0.0, h, w], &self.device)?
+                    .unsqueeze(0)?
+                    .broadcast_as((pooled.dim(0)?, 6))?
+                    .contiguous()?;
+                Some(TextTimeInputs {
+                    text_embeds: pooled.clone(),
+                    time_ids,
+                })
+            }
+            None => None,
+        };
+        let unet = |x: &Tensor, t: &Tensor| {
+            self.unet
+                .forward_with(x, t, context, added.as_ref(), &mut |_, _| Ok(()))
+        };
 
         let mut sampler = request.sampler.build(self.schedule, request.steps)?;
         let mut x = (unit_noise.to_dtype(DType::F32)? * sampler.init_noise_sigma())?;
@@ -124,18 +144,13 @@ impl Pipeline<'_> {
             let t = Tensor::new(&[t as f32], &self.device)?;
             let output = if guided {
                 let batch = Tensor::cat(&[&input, &input], 0)?;
-                let out = self
-                    .unet
-                    .forward(&batch, &t, context)?
-                    .to_dtype(DType::F32)?;
+                let out = unet(&batch, &t)?.to_dtype(DType::F32)?;
                 let uncond = out.get(0)?.unsqueeze(0)?;
                 let cond = out.get(1)?.unsqueeze(0)?;
                 // uncond + s · (cond − uncond)
                 (&uncond + ((cond - &uncond)? * request.cfg_scale)?)?
             } else {
-                self.unet
-                    .forward(&input, &t, context)?
-                    .to_dtype(DType::F32)?
+                unet(&input, &t)?.to_dtype(DType::F32)?
             };
             x = sampler.step(i, &output, &x, noise)?;
             on_step(i + 1, timesteps.len());

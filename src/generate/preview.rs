@@ -120,7 +120,7 @@ pub fn render_previews(
             height: request.height,
             model_hash: None,
             model: settings.model_name.clone(),
-            clip_skip: pipeline.text_encoders.clip_skip,
+            clip_skip: pipeline.text_encoders.clip_skip(),
             lora_hashes: Vec::new(),
             version: version(),
         };

@@ -1,30 +1,60 @@
 //! What the UNet is conditioned on, made from captions by the base model's text encoders.
 //!
-//! Each text encoder runs on its own tokenizer's ids (with `clip_skip`); their hidden states,
-//! joined on the feature axis, are the cross-attention context. SD 1.x and 2.x have one text
-//! encoder. The trainer, its text cache and the sampling pipeline go through [`TextEncoders`] and
-//! [`Conditioning`] whatever the number, so a family with more encoders and extra conditioning
-//! adds it here, not in each of them.
+//! Each text encoder runs on its own tokenizer's ids; their hidden states, joined on the feature
+//! axis, are the cross-attention context. Which hidden state is the family's rule
+//! ([`ConditioningRule`]): SD 1.x and 2.x read one encoder with A1111's clip skip; SDXL reads two
+//! at their penultimate layer and adds the last one's projected pooled output. The trainer, its
+//! text cache and the sampling pipeline go through [`TextEncoders`] and [`Conditioning`] whatever
+//! the family, so a family's conditioning lives here, not in each of them.
 
 use candle_core::{Device, Tensor};
 
 use super::clip_text::ClipTextModel;
+use super::clip_text_projection::ClipTextModelWithProjection;
 use super::tokenizer::ClipTokenizer;
 use crate::error::ModelError;
 use crate::Result;
+
+/// A text tower, with or without the projection of its pooled output.
+#[derive(Debug, Clone)]
+pub enum TextModel {
+    Clip(ClipTextModel),
+    /// SDXL's second encoder: its projected pooled output is the UNet's `text_embeds`.
+    WithProjection(ClipTextModelWithProjection),
+}
+
+impl TextModel {
+    /// The CLIP text tower (inside the projection wrapper for [`TextModel::WithProjection`]).
+    pub fn clip(&self) -> &ClipTextModel {
+        match self {
+            TextModel::Clip(model) => model,
+            TextModel::WithProjection(model) => model.text_model(),
+        }
+    }
+}
 
 /// One text encoder with the tokenizer its ids come from.
 pub struct TextEncoder {
     pub tokenizer: ClipTokenizer,
     /// Carries adapters when it is trained or a LoRA applies to it.
-    pub model: ClipTextModel,
+    pub model: TextModel,
+}
+
+/// How a family turns its encoders' outputs into the conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditioningRule {
+    /// SD 1.x/2.x: each encoder's hidden state `clip_skip − 1` layers before the last, with the
+    /// final layer norm (kohya's and A1111's clip skip; 1 = the last layer).
+    ClipSkip(usize),
+    /// SDXL: each encoder's penultimate hidden state without the final layer norm, and the last
+    /// encoder's projected pooled output.
+    PenultimateAndPooled,
 }
 
 /// The text encoders of a base model, in the order their hidden states are joined.
 pub struct TextEncoders {
     pub encoders: Vec<TextEncoder>,
-    /// 1 = each encoder's last layer (A1111's "Clip skip"); 2 = the penultimate.
-    pub clip_skip: usize,
+    pub rule: ConditioningRule,
 }
 
 /// What the UNet reads besides the noisy latents and the timesteps.
@@ -32,24 +62,44 @@ pub struct TextEncoders {
 pub struct Conditioning {
     /// `[B, T, cross_attention_dim]`: the encoders' hidden states joined on the last axis.
     pub context: Tensor,
+    /// `[B, projection_dim]`: the last encoder's projected pooled output, for a family that
+    /// conditions on it (SDXL's `text_embeds`).
+    pub pooled: Option<Tensor>,
 }
 
 impl Conditioning {
     /// The conditionings of several batches as one batch, in order (`[Σ B, T, D]`).
     pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning> {
         let contexts: Vec<&Tensor> = parts.iter().map(|c| &c.context).collect();
+        let pooled: Option<Vec<&Tensor>> = parts.iter().map(|c| c.pooled.as_ref()).collect();
         Ok(Conditioning {
             context: Tensor::cat(&contexts, 0)?,
+            pooled: match pooled {
+                Some(p) if !p.is_empty() => Some(Tensor::cat(&p, 0)?),
+                _ => None,
+            },
         })
     }
 }
 
 impl TextEncoders {
-    /// A base model with one text encoder (SD 1.x, 2.x).
+    /// A base model with one CLIP text encoder read with `clip_skip` (SD 1.x, 2.x).
     pub fn single(tokenizer: ClipTokenizer, model: ClipTextModel, clip_skip: usize) -> Self {
         TextEncoders {
-            encoders: vec![TextEncoder { tokenizer, model }],
-            clip_skip,
+            encoders: vec![TextEncoder {
+                tokenizer,
+                model: TextModel::Clip(model),
+            }],
+            rule: ConditioningRule::ClipSkip(clip_skip),
+        }
+    }
+
+    /// The clip skip the conditioning amounts to, as A1111 records it (SDXL's penultimate
+    /// layer is its 2).
+    pub fn clip_skip(&self) -> usize {
+        match self.rule {
+            ConditioningRule::ClipSkip(n) => n,
+            ConditioningRule::PenultimateAndPooled => 2,
         }
     }
 
@@ -68,24 +118,60 @@ impl TextEncoders {
     /// The conditioning of `captions`, on `device`: context `[B, T, Σ hidden]` in the encoders'
     /// dtype.
     pub fn encode<S: AsRef<str>>(&self, captions: &[S], device: &Device) -> Result<Conditioning> {
-        if self.encoders.is_empty() {
-            return Err(ModelError::InvalidConfig {
-                origin: "the base model".to_string(),
-                message: "it has no text encoder to condition on".to_string(),
-            }
-            .into());
-        }
         let captions: Vec<&str> = captions.iter().map(AsRef::as_ref).collect();
-        let hidden = self
+        let ids = self
             .encoders
             .iter()
-            .map(|e| {
-                let ids = e.tokenizer.input_ids(&captions, device)?;
-                e.model.forward_with_clip_skip(&ids, self.clip_skip)
-            })
+            .map(|e| e.tokenizer.input_ids(&captions, device))
             .collect::<Result<Vec<_>>>()?;
+        self.encode_ids(&ids)
+    }
+
+    /// [`TextEncoders::encode`] from each encoder's input ids `[B, T]`, in the encoders' order.
+    pub fn encode_ids(&self, ids: &[Tensor]) -> Result<Conditioning> {
+        let invalid = |message: String| -> crate::Error {
+            ModelError::InvalidConfig {
+                origin: "the base model's text encoders".to_string(),
+                message,
+            }
+            .into()
+        };
+        if self.encoders.is_empty() || ids.len() != self.encoders.len() {
+            return Err(invalid(format!(
+                "{} text encoder(s) and {} lists of token ids; the UNet needs one or more of \
+                 each, as many of one as of the other",
+                self.encoders.len(),
+                ids.len()
+            )));
+        }
+        let mut hidden = Vec::with_capacity(ids.len());
+        let mut pooled = None;
+        for (e, ids) in self.encoders.iter().zip(ids) {
+            match (self.rule, &e.model) {
+                (ConditioningRule::ClipSkip(n), model) => {
+                    hidden.push(model.clip().forward_with_clip_skip(ids, n)?);
+                }
+                (ConditioningRule::PenultimateAndPooled, TextModel::Clip(model)) => {
+                    hidden.push(model.forward_penultimate(ids)?.0);
+                    pooled = None;
+                }
+                (ConditioningRule::PenultimateAndPooled, TextModel::WithProjection(model)) => {
+                    let out = model.forward(ids)?;
+                    hidden.push(out.penultimate);
+                    pooled = Some(out.text_embeds);
+                }
+            }
+        }
+        if self.rule == ConditioningRule::PenultimateAndPooled && pooled.is_none() {
+            return Err(invalid(
+                "the last text encoder has no projection (`text_projection`), so there is no \
+                 pooled text embedding"
+                    .to_string(),
+            ));
+        }
         Ok(Conditioning {
             context: Tensor::cat(&hidden, 2)?,
+            pooled,
         })
     }
 }
@@ -109,7 +195,10 @@ mod tests {
         let source = TensorSource::safetensors(&root.join("text_encoder/model.safetensors"))?;
         let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
         let model = ClipTextModel::new(Scope::root(&store), &config)?;
-        Ok(TextEncoder { tokenizer, model })
+        Ok(TextEncoder {
+            tokenizer,
+            model: TextModel::Clip(model),
+        })
     }
 
     #[test]
@@ -118,8 +207,8 @@ mod tests {
         let (a, b) = (tiny_encoder(None)?, tiny_encoder(Some(1))?);
         let ids = a.tokenizer.input_ids(&captions, &Device::Cpu)?;
         let (want_a, want_b) = (
-            a.model.forward_with_clip_skip(&ids, 1)?,
-            b.model.forward_with_clip_skip(&ids, 1)?,
+            a.model.clip().forward_with_clip_skip(&ids, 1)?,
+            b.model.clip().forward_with_clip_skip(&ids, 1)?,
         );
         assert!(
             (&want_a - &want_b)?.abs()?.max_all()?.to_scalar::<f32>()? > 0.0,
@@ -127,7 +216,7 @@ mod tests {
         );
         let both = TextEncoders {
             encoders: vec![a, b],
-            clip_skip: 1,
+            rule: ConditioningRule::ClipSkip(1),
         };
         let context = both.encode(&captions, &Device::Cpu)?.context;
         let hidden = want_a.dim(2)?;
@@ -139,7 +228,7 @@ mod tests {
         assert_eq!(diff(context.narrow(2, hidden, hidden)?, &want_b)?, 0.0);
         let none = TextEncoders {
             encoders: Vec::new(),
-            clip_skip: 1,
+            rule: ConditioningRule::ClipSkip(1),
         };
         assert!(none.encode(&captions, &Device::Cpu).is_err());
         Ok(())
@@ -147,13 +236,36 @@ mod tests {
 
     #[test]
     fn truncation_is_the_most_any_encoder_drops() -> Result<()> {
-        let one = TextEncoders::single(tiny_encoder(None)?.tokenizer, tiny_encoder(None)?.model, 1);
+        let e = tiny_encoder(None)?;
+        let one = TextEncoders {
+            encoders: vec![e],
+            rule: ConditioningRule::ClipSkip(1),
+        };
         let read = one.encoders[0].tokenizer.max_length() - 2;
         assert_eq!(one.truncation("a red city")?, (0, read));
         let long = vec!["city"; read + 5].join(" ");
         let dropped = one.encoders[0].tokenizer.truncated_tokens(&long)?;
         assert!(dropped >= 5, "{dropped}");
         assert_eq!(one.truncation(&long)?, (dropped, read));
+        Ok(())
+    }
+
+    #[test]
+    fn conditionings_join_with_their_pooled_outputs_or_without() -> Result<()> {
+        let dev = Device::Cpu;
+        let part = |v: f32, pooled: bool| -> Result<Conditioning> {
+            Ok(Conditioning {
+                context: Tensor::full(v, (1, 2, 3), &dev)?,
+                pooled: pooled.then(|| Tensor::full(v, (1, 4), &dev)).transpose()?,
+            })
+        };
+        let (a, b) = (part(1.0, true)?, part(2.0, true)?);
+        let both = Conditioning::cat(&[&a, &b])?;
+        assert_eq!(both.context.dims(), &[2, 2, 3]);
+        let pooled = both.pooled.expect("pooled").to_vec2::<f32>()?;
+        assert_eq!(pooled, vec![vec![1.0; 4], vec![2.0; 4]]);
+        let plain = Conditioning::cat(&[&part(1.0, false)?, &part(2.0, false)?])?;
+        assert!(plain.pooled.is_none());
         Ok(())
     }
 }

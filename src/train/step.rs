@@ -212,6 +212,7 @@ mod tests {
             let weights: Vec<f32> = schedule.min_snr_weight(&draws.timesteps, 0.01)?.to_vec1()?;
             let conditioning = Conditioning {
                 context: context.clone(),
+                pooled: None,
             };
             let plain = diffusion_loss(&unet, &schedule, &latents, &conditioning, &draws, None)?;
             let want = (per_sample[0] + per_sample[1]) / 2.0;

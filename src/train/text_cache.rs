@@ -11,10 +11,11 @@ use candle_core::{DType, Device, Tensor};
 use crate::models::conditioning::{Conditioning, TextEncoders};
 use crate::Result;
 
-/// The conditioning's context (`[T, hidden]` f32 on the CPU) by caption.
+/// The conditioning by caption: its context `[T, hidden]` and pooled output `[P]` (for a family
+/// that has one), f32 on the CPU.
 #[derive(Debug, Default)]
 pub struct TextCache {
-    embeddings: BTreeMap<String, Tensor>,
+    embeddings: BTreeMap<String, (Tensor, Option<Tensor>)>,
 }
 
 impl TextCache {
@@ -30,13 +31,15 @@ impl TextCache {
         distinct.dedup();
         let mut embeddings = BTreeMap::new();
         for chunk in distinct.chunks(batch_size.max(1)) {
-            let hidden = text_encoders
-                .encode(chunk, device)?
-                .context
-                .to_dtype(DType::F32)?
-                .to_device(&Device::Cpu)?;
+            let conditioning = text_encoders.encode(chunk, device)?;
+            let on_cpu = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)
+            };
+            let hidden = on_cpu(&conditioning.context)?;
+            let pooled = conditioning.pooled.as_ref().map(on_cpu).transpose()?;
             for (i, caption) in chunk.iter().enumerate() {
-                embeddings.insert(caption.to_string(), hidden.get(i)?);
+                let row = pooled.as_ref().map(|p| p.get(i)).transpose()?;
+                embeddings.insert(caption.to_string(), (hidden.get(i)?, row));
             }
         }
         Ok(TextCache { embeddings })
@@ -65,8 +68,14 @@ impl TextCache {
                 })
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let contexts: Vec<&Tensor> = tensors.iter().map(|(c, _)| c).collect();
+        let pooled: Option<Vec<&Tensor>> = tensors.iter().map(|(_, p)| p.as_ref()).collect();
         Ok(Conditioning {
-            context: Tensor::stack(&tensors, 0)?.to_device(device)?,
+            context: Tensor::stack(&contexts, 0)?.to_device(device)?,
+            pooled: match pooled {
+                Some(p) if !p.is_empty() => Some(Tensor::stack(&p, 0)?.to_device(device)?),
+                _ => None,
+            },
         })
     }
 }
