@@ -326,19 +326,22 @@ impl LdmUnet {
     }
 }
 
-/// `in_layers.0` → `norm1` and the other renames inside a resnet.
+/// The modules inside a resnet: (LDM name, diffusers name).
+const RESNET_MODULES: [(&str, &str); 6] = [
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+];
+
+/// `in_layers.0.weight` → `norm1.weight` and the other renames inside a resnet.
 fn resnet_key(rest: &str) -> Option<String> {
-    const RENAMES: [(&str, &str); 6] = [
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    RENAMES
-        .iter()
-        .find_map(|(ldm, ours)| rest.strip_prefix(ldm).map(|p| format!("{ours}{p}")))
+    RESNET_MODULES.iter().find_map(|(ldm, ours)| {
+        let tail = strip_module(rest, ldm)?;
+        tail.starts_with('.').then(|| format!("{ours}{tail}"))
+    })
 }
 
 fn diffusers_key(
@@ -489,20 +492,12 @@ fn split_index(text: &str) -> Option<(usize, &str)> {
 /// `.conv1.weight` → `.in_layers.2.weight` and the other renames inside a resnet (the inverse of
 /// [`resnet_key`]); `""` (the resnet itself) stays.
 fn ldm_resnet(tail: &str) -> Option<String> {
-    const RENAMES: [(&str, &str); 6] = [
-        ("norm1", "in_layers.0"),
-        ("conv1", "in_layers.2"),
-        ("time_emb_proj", "emb_layers.1"),
-        ("norm2", "out_layers.0"),
-        ("conv2", "out_layers.3"),
-        ("conv_shortcut", "skip_connection"),
-    ];
     let Some(rest) = tail.strip_prefix('.') else {
         return tail.is_empty().then(String::new);
     };
-    RENAMES
+    RESNET_MODULES
         .iter()
-        .find_map(|(ours, ldm)| strip_module(rest, ours).map(|t| format!(".{ldm}{t}")))
+        .find_map(|(ldm, ours)| strip_module(rest, ours).map(|t| format!(".{ldm}{t}")))
 }
 
 #[cfg(test)]
