@@ -68,7 +68,8 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
-    /// The conditionings of several batches as one batch, in order (`[Σ B, T, D]`).
+    /// The conditionings of several batches as one batch, in order (`[Σ B, T, D]`); with a
+    /// pooled output when every part has one.
     pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning> {
         let contexts: Vec<&Tensor> = parts.iter().map(|c| &c.context).collect();
         let pooled: Option<Vec<&Tensor>> = parts.iter().map(|c| c.pooled.as_ref()).collect();
