@@ -137,6 +137,7 @@ fn accumulated_micro_batches_average_their_losses() {
         &trainer.noise,
         &latents,
         &context,
+        None,
         &draws,
         None,
     )

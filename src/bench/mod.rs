@@ -483,7 +483,15 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
         let heap_before = profile::heap_bytes();
         let loss = {
             let _t = profile::scope("step: forward and loss");
-            diffusion_loss(&unet, &schedule, &latents, &conditioning, &draws, None)?
+            diffusion_loss(
+                &unet,
+                &schedule,
+                &latents,
+                &conditioning,
+                None,
+                &draws,
+                None,
+            )?
         };
         if options.breakdown && step == options.warmup {
             eprint!("{}", kept_for_backward(&loss.loss));

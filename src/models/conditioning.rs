@@ -83,6 +83,32 @@ impl Conditioning {
     }
 }
 
+/// SDXL's six size numbers for one training sample, as kohya's `sdxl_train_network` computes
+/// them (after Stability's preprocessing): the image's original height and width; the top and
+/// left offsets of the image fitted *inside* the bucket (aspect kept, centred; not the crop this
+/// trainer cuts, which kohya does not record either), the left one mirrored for a flipped
+/// sample; the bucket's height and width. Sizes are `(width, height)` in pixels.
+pub fn size_ids(original: (u32, u32), bucket: (u32, u32), flipped: bool) -> [f32; 6] {
+    let (bw, bh) = (f64::from(bucket.0), f64::from(bucket.1));
+    let image_ar = f64::from(original.0) / f64::from(original.1.max(1));
+    let (fit_w, fit_h) = if bw / bh > image_ar {
+        (bh * image_ar, bh)
+    } else {
+        (bw, bw / image_ar)
+    };
+    let left = ((bw - fit_w) / 2.0).floor();
+    let top = ((bh - fit_h) / 2.0).floor();
+    let left = if flipped { bw - (left + fit_w) } else { left };
+    [
+        original.1 as f32,
+        original.0 as f32,
+        top.trunc() as f32,
+        left.trunc() as f32,
+        bucket.1 as f32,
+        bucket.0 as f32,
+    ]
+}
+
 impl TextEncoders {
     /// A base model with one CLIP text encoder read with `clip_skip` (SD 1.x, 2.x).
     pub fn single(tokenizer: ClipTokenizer, model: ClipTextModel, clip_skip: usize) -> Self {
@@ -268,5 +294,31 @@ mod tests {
         let plain = Conditioning::cat(&[&part(1.0, false)?, &part(2.0, false)?])?;
         assert!(plain.pooled.is_none());
         Ok(())
+    }
+
+    /// Values from kohya's formula (`BucketManager.get_crop_ltrb` and the flip in
+    /// `train_util`), computed in Python for these sizes.
+    #[test]
+    fn size_ids_follow_kohyas_rule() {
+        assert_eq!(
+            size_ids((1200, 800), (1024, 768), false),
+            [800.0, 1200.0, 42.0, 0.0, 768.0, 1024.0]
+        );
+        assert_eq!(
+            size_ids((1200, 800), (1024, 768), true),
+            [800.0, 1200.0, 42.0, 0.0, 768.0, 1024.0]
+        );
+        assert_eq!(
+            size_ids((600, 900), (832, 1216), false),
+            [900.0, 600.0, 0.0, 10.0, 1216.0, 832.0]
+        );
+        assert_eq!(
+            size_ids((600, 900), (832, 1216), true),
+            [900.0, 600.0, 0.0, 11.0, 1216.0, 832.0]
+        );
+        assert_eq!(
+            size_ids((513, 771), (640, 960), true),
+            [771.0, 513.0, 0.0, 1.0, 960.0, 640.0]
+        );
     }
 }

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use crate::models::conditioning::Conditioning;
 use crate::models::noise::NoiseSchedule;
-use crate::models::unet::UNet2DConditionModel;
+use crate::models::unet::{TextTimeInputs, UNet2DConditionModel};
 use crate::rng::{normal_f32, stream, Purpose};
 use crate::Result;
 
@@ -71,6 +71,8 @@ pub struct MicroBatchLoss {
 
 /// The diffusion loss of a micro-batch. `latents`: `[B, C, h, w]` f32, already scaled by the
 /// VAE's scaling factor; `conditioning`: the captions' (context `[B, T, cross_attention_dim]`);
+/// `size_ids`: `[B, 6]` SDXL's size numbers ([`crate::models::conditioning::size_ids`]), used
+/// with the conditioning's pooled output when it has one;
 /// `min_snr_gamma`: weight each sample by min-SNR-γ. The UNet runs in its own dtype; the loss is
 /// computed in f32.
 pub fn diffusion_loss(
@@ -78,6 +80,7 @@ pub fn diffusion_loss(
     schedule: &NoiseSchedule,
     latents: &Tensor,
     conditioning: &Conditioning,
+    size_ids: Option<&Tensor>,
     draws: &Draws,
     min_snr_gamma: Option<f64>,
 ) -> Result<MicroBatchLoss> {
@@ -85,10 +88,20 @@ pub fn diffusion_loss(
     let latents = latents.to_dtype(DType::F32)?;
     let noisy = schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
     let target = schedule.target(&latents, &draws.noise, &draws.timesteps)?;
-    let prediction = unet.forward(
+    // SDXL's added conditioning: the pooled text embedding and each sample's size numbers.
+    let added = match (&conditioning.pooled, size_ids) {
+        (Some(pooled), Some(ids)) => Some(TextTimeInputs {
+            text_embeds: pooled.clone(),
+            time_ids: ids.clone(),
+        }),
+        _ => None,
+    };
+    let prediction = unet.forward_with(
         &noisy.to_dtype(dtype)?,
         &draws.timesteps,
         &conditioning.context.to_dtype(dtype)?,
+        added.as_ref(),
+        &mut |_, _| Ok(()),
     )?;
     let error = (prediction.to_dtype(DType::F32)? - target)?.sqr()?;
     let per_sample = error.flatten_from(1)?.mean(1)?;
@@ -214,7 +227,15 @@ mod tests {
                 context: context.clone(),
                 pooled: None,
             };
-            let plain = diffusion_loss(&unet, &schedule, &latents, &conditioning, &draws, None)?;
+            let plain = diffusion_loss(
+                &unet,
+                &schedule,
+                &latents,
+                &conditioning,
+                None,
+                &draws,
+                None,
+            )?;
             let want = (per_sample[0] + per_sample[1]) / 2.0;
             assert!(
                 (plain.value - want).abs() <= 1e-5 * want.abs(),
@@ -226,6 +247,7 @@ mod tests {
                 &schedule,
                 &latents,
                 &conditioning,
+                None,
                 &draws,
                 Some(0.01),
             )?;
@@ -240,6 +262,87 @@ mod tests {
                 "the weights must matter"
             );
         }
+        Ok(())
+    }
+
+    /// With a pooled output and size numbers the loss runs SDXL's UNet with them (the tiny
+    /// SDXL-structured fixture); without the numbers that UNet refuses.
+    #[test]
+    fn sdxl_conditioning_reaches_the_unet() -> Result<()> {
+        use crate::models::unet::TextTimeInputs;
+        use crate::nn::weights::TensorSource;
+        use crate::nn::WeightStore;
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl/unet");
+        let config = UNetConfig::from_file(&dir.join("config.json"))?;
+        let source = TensorSource::safetensors(&dir.join("diffusion_pytorch_model.safetensors"))?;
+        let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
+        let unet = UNet2DConditionModel::new(Scope::root(&store), &config)?;
+        let dev = Device::Cpu;
+        let schedule = schedule("epsilon")?;
+        let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev)?;
+        let conditioning = Conditioning {
+            context: Tensor::randn(0f32, 1.0, (2, 5, 24), &dev)?,
+            pooled: Some(Tensor::randn(0f32, 1.0, (2, 16), &dev)?),
+        };
+        let ids = Tensor::new(
+            &[
+                [800f32, 1200.0, 42.0, 0.0, 768.0, 1024.0],
+                [900.0, 600.0, 0.0, 11.0, 1216.0, 832.0],
+            ],
+            &dev,
+        )?;
+        let draws = Draws::sample(3, 0, 0, latents.dims(), 1000, 0.0, &dev)?;
+        let loss = diffusion_loss(
+            &unet,
+            &schedule,
+            &latents,
+            &conditioning,
+            Some(&ids),
+            &draws,
+            None,
+        )?;
+        let noisy = schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
+        let target = schedule.target(&latents, &draws.noise, &draws.timesteps)?;
+        let added = TextTimeInputs {
+            text_embeds: conditioning.pooled.clone().unwrap(),
+            time_ids: ids.clone(),
+        };
+        let pred = unet.forward_with(
+            &noisy,
+            &draws.timesteps,
+            &conditioning.context,
+            Some(&added),
+            &mut |_, _| Ok(()),
+        )?;
+        let want = (pred - target)?.sqr()?.mean_all()?.to_scalar::<f32>()?;
+        assert!(
+            (loss.value - want).abs() <= 1e-6 * want.abs(),
+            "{} vs {want}",
+            loss.value
+        );
+        // Other size numbers, another loss: they are used.
+        let other = (ids.clone() * 0.5)?;
+        let moved = diffusion_loss(
+            &unet,
+            &schedule,
+            &latents,
+            &conditioning,
+            Some(&other),
+            &draws,
+            None,
+        )?;
+        assert!((moved.value - loss.value).abs() > 1e-6);
+        assert!(diffusion_loss(
+            &unet,
+            &schedule,
+            &latents,
+            &conditioning,
+            None,
+            &draws,
+            None
+        )
+        .is_err());
         Ok(())
     }
 }

@@ -20,7 +20,7 @@ use super::text_cache::TextCache;
 use super::{clip_grad_norm, TrainError};
 use crate::dataset::{Batch, Dataset, ImageView};
 use crate::lora::LoraNetworks;
-use crate::models::conditioning::{Conditioning, TextEncoders};
+use crate::models::conditioning::{size_ids, Conditioning, TextEncoders};
 use crate::models::noise::NoiseSchedule;
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::AutoencoderKL;
@@ -101,6 +101,10 @@ impl Trainer {
             self.networks.set_step(step as u64, micro as u64);
             let latents = self.latents_of(dataset, batch)?;
             let conditioning = self.conditioning_of(batch)?;
+            let size_ids = match conditioning.pooled {
+                Some(_) => Some(size_ids_of(dataset, batch, &self.device)?),
+                None => None,
+            };
             let draws = Draws::sample(
                 self.settings.seed,
                 step as u64,
@@ -115,6 +119,7 @@ impl Trainer {
                 &self.noise,
                 &latents,
                 &conditioning,
+                size_ids.as_ref(),
                 &draws,
                 self.settings.min_snr_gamma,
             )?;
@@ -163,6 +168,22 @@ impl Trainer {
             None => self.text_encoders.encode(&captions, &self.device),
         }
     }
+}
+
+/// SDXL's size numbers of a batch's samples, `[B, 6]` f32 on `device`.
+fn size_ids_of(dataset: &Dataset, batch: &Batch, device: &Device) -> Result<Tensor> {
+    let images = dataset.images();
+    let mut rows = Vec::with_capacity(batch.items.len() * 6);
+    for item in &batch.items {
+        let image = images.get(item.image).ok_or_else(|| {
+            TrainError::Usage(format!(
+                "batch item {} is not an image of the dataset",
+                item.image
+            ))
+        })?;
+        rows.extend(size_ids(image.size, image.bucket, item.flip));
+    }
+    Ok(Tensor::from_vec(rows, (batch.items.len(), 6), device)?)
 }
 
 /// The optimizer groups of `networks`: UNet adapters at `unet_lr`, text-encoder adapters at
