@@ -47,8 +47,9 @@ pub struct UNet2DConditionModel {
     dtype: DType,
     conv_in: Conv2d,
     time_embedding: TimestepEmbedding,
-    /// SDXL's embedding of the pooled text and the time ids (`add_embedding`).
-    add_embedding: Option<TimestepEmbedding>,
+    /// SDXL's embedding of the pooled text and the time ids (`add_embedding`), with the width
+    /// of each time id's sinusoidal features.
+    add_embedding: Option<(TimestepEmbedding, usize)>,
     down_blocks: Vec<DownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UpBlock>,
@@ -85,11 +86,10 @@ impl UNet2DConditionModel {
         )?;
         let time_embedding = TimestepEmbedding::new(scope.pp("time_embedding"), ch0, temb)?;
         let add_embedding = match c.addition {
-            Some(a) => Some(TimestepEmbedding::new(
-                scope.pp("add_embedding"),
-                a.input_dim,
-                temb,
-            )?),
+            Some(a) => Some((
+                TimestepEmbedding::new(scope.pp("add_embedding"), a.input_dim, temb)?,
+                a.time_ids_dim,
+            )),
             None => None,
         };
 
@@ -235,37 +235,22 @@ impl UNet2DConditionModel {
         timesteps: &Tensor,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        self.forward_traced(sample, timesteps, encoder_hidden_states, &mut |_, _| Ok(()))
+        self.forward_with(
+            sample,
+            timesteps,
+            encoder_hidden_states,
+            None,
+            &mut |_, _| Ok(()),
+        )
     }
 
     /// [`UNet2DConditionModel::forward`] with SDXL's added conditioning, which a UNet with
-    /// `addition_embed_type: "text_time"` needs (and any other refuses).
+    /// `addition_embed_type: "text_time"` needs (and any other refuses), calling
+    /// `trace(module_path, output)` with the output of each top-level module: `time_proj` (the
+    /// sinusoidal features), `time_embedding`, `add_embedding` (SDXL), `conv_in`,
+    /// `down_blocks.{i}` (the hidden states), `mid_block`, `up_blocks.{i}`, `conv_out` (for
+    /// comparisons with diffusers' hooks).
     pub fn forward_with(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        added: Option<&TextTimeInputs>,
-        trace: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        self.run(sample, timesteps, encoder_hidden_states, added, trace)
-    }
-
-    /// [`UNet2DConditionModel::forward`], calling `trace(module_path, output)` with the output
-    /// of each top-level module: `time_proj` (the sinusoidal features), `time_embedding`,
-    /// `conv_in`, `down_blocks.{i}` (the hidden states), `mid_block`, `up_blocks.{i}`,
-    /// `conv_out` (for comparisons with diffusers' hooks).
-    pub fn forward_traced(
-        &self,
-        sample: &Tensor,
-        timesteps: &Tensor,
-        encoder_hidden_states: &Tensor,
-        trace: &mut dyn FnMut(&str, &Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        self.run(sample, timesteps, encoder_hidden_states, None, trace)
-    }
-
-    fn run(
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
@@ -307,24 +292,24 @@ impl UNet2DConditionModel {
             .forward(&features.to_dtype(self.dtype)?)?;
         trace("time_embedding", &temb)?;
         let temb =
-            match (&self.add_embedding, self.config.addition, added) {
-                (Some(embedding), Some(a), Some(inputs)) => {
-                    let aug = self.text_time_embedding(embedding, a.time_ids_dim, inputs, b)?;
+            match (&self.add_embedding, added) {
+                (Some((embedding, time_ids_dim)), Some(inputs)) => {
+                    let aug = self.text_time_embedding(embedding, *time_ids_dim, inputs, b)?;
                     trace("add_embedding", &aug)?;
                     (temb + aug)?
                 }
-                (Some(_), _, None) => {
+                (Some(_), None) => {
                     return Err(shape_error(
                         "this UNet (SDXL's) needs the pooled text embedding and the size and crop \
                      numbers (`add_time_ids`)"
                             .to_string(),
                     ))
                 }
-                (None, _, Some(_)) | (Some(_), None, Some(_)) => return Err(shape_error(
+                (None, Some(_)) => return Err(shape_error(
                     "this UNet takes no pooled text embedding or size numbers (only SDXL's does)"
                         .to_string(),
                 )),
-                (None, _, None) => temb,
+                (None, None) => temb,
             };
 
         let mut h = self.conv_in.forward(&sample)?;
@@ -354,9 +339,7 @@ impl UNet2DConditionModel {
         trace("conv_out", &out)?;
         Ok(out)
     }
-}
 
-impl UNet2DConditionModel {
     /// `add_embedding(cat(text_embeds, features(time_ids)))`: `[B, time_embed_dim]`.
     fn text_time_embedding(
         &self,

@@ -81,6 +81,21 @@ fn geglu_input_grad(h: &Tensor, grad: &Tensor, inner: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[da, dg], last)?.to_dtype(dtype)?)
 }
 
+/// `(out, inner)` of the next layer's `weight` `[out, inner]`, when `h`'s last axis is the
+/// `2 · inner` GEGLU halves it reads.
+fn fitting_shapes(h: &Tensor, weight: &Tensor) -> Result<(usize, usize)> {
+    let (out, inner) = weight.dims2()?;
+    if h.dim(candle_core::D::Minus1)? != 2 * inner {
+        return Err(candle_core::Error::Msg(format!(
+            "geglu: input {:?} does not fit the next layer's weight {:?}",
+            h.dims(),
+            weight.dims()
+        ))
+        .into());
+    }
+    Ok((out, inner))
+}
+
 /// [`geglu_generic`] followed by a frozen linear layer (`W: [out, inner]`) and, with a
 /// `residual`, the sum, in one node: as [`geglu_linear`] does on the CPU, the GEGLU output is
 /// not kept for backward (`dG = dY W`, then GEGLU's input gradient from `h`). For CUDA and half
@@ -91,15 +106,7 @@ pub fn geglu_linear_generic(
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (out, inner) = weight.dims2()?;
-    if h.dim(candle_core::D::Minus1)? != 2 * inner {
-        return Err(candle_core::Error::Msg(format!(
-            "geglu: input {:?} does not fit the next layer's weight {:?}",
-            h.dims(),
-            weight.dims()
-        ))
-        .into());
-    }
+    let (out, inner) = fitting_shapes(h, weight)?;
     let hd = h.detach();
     let mut y = super::frozen::linear_plain(&geglu_value(&hd, inner)?, weight, bias)?;
     if let Some(r) = residual {
@@ -158,15 +165,7 @@ pub fn geglu_linear(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     let _t = super::profile::scope("geglu + frozen linear");
-    let (out, inner) = weight.dims2()?;
-    if h.dim(candle_core::D::Minus1)? != 2 * inner {
-        return Err(candle_core::Error::Msg(format!(
-            "geglu: input {:?} does not fit the next layer's weight {:?}",
-            h.dims(),
-            weight.dims()
-        ))
-        .into());
-    }
+    let (out, _) = fitting_shapes(h, weight)?;
     let then = Then {
         weight: weight.contiguous()?,
         bias: bias.map(Tensor::contiguous).transpose()?,
