@@ -29,13 +29,18 @@ diffusers (the versions used are written into the reference's metadata):
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import diffusers
 import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from make_fixtures import EOS as EOS_TOKEN
+from make_fixtures import TINY_MERGES, write_clip_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 POOLED = 16  # width of the pooled text embedding (1280 in SDXL)
@@ -63,8 +68,8 @@ def unet_config() -> dict:
     )
 
 
-VOCAB = 64
-EOS = 63  # the tiny vocabulary's end-of-text id (49407 in the real tokenizers)
+VOCAB = 1000  # the tiny CLIP tokenizer's (make_fixtures.py), so the folder is a whole pipeline
+EOS = 999  # the tiny vocabulary's end-of-text id (49407 in the real tokenizers)
 
 
 def text_config(hidden: int, act: str, projection: int | None) -> CLIPTextConfig:
@@ -75,11 +80,11 @@ def text_config(hidden: int, act: str, projection: int | None) -> CLIPTextConfig
         intermediate_size=2 * hidden,
         num_hidden_layers=3,
         num_attention_heads=2,
-        max_position_embeddings=16,
+        max_position_embeddings=77,
         hidden_act=act,
         bos_token_id=EOS - 1,
         eos_token_id=EOS,
-        pad_token_id=0,
+        pad_token_id=1,
         **extra,
     )
 
@@ -110,7 +115,103 @@ def text_encoders(ref: dict):
     ref["text2.penultimate"] = out2.hidden_states[-2]
     ref["text2.last_hidden_state"] = out2.last_hidden_state
     ref["text2.text_embeds"] = out2.text_embeds
-    return ids, out1, out2
+    return ids, out1, out2, te1, te2
+
+
+SCHEDULER = dict(  # SDXL base 1.0's scheduler_config.json, at toy scale nothing changes
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    skip_prk_steps=True,
+)
+PROMPT = "a cyberpunk city at night, neon lights"
+NEGATIVE = "blurry"
+
+
+def pipeline_folder(unet, te1, te2, ref: dict) -> None:
+    """The rest of a diffusers SDXL folder (tokenizers, VAE, scheduler, model_index.json) and one
+    StableDiffusionXLPipeline run on it (DDIM, 2 steps, 32 px, fixed starting latents)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+    )
+
+    folder = ROOT / "tiny-sdxl"
+    write_clip_tokenizer(folder / "tokenizer", TINY_MERGES, EOS_TOKEN)
+    write_clip_tokenizer(folder / "tokenizer_2", TINY_MERGES, "!")  # SDXL's second pads with `!`
+    torch.manual_seed(5)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+        scaling_factor=0.13025,  # SDXL's
+        force_upcast=True,
+    ).eval()
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    extra = ("clip_sample", "sample_max_value", "set_alpha_to_one", "skip_prk_steps")
+    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SCHEDULER.items() if k not in extra})
+    tok1 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"))
+    tok2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tok1,
+        tokenizer_2=tok2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        for part in ("vae", "scheduler"):
+            shutil.rmtree(folder / part, ignore_errors=True)
+            shutil.copytree(Path(tmp) / part, folder / part)
+        shutil.copy(Path(tmp) / "model_index.json", folder / "model_index.json")
+    # SDXL base's file carries keys Euler does not take (left from the DDIM/PNDM configs).
+    config = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": diffusers.__version__}
+    config.update(SCHEDULER)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # The reference run: DDIM with the folder's scheduler keys (as `generate --sampler ddim`).
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(7)
+    latents = torch.randn((1, 4, 8, 8), generator=gen)
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            negative_prompt=NEGATIVE,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            latents=latents.clone(),
+            output_type="pt",
+        ).images
+    ref["pipeline.latents"] = latents
+    ref["pipeline.image"] = image.contiguous()
+    ref["pipeline.ids1"] = tok1(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ref["pipeline.ids2"] = tok2(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
 
 
 def main() -> None:
@@ -163,7 +264,7 @@ def main() -> None:
         "unet.out": out,
     }
     ref.update({f"unet.hook.{n}": t.contiguous() for n, t in hooks.items()})
-    ids, out1, out2 = text_encoders(ref)
+    ids, out1, out2, te1, te2 = text_encoders(ref)
     # One UNet evaluation conditioned as StableDiffusionXLPipeline conditions: both encoders'
     # penultimate states joined, the second one's projected pooled output, the size numbers.
     context = torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1)
@@ -174,6 +275,7 @@ def main() -> None:
             context,
             added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids},
         ).sample
+    pipeline_folder(unet, te1, te2, ref)
     # One key: safetensors writes a metadata map in no fixed order, and the file must not change
     # from run to run.
     import transformers
