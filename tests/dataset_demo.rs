@@ -12,6 +12,7 @@ fn bundled_demo_dataset_opens_cleanly() {
         metadata_path: Some(dir.join("metadata.csv")),
         caption_extension: ".txt".to_string(),
         resolution: 128,
+        resolution_given: true,
         enable_bucket: true,
         min_bucket_reso: 64,
         max_bucket_reso: 256,

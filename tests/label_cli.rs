@@ -94,6 +94,7 @@ fn train_accepts(folder: &Path, csv: &Path) -> Dataset {
         metadata_path: Some(csv.to_path_buf()),
         caption_extension: ".txt".to_string(),
         resolution: 64,
+        resolution_given: true,
         enable_bucket: false,
         min_bucket_reso: 64,
         max_bucket_reso: 64,

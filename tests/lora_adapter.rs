@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use lora_support::*;
 use lora_trainer::config::{LoraSettings, TargetPreset};
-use lora_trainer::lora::{LoraNetworks, NetworkOptions};
+use lora_trainer::lora::{LoraBase, LoraNetworks, NetworkOptions};
 use lora_trainer::models::family::ModelFamily;
 use lora_trainer::nn::gradcheck::GradCheck;
 use lora_trainer::nn::{Conv2d, ConvConfig, Linear, Scope, WeightStore};
@@ -18,7 +18,7 @@ use lora_trainer::nn::{Conv2d, ConvConfig, Linear, Scope, WeightStore};
 fn networks(settings: &LoraSettings, seed: u64, dtype: DType) -> LoraNetworks {
     let mut options = NetworkOptions::new(seed, &Device::Cpu);
     options.dtype = dtype;
-    LoraNetworks::new(settings, Some(ModelFamily::Sd1), options).unwrap()
+    LoraNetworks::new(settings, LoraBase::sd(ModelFamily::Sd1), options).unwrap()
 }
 
 fn layer_store(weight: Tensor, bias: Tensor) -> WeightStore {

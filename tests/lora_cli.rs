@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::{SaveFormat, SavePrecision, TargetPreset};
-use lora_trainer::lora::{save_lora, LoraNetworks, NetworkOptions};
+use lora_trainer::lora::{save_lora, LoraBase, LoraNetworks, NetworkOptions};
 use lora_trainer::models::family::ModelFamily;
 
 fn inspect(path: &Path) -> Output {
@@ -25,7 +25,7 @@ fn export(dir: &Path, format: SaveFormat) -> std::path::PathBuf {
     let s = settings(preset(TargetPreset::Default));
     let nets = LoraNetworks::new(
         &s,
-        Some(ModelFamily::Sd1),
+        LoraBase::sd(ModelFamily::Sd1),
         NetworkOptions::new(1, &Device::Cpu),
     )
     .unwrap();
@@ -47,6 +47,7 @@ fn export(dir: &Path, format: SaveFormat) -> std::path::PathBuf {
     let path = dir.join(format!("{format}.safetensors"));
     save_lora(
         &nets.adapters(),
+        None,
         &path,
         format,
         SavePrecision::Fp16,

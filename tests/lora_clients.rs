@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::{SaveFormat, SavePrecision, TargetModules, TargetPreset};
-use lora_trainer::lora::{save_lora, LoraNetworks, NetworkOptions};
+use lora_trainer::lora::{save_lora, LoraBase, LoraNetworks, NetworkOptions};
 use lora_trainer::models::family::ModelFamily;
 
 #[test]
@@ -35,7 +35,7 @@ fn write_files_for_the_client_check() {
         s.conv_lora = conv;
         let nets = LoraNetworks::new(
             &s,
-            Some(ModelFamily::Sd1),
+            LoraBase::sd(ModelFamily::Sd1),
             NetworkOptions::new(1, &Device::Cpu),
         )
         .unwrap();
@@ -53,6 +53,7 @@ fn write_files_for_the_client_check() {
             let file = format!("{name}.{format}.{precision}.safetensors");
             save_lora(
                 &nets.adapters(),
+                None,
                 &dir.join(&file),
                 format,
                 precision,

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use lora_support::*;
 use lora_trainer::config::{LoraSettings, SaveFormat, SavePrecision, TargetPreset, TrainPlan};
 use lora_trainer::lora::hash::{addnet_hashes, model_hash};
-use lora_trainer::lora::{save_lora, LoraFile, LoraFormat, LoraNetworks, NetworkOptions};
+use lora_trainer::lora::{save_lora, LoraBase, LoraFile, LoraFormat, LoraNetworks, NetworkOptions};
 use lora_trainer::models::family::ModelFamily;
 use lora_trainer::preflight::StepCounts;
 
@@ -39,7 +39,7 @@ fn header_metadata() -> BTreeMap<String, String> {
 fn networks_for(settings: &LoraSettings) -> lora_trainer::Result<LoraNetworks> {
     LoraNetworks::new(
         settings,
-        Some(ModelFamily::Sd1),
+        LoraBase::sd(ModelFamily::Sd1),
         NetworkOptions::new(5, &Device::Cpu),
     )
 }
@@ -66,6 +66,7 @@ fn save(
     let path = dir.join(name);
     save_lora(
         &nets.adapters(),
+        None,
         &path,
         format,
         precision,

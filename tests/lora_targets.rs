@@ -10,7 +10,7 @@ use candle_core::{DType, Device};
 use lora_support::*;
 use lora_trainer::config::TargetPreset;
 use lora_trainer::lora::export::kohya_tensors;
-use lora_trainer::lora::{LoraNetworks, NetworkOptions};
+use lora_trainer::lora::{LoraBase, LoraNetworks, NetworkOptions};
 use lora_trainer::models::clip_text::ClipTextModel;
 use lora_trainer::models::family::ModelFamily;
 use lora_trainer::models::unet::UNet2DConditionModel;
@@ -22,7 +22,7 @@ fn sd15_networks(
 ) -> lora_trainer::Result<LoraNetworks> {
     let networks = LoraNetworks::new(
         settings,
-        Some(ModelFamily::Sd1),
+        LoraBase::sd(ModelFamily::Sd1),
         NetworkOptions::new(1, &Device::Cpu),
     )?;
     let store = WeightStore::shape_only(DType::F32, Device::Cpu);
@@ -90,7 +90,7 @@ fn sd15_default_targets_are_exactly_64_unet_and_24_text_encoder_modules() {
     assert!(got.contains("lora_te_text_model_encoder_layers_11_self_attn_q_proj"));
 
     // The file's keys: down, up and a 0-dim alpha per module, nothing else.
-    let tensors = kohya_tensors(&networks.adapters(), DType::F16).unwrap();
+    let tensors = kohya_tensors(&networks.adapters(), None, DType::F16).unwrap();
     let keys: BTreeSet<String> = tensors.iter().map(|(k, _)| k.clone()).collect();
     let expected_keys: BTreeSet<String> = expected
         .iter()
@@ -235,7 +235,7 @@ fn the_report_from_configs_alone_counts_sd15_modules_and_parameters() {
     s.rank = 8;
     let report = LoraNetworks::report_from_configs(
         &s,
-        Some(ModelFamily::Sd1),
+        LoraBase::sd(ModelFamily::Sd1),
         &sd15_unet_config(),
         &sd15_text_config(),
     )

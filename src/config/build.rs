@@ -98,7 +98,8 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
             caption_extension,
         )
         .unwrap_or_else(|| ".txt".into());
-    let resolution = f.get("resolution", &[], resolution).unwrap_or(512);
+    let resolution_given = f.get("resolution", &[], resolution);
+    let resolution = resolution_given.unwrap_or(512);
     let enable_bucket = f.get("enable_bucket", &[], flag).unwrap_or(false);
     let min_bucket_reso = f.get("min_bucket_reso", &[], pixels).unwrap_or(256);
     let max_bucket_reso = f.get("max_bucket_reso", &[], pixels).unwrap_or(1024);
@@ -124,6 +125,7 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
         metadata_path,
         caption_extension,
         resolution,
+        resolution_given: resolution_given.is_some(),
         enable_bucket,
         min_bucket_reso,
         max_bucket_reso,
@@ -170,6 +172,9 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
     let tokenizer = f
         .get("tokenizer", &[], text)
         .map(|t| model_reference(cwd, &t));
+    let tokenizer_2 = f
+        .get("tokenizer_2", &[], text)
+        .map(|t| model_reference(cwd, &t));
     let vae = f.get("vae", &[], text).map(|t| model_reference(cwd, &t));
     let clip_skip = f.get("clip_skip", &[], count(1)).unwrap_or(1);
     // kohya's `v_parameterization: true` is `prediction_type: v_prediction`.
@@ -186,6 +191,7 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
     Some(ModelSettings {
         base_model: model_reference(cwd, &base_model?),
         tokenizer,
+        tokenizer_2,
         vae,
         clip_skip,
         prediction_type,

@@ -45,6 +45,9 @@ pub struct DatasetSpec {
     pub caption_extension: String,
     /// Training resolution in pixels (square side; buckets keep area ≤ resolution²).
     pub resolution: u32,
+    /// Whether the config set `resolution`; when not, the preflight puts the base model
+    /// family's default in its place (512, SDXL 1024) once the model is found.
+    pub resolution_given: bool,
     pub enable_bucket: bool,
     pub min_bucket_reso: u32,
     pub max_bucket_reso: u32,
@@ -75,6 +78,8 @@ pub struct ModelSettings {
     pub base_model: String,
     /// Tokenizer folder or hub id, for single-file models (which carry none).
     pub tokenizer: Option<String>,
+    /// The second text encoder's tokenizer (SDXL), likewise.
+    pub tokenizer_2: Option<String>,
     /// A VAE to use instead of the base model's.
     pub vae: Option<String>,
     /// 1 = the text encoder's last layer; N = the hidden state N−1 layers from the end.

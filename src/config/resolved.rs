@@ -68,6 +68,7 @@ impl TrainPlan {
             ("seed", Some(d.seed.to_string())),
             ("base_model", Some(quoted(&m.base_model))),
             ("tokenizer", m.tokenizer.as_deref().map(quoted)),
+            ("tokenizer_2", m.tokenizer_2.as_deref().map(quoted)),
             ("vae", m.vae.as_deref().map(quoted)),
             ("clip_skip", Some(m.clip_skip.to_string())),
             (

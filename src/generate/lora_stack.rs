@@ -21,8 +21,8 @@ use candle_core::{DType, Device, Tensor};
 use super::error::GenerateError;
 use super::lora_files::LoadedLora;
 use crate::lora::import::FileTargets;
+use crate::lora::LoraBase;
 use crate::lora::{Dropout, LoraAdapter, LoraModel, TrainingState};
-use crate::models::family::ModelFamily;
 use crate::nn::{Adapter, AdapterProvider, LayerKind};
 use crate::Result;
 
@@ -43,14 +43,14 @@ pub struct LoraStack {
 }
 
 impl LoraStack {
-    /// The stack of `loras` for a base model of family `version`, adapters on `device`. A file
-    /// made for another family (SDXL, SD 2.x on SD 1.x...) is refused with the evidence.
-    pub fn new(loras: Vec<LoadedLora>, version: ModelFamily, device: &Device) -> Result<Self> {
+    /// The stack of `loras` for `base`, adapters on `device`. A file made for another family
+    /// (SDXL on SD 1.x, SD 2.x on SD 1.x...) is refused with the evidence.
+    pub fn new(loras: Vec<LoadedLora>, base: &LoraBase, device: &Device) -> Result<Self> {
         let files = loras
             .into_iter()
             .map(|l| {
                 Ok(StackedFile {
-                    targets: FileTargets::new(l.file, Some(version))?,
+                    targets: FileTargets::new(l.file, Some(base))?,
                     text_encoder_weight: l.usage.text_encoder_weight,
                     unet_weight: l.usage.unet_weight,
                     matched: Mutex::new(HashSet::new()),
@@ -138,8 +138,11 @@ impl AdapterProvider for StackProvider<'_> {
             let Some((spec, down, up)) = file.targets.select(self.model, module_path, kind)? else {
                 continue;
             };
-            if let Ok(mut matched) = file.matched.lock() {
-                matched.insert(spec.kohya_name());
+            if let (Ok(mut matched), Some(name)) = (
+                file.matched.lock(),
+                file.targets.name_of(self.model, module_path),
+            ) {
+                matched.insert(name.to_string());
             }
             let weight = match self.model {
                 LoraModel::Unet => file.unet_weight,

@@ -16,8 +16,7 @@ use super::png_info::{schedule_type, version, write_png, GenerationParameters};
 use super::prompt::parse_prompt;
 use super::samplers::SamplerKind;
 use super::schedule::{SamplerConfig, SamplingSchedule};
-use crate::lora::LoraModel;
-use crate::models::conditioning::TextEncoders;
+use crate::lora::{LoraBase, LoraModel};
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::source::ModelSource;
 use crate::{Error, Result};
@@ -112,19 +111,20 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
             }
         ));
     }
-    let stack = LoraStack::new(loras, checkpoint.family(), &options.load.device)?;
+    let base = LoraBase::new(checkpoint.family(), checkpoint.unet_config());
+    let stack = LoraStack::new(loras, &base, &options.load.device)?;
     let unet_provider = stack.provider(LoraModel::Unet);
     let text_provider = stack.provider(LoraModel::TextEncoder);
     let with = |p| (!stack.is_empty()).then_some(p);
     let unet = checkpoint.unet(with(&unet_provider as &dyn crate::nn::AdapterProvider))?;
-    let text_encoder =
-        checkpoint.text_encoder(with(&text_provider as &dyn crate::nn::AdapterProvider))?;
+    let text_encoders = checkpoint.text_encoders(
+        &[with(&text_provider as &dyn crate::nn::AdapterProvider)],
+        options.clip_skip,
+    )?;
     for warning in stack.check_all_matched(options.lenient)? {
         progress.note(&format!("warning: {warning}"));
     }
     let vae = checkpoint.vae()?;
-    let text_encoders =
-        TextEncoders::single(checkpoint.tokenizer()?, text_encoder, options.clip_skip);
 
     let keys = SamplerConfig::for_model(&source, &options.load.hub_cache)?;
     progress.note(&format!(

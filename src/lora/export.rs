@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::adapter::LoraAdapter;
 use super::hash::addnet_hashes;
-use super::names::LoraModel;
+use super::names::{LoraBase, LoraModel};
 use crate::config::{SaveFormat, SavePrecision};
 use crate::{Error, Result};
 
@@ -50,9 +50,10 @@ pub struct SavedLora {
 
 /// Saves `adapters` to `path` in `format` and `precision`; `metadata` (from
 /// [`super::metadata::TrainingMetadata::to_header`]) is completed with the `sshs_*` hashes (and
-/// diffusers' `lora_adapter_metadata`).
+/// diffusers' `lora_adapter_metadata`). kohya names are `base`'s (SD-style when unknown).
 pub fn save_lora(
     adapters: &[Arc<LoraAdapter>],
+    base: Option<&LoraBase>,
     path: &Path,
     format: SaveFormat,
     precision: SavePrecision,
@@ -61,7 +62,7 @@ pub fn save_lora(
     let dtype = save_dtype(precision);
     let mut header = metadata.clone();
     let tensors = match format {
-        SaveFormat::Kohya => kohya_tensors(adapters, dtype)?,
+        SaveFormat::Kohya => kohya_tensors(adapters, base, dtype)?,
         SaveFormat::Diffusers => {
             header.insert(
                 "lora_adapter_metadata".to_string(),
@@ -89,11 +90,20 @@ pub fn save_lora(
     })
 }
 
-/// kohya's tensors: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`.
-pub fn kohya_tensors(adapters: &[Arc<LoraAdapter>], dtype: DType) -> Result<Vec<(String, Tensor)>> {
+/// kohya's tensors: `<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha`, named
+/// for `base` (SD 1.x-style names when it is unknown).
+pub fn kohya_tensors(
+    adapters: &[Arc<LoraAdapter>],
+    base: Option<&LoraBase>,
+    dtype: DType,
+) -> Result<Vec<(String, Tensor)>> {
     let mut tensors = Vec::with_capacity(3 * adapters.len());
     for a in adapters {
-        let name = a.spec().kohya_name();
+        let spec = a.spec();
+        let name = match base {
+            Some(base) => base.kohya_name(spec.model, &spec.path),
+            None => spec.kohya_name(),
+        };
         let alpha = Tensor::new(a.spec().alpha, &Device::Cpu)?.to_dtype(dtype)?;
         tensors.push((format!("{name}.lora_down.weight"), saved(a.down(), dtype)?));
         tensors.push((format!("{name}.lora_up.weight"), saved(a.up(), dtype)?));

@@ -523,4 +523,43 @@ mod tests {
         assert!(f.modules.is_empty() && f.second_text_encoder_modules == 1);
         Ok(())
     }
+
+    #[test]
+    fn a_file_for_another_family_is_refused_naming_both() -> Result<()> {
+        use crate::lora::import::FileTargets;
+        use crate::lora::LoraBase;
+        use crate::models::family::ModelFamily;
+        use crate::models::unet_config::UNetConfig;
+        let xl_unet = UNetConfig::from_file(&crate::fixtures::path("tiny-sdxl/unet/config.json"))?;
+        let sdxl = LoraBase::new(ModelFamily::Sdxl, &xl_unet);
+        let sd1 = LoraBase::sd(ModelFamily::Sd1);
+        let with_version = |version: &str| {
+            file(
+                vec![
+                    ("lora_unet_x_attn1_to_q.lora_down.weight", t(&[4, 8])),
+                    ("lora_unet_x_attn1_to_q.lora_up.weight", t(&[8, 4])),
+                ],
+                Some(HashMap::from([(
+                    "ss_base_model_version".to_string(),
+                    version.to_string(),
+                )])),
+            )
+        };
+        let refused = |f: LoraFile, base: Option<&LoraBase>| match FileTargets::new(f, base) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let message = refused(with_version("sd_v1")?, Some(&sdxl));
+        assert!(
+            message.contains("trained on SD 1.x") && message.contains("base model is SDXL"),
+            "{message}"
+        );
+        let message = refused(with_version("sdxl_base_v1-0")?, sd1.as_ref());
+        assert!(
+            message.contains("trained on SDXL") && message.contains("base model is SD 1.x"),
+            "{message}"
+        );
+        assert_eq!(refused(with_version("sdxl_base_v1-0")?, Some(&sdxl)), "");
+        Ok(())
+    }
 }

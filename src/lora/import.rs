@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::error::{LoraError, LoraProblem};
 use super::file::{FileBase, LoraFile};
-use super::names::LoraModel;
+use super::names::{LoraBase, LoraModel};
 use super::targets::ModuleSpec;
 use crate::models::family::ModelFamily;
 use crate::nn::LayerKind;
@@ -25,20 +25,24 @@ pub struct FileTargets {
     file: LoraFile,
     by_name: HashMap<String, usize>,
     used: Mutex<Vec<bool>>,
+    base: Option<LoraBase>,
 }
 
 impl FileTargets {
-    /// Checks that `file` was made for `base` (when known; an SDXL file is always refused).
-    pub fn new(file: LoraFile, base: Option<ModelFamily>) -> Result<Self> {
+    /// Checks that `file` was made for `base` (when known; an unknown base is an SD 1.x or 2.x
+    /// one).
+    pub fn new(file: LoraFile, base: Option<&LoraBase>) -> Result<Self> {
+        let family = base.map(|b| b.family);
         if let Some((found, evidence)) = file.base_model() {
-            let fits = match (&found, base) {
-                (FileBase::Sdxl, _) => false,
+            let fits = match (&found, family) {
+                (FileBase::Sdxl, None) => false,
                 (_, None) => true,
                 (FileBase::Sd1, Some(v)) => v == ModelFamily::Sd1,
                 (FileBase::Sd2, Some(v)) => v == ModelFamily::Sd2,
+                (FileBase::Sdxl, Some(v)) => v == ModelFamily::Sdxl,
             };
             if !fits {
-                let expected = base.map_or("SD 1.x or SD 2.x".to_string(), |v| v.to_string());
+                let expected = family.map_or("SD 1.x or SD 2.x".to_string(), |v| v.to_string());
                 return Err(LoraError::file(
                     &file.path,
                     LoraProblem::WrongBaseModel {
@@ -61,6 +65,7 @@ impl FileTargets {
             file,
             by_name,
             used,
+            base: base.cloned(),
         })
     }
 
@@ -77,8 +82,7 @@ impl FileTargets {
         path: &str,
         layer: LayerKind,
     ) -> Result<Option<(ModuleSpec, Tensor, Tensor)>> {
-        let name = model.kohya_name(path);
-        let Some(&index) = self.by_name.get(&name) else {
+        let Some(index) = self.index_of(model, path) else {
             return Ok(None);
         };
         let module = &self.file.modules[index];
@@ -95,6 +99,21 @@ impl FileTargets {
             used[index] = true;
         }
         Ok(Some((spec, down, up)))
+    }
+
+    /// The name of the file's module for the layer of `model` at `path`, if it has one.
+    pub fn name_of(&self, model: LoraModel, path: &str) -> Option<&str> {
+        self.index_of(model, path)
+            .map(|i| self.file.modules[i].name.as_str())
+    }
+
+    /// The file's module for a layer: by the base's kohya name (SDXL's LDM names), else by the
+    /// diffusers path's (what a diffusers-format file's modules are named by).
+    fn index_of(&self, model: LoraModel, path: &str) -> Option<usize> {
+        let own = self.base.as_ref().map(|b| b.kohya_name(model, path));
+        own.and_then(|name| self.by_name.get(&name))
+            .or_else(|| self.by_name.get(&model.kohya_name(path)))
+            .copied()
     }
 
     /// Fails, naming the key, if a module of the file found no layer. Call it once every model

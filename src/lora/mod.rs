@@ -34,7 +34,7 @@ pub use file::{FileModule, LoraFile};
 pub use file_keys::LoraFormat;
 pub use inspect::Inspection;
 pub use metadata::{NetworkMetadata, TrainingMetadata};
-pub use names::LoraModel;
+pub use names::{LoraBase, LoraModel};
 pub use network::{InferenceMode, LoraNetwork, LoraNetworks, NetworkOptions, ParamGroup};
 pub use report::{Layout, LoraReport, ModelReport};
 pub use targets::{ModuleSpec, TargetSelector};

@@ -1,8 +1,14 @@
 //! The names a LoRA module goes by: its diffusers module path inside its model, the kohya name
 //! written in A1111-style files (`lora_unet_` + path with `.` → `_`), and the diffusers/PEFT key
-//! prefix (`unet.`, `text_encoder.`).
+//! prefix (`unet.`, `text_encoder.`). For SDXL kohya names the UNet's modules by their LDM paths
+//! (`lora_unet_input_blocks_4_1_…`) and the text encoders `lora_te1_`, `lora_te2_`: the base
+//! model's family decides ([`LoraBase`]).
 
 use std::fmt;
+
+use crate::models::family::ModelFamily;
+use crate::models::load::ldm_path;
+use crate::models::unet_config::UNetConfig;
 
 /// The model a LoRA module belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -45,6 +51,51 @@ impl LoraModel {
     }
 }
 
+/// The base model as LoRA files see it: its family (a file made for another one is refused) and
+/// the names kohya gives its modules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraBase {
+    pub family: ModelFamily,
+    /// SDXL's UNet, whose modules kohya names by their LDM paths (which depend on its layout).
+    ldm_unet: Option<UNetConfig>,
+}
+
+impl LoraBase {
+    /// The base of `family` whose UNet has `unet`'s structure.
+    pub fn new(family: ModelFamily, unet: &UNetConfig) -> Self {
+        LoraBase {
+            family,
+            ldm_unet: (family == ModelFamily::Sdxl).then(|| unet.clone()),
+        }
+    }
+
+    /// An SD 1.x or 2.x base (their names do not depend on the UNet's layout); `None` for SDXL,
+    /// which needs [`LoraBase::new`].
+    pub fn sd(family: ModelFamily) -> Option<Self> {
+        (family != ModelFamily::Sdxl).then_some(LoraBase {
+            family,
+            ldm_unet: None,
+        })
+    }
+
+    /// The kohya name of `model`'s module at `path` in files for this base:
+    /// [`LoraModel::kohya_name`] for SD 1.x/2.x; for SDXL the UNet's LDM path
+    /// (`down_blocks.1.attentions.0.proj_in` → `lora_unet_input_blocks_4_1_proj_in`) and
+    /// `lora_te1_` for the first text encoder.
+    pub fn kohya_name(&self, model: LoraModel, path: &str) -> String {
+        match (model, &self.ldm_unet) {
+            (LoraModel::Unet, Some(config)) => match ldm_path(config, path) {
+                Some(ldm) => model.kohya_name(&ldm),
+                None => model.kohya_name(path),
+            },
+            (LoraModel::TextEncoder, _) if self.family == ModelFamily::Sdxl => {
+                format!("lora_te1_{}", path.replace('.', "_"))
+            }
+            _ => model.kohya_name(path),
+        }
+    }
+}
+
 impl fmt::Display for LoraModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -73,5 +124,38 @@ mod tests {
             Some(LoraModel::TextEncoder)
         );
         assert_eq!(LoraModel::of_kohya_name("lora_te1_text_model"), None);
+    }
+
+    #[test]
+    fn sdxl_bases_name_the_unet_by_ldm_paths_and_the_text_encoder_te1() {
+        let config =
+            UNetConfig::from_file(&crate::fixtures::path("tiny-sdxl/unet/config.json")).unwrap();
+        assert_eq!(LoraBase::sd(ModelFamily::Sdxl), None);
+        let xl = LoraBase::new(ModelFamily::Sdxl, &config);
+        assert_eq!(
+            xl.kohya_name(
+                LoraModel::Unet,
+                "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+            ),
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+        );
+        assert_eq!(
+            xl.kohya_name(LoraModel::Unet, "mid_block.attentions.0.proj_in"),
+            "lora_unet_middle_block_1_proj_in"
+        );
+        assert_eq!(
+            xl.kohya_name(
+                LoraModel::TextEncoder,
+                "text_model.encoder.layers.0.mlp.fc1"
+            ),
+            "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+        );
+        // SD names do not depend on the UNet's layout.
+        let sd = LoraBase::new(ModelFamily::Sd1, &config);
+        assert_eq!(Some(sd.clone()), LoraBase::sd(ModelFamily::Sd1));
+        assert_eq!(
+            sd.kohya_name(LoraModel::Unet, "mid_block.attentions.0.proj_in"),
+            "lora_unet_mid_block_attentions_0_proj_in"
+        );
     }
 }

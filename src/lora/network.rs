@@ -2,7 +2,7 @@
 //! [`AdapterProvider`] its model is built with, holding the adapters it created.
 //!
 //! ```text
-//! let networks = LoraNetworks::new(&plan.lora, Some(ModelFamily::Sd1), NetworkOptions::new(seed, &device))?;
+//! let networks = LoraNetworks::new(&plan.lora, LoraBase::sd(ModelFamily::Sd1), NetworkOptions::new(seed, &device))?;
 //! let unet = UNet2DConditionModel::new(Scope::root(&unet_store).with_adapters(&networks.unet), &unet_config)?;
 //! if let Some(te) = &networks.text_encoder {
 //!     text_encoder = ClipTextModel::new(Scope::root(&te_store).with_adapters(te), &te_config)?;
@@ -23,16 +23,16 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Var};
 
 use super::adapter::{Dropout, LoraAdapter, TrainingState};
+use super::error::{LoraError, LoraProblem};
 use super::export::{save_lora, SavedLora};
 use super::file::LoraFile;
 use super::import::FileTargets;
-use super::names::LoraModel;
+use super::names::{LoraBase, LoraModel};
 use super::report::LoraReport;
 use super::targets::{ModuleSpec, TargetSelector};
 use crate::config::{LoraSettings, SaveFormat, SavePrecision};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_text_config::ClipTextConfig;
-use crate::models::family::ModelFamily;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::{Adapter, AdapterProvider, LayerKind, Scope, WeightStore};
 use crate::Result;
@@ -216,15 +216,17 @@ pub struct LoraNetworks {
     pub text_encoder: Option<LoraNetwork>,
     targets: Arc<Targets>,
     state: Arc<TrainingState>,
+    /// The base model, when known: the family files must fit and the names they are saved with.
+    base: Option<LoraBase>,
 }
 
 impl LoraNetworks {
     /// The networks `settings` describe. With `network_weights`, the file is read now and
     /// decides the adapted layers, ranks, alphas and starting weights; it must have been made
-    /// for `base` (the base model's family, when known).
+    /// for `base` (the base model, when known), whose kohya names the networks are saved with.
     pub fn new(
         settings: &LoraSettings,
-        base: Option<ModelFamily>,
+        base: Option<LoraBase>,
         options: NetworkOptions,
     ) -> Result<Self> {
         LoraNetworks::build(settings, base, options, false)
@@ -232,18 +234,33 @@ impl LoraNetworks {
 
     /// Networks that record which layers they would adapt without creating any adapter: build
     /// the models on [`crate::nn::WeightStore::shape_only`] stores with them to plan a run.
-    pub fn plan_only(settings: &LoraSettings, base: Option<ModelFamily>) -> Result<Self> {
+    pub fn plan_only(settings: &LoraSettings, base: Option<LoraBase>) -> Result<Self> {
         LoraNetworks::build(settings, base, NetworkOptions::new(0, &Device::Cpu), true)
     }
 
     fn build(
         settings: &LoraSettings,
-        base: Option<ModelFamily>,
+        base: Option<LoraBase>,
         options: NetworkOptions,
         plan_only: bool,
     ) -> Result<Self> {
+        if let Some(base) = base.as_ref().filter(|b| b.family.text_encoder_count() > 1) {
+            if settings.train_text_encoder {
+                return Err(LoraError {
+                    origin: "train_text_encoder".to_string(),
+                    problem: LoraProblem::NotYetForFamily {
+                        what: "training LoRA on the text encoders".to_string(),
+                        family: base.family.to_string(),
+                        hint: "set `train_text_encoder: false` (kohya's \
+                               `network_train_unet_only`, the usual choice for SDXL)"
+                            .to_string(),
+                    },
+                }
+                .into());
+            }
+        }
         let targets = Arc::new(match &settings.network_weights {
-            Some(path) => Targets::File(FileTargets::new(LoraFile::read(path)?, base)?),
+            Some(path) => Targets::File(FileTargets::new(LoraFile::read(path)?, base.as_ref())?),
             None => Targets::Config(TargetSelector::new(settings)),
         });
         let state = Arc::new(TrainingState::default());
@@ -269,6 +286,7 @@ impl LoraNetworks {
                 .then(|| network(LoraModel::TextEncoder)),
             targets,
             state,
+            base,
         })
     }
 
@@ -335,7 +353,7 @@ impl LoraNetworks {
     /// targets that match nothing or a `network_weights` file that does not fit.
     pub fn report_from_configs(
         settings: &LoraSettings,
-        base: Option<ModelFamily>,
+        base: Option<LoraBase>,
         unet_config: &UNetConfig,
         text_config: &ClipTextConfig,
     ) -> Result<LoraReport> {
@@ -369,7 +387,14 @@ impl LoraNetworks {
         precision: SavePrecision,
         metadata: &BTreeMap<String, String>,
     ) -> Result<SavedLora> {
-        save_lora(&self.adapters(), path, format, precision, metadata)
+        save_lora(
+            &self.adapters(),
+            self.base.as_ref(),
+            path,
+            format,
+            precision,
+            metadata,
+        )
     }
 
     /// The `network_weights` file the networks started from, if any.

@@ -20,6 +20,9 @@ pub enum ModelFamily {
     Sd1,
     /// SD 2.x: OpenCLIP text encoder (ViT-H/14, 1024 wide), penultimate layer, linear projections.
     Sd2,
+    /// SDXL: two text encoders (CLIP ViT-L and OpenCLIP ViT-bigG with projection), size and
+    /// pooled-text conditioning (`addition_embed_type: text_time`).
+    Sdxl,
 }
 
 impl ModelFamily {
@@ -29,6 +32,26 @@ impl ModelFamily {
             (ModelFamily::Sd1, _) => BaseModelVersion::SdV1,
             (ModelFamily::Sd2, PredictionType::VPrediction) => BaseModelVersion::SdV2V,
             (ModelFamily::Sd2, _) => BaseModelVersion::SdV2,
+            (ModelFamily::Sdxl, _) => BaseModelVersion::SdxlBase,
+        }
+    }
+
+    /// How many text encoders the family conditions on (their LoRA prefixes differ when more
+    /// than one: kohya's `lora_te1_`, `lora_te2_`).
+    pub fn text_encoder_count(self) -> usize {
+        match self {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => 1,
+            ModelFamily::Sdxl => 2,
+        }
+    }
+
+    /// The side of the square images the family's models were trained at, the `resolution` a
+    /// config leaves unset trains at (SD 2.x's 768-v models too: their 512 px training is the
+    /// common choice, as in kohya's default).
+    pub fn default_resolution(self) -> u32 {
+        match self {
+            ModelFamily::Sd1 | ModelFamily::Sd2 => 512,
+            ModelFamily::Sdxl => 1024,
         }
     }
 
@@ -37,6 +60,7 @@ impl ModelFamily {
         match self {
             ModelFamily::Sd1 => 768,
             ModelFamily::Sd2 => 1024,
+            ModelFamily::Sdxl => 2048,
         }
     }
 
@@ -45,6 +69,7 @@ impl ModelFamily {
         match self {
             ModelFamily::Sd1 => "OpenAI CLIP text encoder",
             ModelFamily::Sd2 => "OpenCLIP text encoder",
+            ModelFamily::Sdxl => "OpenAI CLIP and OpenCLIP bigG text encoders",
         }
     }
 }
@@ -54,6 +79,7 @@ impl fmt::Display for ModelFamily {
         f.write_str(match self {
             ModelFamily::Sd1 => "SD 1.x",
             ModelFamily::Sd2 => "SD 2.x",
+            ModelFamily::Sdxl => "SDXL",
         })
     }
 }
@@ -89,6 +115,8 @@ pub enum BaseModelVersion {
     SdV2,
     /// SD 2.x predicting v (`sd_v2_v`, the 768 px models).
     SdV2V,
+    /// SDXL (`sdxl_base_v1-0`, what kohya writes for every SDXL base).
+    SdxlBase,
 }
 
 impl BaseModelVersion {
@@ -98,6 +126,7 @@ impl BaseModelVersion {
             BaseModelVersion::SdV1 => "sd_v1",
             BaseModelVersion::SdV2 => "sd_v2",
             BaseModelVersion::SdV2V => "sd_v2_v",
+            BaseModelVersion::SdxlBase => "sdxl_base_v1-0",
         }
     }
 
@@ -105,6 +134,7 @@ impl BaseModelVersion {
         match self {
             BaseModelVersion::SdV1 => ModelFamily::Sd1,
             BaseModelVersion::SdV2 | BaseModelVersion::SdV2V => ModelFamily::Sd2,
+            BaseModelVersion::SdxlBase => ModelFamily::Sdxl,
         }
     }
 
@@ -114,6 +144,7 @@ impl BaseModelVersion {
             BaseModelVersion::SdV1 => "stable-diffusion-v1/lora",
             BaseModelVersion::SdV2 => "stable-diffusion-v2-512/lora",
             BaseModelVersion::SdV2V => "stable-diffusion-v2-768-v/lora",
+            BaseModelVersion::SdxlBase => "stable-diffusion-xl-v1-base/lora",
         }
     }
 }
@@ -130,66 +161,60 @@ pub(crate) const LDM_UNET_PREFIX: &str = "model.diffusion_model.";
 pub(crate) const LDM_OPENCLIP_PREFIX: &str = "cond_stage_model.model.";
 /// Prefix of an SD 1.x (Hugging Face CLIP) text encoder in an original-layout checkpoint.
 pub(crate) const LDM_CLIP_PREFIX: &str = "cond_stage_model.transformer.";
+/// Prefix of SDXL's text encoders in Stability's single file (`0.transformer.` = CLIP ViT-L in
+/// Hugging Face layout, `1.model.` = OpenCLIP ViT-bigG).
+pub(crate) const LDM_SDXL_CONDITIONER: &str = "conditioner.embedders.";
+/// SDXL's size and pooled-text embedding in the LDM UNet (diffusers' `add_embedding`).
+pub(crate) const LDM_SDXL_LABEL_EMB: &str = "model.diffusion_model.label_emb.";
 
 /// What `base_model` can name, for messages.
 pub(crate) const BASE_MODEL_FORMS: &str =
     "expected a diffusers folder (with model_index.json or unet/config.json), \
                         a .safetensors/.ckpt checkpoint, or a hub id such as `org/name`";
 
-/// Which of a diffusers folder's files a problem is in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FolderFile {
-    Index,
-    Unet,
-}
-
-/// The architecture a diffusers folder's configs describe: `model_index.json` (when present),
+/// The architecture a diffusers folder's configs describe (a problem is one of
+/// `unet/config.json`'s): `model_index.json` (when present),
 /// `unet/config.json` and `text_encoder/config.json` (when present): `gelu` = OpenCLIP = SD 2.x,
 /// `quick_gelu` = OpenAI CLIP = SD 1.x; without a text-encoder config, linear transformer
-/// projections mean SD 2.x. SDXL is refused by name.
+/// projections mean SD 2.x. SDXL: a `text_time` UNet (with `text_encoder_2` in the index).
 pub(crate) fn folder_family(
     index: Option<&Map<String, Value>>,
     unet: &Map<String, Value>,
     text: Option<&Map<String, Value>>,
-) -> Result<Architecture, (FolderFile, NotABaseModel)> {
-    if let Some(map) = index {
-        if let Some(class) = map.get("_class_name").and_then(Value::as_str) {
-            if class.contains("XL") || map.contains_key("text_encoder_2") {
-                return Err((
-                    FolderFile::Index,
-                    NotABaseModel::Unsupported(format!(
-                        "`{class}` is an SDXL pipeline; this trainer supports Stable Diffusion \
-                         1.x and 2.x"
-                    )),
-                ));
-            }
-        }
-    }
+) -> Result<Architecture, NotABaseModel> {
+    let sdxl_index = index.is_some_and(|map| {
+        map.contains_key("text_encoder_2")
+            || map
+                .get("_class_name")
+                .and_then(Value::as_str)
+                .is_some_and(|class| class.contains("XL"))
+    });
     let width = match unet.get("cross_attention_dim") {
         Some(Value::Array(items)) => items.first().and_then(Value::as_u64),
         Some(v) => v.as_u64(),
         None => Some(1280), // diffusers' default
     };
     let Some(width) = width.map(|w| w as usize) else {
-        return Err((
-            FolderFile::Unet,
-            NotABaseModel::InvalidConfig(
-                "`cross_attention_dim` is not a positive integer".to_string(),
-            ),
+        return Err(NotABaseModel::InvalidConfig(
+            "`cross_attention_dim` is not a positive integer".to_string(),
         ));
     };
     let sdxl_embedding = unet
         .get("addition_embed_type")
         .and_then(Value::as_str)
         .is_some_and(|t| t == "text_time");
-    if sdxl_embedding || width == 2048 {
-        return Err((
-            FolderFile::Unet,
-            NotABaseModel::Unsupported(format!(
-                "this UNet (cross-attention width {width}, size/time conditioning) is SDXL's; \
-                 this trainer supports Stable Diffusion 1.x and 2.x"
-            )),
-        ));
+    if sdxl_embedding || sdxl_index || width == 2048 {
+        if !sdxl_embedding {
+            return Err(NotABaseModel::InvalidConfig(format!(
+                "the folder is an SDXL pipeline (two text encoders, or cross-attention width \
+                 {width}) but its UNet has no `addition_embed_type: \"text_time\"`, the size and \
+                 pooled-text conditioning every SDXL UNet has"
+            )));
+        }
+        return Ok(Architecture {
+            family: ModelFamily::Sdxl,
+            cross_attention_dim: width,
+        });
     }
     let activation = text.and_then(|text| {
         let text = match text.get("text_config") {
@@ -249,7 +274,8 @@ impl NotABaseModel {
 /// The architecture of an original-layout (LDM) checkpoint from its tensor names and shapes:
 /// the text encoder's kind (`cond_stage_model.model.` = OpenCLIP = SD 2.x,
 /// `cond_stage_model.transformer.` = CLIP = SD 1.x), else the shape of the transformers'
-/// `proj_in` (linear = SD 2.x); the width of `attn2.to_k`.
+/// `proj_in` (linear = SD 2.x); SDXL by its `conditioner.embedders.` and `label_emb`; the width
+/// of `attn2.to_k`.
 pub(crate) fn ldm_architecture(
     keys: &[(String, Vec<usize>)],
 ) -> std::result::Result<Architecture, NotABaseModel> {
@@ -258,15 +284,10 @@ pub(crate) fn ldm_architecture(
             keys.iter().map(|(k, _)| k.as_str()),
         )));
     }
-    let sdxl = keys.iter().find(|(k, _)| {
-        k.starts_with("conditioner.embedders.") || k.starts_with("model.diffusion_model.label_emb.")
-    });
-    if let Some((key, _)) = sdxl {
-        return Err(NotABaseModel::Unsupported(format!(
-            "the tensor `{key}` belongs to SDXL (or another model with size/class conditioning); \
-             this trainer supports Stable Diffusion 1.x and 2.x"
-        )));
-    }
+    let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
+    let conditioner = keys
+        .iter()
+        .find(|(k, _)| k.starts_with(LDM_SDXL_CONDITIONER));
     let unet = |suffix: &str| {
         keys.iter()
             .find(|(k, _)| k.starts_with(LDM_UNET_PREFIX) && k.ends_with(suffix))
@@ -286,14 +307,23 @@ pub(crate) fn ldm_architecture(
             ))
         }
     };
-    if width == 2048 {
-        return Err(NotABaseModel::Unsupported(
-            "its UNet cross-attends to 2048-wide text embeddings, which is SDXL; this trainer \
-             supports Stable Diffusion 1.x and 2.x"
-                .to_string(),
-        ));
+    let label_emb = has(LDM_SDXL_LABEL_EMB);
+    if conditioner.is_some() || label_emb || width == 2048 {
+        if !label_emb {
+            let evidence = match conditioner {
+                Some((key, _)) => format!("it holds SDXL's text encoders (`{key}`)"),
+                None => "its UNet cross-attends to 2048-wide text embeddings".to_string(),
+            };
+            return Err(NotABaseModel::Unsupported(format!(
+                "{evidence} as SDXL does, but its UNet has no size conditioning \
+                 (`{LDM_SDXL_LABEL_EMB}`): not a Stable Diffusion model this trainer knows"
+            )));
+        }
+        return Ok(Architecture {
+            family: ModelFamily::Sdxl,
+            cross_attention_dim: width,
+        });
     }
-    let has = |prefix: &str| keys.iter().any(|(k, _)| k.starts_with(prefix));
     let version = if has(LDM_OPENCLIP_PREFIX) {
         ModelFamily::Sd2
     } else if has(LDM_CLIP_PREFIX) {

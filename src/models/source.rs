@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::family::{folder_family, ldm_architecture, Architecture, FolderFile, BASE_MODEL_FORMS};
+use super::family::{folder_family, ldm_architecture, Architecture, BASE_MODEL_FORMS};
 use crate::config::{is_hub_id, weights_format, WeightsFormat};
 use crate::error::ModelError;
 use crate::nn::weights::TensorSource;
@@ -179,12 +179,7 @@ pub(crate) fn folder_architecture(root: &Path) -> Result<Architecture> {
         true => Some(read_json_object(&text_path)?),
         false => None,
     };
-    folder_family(index.as_ref(), &unet, text.as_ref()).map_err(|(file, problem)| {
-        problem.at(match file {
-            FolderFile::Index => &index_path,
-            FolderFile::Unet => &unet_path,
-        })
-    })
+    folder_family(index.as_ref(), &unet, text.as_ref()).map_err(|problem| problem.at(&unet_path))
 }
 
 fn single_file(path: &Path) -> Result<ModelSource> {
@@ -329,7 +324,7 @@ mod tests {
     }
 
     #[test]
-    fn sdxl_files_are_refused_by_name() {
+    fn sdxl_single_files_are_told_by_their_size_conditioning() {
         let dir = tempfile::tempdir().unwrap();
         let wide = dir.path().join("xl.safetensors");
         write_safetensors(&wide, &[(TO_K, vec![640, 2048])]);
@@ -337,6 +332,25 @@ mod tests {
         assert!(
             message.contains("SDXL") && message.contains("xl.safetensors"),
             "{message}"
+        );
+        let sdxl = dir.path().join("sdxl.safetensors");
+        write_safetensors(
+            &sdxl,
+            &[
+                (TO_K, vec![640, 2048]),
+                (
+                    "model.diffusion_model.label_emb.0.0.weight",
+                    vec![1280, 2816],
+                ),
+                ("conditioner.embedders.1.model.ln_final.weight", vec![1280]),
+            ],
+        );
+        assert_eq!(
+            detect(&sdxl).unwrap().architecture(),
+            Some(Architecture {
+                family: ModelFamily::Sdxl,
+                cross_attention_dim: 2048
+            })
         );
         let embedders = dir.path().join("xl2.safetensors");
         write_safetensors(
@@ -429,7 +443,20 @@ mod tests {
             r#"{"cross_attention_dim": 2048, "addition_embed_type": "text_time"}"#,
         )
         .unwrap();
-        assert!(error_text(detect(dir.path())).contains("SDXL"));
+        let architecture = detect(dir.path()).unwrap().architecture().unwrap();
+        assert_eq!(architecture.family, ModelFamily::Sdxl);
+        assert_eq!(architecture.to_string(), "SDXL");
+        // SDXL's width without its size conditioning is no model we know.
+        std::fs::write(
+            dir.path().join("unet/config.json"),
+            r#"{"cross_attention_dim": 2048}"#,
+        )
+        .unwrap();
+        let message = error_text(detect(dir.path()));
+        assert!(
+            message.contains("SDXL") && message.contains("text_time"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -446,6 +473,7 @@ mod tests {
             ("tiny-sd1.safetensors", ModelFamily::Sd1, 64),
             ("tiny-sd2.safetensors", ModelFamily::Sd2, 128),
             ("tiny-sd1.ckpt", ModelFamily::Sd1, 64),
+            ("tiny-sdxl", ModelFamily::Sdxl, 24),
         ] {
             let architecture = detect(&crate::fixtures::path(name)).unwrap().architecture();
             assert_eq!(

@@ -13,6 +13,7 @@ use crate::config::{ConfigError, Location, Problem, TrainPlan, MAX_STEPS, STEPS_
 use crate::dataset::Dataset;
 use crate::lora::network::LoraNetworks;
 use crate::lora::report::LoraReport;
+use crate::lora::LoraBase;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::source::ModelSource;
 use crate::Result;
@@ -55,8 +56,14 @@ pub struct Preflight {
 
 impl Preflight {
     /// Checks the base model and the dataset of `plan`. Reads files, writes nothing.
-    pub fn check(plan: TrainPlan) -> Result<Preflight> {
+    pub fn check(mut plan: TrainPlan) -> Result<Preflight> {
         let model = ModelSource::detect(&plan.model.base_model)?;
+        // A `resolution` the config leaves unset is the family's (SDXL trains at 1024).
+        if let Some(architecture) = model.architecture() {
+            if !plan.data.resolution_given {
+                plan.data.resolution = architecture.family.default_resolution();
+            }
+        }
         let sample_prompts = match &plan.sampling.prompts {
             Some(source) => Some(SamplePrompt::from_config(source)?),
             None => None,
@@ -87,7 +94,7 @@ impl Preflight {
         let checkpoint = BaseModel::open(&self.model, &options)?;
         self.lora = Some(LoraNetworks::report_from_configs(
             &self.plan.lora,
-            Some(checkpoint.family()),
+            Some(LoraBase::new(checkpoint.family(), checkpoint.unet_config())),
             checkpoint.unet_config(),
             checkpoint.text_encoder_config(),
         )?);

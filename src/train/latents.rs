@@ -185,6 +185,7 @@ mod tests {
             metadata_path: Some(dir.join("metadata.csv")),
             caption_extension: ".txt".into(),
             resolution: 16,
+            resolution_given: true,
             enable_bucket: false,
             min_bucket_reso: 16,
             max_bucket_reso: 64,

@@ -15,11 +15,11 @@ use crate::config::PredictionType as ConfigPrediction;
 use crate::dataset::Dataset;
 use crate::generate::preview::SamplePrompt;
 use crate::log::{DisplayMode, StartupFacts, TaskProgress};
-use crate::lora::{LoraNetworks, NetworkOptions};
-use crate::models::conditioning::TextEncoders;
+use crate::lora::{LoraBase, LoraNetworks, NetworkOptions};
 use crate::models::family::BaseModelVersion;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::noise::PredictionType;
+use crate::nn::AdapterProvider;
 
 use crate::preflight::Preflight;
 use crate::Result;
@@ -59,15 +59,18 @@ pub fn set_up(
     let seed = plan.data.seed;
     let networks = LoraNetworks::new(
         &plan.lora,
-        Some(checkpoint.family()),
+        Some(LoraBase::new(checkpoint.family(), checkpoint.unet_config())),
         NetworkOptions::new(seed, &compute.device),
     )?;
     let mut unet = checkpoint.unet(Some(&networks.unet))?;
     unet.set_gradient_checkpointing(plan.training.gradient_checkpointing);
-    let text_encoder = match &networks.text_encoder {
-        Some(te) => checkpoint.text_encoder(Some(te))?,
-        None => checkpoint.text_encoder(None)?,
-    };
+    let text_encoders = checkpoint.text_encoders(
+        &[networks
+            .text_encoder
+            .as_ref()
+            .map(|te| te as &dyn AdapterProvider)],
+        plan.model.clip_skip,
+    )?;
     networks.check_built()?;
     let t = &plan.training;
     let (groups, base_lrs) = param_groups(&networks, t.unet_lr, t.text_encoder_lr, t.weight_decay);
@@ -128,8 +131,6 @@ pub fn set_up(
         LatentSource::Live
     };
     let keep_vae = !t.cache_latents || previews.is_some();
-    let text_encoders =
-        TextEncoders::single(checkpoint.tokenizer()?, text_encoder, plan.model.clip_skip);
     let d = &plan.data;
     let captions_fixed = !d.shuffle_caption && d.caption_dropout_rate == 0.0;
     let text_cache = if networks.text_encoder.is_none() && captions_fixed {

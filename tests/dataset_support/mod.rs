@@ -13,6 +13,7 @@ pub fn spec(dir: &Path) -> DatasetSpec {
         metadata_path: Some(dir.join("metadata.csv")),
         caption_extension: ".txt".to_string(),
         resolution: 64,
+        resolution_given: true,
         enable_bucket: false,
         min_bucket_reso: 256,
         max_bucket_reso: 1024,

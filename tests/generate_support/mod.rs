@@ -13,7 +13,9 @@ use lora_trainer::generate::lora_stack::LoraStack;
 use lora_trainer::generate::pipeline::{ImageRequest, Pipeline};
 use lora_trainer::generate::samplers::SamplerKind;
 use lora_trainer::generate::schedule::{SamplerConfig, SamplingSchedule};
-use lora_trainer::lora::{save_lora, Dropout, LoraAdapter, LoraModel, ModuleSpec, TrainingState};
+use lora_trainer::lora::{
+    save_lora, Dropout, LoraAdapter, LoraBase, LoraModel, ModuleSpec, TrainingState,
+};
 use lora_trainer::models::conditioning::TextEncoders;
 use lora_trainer::models::load::{BaseModel, LoadOptions};
 use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind};
@@ -66,7 +68,8 @@ pub fn with_pipeline<T>(
         .iter()
         .map(LoadedLora::read)
         .collect::<Result<Vec<_>>>()?;
-    let stack = LoraStack::new(loaded, ckpt.family(), &Device::Cpu)?;
+    let base = LoraBase::new(ckpt.family(), ckpt.unet_config());
+    let stack = LoraStack::new(loaded, &base, &Device::Cpu)?;
     let unet_p = stack.provider(LoraModel::Unet);
     let te_p = stack.provider(LoraModel::TextEncoder);
     let unet = ckpt.unet(Some(&unet_p))?;
@@ -207,6 +210,7 @@ pub fn save(adapters: &[Arc<LoraAdapter>], dir: &Path, name: &str, format: SaveF
     let path = dir.join(format!("{name}.safetensors"));
     save_lora(
         adapters,
+        None,
         &path,
         format,
         SavePrecision::Fp32,

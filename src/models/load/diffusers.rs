@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{ComponentWeights, LoadOptions, Opened};
+use super::{ComponentWeights, LoadOptions, Opened, OpenedText};
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
 use crate::models::hub::{snapshot_with, FileListing, LocalFolder};
@@ -299,17 +299,44 @@ pub(crate) fn sd_scheduler() -> SchedulerConfig {
     }
 }
 
+/// The folders of text encoder `index` and of its tokenizer: `text_encoder/` and `tokenizer/`,
+/// then `text_encoder_2/` and `tokenizer_2/` (SDXL).
+fn text_folders(index: usize) -> (&'static str, &'static str) {
+    match index {
+        0 => ("text_encoder", "tokenizer"),
+        _ => ("text_encoder_2", "tokenizer_2"),
+    }
+}
+
 /// Opens a diffusers folder: configs read, weights mapped.
 pub(crate) fn open(root: &Path, options: &LoadOptions) -> Result<Opened> {
     let architecture = folder_architecture(root)?;
     let mut notes = Vec::new();
     let unet_config = UNetConfig::from_file(&root.join("unet").join("config.json"))?;
-    let text_config = ClipTextConfig::from_file(&root.join("text_encoder").join("config.json"))?;
     let vae_config = VaeConfig::from_file(&root.join("vae").join("config.json"))?;
     let (unet, note) = component(root, "unet", options, &same_key)?;
     notes.extend(note);
-    let (text_encoder, note) = component(root, "text_encoder", options, &same_key)?;
-    notes.extend(note);
+    let mut text_encoders = Vec::new();
+    for index in 0..architecture.family.text_encoder_count() {
+        let (folder, tokenizer) = text_folders(index);
+        let config = ClipTextConfig::from_file(&root.join(folder).join("config.json"))?;
+        let (weights, note) = component(root, folder, options, &same_key)?;
+        notes.extend(note);
+        let tokenizer_dir = root.join(tokenizer);
+        let tokenizer = if tokenizer_dir.is_dir() {
+            Some(tokenizer_dir)
+        } else {
+            notes.push(format!(
+                "no {tokenizer}/ folder: using the bundled CLIP tokenizer"
+            ));
+            None
+        };
+        text_encoders.push(OpenedText {
+            config,
+            weights,
+            tokenizer,
+        });
+    }
     let (vae, note) = component(root, "vae", options, &modern_vae_key)?;
     notes.extend(note);
 
@@ -332,23 +359,14 @@ pub(crate) fn open(root: &Path, options: &LoadOptions) -> Result<Opened> {
         (sd_scheduler(), None)
     };
 
-    let tokenizer_dir = root.join("tokenizer");
-    let tokenizer = if tokenizer_dir.is_dir() {
-        Some(tokenizer_dir)
-    } else {
-        notes.push("no tokenizer/ folder: using the bundled CLIP tokenizer".to_string());
-        None
-    };
     notes.push("configs: the folder's config.json files".to_string());
     Ok(Opened {
         description: format!("diffusers folder {}", root.display()),
         architecture,
         unet_config,
-        text_config,
         unet,
-        text_encoder,
+        text_encoders,
         vae: Some((vae_config, vae)),
-        tokenizer,
         scheduler,
         scheduler_origin: scheduler_path.display().to_string(),
         prediction_origin,
@@ -402,7 +420,15 @@ fn pipeline_files(
 ) -> std::result::Result<Vec<String>, Vec<String>> {
     let mut files = Vec::new();
     let mut missing = Vec::new();
-    for folder in ["unet", "text_encoder", "vae"] {
+    // SDXL's second text encoder and tokenizer, when the repo has them.
+    let sdxl = listing.has("text_encoder_2/config.json");
+    let mut folders = vec!["unet", "text_encoder", "vae"];
+    let mut tokenizers = vec!["tokenizer"];
+    if sdxl {
+        folders.push("text_encoder_2");
+        tokenizers.push("tokenizer_2");
+    }
+    for folder in folders {
         let config = join(folder, "config.json");
         if listing.has(&config) {
             files.push(config);
@@ -417,9 +443,11 @@ fn pipeline_files(
             Err(file) => missing.push(file),
         }
     }
-    match tokenizer_files(listing, "tokenizer") {
-        Ok(found) => files.extend(found),
-        Err(absent) => missing.extend(absent),
+    for folder in tokenizers {
+        match tokenizer_files(listing, folder) {
+            Ok(found) => files.extend(found),
+            Err(absent) => missing.extend(absent),
+        }
     }
     let optional = [
         "model_index.json",
@@ -454,16 +482,16 @@ pub(crate) fn hub_snapshot(id: &str, options: &LoadOptions) -> Result<PathBuf> {
     )
 }
 
-/// A tokenizer folder from the hub: the repo's `tokenizer/` (a pipeline) or its root (a CLIP
-/// model such as `openai/clip-vit-large-patch14`).
-pub(crate) fn hub_tokenizer(id: &str, options: &LoadOptions) -> Result<PathBuf> {
+/// A tokenizer folder from the hub: the repo's `folder` (`tokenizer/` or `tokenizer_2/` of a
+/// pipeline) or its root (a CLIP model such as `openai/clip-vit-large-patch14`).
+pub(crate) fn hub_tokenizer(id: &str, folder: &str, options: &LoadOptions) -> Result<PathBuf> {
     let choose = |listing: &dyn FileListing, _: &dyn Fn(&str) -> Option<String>| {
-        tokenizer_files(listing, "tokenizer").or_else(|_| tokenizer_files(listing, ""))
+        tokenizer_files(listing, folder).or_else(|_| tokenizer_files(listing, ""))
     };
     let snapshot = snapshot_with(id, &options.hub_cache, "tokenizer files", &choose)?;
-    let nested = snapshot.join("tokenizer");
+    let nested = snapshot.join(folder);
     Ok(
-        if tokenizer_files(&LocalFolder(&snapshot), "tokenizer").is_ok() {
+        if tokenizer_files(&LocalFolder(&snapshot), folder).is_ok() {
             nested
         } else {
             snapshot

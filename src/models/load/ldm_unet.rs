@@ -206,15 +206,15 @@ impl LdmUnet {
             .unwrap_or_default();
         let heads: Vec<usize> = match version {
             ModelFamily::Sd1 => vec![8; channels.len()],
-            ModelFamily::Sd2 => channels
+            ModelFamily::Sd2 | ModelFamily::Sdxl => channels
                 .iter()
                 .map(|&c| {
                     if c % 64 == 0 {
                         Ok(c / 64)
                     } else {
                         Err(format!(
-                            "SD 2.x uses 64-wide attention heads, but a level has {c} channels, so \
-                             the number of heads cannot be inferred"
+                            "{version} uses 64-wide attention heads, but a level has {c} channels, \
+                             so the number of heads cannot be inferred"
                         ))
                     }
                 })

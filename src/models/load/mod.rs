@@ -31,6 +31,8 @@ use candle_core::{DType, Device};
 
 use super::clip_text::ClipTextModel;
 use super::clip_text_config::ClipTextConfig;
+use super::clip_text_projection::ClipTextModelWithProjection;
+use super::conditioning::{ConditioningRule, TextEncoder, TextEncoders, TextModel};
 use super::family::{Architecture, ModelFamily};
 use super::hub::HubCache;
 use super::noise::{NoiseSchedule, PredictionType};
@@ -56,6 +58,8 @@ pub struct LoadOptions {
     pub variant: Option<String>,
     /// A tokenizer folder or hub id instead of the model's (single files carry none).
     pub tokenizer: Option<String>,
+    /// The same for the second text encoder (SDXL's `tokenizer_2`).
+    pub tokenizer_2: Option<String>,
     /// A VAE instead of the model's: a diffusers VAE folder (or a whole diffusers model), a
     /// single VAE checkpoint file (LDM layout), or a hub id.
     pub vae: Option<String>,
@@ -73,6 +77,7 @@ impl Default for LoadOptions {
             device: Device::Cpu,
             variant: None,
             tokenizer: None,
+            tokenizer_2: None,
             vae: None,
             prediction_type: None,
             hub_cache: HubCache::from_env(),
@@ -228,23 +233,37 @@ enum TokenizerChoice {
     Bundled,
 }
 
-/// A Stable Diffusion 1.x/2.x model opened from any source: configs resolved, every weight
-/// mapped (not read). Build its components with [`BaseModel::unet`],
-/// [`BaseModel::text_encoder`], [`BaseModel::vae`]; see the module docs.
+/// One text encoder of a base model: config, weights, and where its tokenizer comes from.
+struct TextParts {
+    config: ClipTextConfig,
+    weights: ComponentWeights,
+    tokenizer: TokenizerChoice,
+    /// The pad token to use instead of the tokenizer files' (`!` for SD 2.x when bundled).
+    pad_token: Option<&'static str>,
+}
+
+/// A Stable Diffusion model (1.x, 2.x, SDXL) opened from any source: configs resolved, every
+/// weight mapped (not read). Build its components with [`BaseModel::unet`],
+/// [`BaseModel::text_encoders`], [`BaseModel::vae`]; see the module docs.
 pub struct BaseModel {
     description: String,
     architecture: Architecture,
     unet_config: UNetConfig,
-    text_config: ClipTextConfig,
     vae_config: VaeConfig,
     unet: ComponentWeights,
-    text_encoder: ComponentWeights,
+    /// In the order their hidden states are joined (SDXL: CLIP ViT-L, then OpenCLIP bigG).
+    text_encoders: Vec<TextParts>,
     vae: ComponentWeights,
-    tokenizer: TokenizerChoice,
-    /// The pad token to use instead of the tokenizer files' (`!` for SD 2.x when bundled).
-    pad_token: Option<&'static str>,
     noise: NoiseSchedule,
     notes: Vec<String>,
+}
+
+/// One text encoder as a source-specific opener found it.
+pub(crate) struct OpenedText {
+    pub config: ClipTextConfig,
+    pub weights: ComponentWeights,
+    /// A tokenizer folder, or `None` for the bundled tokenizer.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// What a source-specific opener hands back.
@@ -252,13 +271,11 @@ pub(crate) struct Opened {
     pub description: String,
     pub architecture: Architecture,
     pub unet_config: UNetConfig,
-    pub text_config: ClipTextConfig,
     pub unet: ComponentWeights,
-    pub text_encoder: ComponentWeights,
+    /// As many as the family has, in order.
+    pub text_encoders: Vec<OpenedText>,
     /// The VAE; `None` only when the file has none and `vae:` names one.
     pub vae: Option<(VaeConfig, ComponentWeights)>,
-    /// A tokenizer folder, or `None` for the bundled tokenizer.
-    pub tokenizer: Option<PathBuf>,
     /// The scheduler config, and where it came from (for the notes).
     pub scheduler: super::noise::SchedulerConfig,
     pub scheduler_origin: String,
@@ -340,37 +357,62 @@ impl BaseModel {
         let noise = NoiseSchedule::from_config(&scheduler, &opened.scheduler_origin)?;
         notes.push(format!("prediction type: {prediction_note}"));
 
-        let (tokenizer, pad_token) = match (&options.tokenizer, opened.tokenizer.take()) {
-            (Some(given), _) => (
-                TokenizerChoice::Folder(resolve_tokenizer(given, options)?),
-                None,
-            ),
-            (None, Some(folder)) => (TokenizerChoice::Folder(folder), None),
-            (None, None) => {
-                let pad = (architecture.family == ModelFamily::Sd2).then_some("!");
-                (TokenizerChoice::Bundled, pad)
+        let family = architecture.family;
+        if opened.text_encoders.len() != family.text_encoder_count() {
+            return Err(ModelError::InvalidConfig {
+                origin: opened.description,
+                message: format!(
+                    "{family} has {} text encoder(s), this model {}",
+                    family.text_encoder_count(),
+                    opened.text_encoders.len()
+                ),
             }
-        };
-        notes.push(match (&tokenizer, pad_token) {
-            (TokenizerChoice::Folder(folder), _) => format!("tokenizer: {}", folder.display()),
-            (TokenizerChoice::Bundled, Some(pad)) => {
-                format!("tokenizer: bundled CLIP tokenizer, padding with `{pad}` as SD 2.x does")
-            }
-            (TokenizerChoice::Bundled, None) => "tokenizer: bundled CLIP tokenizer".to_string(),
-        });
+            .into());
+        }
+        let overrides = [&options.tokenizer, &options.tokenizer_2];
+        let mut text_encoders = Vec::new();
+        for (index, text) in opened.text_encoders.into_iter().enumerate() {
+            let given = overrides.get(index).copied().and_then(Option::as_ref);
+            let (tokenizer, pad_token) = match (given, text.tokenizer) {
+                (Some(given), _) => (
+                    TokenizerChoice::Folder(resolve_tokenizer(given, index, options)?),
+                    None,
+                ),
+                (None, Some(folder)) => (TokenizerChoice::Folder(folder), None),
+                (None, None) => {
+                    // SD 2.x's and SDXL's OpenCLIP tokenizers pad with `!`.
+                    let open_clip = family == ModelFamily::Sd2 || index == 1;
+                    (TokenizerChoice::Bundled, open_clip.then_some("!"))
+                }
+            };
+            let which = match family.text_encoder_count() {
+                1 => "tokenizer".to_string(),
+                _ => format!("tokenizer {}", index + 1),
+            };
+            notes.push(match (&tokenizer, pad_token) {
+                (TokenizerChoice::Folder(folder), _) => format!("{which}: {}", folder.display()),
+                (TokenizerChoice::Bundled, Some(pad)) => format!(
+                    "{which}: bundled CLIP tokenizer, padding with `{pad}` as OpenCLIP does"
+                ),
+                (TokenizerChoice::Bundled, None) => format!("{which}: bundled CLIP tokenizer"),
+            });
+            text_encoders.push(TextParts {
+                config: text.config,
+                weights: text.weights,
+                tokenizer,
+                pad_token,
+            });
+        }
         notes.append(&mut opened.notes);
 
         Ok(BaseModel {
             description: opened.description,
             architecture,
             unet_config: opened.unet_config,
-            text_config: opened.text_config,
             vae_config,
             unet: opened.unet,
-            text_encoder: opened.text_encoder,
+            text_encoders,
             vae,
-            tokenizer,
-            pad_token,
             noise,
             notes,
         })
@@ -383,10 +425,75 @@ impl BaseModel {
         })
     }
 
-    /// Builds the text encoder; adapters are asked with `text_model.`-prefixed paths.
+    /// How many text encoders the model has (1, SDXL 2).
+    pub fn text_encoder_count(&self) -> usize {
+        self.text_encoders.len()
+    }
+
+    /// Builds the first text encoder (SD 1.x/2.x's only one) without its projection; adapters
+    /// are asked with `text_model.`-prefixed paths.
     pub fn text_encoder(&self, adapters: Option<&dyn AdapterProvider>) -> Result<ClipTextModel> {
-        self.text_encoder.build(adapters, |scope| {
-            ClipTextModel::new(scope, &self.text_config)
+        let parts = &self.text_encoders[0];
+        parts
+            .weights
+            .build(adapters, |scope| ClipTextModel::new(scope, &parts.config))
+    }
+
+    /// Builds text encoder `index` as the family uses it: SDXL's last one with the projection
+    /// of its pooled output (`text_projection`).
+    pub fn text_model(
+        &self,
+        index: usize,
+        adapters: Option<&dyn AdapterProvider>,
+    ) -> Result<TextModel> {
+        let parts = self.text_parts(index)?;
+        let projected =
+            self.architecture.family == ModelFamily::Sdxl && index + 1 == self.text_encoders.len();
+        parts.weights.build(adapters, |scope| {
+            Ok(match projected {
+                true => TextModel::WithProjection(ClipTextModelWithProjection::new(
+                    scope,
+                    &parts.config,
+                )?),
+                false => TextModel::Clip(ClipTextModel::new(scope, &parts.config)?),
+            })
+        })
+    }
+
+    /// Builds every text encoder with its tokenizer, `adapters[i]` asked for encoder `i`'s
+    /// layers, read as the family conditions (`clip_skip` for SD 1.x/2.x; SDXL's penultimate
+    /// layers and pooled output).
+    pub fn text_encoders(
+        &self,
+        adapters: &[Option<&dyn AdapterProvider>],
+        clip_skip: usize,
+    ) -> Result<TextEncoders> {
+        let mut encoders = Vec::with_capacity(self.text_encoders.len());
+        for index in 0..self.text_encoders.len() {
+            let provider = adapters.get(index).copied().flatten();
+            encoders.push(TextEncoder {
+                tokenizer: self.tokenizer_at(index)?,
+                model: self.text_model(index, provider)?,
+            });
+        }
+        let rule = match self.architecture.family {
+            ModelFamily::Sdxl => ConditioningRule::PenultimateAndPooled,
+            ModelFamily::Sd1 | ModelFamily::Sd2 => ConditioningRule::ClipSkip(clip_skip),
+        };
+        Ok(TextEncoders { encoders, rule })
+    }
+
+    fn text_parts(&self, index: usize) -> Result<&TextParts> {
+        self.text_encoders.get(index).ok_or_else(|| {
+            ModelError::InvalidConfig {
+                origin: self.description.clone(),
+                message: format!(
+                    "the model has {} text encoder(s), not {}",
+                    self.text_encoders.len(),
+                    index + 1
+                ),
+            }
+            .into()
         })
     }
 
@@ -396,27 +503,38 @@ impl BaseModel {
             .build(None, |scope| AutoencoderKL::new(scope, &self.vae_config))
     }
 
-    /// Reads the tokenizer (a folder, or the bundled one) and checks that its ids fit the text
-    /// encoder's vocabulary.
+    /// Reads the first text encoder's tokenizer (SD 1.x/2.x's only one); see
+    /// [`BaseModel::tokenizer_at`].
     pub fn tokenizer(&self) -> Result<ClipTokenizer> {
-        let mut tokenizer = match &self.tokenizer {
+        self.tokenizer_at(0)
+    }
+
+    /// Reads text encoder `index`'s tokenizer (a folder, or the bundled one) and checks that its
+    /// ids fit the encoder's vocabulary.
+    pub fn tokenizer_at(&self, index: usize) -> Result<ClipTokenizer> {
+        let parts = self.text_parts(index)?;
+        let mut tokenizer = match &parts.tokenizer {
             TokenizerChoice::Folder(folder) => ClipTokenizer::from_dir(folder)?,
             TokenizerChoice::Bundled => bundled_tokenizer::load()?,
         };
-        if let Some(pad) = self.pad_token {
+        if let Some(pad) = parts.pad_token {
             tokenizer = tokenizer.with_pad_token(pad)?;
         }
-        let (tokens, vocab) = (tokenizer.vocab_size(), self.text_config.vocab_size);
+        let (tokens, vocab) = (tokenizer.vocab_size(), parts.config.vocab_size);
         if tokens > vocab {
-            let origin = match &self.tokenizer {
+            let origin = match &parts.tokenizer {
                 TokenizerChoice::Folder(folder) => folder.display().to_string(),
                 TokenizerChoice::Bundled => "the bundled CLIP tokenizer".to_string(),
+            };
+            let key = match index {
+                0 => "tokenizer",
+                _ => "tokenizer_2",
             };
             return Err(ModelError::InvalidConfig {
                 origin,
                 message: format!(
                     "the tokenizer has {tokens} tokens but the text encoder of {} only {vocab}: \
-                     they do not belong together; set `tokenizer:` to this model's tokenizer",
+                     they do not belong together; set `{key}:` to this model's tokenizer",
                     self.description
                 ),
             }
@@ -455,9 +573,14 @@ impl BaseModel {
         &self.unet_config
     }
 
-    /// The text encoder's config.
+    /// The first text encoder's config (SD 1.x/2.x's only one).
     pub fn text_encoder_config(&self) -> &ClipTextConfig {
-        &self.text_config
+        &self.text_encoders[0].config
+    }
+
+    /// Every text encoder's config, in order.
+    pub fn text_encoder_configs(&self) -> Vec<&ClipTextConfig> {
+        self.text_encoders.iter().map(|t| &t.config).collect()
     }
 
     /// The VAE's config (its `scaling_factor` scales latents).
@@ -470,9 +593,14 @@ impl BaseModel {
         self.unet.store()
     }
 
-    /// The weights the text encoder is built from.
+    /// The weights the first text encoder is built from.
     pub fn text_encoder_weights(&self) -> &WeightStore {
-        self.text_encoder.store()
+        self.text_encoders[0].weights.store()
+    }
+
+    /// The weights text encoder `index` is built from.
+    pub fn text_encoder_weights_at(&self, index: usize) -> Result<&WeightStore> {
+        Ok(self.text_parts(index)?.weights.store())
     }
 
     /// The weights the VAE is built from.
@@ -481,12 +609,16 @@ impl BaseModel {
     }
 }
 
-/// A tokenizer given as a folder or a hub id.
-fn resolve_tokenizer(given: &str, options: &LoadOptions) -> Result<PathBuf> {
+/// The tokenizer of text encoder `index` given as a folder or a hub id.
+fn resolve_tokenizer(given: &str, index: usize, options: &LoadOptions) -> Result<PathBuf> {
     let path = Path::new(given);
+    let (key, folder) = match index {
+        0 => ("tokenizer", "tokenizer"),
+        _ => ("tokenizer_2", "tokenizer_2"),
+    };
     if path.is_dir() {
-        // A whole diffusers model folder has its tokenizer in `tokenizer/`.
-        let nested = path.join("tokenizer");
+        // A whole diffusers model folder has its tokenizer in `tokenizer/` (`tokenizer_2/`).
+        let nested = path.join(folder);
         return Ok(if nested.is_dir() && !has_tokenizer_files(path) {
             nested
         } else {
@@ -494,13 +626,14 @@ fn resolve_tokenizer(given: &str, options: &LoadOptions) -> Result<PathBuf> {
         });
     }
     if crate::config::is_hub_id(given) {
-        return diffusers::hub_tokenizer(given, options);
+        return diffusers::hub_tokenizer(given, folder, options);
     }
     Err(ModelError::NotFound {
         path: path.to_path_buf(),
-        hint: "check `tokenizer` in the config: it names a CLIP tokenizer folder (tokenizer.json, \
-               or vocab.json + merges.txt) or a hub id such as `openai/clip-vit-large-patch14`"
-            .to_string(),
+        hint: format!(
+            "check `{key}` in the config: it names a CLIP tokenizer folder (tokenizer.json, or \
+             vocab.json + merges.txt) or a hub id such as `openai/clip-vit-large-patch14`"
+        ),
     }
     .into())
 }

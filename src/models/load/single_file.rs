@@ -17,7 +17,7 @@ use super::ldm_text::{self, LdmText};
 use super::ldm_unet::LdmUnet;
 use super::ldm_vae::LdmVae;
 use super::ldm_yaml::{LdmYaml, SD_SCALE_FACTOR};
-use super::{ComponentWeights, LoadOptions, Opened};
+use super::{ComponentWeights, LoadOptions, Opened, OpenedText};
 use crate::config::WeightsFormat;
 use crate::error::ModelError;
 use crate::models::clip_text_config::ClipTextConfig;
@@ -130,6 +130,14 @@ pub(crate) fn open(path: &Path, format: WeightsFormat, options: &LoadOptions) ->
     let keys = unet_source.keys_and_shapes();
     let architecture = ldm_architecture(&keys).map_err(|e| e.at(path))?;
     let version = architecture.family;
+    if version == ModelFamily::Sdxl {
+        return Err(unsupported(
+            path,
+            "this is an SDXL checkpoint; SDXL single files are not read yet: use the model's \
+             diffusers folder (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
+                .to_string(),
+        ));
+    }
     let parts = split(keys);
     if !parts.unknown.is_empty() {
         return Err(unsupported(
@@ -263,7 +271,7 @@ pub(crate) fn open(path: &Path, format: WeightsFormat, options: &LoadOptions) ->
                               (8 attention heads per block, quick_gelu text encoder)"
                     .to_string()
             }
-            ModelFamily::Sd2 => {
+            ModelFamily::Sd2 | ModelFamily::Sdxl => {
                 "configs: inferred from the tensor shapes, with SD 2.x's conventions \
                               (64-wide attention heads, gelu text encoder, penultimate layer)"
                     .to_string()
@@ -302,11 +310,13 @@ pub(crate) fn open(path: &Path, format: WeightsFormat, options: &LoadOptions) ->
         description: format!("single-file checkpoint {origin}"),
         architecture,
         unet_config,
-        text_config,
         vae,
         unet: ComponentWeights::mapped(unet_source, unet_keys, options),
-        text_encoder: ComponentWeights::mapped(open_source(path, format)?, text.keys, options),
-        tokenizer: None,
+        text_encoders: vec![OpenedText {
+            config: text_config,
+            weights: ComponentWeights::mapped(open_source(path, format)?, text.keys, options),
+            tokenizer: None,
+        }],
         scheduler,
         scheduler_origin,
         prediction_origin,

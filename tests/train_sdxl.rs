@@ -1,0 +1,153 @@
+//! SDXL through the same `train` command (issue 15): the tiny SDXL diffusers folder is detected
+//! as SDXL, trains at the family's 1024 px unless `resolution` says otherwise, and its LoRA has
+//! kohya's SDXL names (`lora_unet_input_blocks_…`, LDM paths) and metadata, and loads back as
+//! `network_weights`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn project(root: &Path, extra: &str) -> PathBuf {
+    let data = root.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut csv = String::from("filename,prompt\n");
+    for i in 0..2u32 {
+        let name = format!("img{i}.png");
+        image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, (i * 90) as u8])
+        })
+        .save(data.join(&name))
+        .unwrap();
+        csv.push_str(&format!("{name},neon city {i}\n"));
+    }
+    std::fs::write(data.join("metadata.csv"), csv).unwrap();
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+    let config = root.join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "train_data_dir: {data}\nmetadata_path: {data}/metadata.csv\nbase_model: {model}\n\
+             output_dir: {out}\noutput_name: xl\nbatch_size: 2\nmax_train_steps: 2\n\
+             learning_rate: 1e-2\ntrain_text_encoder: false\ndevice: cpu\n{extra}",
+            data = data.display(),
+            model = model.display(),
+            out = root.join("out").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn train(config: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap()
+}
+
+fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+#[test]
+fn the_dry_run_says_sdxl_and_trains_at_1024_px_by_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "");
+    let out = train(&config, &["--dry-run"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("SDXL-style, cross-attention width 24"),
+        "{said}"
+    );
+    assert!(said.contains("at 1024 px"), "{said}");
+    // A resolution the config sets wins.
+    let out = train(&config, &["--dry-run", "--set", "resolution=64"]);
+    assert!(text(&out).contains("at 64 px"), "{}", text(&out));
+}
+
+#[test]
+fn training_the_text_encoders_of_sdxl_is_refused_before_any_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "resolution: 64\n");
+    let out = train(&config, &["--dry-run", "--set", "train_text_encoder=true"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(
+        said.contains("train_text_encoder") && said.contains("SDXL"),
+        "{said}"
+    );
+}
+
+#[test]
+fn an_sdxl_lora_has_kohya_sdxl_names_and_metadata_and_continues_as_network_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "resolution: 64\n");
+    let out = train(&config, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let path = dir.path().join("out/xl.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names = file.names();
+    // 17 transformer blocks × q/v of attn1/attn2, three tensors each.
+    assert_eq!(names.len(), 17 * 4 * 3);
+    for name in &names {
+        assert!(
+            [
+                "lora_unet_input_blocks_",
+                "lora_unet_middle_block_1_",
+                "lora_unet_output_blocks_"
+            ]
+            .iter()
+            .any(|p| name.starts_with(p)),
+            "{name}"
+        );
+    }
+    for (name, ldm) in [
+        // down_blocks.1.attentions.0 = input_blocks.4.1 (two resnets per level, level 0 plain)
+        (
+            "down_blocks.1.attentions.0",
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        ),
+        (
+            "down_blocks.2.attentions.1",
+            "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_v",
+        ),
+        (
+            "up_blocks.1.attentions.2",
+            "lora_unet_output_blocks_5_1_transformer_blocks_0_attn2_to_q",
+        ),
+    ] {
+        assert!(
+            names
+                .iter()
+                .any(|n| **n == format!("{ldm}.lora_down.weight")),
+            "{name} → {ldm}"
+        );
+    }
+    let meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
+    assert_eq!(
+        meta["modelspec.architecture"],
+        "stable-diffusion-xl-v1-base/lora"
+    );
+
+    // The file starts a second run: every module finds its layer by its SDXL name.
+    let again = dir.path().join("again");
+    std::fs::create_dir_all(&again).unwrap();
+    let config = project(
+        &again,
+        &format!("resolution: 64\nnetwork_weights: {}\n", path.display()),
+    );
+    let out = train(&config, &["--dry-run"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("68 modules"), "{said}");
+}
