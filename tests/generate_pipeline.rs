@@ -167,3 +167,71 @@ fn a_single_file_checkpoint_draws_the_folder_picture() {
     let diff = relative_difference(&render(&file), &render(&folder));
     assert!(diff < 1e-5, "single file vs folder: {diff:e}");
 }
+
+/// The tiny SDXL folder against one `StableDiffusionXLPipeline` run (DDIM from the folder's
+/// scheduler config, prompt and negative prompt through both tokenizers and encoders, the pooled
+/// output and the size numbers of a 32×32 picture): the same picture.
+#[test]
+fn the_sdxl_pipeline_matches_diffusers() {
+    use lora_trainer::generate::pipeline::Pipeline;
+    use lora_trainer::generate::schedule::{SamplerConfig, SamplingSchedule};
+    use lora_trainer::models::load::{BaseModel, LoadOptions};
+
+    let reference =
+        candle_core::safetensors::load(fixture("tiny-sdxl.reference.safetensors"), &Device::Cpu)
+            .unwrap();
+    let ckpt = BaseModel::open_path(
+        fixture("tiny-sdxl").to_str().unwrap(),
+        &LoadOptions::default(),
+    )
+    .unwrap();
+    let text_encoders = ckpt.text_encoders(&[], 1).unwrap();
+    // Both tokenizers give the ids diffusers' gave.
+    for (i, key) in ["pipeline.ids1", "pipeline.ids2"].into_iter().enumerate() {
+        let ids = text_encoders.encoders[i]
+            .tokenizer
+            .encode("a cyberpunk city at night, neon lights")
+            .unwrap();
+        let expected: Vec<i64> = reference[key].flatten_all().unwrap().to_vec1().unwrap();
+        let ids: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+        assert_eq!(ids, expected, "{key}");
+    }
+    let unet = ckpt.unet(None).unwrap();
+    let vae = ckpt.vae().unwrap();
+    let keys =
+        SamplerConfig::from_file(&fixture("tiny-sdxl/scheduler/scheduler_config.json")).unwrap();
+    let schedule = SamplingSchedule::new(ckpt.noise_schedule(), keys);
+    let pipeline = Pipeline {
+        unet: &unet,
+        text_encoders: &text_encoders,
+        vae: &vae,
+        schedule: &schedule,
+        device: Device::Cpu,
+    };
+    let request = ImageRequest {
+        prompt: "a cyberpunk city at night, neon lights".to_string(),
+        negative_prompt: "blurry".to_string(),
+        width: 32,
+        height: 32,
+        steps: 2,
+        cfg_scale: 5.0,
+        seed: 0,
+        sampler: SamplerKind::Ddim,
+    };
+    let latents = pipeline
+        .denoise_from(
+            &reference["pipeline.latents"],
+            &request,
+            &mut Recorded(None),
+            &mut |_, _| {},
+        )
+        .unwrap();
+    let image = pipeline.decode_latents(&latents).unwrap();
+    // diffusers' "pt" output: (x / 2 + 0.5) clamped to [0, 1].
+    let image = ((image / 2.0).unwrap() + 0.5)
+        .unwrap()
+        .clamp(0f32, 1f32)
+        .unwrap();
+    let diff = relative_difference(&image, &reference["pipeline.image"]);
+    assert!(diff < 1e-4, "the SDXL picture differs by {diff:e}");
+}

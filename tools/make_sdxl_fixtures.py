@@ -193,8 +193,10 @@ def pipeline_folder(unet, te1, te2, ref: dict) -> None:
     config = {"_class_name": "EulerDiscreteScheduler", "_diffusers_version": diffusers.__version__}
     config.update(SCHEDULER)
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # The reference run: DDIM with the folder's scheduler keys (as `generate --sampler ddim`).
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    # The reference run: DDIM with the folder's scheduler keys as written (SDXL's carry
+    # `clip_sample: false` and `set_alpha_to_one: false`; DDIM's defaults differ), as
+    # `generate --sampler ddim` reads them.
+    pipe.scheduler = DDIMScheduler.from_pretrained(str(folder / "scheduler"))
     gen = torch.Generator().manual_seed(7)
     latents = torch.randn((1, 4, 8, 8), generator=gen)
     with torch.no_grad():

@@ -291,8 +291,10 @@ mod tests {
              sample_sampler: k_euler_a\nsample_at_first: true\n",
             "sample_prompts: prompts.txt\n",
         ] {
-            let plan = plan(extra);
+            let mut plan = plan(extra);
             let back = read_back(&plan);
+            // The resolved file always states the resolution the run used.
+            plan.data.resolution_given = true;
             assert_eq!(
                 back,
                 TrainPlan {
