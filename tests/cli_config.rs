@@ -223,6 +223,17 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     assert_eq!(p.output.output_dir, root.join("output/guofeng_ink_lora"));
     assert_eq!(p.output.save_steps, Some(100));
 
+    let p = example("sdxl_lora.yaml");
+    assert_eq!(
+        Path::new(&p.model.base_model),
+        root.join("models/stable-diffusion-xl-base-1.0")
+    );
+    assert_eq!((p.data.resolution, p.data.enable_bucket), (1024, true));
+    assert_eq!((p.lora.rank, p.lora.alpha), (32, 16.0));
+    assert!(!p.lora.train_text_encoder);
+    assert!(p.training.gradient_checkpointing);
+    assert_eq!(p.output.output_name.as_str(), "cyberpunk_xl_v1");
+
     let p = example("demo.yaml");
     assert_eq!(p.data.train_data_dir, root.join("data/demo"));
     assert_eq!(Path::new(&p.model.base_model), root.join("models/demo-sd"));
@@ -232,6 +243,7 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     for plan in [
         example("cyberpunk_lora.yaml"),
         example("guofeng_lora.yaml"),
+        example("sdxl_lora.yaml"),
         example("demo.yaml"),
     ] {
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
@@ -240,7 +252,12 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
 
 #[test]
 fn every_example_key_has_a_comment() {
-    for name in ["cyberpunk_lora.yaml", "guofeng_lora.yaml", "demo.yaml"] {
+    for name in [
+        "cyberpunk_lora.yaml",
+        "guofeng_lora.yaml",
+        "sdxl_lora.yaml",
+        "demo.yaml",
+    ] {
         let text = std::fs::read_to_string(repo_path(&format!("configs/{name}"))).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {

@@ -237,7 +237,7 @@ fn the_report_from_configs_alone_counts_sd15_modules_and_parameters() {
         &s,
         LoraBase::sd(ModelFamily::Sd1),
         &sd15_unet_config(),
-        &sd15_text_config(),
+        &[&sd15_text_config()],
     )
     .unwrap();
     // Per transformer of width C: attn1 q, v and attn2 q are C→C, attn2 v is 768→C:

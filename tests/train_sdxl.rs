@@ -1,7 +1,7 @@
 //! SDXL through the same `train` command (issue 15): the tiny SDXL diffusers folder is detected
 //! as SDXL, trains at the family's 1024 px unless `resolution` says otherwise, and its LoRA has
-//! kohya's SDXL names (`lora_unet_input_blocks_…`, LDM paths) and metadata, and loads back as
-//! `network_weights`.
+//! kohya's SDXL names (`lora_unet_input_blocks_…`, LDM paths; `lora_te1_`/`lora_te2_`) and
+//! metadata, loads back as `network_weights` and draws in `generate`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -73,16 +73,51 @@ fn the_dry_run_says_sdxl_and_trains_at_1024_px_by_default() {
 }
 
 #[test]
-fn training_the_text_encoders_of_sdxl_is_refused_before_any_work() {
+fn both_text_encoders_train_as_lora_te1_and_lora_te2_and_the_file_draws_in_generate() {
     let dir = tempfile::tempdir().unwrap();
-    let config = project(dir.path(), "resolution: 64\n");
-    let out = train(&config, &["--dry-run", "--set", "train_text_encoder=true"]);
+    let config = project(dir.path(), "resolution: 64\ntarget_modules: attn\n");
+    let out = train(&config, &["--set", "train_text_encoder=true"]);
     let said = text(&out);
-    assert_eq!(out.status.code(), Some(2), "{said}");
-    assert!(
-        said.contains("train_text_encoder") && said.contains("SDXL"),
-        "{said}"
-    );
+    assert!(out.status.success(), "{said}");
+    // 3 layers × q/k/v/out in each encoder, reported together.
+    assert!(said.contains("LoRA      160 modules"), "{said}");
+    let path = dir.path().join("out/xl.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let count = |prefix: &str| {
+        file.names()
+            .iter()
+            .filter(|n| n.starts_with(prefix) && n.ends_with(".lora_down.weight"))
+            .count()
+    };
+    assert_eq!(count("lora_unet_"), 136);
+    assert_eq!(count("lora_te1_text_model_encoder_layers_"), 12);
+    assert_eq!(count("lora_te2_text_model_encoder_layers_"), 12);
+    assert_eq!(count("lora_te_"), 0);
+    // The second text encoder's adapters learned (its pooled output conditions the UNet).
+    let up = file
+        .tensor("lora_te2_text_model_encoder_layers_2_self_attn_v_proj.lora_up.weight")
+        .unwrap();
+    assert!(up.data().iter().any(|&b| b != 0));
+
+    // generate draws with it on the same base, every module applied.
+    let images = dir.path().join("images");
+    let out = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(["--model"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl"))
+        .args(["--prompt", "neon city", "--lora"])
+        .arg(format!("{}:0.8", path.display()))
+        .args([
+            "--steps", "2", "--width", "64", "--height", "64", "--seed", "1", "--device", "cpu",
+            "--out",
+        ])
+        .arg(&images)
+        .output()
+        .unwrap();
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("(160 modules, kohya format)"), "{said}");
+    assert!(images.join("00000-1.png").is_file(), "{said}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use lora_trainer::generate::samplers::SamplerKind;
 use lora_trainer::models::load::LoadOptions;
 use lora_trainer::models::noise::PredictionType;
 
-/// Draw pictures from a Stable Diffusion 1.x/2.x model with LoRAs: `<lora:name:0.8>` in the
+/// Draw pictures from a Stable Diffusion 1.x/2.x or SDXL model with LoRAs: `<lora:name:0.8>` in the
 /// prompt (found in --lora-dir) or --lora FILE:WEIGHT. Each picture is saved as
 /// OUT/NNNNN-SEED.png with its generation parameters (A1111's PNG Info).
 #[derive(Debug, Parser)]

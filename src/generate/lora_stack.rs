@@ -146,7 +146,7 @@ impl AdapterProvider for StackProvider<'_> {
             }
             let weight = match self.model {
                 LoraModel::Unet => file.unet_weight,
-                LoraModel::TextEncoder => file.text_encoder_weight,
+                LoraModel::TextEncoder | LoraModel::TextEncoder2 => file.text_encoder_weight,
             };
             let adapter = LoraAdapter::new(
                 spec,

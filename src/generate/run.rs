@@ -115,10 +115,14 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
     let stack = LoraStack::new(loras, &base, &options.load.device)?;
     let unet_provider = stack.provider(LoraModel::Unet);
     let text_provider = stack.provider(LoraModel::TextEncoder);
+    let text_provider_2 = stack.provider(LoraModel::TextEncoder2);
     let with = |p| (!stack.is_empty()).then_some(p);
     let unet = checkpoint.unet(with(&unet_provider as &dyn crate::nn::AdapterProvider))?;
     let text_encoders = checkpoint.text_encoders(
-        &[with(&text_provider as &dyn crate::nn::AdapterProvider)],
+        &[
+            with(&text_provider as &dyn crate::nn::AdapterProvider),
+            with(&text_provider_2 as &dyn crate::nn::AdapterProvider),
+        ],
         options.clip_skip,
     )?;
     for warning in stack.check_all_matched(options.lenient)? {

@@ -67,13 +67,6 @@ pub enum LoraProblem {
         expected: String,
         evidence: String,
     },
-    /// Something the trainer cannot do yet for this base model.
-    #[error("{what} is not supported yet for {family} base models; {hint}")]
-    NotYetForFamily {
-        what: String,
-        family: String,
-        hint: String,
-    },
     /// A module of the file that no layer of the model has.
     #[error("the key `{key}` matches no module of the {model}{hint}")]
     UnmatchedKey {

@@ -63,9 +63,6 @@ pub struct LoraFile {
     pub metadata: BTreeMap<String, String>,
     /// In file key order.
     pub modules: Vec<FileModule>,
-    /// Modules for a second text encoder (SDXL's `lora_te2_…`, `text_encoder_2.…`): never
-    /// loadable here, counted to tell the base model.
-    pub second_text_encoder_modules: usize,
     pub file_size: u64,
 }
 
@@ -160,12 +157,8 @@ impl LoraFile {
         .map_err(fail)?;
         let adapter_config = diffusers_adapter_config(&metadata).map_err(fail)?;
         let mut modules = Vec::new();
-        let mut second_text_encoder_modules = 0;
         for (label, group) in parts {
-            let Some(model) = group.model else {
-                second_text_encoder_modules += 1;
-                continue;
-            };
+            let model = group.model;
             let (down_key, up_key) = match (group.down, group.up) {
                 (Some(d), Some(u)) => (d, u),
                 (Some(present), None) | (None, Some(present)) => {
@@ -220,7 +213,6 @@ impl LoraFile {
             format,
             metadata,
             modules,
-            second_text_encoder_modules,
             file_size: bytes.len() as u64,
         })
     }
@@ -229,10 +221,24 @@ impl LoraFile {
     /// text encoders; the width of the cross-attention keys or of the text encoder), then its
     /// metadata. `None` when neither tells.
     pub fn base_model(&self) -> Option<(FileBase, String)> {
-        if self.second_text_encoder_modules > 0 {
+        if let Some(m) = self
+            .modules
+            .iter()
+            .find(|m| m.model == LoraModel::TextEncoder2)
+        {
             return Some((
                 FileBase::Sdxl,
-                "it has modules for a second text encoder".to_string(),
+                format!("`{}` adapts a second text encoder", m.down_key),
+            ));
+        }
+        if let Some(m) = self
+            .modules
+            .iter()
+            .find(|m| m.down_key.starts_with("lora_te1_"))
+        {
+            return Some((
+                FileBase::Sdxl,
+                format!("`{}` names SDXL's first text encoder", m.down_key),
             ));
         }
         for m in &self.modules {
@@ -292,6 +298,19 @@ impl LoraFile {
                     format!("its metadata says modelspec.architecture={v}"),
                 ));
             }
+        }
+        // Last: SD 1.x files converted by old tools can carry LDM names too.
+        let ldm = ["_input_blocks_", "_middle_block_", "_output_blocks_"];
+        if let Some(m) = self.modules.iter().find(|m| {
+            m.model == LoraModel::Unet && ldm.iter().any(|part| m.down_key.contains(part))
+        }) {
+            return Some((
+                FileBase::Sdxl,
+                format!(
+                    "`{}` has the LDM name kohya gives SDXL's UNet modules",
+                    m.down_key
+                ),
+            ));
         }
         None
     }
@@ -520,7 +539,8 @@ mod tests {
             None,
         )?;
         assert_eq!(f.base_model().map(|b| b.0), Some(FileBase::Sdxl));
-        assert!(f.modules.is_empty() && f.second_text_encoder_modules == 1);
+        assert_eq!(f.modules.len(), 1);
+        assert_eq!(f.modules[0].model, LoraModel::TextEncoder2);
         Ok(())
     }
 

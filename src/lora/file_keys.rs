@@ -27,10 +27,9 @@ impl fmt::Display for LoraFormat {
 }
 
 /// The keys of one module, as found.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(super) struct KeyGroup {
-    /// `None` for a second text encoder's module.
-    pub model: Option<LoraModel>,
+    pub model: LoraModel,
     /// The module path (dots), for diffusers' alpha patterns and kohya names.
     pub path: String,
     pub down: Option<String>,
@@ -121,22 +120,16 @@ pub(super) fn kohya_parts(
         let Some((name, part)) = key.split_once('.') else {
             return Err(unknown_key(key));
         };
-        let model = if name.starts_with("lora_te2_") || name.starts_with("lora_te1_") {
-            None
-        } else {
-            Some(LoraModel::of_kohya_name(name).ok_or_else(|| unknown_key(key))?)
-        };
+        let (model, rest) = LoraModel::split_kohya_name(name).ok_or_else(|| unknown_key(key))?;
         let group = groups.entry(name.to_string()).or_insert_with(|| {
             order.push(name.to_string());
             KeyGroup {
                 model,
                 // Only used to name the module; kohya names cannot be turned back into paths.
-                path: name
-                    .strip_prefix(model.map(|m| m.kohya_prefix()).unwrap_or(""))
-                    .unwrap_or(name)
-                    .trim_start_matches('_')
-                    .to_string(),
-                ..KeyGroup::default()
+                path: rest.to_string(),
+                down: None,
+                up: None,
+                alpha: None,
             }
         });
         let slot = match part {
@@ -186,18 +179,17 @@ pub(super) fn diffusers_parts(
         };
         let (prefix, path) = stem.split_once('.').ok_or_else(|| unknown_key(key))?;
         let model = match prefix {
-            "unet" => Some(LoraModel::Unet),
-            "text_encoder" => Some(LoraModel::TextEncoder),
-            "text_encoder_2" => None,
+            "unet" => LoraModel::Unet,
+            "text_encoder" => LoraModel::TextEncoder,
+            "text_encoder_2" => LoraModel::TextEncoder2,
             _ => return Err(unknown_key(key)),
         };
         let path = match model {
-            Some(LoraModel::Unet) => processor_path(path),
-            Some(LoraModel::TextEncoder) => {
+            LoraModel::Unet => processor_path(path),
+            LoraModel::TextEncoder | LoraModel::TextEncoder2 => {
                 let p = path.strip_prefix("text_model.").unwrap_or(path);
                 format!("text_model.{p}")
             }
-            None => path.to_string(),
         };
         let label = format!("{prefix}.{path}");
         let group = groups.entry(label.clone()).or_insert_with(|| {
@@ -205,7 +197,9 @@ pub(super) fn diffusers_parts(
             KeyGroup {
                 model,
                 path: path.clone(),
-                ..KeyGroup::default()
+                down: None,
+                up: None,
+                alpha: None,
             }
         });
         let target = match slot {

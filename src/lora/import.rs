@@ -132,7 +132,7 @@ impl FileTargets {
         else {
             return Ok(());
         };
-        let hint = if module.model == LoraModel::TextEncoder && !text_encoder_built {
+        let hint = if module.model.is_text_encoder() && !text_encoder_built {
             " (the text encoder is not trained: set `train_text_encoder: true` to go on training \
              the file's text-encoder modules)"
         } else {

@@ -143,13 +143,6 @@ impl fmt::Display for Inspection {
                 "  trained for: unknown (no metadata, no layer that tells)"
             )?,
         }
-        if file.second_text_encoder_modules > 0 {
-            writeln!(
-                f,
-                "  {} modules of a second text encoder (SDXL) are not listed",
-                file.second_text_encoder_modules
-            )?;
-        }
 
         writeln!(f, "metadata ({} keys):", file.metadata.len())?;
         for (key, value) in &file.metadata {

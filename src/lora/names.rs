@@ -14,27 +14,42 @@ use crate::models::unet_config::UNetConfig;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LoraModel {
     Unet,
+    /// The (first) text encoder: SD's only one, SDXL's CLIP ViT-L.
     TextEncoder,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG).
+    TextEncoder2,
 }
 
 impl LoraModel {
-    /// Both models, UNet first (the order of reports and files).
-    pub const ALL: [LoraModel; 2] = [LoraModel::Unet, LoraModel::TextEncoder];
+    /// Every model, UNet first (the order of reports and files).
+    pub const ALL: [LoraModel; 3] = [
+        LoraModel::Unet,
+        LoraModel::TextEncoder,
+        LoraModel::TextEncoder2,
+    ];
 
-    /// The kohya key prefix: `lora_unet` / `lora_te`.
+    /// The kohya key prefix: `lora_unet` / `lora_te` / `lora_te2` (an SDXL file's first text
+    /// encoder is `lora_te1`: [`LoraBase::kohya_name`]).
     pub fn kohya_prefix(self) -> &'static str {
         match self {
             LoraModel::Unet => "lora_unet",
             LoraModel::TextEncoder => "lora_te",
+            LoraModel::TextEncoder2 => "lora_te2",
         }
     }
 
-    /// The diffusers key prefix: `unet` / `text_encoder`.
+    /// The diffusers key prefix: `unet` / `text_encoder` / `text_encoder_2`.
     pub fn diffusers_prefix(self) -> &'static str {
         match self {
             LoraModel::Unet => "unet",
             LoraModel::TextEncoder => "text_encoder",
+            LoraModel::TextEncoder2 => "text_encoder_2",
         }
+    }
+
+    /// A text encoder (either).
+    pub fn is_text_encoder(self) -> bool {
+        self != LoraModel::Unet
     }
 
     /// The kohya name of the module at `path`:
@@ -43,11 +58,22 @@ impl LoraModel {
         format!("{}_{}", self.kohya_prefix(), path.replace('.', "_"))
     }
 
-    /// Which model a kohya name belongs to (`lora_unet_…`, `lora_te_…`).
+    /// Which model a kohya name belongs to (`lora_unet_…`, `lora_te_…`, SDXL's `lora_te1_…`
+    /// and `lora_te2_…`).
     pub fn of_kohya_name(name: &str) -> Option<LoraModel> {
-        LoraModel::ALL
-            .into_iter()
-            .find(|m| name.starts_with(&format!("{}_", m.kohya_prefix())))
+        LoraModel::split_kohya_name(name).map(|(model, _)| model)
+    }
+
+    /// A kohya name's model and the rest of the name after its prefix and `_`.
+    pub fn split_kohya_name(name: &str) -> Option<(LoraModel, &str)> {
+        [
+            ("lora_unet_", LoraModel::Unet),
+            ("lora_te_", LoraModel::TextEncoder),
+            ("lora_te1_", LoraModel::TextEncoder),
+            ("lora_te2_", LoraModel::TextEncoder2),
+        ]
+        .into_iter()
+        .find_map(|(prefix, model)| name.strip_prefix(prefix).map(|rest| (model, rest)))
     }
 }
 
@@ -81,14 +107,14 @@ impl LoraBase {
     /// The kohya name of `model`'s module at `path` in files for this base:
     /// [`LoraModel::kohya_name`] for SD 1.x/2.x; for SDXL the UNet's LDM path
     /// (`down_blocks.1.attentions.0.proj_in` → `lora_unet_input_blocks_4_1_proj_in`) and
-    /// `lora_te1_` for the first text encoder.
+    /// `lora_te1_` for the first text encoder (`lora_te2_` for the second, as always).
     pub fn kohya_name(&self, model: LoraModel, path: &str) -> String {
         match (model, &self.ldm_unet) {
             (LoraModel::Unet, Some(config)) => match ldm_path(config, path) {
                 Some(ldm) => model.kohya_name(&ldm),
                 None => model.kohya_name(path),
             },
-            (LoraModel::TextEncoder, _) if self.family == ModelFamily::Sdxl => {
+            (LoraModel::TextEncoder, _) if self.family.text_encoder_count() > 1 => {
                 format!("lora_te1_{}", path.replace('.', "_"))
             }
             _ => model.kohya_name(path),
@@ -101,6 +127,7 @@ impl fmt::Display for LoraModel {
         f.write_str(match self {
             LoraModel::Unet => "UNet",
             LoraModel::TextEncoder => "text encoder",
+            LoraModel::TextEncoder2 => "second text encoder",
         })
     }
 }
@@ -123,7 +150,15 @@ mod tests {
             LoraModel::of_kohya_name("lora_te_text_model_encoder_layers_0_mlp_fc1"),
             Some(LoraModel::TextEncoder)
         );
-        assert_eq!(LoraModel::of_kohya_name("lora_te1_text_model"), None);
+        assert_eq!(
+            LoraModel::split_kohya_name("lora_te1_text_model_x"),
+            Some((LoraModel::TextEncoder, "text_model_x"))
+        );
+        assert_eq!(
+            LoraModel::of_kohya_name("lora_te2_text_model"),
+            Some(LoraModel::TextEncoder2)
+        );
+        assert_eq!(LoraModel::of_kohya_name("lora_text_model"), None);
     }
 
     #[test]

@@ -23,7 +23,6 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Var};
 
 use super::adapter::{Dropout, LoraAdapter, TrainingState};
-use super::error::{LoraError, LoraProblem};
 use super::export::{save_lora, SavedLora};
 use super::file::LoraFile;
 use super::import::FileTargets;
@@ -33,6 +32,7 @@ use super::targets::{ModuleSpec, TargetSelector};
 use crate::config::{LoraSettings, SaveFormat, SavePrecision};
 use crate::models::clip_text::ClipTextModel;
 use crate::models::clip_text_config::ClipTextConfig;
+use crate::models::clip_text_projection::ClipTextModelWithProjection;
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::{Adapter, AdapterProvider, LayerKind, Scope, WeightStore};
 use crate::Result;
@@ -63,7 +63,7 @@ impl NetworkOptions {
 #[derive(Debug)]
 enum Targets {
     Config(TargetSelector),
-    File(FileTargets),
+    File(Box<FileTargets>),
 }
 
 /// A layer that gets an adapter, and its starting weights when they come from a file.
@@ -214,6 +214,8 @@ pub struct LoraNetworks {
     pub unet: LoraNetwork,
     /// `None` when `train_text_encoder` is false.
     pub text_encoder: Option<LoraNetwork>,
+    /// SDXL's second text encoder's, likewise (`None` for a base with one text encoder).
+    pub text_encoder_2: Option<LoraNetwork>,
     targets: Arc<Targets>,
     state: Arc<TrainingState>,
     /// The base model, when known: the family files must fit and the names they are saved with.
@@ -244,23 +246,11 @@ impl LoraNetworks {
         options: NetworkOptions,
         plan_only: bool,
     ) -> Result<Self> {
-        if let Some(base) = base.as_ref().filter(|b| b.family.text_encoder_count() > 1) {
-            if settings.train_text_encoder {
-                return Err(LoraError {
-                    origin: "train_text_encoder".to_string(),
-                    problem: LoraProblem::NotYetForFamily {
-                        what: "training LoRA on the text encoders".to_string(),
-                        family: base.family.to_string(),
-                        hint: "set `train_text_encoder: false` (kohya's \
-                               `network_train_unet_only`, the usual choice for SDXL)"
-                            .to_string(),
-                    },
-                }
-                .into());
-            }
-        }
         let targets = Arc::new(match &settings.network_weights {
-            Some(path) => Targets::File(FileTargets::new(LoraFile::read(path)?, base.as_ref())?),
+            Some(path) => Targets::File(Box::new(FileTargets::new(
+                LoraFile::read(path)?,
+                base.as_ref(),
+            )?)),
             None => Targets::Config(TargetSelector::new(settings)),
         });
         let state = Arc::new(TrainingState::default());
@@ -279,11 +269,16 @@ impl LoraNetworks {
             adapters: Mutex::new(Vec::new()),
             planned: Mutex::new(Vec::new()),
         };
+        let two_encoders = base
+            .as_ref()
+            .is_some_and(|b| b.family.text_encoder_count() > 1);
         Ok(LoraNetworks {
             unet: network(LoraModel::Unet),
             text_encoder: settings
                 .train_text_encoder
                 .then(|| network(LoraModel::TextEncoder)),
+            text_encoder_2: (settings.train_text_encoder && two_encoders)
+                .then(|| network(LoraModel::TextEncoder2)),
             targets,
             state,
             base,
@@ -298,7 +293,18 @@ impl LoraNetworks {
 
     /// The networks, UNet first.
     pub fn networks(&self) -> impl Iterator<Item = &LoraNetwork> {
-        std::iter::once(&self.unet).chain(self.text_encoder.as_ref())
+        std::iter::once(&self.unet)
+            .chain(self.text_encoder.as_ref())
+            .chain(self.text_encoder_2.as_ref())
+    }
+
+    /// The text encoders' adapter providers, in the base model's order (`None`: not trained),
+    /// for [`crate::models::load::BaseModel::text_encoders`].
+    pub fn text_encoder_providers(&self) -> Vec<Option<&dyn AdapterProvider>> {
+        [&self.text_encoder, &self.text_encoder_2]
+            .into_iter()
+            .map(|n| n.as_ref().map(|n| n as &dyn AdapterProvider))
+            .collect()
     }
 
     /// Training mode turns dropout on; evaluation mode (the default) off.
@@ -348,14 +354,16 @@ impl LoraNetworks {
             .collect()
     }
 
-    /// The report from the model configs alone: both models are built on shape-only stores
+    /// The report from the model configs alone: the models are built on shape-only stores
     /// (no weight is read or allocated) with plan-only networks. Fails like training would on
     /// targets that match nothing or a `network_weights` file that does not fit.
+    /// `text_configs`: the base model's text encoders in order (SDXL's second is built with its
+    /// projection, as it is trained).
     pub fn report_from_configs(
         settings: &LoraSettings,
         base: Option<LoraBase>,
         unet_config: &UNetConfig,
-        text_config: &ClipTextConfig,
+        text_configs: &[&ClipTextConfig],
     ) -> Result<LoraReport> {
         let networks = Self::plan_only(settings, base)?;
         let store = WeightStore::shape_only(DType::F32, Device::Cpu);
@@ -363,8 +371,11 @@ impl LoraNetworks {
             Scope::root(&store).with_adapters(&networks.unet),
             unet_config,
         )?;
-        if let Some(te) = &networks.text_encoder {
-            ClipTextModel::new(Scope::root(&store).with_adapters(te), text_config)?;
+        if let (Some(te), Some(config)) = (&networks.text_encoder, text_configs.first()) {
+            ClipTextModel::new(Scope::root(&store).with_adapters(te), config)?;
+        }
+        if let (Some(te), Some(config)) = (&networks.text_encoder_2, text_configs.get(1)) {
+            ClipTextModelWithProjection::new(Scope::root(&store).with_adapters(te), config)?;
         }
         networks.check_built()?;
         Ok(networks.report())

@@ -142,7 +142,8 @@ impl LoraReport {
             }
             let r = match m.model {
                 LoraModel::Unet => &mut unet,
-                LoraModel::TextEncoder => &mut text_encoder,
+                // SDXL's two encoders are reported together, as they train at one rate.
+                LoraModel::TextEncoder | LoraModel::TextEncoder2 => &mut text_encoder,
             };
             r.modules += 1;
             r.parameters += m.parameters();

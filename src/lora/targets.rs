@@ -126,7 +126,7 @@ impl TargetSelector {
         path: &str,
         layer: LayerKind,
     ) -> Result<Option<ModuleSpec>> {
-        if model == LoraModel::TextEncoder && !self.train_text_encoder {
+        if model.is_text_encoder() && !self.train_text_encoder {
             return Ok(None);
         }
         let spec = |(rank, alpha): (usize, f64)| ModuleSpec {
@@ -240,14 +240,14 @@ fn preset_selects(preset: TargetPreset, model: LoraModel, path: &str, layer: Lay
         (TargetPreset::Default, LoraModel::Unet) => {
             in_attention(path) && matches!(leaf, "to_q" | "to_v")
         }
-        (TargetPreset::Default, LoraModel::TextEncoder) => {
+        (TargetPreset::Default, LoraModel::TextEncoder | LoraModel::TextEncoder2) => {
             path.contains("self_attn.") && matches!(leaf, "q_proj" | "v_proj")
         }
         (TargetPreset::Attn, LoraModel::Unet) => {
             in_attention(path)
                 && (matches!(leaf, "to_q" | "to_k" | "to_v") || path.ends_with(".to_out.0"))
         }
-        (TargetPreset::Attn, LoraModel::TextEncoder) => {
+        (TargetPreset::Attn, LoraModel::TextEncoder | LoraModel::TextEncoder2) => {
             path.contains("self_attn.")
                 && matches!(leaf, "q_proj" | "k_proj" | "v_proj" | "out_proj")
         }
@@ -255,7 +255,7 @@ fn preset_selects(preset: TargetPreset, model: LoraModel, path: &str, layer: Lay
             unet_block_child(path).is_some_and(|(kind, _)| kind == "attentions")
                 && !matches!(layer, LayerKind::Conv2d { kernel, .. } if kernel > 1)
         }
-        (TargetPreset::Kohya, LoraModel::TextEncoder) => {
+        (TargetPreset::Kohya, LoraModel::TextEncoder | LoraModel::TextEncoder2) => {
             path.contains(".self_attn.") || path.contains(".mlp.")
         }
     }

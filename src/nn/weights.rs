@@ -240,6 +240,11 @@ impl WeightStore {
         self.entries.keys().map(String::as_str)
     }
 
+    /// Converts the tensors read from now on to `dtype` instead.
+    pub fn set_dtype(&mut self, dtype: DType) {
+        self.dtype = dtype;
+    }
+
     /// The dtype tensors are converted to.
     pub fn dtype(&self) -> DType {
         self.dtype

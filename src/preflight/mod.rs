@@ -96,7 +96,7 @@ impl Preflight {
             &self.plan.lora,
             Some(LoraBase::new(checkpoint.family(), checkpoint.unet_config())),
             checkpoint.unet_config(),
-            checkpoint.text_encoder_config(),
+            &checkpoint.text_encoder_configs(),
         )?);
         Ok(())
     }

@@ -19,7 +19,6 @@ use crate::lora::{LoraBase, LoraNetworks, NetworkOptions};
 use crate::models::family::BaseModelVersion;
 use crate::models::load::{BaseModel, LoadOptions};
 use crate::models::noise::PredictionType;
-use crate::nn::AdapterProvider;
 
 use crate::preflight::Preflight;
 use crate::Result;
@@ -64,13 +63,8 @@ pub fn set_up(
     )?;
     let mut unet = checkpoint.unet(Some(&networks.unet))?;
     unet.set_gradient_checkpointing(plan.training.gradient_checkpointing);
-    let text_encoders = checkpoint.text_encoders(
-        &[networks
-            .text_encoder
-            .as_ref()
-            .map(|te| te as &dyn AdapterProvider)],
-        plan.model.clip_skip,
-    )?;
+    let text_encoders =
+        checkpoint.text_encoders(&networks.text_encoder_providers(), plan.model.clip_skip)?;
     networks.check_built()?;
     let t = &plan.training;
     let (groups, base_lrs) = param_groups(&networks, t.unet_lr, t.text_encoder_lr, t.weight_decay);

@@ -112,4 +112,27 @@ mod tests {
         assert!(cache.batch(&["never seen"], &Device::Cpu).is_err());
         Ok(())
     }
+
+    #[test]
+    fn sdxl_captions_are_cached_with_their_pooled_output() -> Result<()> {
+        use crate::models::load::{BaseModel, LoadOptions};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl");
+        let model =
+            BaseModel::open_path(root.to_str().unwrap_or_default(), &LoadOptions::default())?;
+        let encoders = model.text_encoders(&[], 1)?;
+        let captions = ["ink mountains", "a red city", "ink mountains"];
+        // Cached in batches of one, read back as a batch of two in another order.
+        let cache = TextCache::build(captions, &encoders, &Device::Cpu, 1)?;
+        assert_eq!(cache.len(), 2);
+        let order = ["a red city", "ink mountains"];
+        let want = encoders.encode(&order, &Device::Cpu)?;
+        let got = cache.batch(&order, &Device::Cpu)?;
+        let largest = |t: Tensor| -> Result<f32> { Ok(t.abs()?.max_all()?.to_scalar::<f32>()?) };
+        assert_eq!(got.context.dims(), want.context.dims());
+        assert!(largest((got.context - want.context)?)? < 1e-6);
+        let (got, want) = (got.pooled.expect("pooled"), want.pooled.expect("pooled"));
+        assert_eq!(got.dims(), &[2, 16]);
+        assert!(largest((got - want)?)? < 1e-6);
+        Ok(())
+    }
 }

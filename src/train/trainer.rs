@@ -202,8 +202,14 @@ pub fn param_groups(
         groups.push(ParamGroup::new("unet", weight_decay, unet));
         lrs.push(unet_lr);
     }
-    if let Some(te) = &networks.text_encoder {
-        let vars = te.named_vars();
+    // SDXL's two text encoders share the text encoder's group and rate.
+    let te_networks = [&networks.text_encoder, &networks.text_encoder_2];
+    if te_networks.iter().any(|n| n.is_some()) {
+        let vars: Vec<_> = te_networks
+            .iter()
+            .filter_map(|n| n.as_ref())
+            .flat_map(|n| n.named_vars())
+            .collect();
         if !vars.is_empty() {
             groups.push(ParamGroup::new("text_encoder", weight_decay, vars));
             lrs.push(text_encoder_lr);

@@ -318,7 +318,7 @@ impl BaseModel {
         )];
 
         // The VAE override replaces the model's before anything is built.
-        let (vae_config, vae) = match (&options.vae, opened.vae.take()) {
+        let (vae_config, mut vae) = match (&options.vae, opened.vae.take()) {
             (Some(given), own) => {
                 let base = own.map(|(c, _)| c).unwrap_or_default();
                 let (config, weights, note) = open_vae_override(given, &base, options)?;
@@ -355,6 +355,17 @@ impl BaseModel {
             },
         };
         let noise = NoiseSchedule::from_config(&scheduler, &opened.scheduler_origin)?;
+        // SDXL's VAE overflows in f16: with `force_upcast` (its config's) it stays in f32, as
+        // diffusers' SDXL pipelines keep it; the fp16-fix VAEs say `force_upcast: false`.
+        if architecture.family == ModelFamily::Sdxl
+            && vae_config.force_upcast
+            && options.dtype != DType::F32
+        {
+            vae.store.set_dtype(DType::F32);
+            opened
+                .notes
+                .push("VAE: kept in f32 (its config's `force_upcast`)".to_string());
+        }
         notes.push(format!("prediction type: {prediction_note}"));
 
         let family = architecture.family;
@@ -696,4 +707,28 @@ fn open_vae_override(
             .to_string(),
     }
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdxl_keeps_its_vae_in_f32_when_the_rest_is_half() -> Result<()> {
+        let half = LoadOptions {
+            dtype: DType::F16,
+            ..LoadOptions::default()
+        };
+        let open = |name: &str| {
+            let path = crate::fixtures::path(name);
+            BaseModel::open_path(path.to_str().unwrap_or_default(), &half)
+        };
+        let xl = open("tiny-sdxl")?;
+        assert_eq!(xl.vae()?.dtype(), DType::F32);
+        assert_eq!(xl.unet_weights().dtype(), DType::F16);
+        assert!(xl.notes().iter().any(|n| n.contains("force_upcast")));
+        // SD 1.x's VAE follows the run's precision, as in diffusers' SD pipelines.
+        assert_eq!(open("tiny-sd1")?.vae()?.dtype(), DType::F16);
+        Ok(())
+    }
 }
