@@ -1,7 +1,7 @@
 //! SDXL through the same `train` command (issue 15): the tiny SDXL diffusers folder is detected
 //! as SDXL, trains at the family's 1024 px unless `resolution` says otherwise, and its LoRA has
 //! kohya's SDXL names (`lora_unet_input_blocks_…`, LDM paths; `lora_te1_`/`lora_te2_`) and
-//! metadata, loads back as `network_weights` and draws in `generate`.
+//! metadata, loads back as `network_weights` and draws in `generate` (and in previews).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -75,7 +75,11 @@ fn the_dry_run_says_sdxl_and_trains_at_1024_px_by_default() {
 #[test]
 fn both_text_encoders_train_as_lora_te1_and_lora_te2_and_the_file_draws_in_generate() {
     let dir = tempfile::tempdir().unwrap();
-    let config = project(dir.path(), "resolution: 64\ntarget_modules: attn\n");
+    let config = project(
+        dir.path(),
+        "resolution: 64\ntarget_modules: attn\nsample_prompts: [\"neon --w 64 --h 64 --s 2 --d 1\"]\n\
+         sample_every_n_steps: 2\n",
+    );
     let out = train(&config, &["--set", "train_text_encoder=true"]);
     let said = text(&out);
     assert!(out.status.success(), "{said}");
@@ -99,6 +103,14 @@ fn both_text_encoders_train_as_lora_te1_and_lora_te2_and_the_file_draws_in_gener
         .tensor("lora_te2_text_model_encoder_layers_2_self_attn_v_proj.lora_up.weight")
         .unwrap();
     assert!(up.data().iter().any(|&b| b != 0));
+
+    // Previews were drawn with the SDXL pipeline during training.
+    let samples = std::fs::read_dir(dir.path().join("out/samples"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .count();
+    assert_eq!(samples, 1, "{said}");
 
     // generate draws with it on the same base, every module applied.
     let images = dir.path().join("images");

@@ -134,7 +134,7 @@ fn choose_weights(
         }
     }
     let wanted = match folder {
-        "text_encoder" => "model",
+        "text_encoder" | "text_encoder_2" => "model",
         _ => "diffusion_pytorch_model",
     };
     let v = variant.map(|v| format!(".{v}")).unwrap_or_default();
@@ -613,6 +613,43 @@ mod tests {
             "scheduler/scheduler_config.json",
         ] {
             assert!(missing.iter().any(|m| m == file), "{file}: {missing:?}");
+        }
+    }
+
+    #[test]
+    fn an_sdxl_repo_needs_its_second_text_encoder_and_tokenizer() {
+        let repo = remote(&[
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "vae/config.json",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/config.json",
+            "text_encoder/model.safetensors",
+            "tokenizer/vocab.json",
+            "tokenizer/merges.txt",
+            "text_encoder_2/config.json",
+            "model_index.json",
+        ]);
+        let missing = pipeline_files(&repo, &|_| None, None).unwrap_err();
+        for file in [
+            "text_encoder_2/model.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+        ] {
+            assert!(missing.iter().any(|m| m == file), "{file}: {missing:?}");
+        }
+        let mut whole = RemoteFiles(repo.0.clone());
+        for file in [
+            "text_encoder_2/model.safetensors",
+            "tokenizer_2/vocab.json",
+            "tokenizer_2/merges.txt",
+            "scheduler/scheduler_config.json",
+        ] {
+            whole.0.insert(file.to_string());
+        }
+        let files = pipeline_files(&whole, &|_| None, None).unwrap();
+        for file in ["text_encoder_2/model.safetensors", "tokenizer_2/merges.txt"] {
+            assert!(files.iter().any(|f| f == file), "{file}: {files:?}");
         }
     }
 
