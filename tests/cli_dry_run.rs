@@ -356,3 +356,37 @@ fn unquoted_commas_in_captions_are_read_and_counted_in_the_dry_run() {
         "{stdout}"
     );
 }
+
+#[test]
+fn an_unset_resolution_of_a_model_not_downloaded_yet_is_said() {
+    let dir = project("");
+    let root = dir.path();
+    let config = std::fs::read_to_string(root.join("train.yaml"))
+        .unwrap()
+        .replace(
+            "base_model: ./models/tiny-sd\nresolution: 64\n",
+            "base_model: org/some-model\n",
+        );
+    std::fs::write(root.join("train.yaml"), config).unwrap();
+    let out = train(root, &["--config", "train.yaml", "--dry-run"]);
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("`resolution` is not set") && said.contains("512 px is used"),
+        "{said}"
+    );
+    // A local model says its family: no warning, its default.
+    let out = train(
+        root,
+        &[
+            "--config",
+            "train.yaml",
+            "--dry-run",
+            "--set",
+            "base_model=./models/tiny-sd",
+        ],
+    );
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!said.contains("`resolution` is not set"), "{said}");
+    assert!(said.contains("at 512 px"), "{said}");
+}

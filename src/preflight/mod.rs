@@ -59,9 +59,17 @@ impl Preflight {
     pub fn check(mut plan: TrainPlan) -> Result<Preflight> {
         let model = ModelSource::detect(&plan.model.base_model)?;
         // A `resolution` the config leaves unset is the family's (SDXL trains at 1024).
-        if let Some(architecture) = model.architecture() {
-            if !plan.data.resolution_given {
-                plan.data.resolution = architecture.family.default_resolution();
+        if !plan.data.resolution_given {
+            match model.architecture() {
+                Some(architecture) => {
+                    plan.data.resolution = architecture.family.default_resolution()
+                }
+                None => plan.warnings.push(format!(
+                    "`resolution` is not set and the model ({model}) cannot be looked at before \
+                     it is downloaded: {} px is used; SDXL models train at 1024, so set \
+                     `resolution` for them",
+                    plan.data.resolution
+                )),
             }
         }
         let sample_prompts = match &plan.sampling.prompts {
