@@ -198,3 +198,34 @@ fn an_sdxl_lora_has_kohya_sdxl_names_and_metadata_and_continues_as_network_weigh
     assert!(out.status.success(), "{said}");
     assert!(said.contains("68 modules"), "{said}");
 }
+
+#[test]
+fn generate_draws_sdxl_at_its_family_size_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_generate"))
+        .args(["--model"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sdxl"))
+        // The height is given (a small picture keeps the test fast); the width is SDXL's.
+        .args([
+            "--prompt", "x", "--steps", "1", "--seed", "3", "--height", "64",
+        ])
+        .args(["--device", "cpu", "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let picture = image::open(dir.path().join("00000-3.png")).unwrap();
+    assert_eq!((picture.width(), picture.height()), (1024, 64));
+}
+
+#[test]
+fn the_default_targets_take_q_k_v_and_out_of_the_second_text_encoder() {
+    // A1111 applies an OpenCLIP attention LoRA only when q, k, v and out are all there.
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "resolution: 64\n");
+    let out = train(&config, &["--dry-run", "--set", "train_text_encoder=true"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    // UNet 68; first encoder 3 layers × q/v; second 3 layers × q/k/v/out.
+    assert!(said.contains("text encoder: 18 modules"), "{said}");
+}

@@ -46,10 +46,12 @@ struct Args {
     /// Seed of the first picture (the others count up from it) [default: random].
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = 512)]
-    width: usize,
-    #[arg(long, default_value_t = 512)]
-    height: usize,
+    /// Picture width [default: the model family's: 512, SDXL 1024].
+    #[arg(long)]
+    width: Option<usize>,
+    /// Picture height [default: as the width's].
+    #[arg(long)]
+    height: Option<usize>,
     /// ddim, euler_a (Euler ancestral) or dpmpp_2m (DPM++ 2M).
     #[arg(long, default_value = "euler_a", value_parser = parse_sampler)]
     sampler: SamplerKind,

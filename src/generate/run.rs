@@ -37,8 +37,9 @@ pub struct GenerateOptions {
     pub cfg_scale: f64,
     /// The first picture's seed; picture `i` uses `seed + i`.
     pub seed: u64,
-    pub width: usize,
-    pub height: usize,
+    /// The picture's size; `None`: the model family's (512, SDXL 1024).
+    pub width: Option<usize>,
+    pub height: Option<usize>,
     pub sampler: SamplerKind,
     pub count: usize,
     pub out_dir: PathBuf,
@@ -151,7 +152,12 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
         schedule: &schedule,
         device: options.load.device.clone(),
     };
-    pipeline.check_size(options.width, options.height)?;
+    let side = checkpoint.family().default_resolution() as usize;
+    let (width, height) = (
+        options.width.unwrap_or(side),
+        options.height.unwrap_or(side),
+    );
+    pipeline.check_size(width, height)?;
     let (dropped, read) = text_encoders.truncation(&parsed.text)?;
     if dropped > 0 {
         progress.note(&format!(
@@ -178,8 +184,8 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
         let request = ImageRequest {
             prompt: parsed.text.clone(),
             negative_prompt: options.negative_prompt.clone(),
-            width: options.width,
-            height: options.height,
+            width,
+            height,
             steps: options.steps,
             cfg_scale: options.cfg_scale,
             seed,
@@ -197,8 +203,8 @@ pub fn run(options: &GenerateOptions, progress: &mut dyn GenerateProgress) -> Re
                 .to_string(),
             cfg_scale: options.cfg_scale,
             seed,
-            width: options.width,
-            height: options.height,
+            width,
+            height,
             model_hash: model_hash.clone(),
             model: Some(model_name.clone()),
             clip_skip: options.clip_skip,

@@ -2,7 +2,8 @@
 //!
 //! `target_modules` is a preset or a list:
 //! - `default`: the attention q and v projections — UNet `attn1`/`attn2` `to_q`, `to_v`; text
-//!   encoder `self_attn.q_proj`, `v_proj` (64 + 24 modules on SD 1.5);
+//!   encoder `self_attn.q_proj`, `v_proj` (64 + 24 modules on SD 1.5); on SDXL's second text
+//!   encoder q, k, v and out, the set A1111 needs to apply any of them;
 //! - `attn`: q, k, v and out projections in both models;
 //! - `kohya`: what kohya's `networks.lora` adapts: every Linear and 1×1 convolution inside the
 //!   UNet's Transformer2DModel blocks (`*.attentions.N.*`) and the text encoder's CLIPAttention
@@ -240,8 +241,14 @@ fn preset_selects(preset: TargetPreset, model: LoraModel, path: &str, layer: Lay
         (TargetPreset::Default, LoraModel::Unet) => {
             in_attention(path) && matches!(leaf, "to_q" | "to_v")
         }
-        (TargetPreset::Default, LoraModel::TextEncoder | LoraModel::TextEncoder2) => {
+        (TargetPreset::Default, LoraModel::TextEncoder) => {
             path.contains("self_attn.") && matches!(leaf, "q_proj" | "v_proj")
+        }
+        // SDXL's OpenCLIP encoder: A1111 applies its attention LoRA only with q, k, v and out
+        // together (it fuses them into OpenCLIP's `in_proj`), so the default takes all four.
+        (TargetPreset::Default, LoraModel::TextEncoder2) => {
+            path.contains("self_attn.")
+                && matches!(leaf, "q_proj" | "k_proj" | "v_proj" | "out_proj")
         }
         (TargetPreset::Attn, LoraModel::Unet) => {
             in_attention(path)
