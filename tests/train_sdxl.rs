@@ -228,4 +228,23 @@ fn the_default_targets_take_q_k_v_and_out_of_the_second_text_encoder() {
     assert!(out.status.success(), "{said}");
     // UNet 68; first encoder 3 layers × q/v; second 3 layers × q/k/v/out.
     assert!(said.contains("text encoder: 18 modules"), "{said}");
+    assert!(!said.contains("some but not all"), "{said}");
+    // A list that takes only q and v there is said before training.
+    let out = train(
+        &config,
+        &[
+            "--dry-run",
+            "--set",
+            "train_text_encoder=true",
+            "--set",
+            "target_modules=[q_proj, v_proj]",
+        ],
+    );
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("some but not all of q_proj, k_proj, v_proj and out_proj in 3 attention")
+            && said.contains("text_model.encoder.layers.0.self_attn"),
+        "{said}"
+    );
 }

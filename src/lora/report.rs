@@ -29,6 +29,9 @@ pub struct LoraReport {
     pub text_encoder: Option<ModelReport>,
     /// Their ranks, alphas and layers, as built.
     pub layout: Layout,
+    /// Attention layers of SDXL's second text encoder with some but not all of q, k, v and out
+    /// adapted (`text_model.encoder.layers.N.self_attn`): A1111 applies none of them.
+    pub partial_open_clip_attention: Vec<String>,
 }
 
 /// The adapters as they are built: what a `network_weights` file decides instead of the
@@ -126,7 +129,17 @@ impl LoraReport {
         let mut unet = empty(LoraModel::Unet);
         let mut text_encoder = empty(LoraModel::TextEncoder);
         let mut layout = Layout::default();
+        let mut open_clip_attention: std::collections::BTreeMap<String, usize> =
+            std::collections::BTreeMap::new();
         for m in modules {
+            if m.model == LoraModel::TextEncoder2 {
+                if let Some((layer, leaf)) = m.path.rsplit_once('.') {
+                    let projection = matches!(leaf, "q_proj" | "k_proj" | "v_proj" | "out_proj");
+                    if projection && layer.ends_with(".self_attn") {
+                        *open_clip_attention.entry(layer.to_string()).or_default() += 1;
+                    }
+                }
+            }
             let large = matches!(m.layer, LayerKind::Conv2d { kernel, .. } if kernel > 1);
             let pairs = if large {
                 &mut layout.conv
@@ -159,6 +172,11 @@ impl LoraReport {
             unet,
             text_encoder: text_encoder_trained.then_some(text_encoder),
             layout,
+            partial_open_clip_attention: open_clip_attention
+                .into_iter()
+                .filter(|(_, n)| *n < 4)
+                .map(|(layer, _)| layer)
+                .collect(),
         }
     }
 

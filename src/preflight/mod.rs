@@ -153,6 +153,22 @@ impl Preflight {
     pub fn warnings(&self) -> Vec<String> {
         let mut notes = self.plan.warnings.clone();
         notes.extend(self.dataset.warnings.iter().cloned());
+        if let Some(first) = self
+            .lora
+            .as_ref()
+            .and_then(|r| r.partial_open_clip_attention.first())
+        {
+            let count = self
+                .lora
+                .as_ref()
+                .map_or(0, |r| r.partial_open_clip_attention.len());
+            notes.push(format!(
+                "`target_modules` adapts some but not all of q_proj, k_proj, v_proj and out_proj \
+                 in {count} attention layer(s) of SDXL's second text encoder (`{first}`, ...): \
+                 A1111 applies such a layer's LoRA only with all four and silently skips these; \
+                 add the missing ones, or use the `default` or `attn` preset"
+            ));
+        }
         let (steps, out) = (&self.steps, &self.plan.output);
         if steps.total_steps > 0 && steps.warmup_steps >= steps.total_steps {
             notes.push(format!(
