@@ -3,7 +3,9 @@
 
 Without FILE, trains one first: `train` on the tiny SDXL folder (`tests/fixtures/tiny-sdxl`) with
 the demo pictures at 64 px, `target_modules: kohya` (every attention/MLP linear of the UNet's
-transformer blocks and of both text encoders), `train_text_encoder: true`, 4 steps.
+transformer blocks and of both text encoders) with `conv_lora` (kohya's LoCon: the resnets'
+convolutions, time-embedding projections and shortcuts, the down- and upsamplers),
+`train_text_encoder: true`, 4 steps.
 
 Then `StableDiffusionXLPipeline.load_lora_weights(FILE)` on the tiny SDXL folder (diffusers
 converts kohya's SDXL names itself: `lora_unet_input_blocks_…`, `lora_te1_…`, `lora_te2_…`), and
@@ -40,7 +42,7 @@ def train(out: Path) -> Path:
     config.write_text(
         f"train_data_dir: {ROOT / 'data/demo'}\nmetadata_path: {ROOT / 'data/demo/metadata.csv'}\n"
         f"base_model: {FIXTURE}\nresolution: 64\nbatch_size: 2\nmax_train_steps: 4\n"
-        f"learning_rate: 1e-2\ntrain_text_encoder: true\ntarget_modules: kohya\n"
+        f"learning_rate: 1e-2\ntrain_text_encoder: true\ntarget_modules: kohya\nconv_lora: true\n"
         f"output_dir: {out / 'run'}\noutput_name: xl\ndevice: cpu\n"
     )
     subprocess.run(
@@ -81,7 +83,8 @@ def main() -> int:
         after = model.state_dict()
         changed = [k for k in before[name] if k in after and not torch.equal(before[name][k], after[k])]
         for key in changed:
-            delta = (after[key] - before[name][key]).float()
+            # Convolutions compare as [out, in·k·k], as the deltas are computed.
+            delta = (after[key] - before[name][key]).float().flatten(1)
             hits = [
                 m for m, d in expected.items()
                 if d.shape == delta.shape and torch.allclose(d, delta, atol=1e-4, rtol=1e-3)
