@@ -213,3 +213,16 @@ fn fp16_frozen_weights_train_like_f32_through_the_device_generic_path() {
         );
     }
 }
+
+#[test]
+fn text_encoders_are_freed_once_every_caption_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    // Fixed captions, frozen encoders, no previews: the cache answers, the encoders go.
+    let (trainer, _, _) = setup(dir.path(), "");
+    assert!(trainer.text_cache.is_some());
+    assert!(trainer.text_encoders.is_none());
+    // Shuffled captions change between epochs: encoded at each step, so kept.
+    let (trainer, _, _) = setup(dir.path(), "shuffle_caption: true\n");
+    assert!(trainer.text_cache.is_none());
+    assert!(trainer.text_encoders.is_some());
+}

@@ -66,13 +66,13 @@ impl Previews {
         step: usize,
         events: Option<&mut EventWriter>,
     ) -> Result<Vec<PathBuf>> {
-        let Some(vae) = &trainer.vae else {
+        let (Some(vae), Some(text_encoders)) = (&trainer.vae, &trainer.text_encoders) else {
             return Ok(Vec::new());
         };
         let _inference = trainer.networks.inference();
         let pipeline = Pipeline {
             unet: &trainer.unet,
-            text_encoders: &trainer.text_encoders,
+            text_encoders,
             vae,
             schedule: &self.schedule,
             device: trainer.device.clone(),

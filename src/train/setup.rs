@@ -142,9 +142,11 @@ pub fn set_up(
         None
     };
 
+    // Cached conditioning needs no encoder, unless previews draw.
+    let keep_text_encoders = text_cache.is_none() || previews.is_some();
     let trainer = Trainer {
         unet,
-        text_encoders,
+        text_encoders: keep_text_encoders.then_some(text_encoders),
         text_cache,
         vae: keep_vae.then_some(vae),
         latents,

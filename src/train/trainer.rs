@@ -62,7 +62,9 @@ pub struct StepReport {
 pub struct Trainer {
     pub unet: UNet2DConditionModel,
     /// The base model's text encoders (with `clip_skip`); they carry adapters when trained.
-    pub text_encoders: TextEncoders,
+    /// `None` once every caption's conditioning is cached and no preview needs them: their
+    /// weights are freed (SDXL's two encoders are 0.8 B parameters).
+    pub text_encoders: Option<TextEncoders>,
     /// Every caption's conditioning, when the text encoders are frozen and captions never change
     /// (no tag shuffling, no caption dropout); otherwise the encoders run at every micro-batch.
     pub text_cache: Option<TextCache>,
@@ -163,9 +165,13 @@ impl Trainer {
     /// The conditioning of a batch's captions (context `[B, 77, hidden]`).
     fn conditioning_of(&self, batch: &Batch) -> Result<Conditioning> {
         let captions: Vec<&str> = batch.items.iter().map(|i| i.caption.as_str()).collect();
-        match &self.text_cache {
-            Some(cache) => cache.batch(&captions, &self.device),
-            None => self.text_encoders.encode(&captions, &self.device),
+        match (&self.text_cache, &self.text_encoders) {
+            (Some(cache), _) => cache.batch(&captions, &self.device),
+            (None, Some(encoders)) => encoders.encode(&captions, &self.device),
+            (None, None) => Err(TrainError::Usage(
+                "the captions are not cached and no text encoder is loaded".into(),
+            )
+            .into()),
         }
     }
 }
