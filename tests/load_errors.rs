@@ -156,7 +156,7 @@ fn a_lora_file_is_not_a_base_model() {
 }
 
 #[test]
-fn sdxl_single_files_without_size_conditioning_or_not_read_yet_are_refused_by_name() {
+fn sdxl_single_files_without_size_conditioning_or_with_foreign_parts_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let mut tensors = sd1_tensors();
     tensors.insert(
@@ -173,10 +173,11 @@ fn sdxl_single_files_without_size_conditioning_or_not_read_yet_are_refused_by_na
         "model.diffusion_model.label_emb.0.0.weight".into(),
         Tensor::ones((128, 256), DType::F32, &Device::Cpu).unwrap(),
     );
-    // Detected as SDXL; its single files are not read yet (issue 15).
+    // Detected as SDXL by its size conditioning, but it holds SD 1.x's text encoder.
     let message = open_error(&write_model(dir.path(), "xl2", &tensors, false)).to_string();
     assert!(
-        message.contains("SDXL") && message.contains("not read yet"),
+        message.contains("belong to no SDXL component")
+            && message.contains("cond_stage_model.transformer."),
         "{message}"
     );
 }

@@ -20,6 +20,14 @@ Writes, under tests/fixtures/:
   `unet.out`, and `unet.hook.<module>` for every top-level module (time_proj, time_embedding,
   add_embedding, conv_in, down_blocks.N, mid_block, up_blocks.N, conv_out).
 
+- tiny-sdxl.layout.json, tiny-sdxl.extra.safetensors: the same model as Stability's single file
+  (`model.diffusion_model.`, `conditioner.embedders.0.transformer.`, `conditioner.embedders.1.model.`
+  with fused q/k/v and a transposed `text_projection`, `first_stage_model.`), kept as a layout over
+  the folder's tensors that the tests assemble (as for tiny-sd1); diffusers' `from_single_file`
+  must read it back to the folder's weights.
+- sdxl-base.shapes.json: every tensor name and shape of SDXL base 1.0's single file (built from
+  its published configs on the meta device), for the config-inference test.
+
 Seeded, one CPU thread: two runs give byte-identical files. Run with a Python that has torch and
 diffusers (the versions used are written into the reference's metadata):
 
@@ -214,6 +222,112 @@ def pipeline_folder(unet, te1, te2, ref: dict) -> None:
     ref["pipeline.image"] = image.contiguous()
     ref["pipeline.ids1"] = tok1(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     ref["pipeline.ids2"] = tok2(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    return vae
+
+
+def ldm_single_file(unet, vae, te1, te2) -> dict:
+    """The pipeline in Stability's single-file layout (`sd_xl_base_1.0.safetensors`):
+    `model.diffusion_model.` (LDM UNet names; `add_embedding` is `label_emb.0`),
+    `first_stage_model.` (LDM VAE), `conditioner.embedders.0.transformer.text_model.` (CLIP-L in
+    Hugging Face layout) and `conditioner.embedders.1.model.` (OpenCLIP: fused q/k/v `in_proj`,
+    `text_projection` stored transposed, `logit_scale`). Works on meta tensors too."""
+    from make_fixtures import unet_key_to_ldm, vae_key_to_ldm
+
+    out = {}
+    cfg = dict(unet.config)
+    for k, v in unet.state_dict().items():
+        if k.startswith("add_embedding.linear_"):
+            ldm = f"label_emb.0.{0 if k.startswith('add_embedding.linear_1.') else 2}.{k.rsplit('.', 1)[1]}"
+        else:
+            ldm = unet_key_to_ldm(k, cfg)
+        out["model.diffusion_model." + ldm] = v
+    n_vae = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        ldm = vae_key_to_ldm(k, n_vae)
+        if ".mid.attn_1." in ldm and ldm.endswith(".weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out["first_stage_model." + ldm] = v
+    p1 = "conditioner.embedders.0.transformer.text_model."
+    for k, v in te1.state_dict().items():
+        out[p1 + k.removeprefix("text_model.")] = v
+    out[p1 + "embeddings.position_ids"] = torch.zeros((1, te1.config.max_position_embeddings), dtype=torch.int64, device=v.device)
+    te = {k.removeprefix("text_model."): v for k, v in te2.state_dict().items()}
+    p = "conditioner.embedders.1.model."
+    out[p + "token_embedding.weight"] = te["embeddings.token_embedding.weight"]
+    out[p + "positional_embedding"] = te["embeddings.position_embedding.weight"]
+    out[p + "ln_final.weight"] = te["final_layer_norm.weight"]
+    out[p + "ln_final.bias"] = te["final_layer_norm.bias"]
+    out[p + "text_projection"] = te["text_projection.weight"].T.contiguous()
+    out[p + "logit_scale"] = torch.tensor(4.6052, device=v.device)
+    for n in range(te2.config.num_hidden_layers):
+        L, R = f"encoder.layers.{n}.", f"{p}transformer.resblocks.{n}."
+        out[R + "attn.in_proj_weight"] = torch.cat([te[L + f"self_attn.{x}_proj.weight"] for x in "qkv"], 0)
+        out[R + "attn.in_proj_bias"] = torch.cat([te[L + f"self_attn.{x}_proj.bias"] for x in "qkv"], 0)
+        for ours, theirs in (
+            ("self_attn.out_proj", "attn.out_proj"),
+            ("layer_norm1", "ln_1"),
+            ("layer_norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ):
+            for w in ("weight", "bias"):
+                out[f"{R}{theirs}.{w}"] = te[f"{L}{ours}.{w}"]
+    return out
+
+
+def verify_single_file(single: dict) -> None:
+    """diffusers' own reader (`from_single_file`, configs from the folder) must read the file
+    back to the folder's weights: the layout's mapping is checked by an independent one."""
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = ROOT / "tiny-sdxl"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tiny-sdxl.safetensors"
+        save_file({k: v.clone().contiguous() for k, v in single.items()}, str(path))
+        a = StableDiffusionXLPipeline.from_pretrained(str(folder))
+        b = StableDiffusionXLPipeline.from_single_file(str(path), config=str(folder))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        bad = [k for k in sa if k not in sb or not torch.equal(sa[k], sb[k].reshape(sa[k].shape))]
+        if bad:
+            raise SystemExit(f"from_single_file reads {name} differently: {bad[:3]}")
+
+
+def sdxl_base_shapes() -> dict:
+    """Every tensor name and shape of a single file of SDXL base 1.0's architecture (its
+    published configs, built on the meta device: nothing is allocated)."""
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(
+            sample_size=128,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(320, 640, 1280),
+            layers_per_block=2,
+            attention_head_dim=(5, 10, 20),
+            transformer_layers_per_block=(1, 2, 10),
+            cross_attention_dim=2048,
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,
+        )
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        )
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                           num_attention_heads=12, hidden_act="quick_gelu"))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                         num_hidden_layers=32, num_attention_heads=20,
+                                                         hidden_act="gelu", projection_dim=1280))
+    return {k: list(v.shape) for k, v in sorted(ldm_single_file(unet, vae, te1, te2).items())}
 
 
 def main() -> None:
@@ -277,7 +391,21 @@ def main() -> None:
             context,
             added_cond_kwargs={"text_embeds": out2.text_embeds, "time_ids": time_ids},
         ).sample
-    pipeline_folder(unet, te1, te2, ref)
+    vae = pipeline_folder(unet, te1, te2, ref)
+    # The same weights as Stability's single file, kept as a layout over the folder's files
+    # (`tiny-sdxl.layout.json` + `.extra.safetensors`, assembled by the tests as for tiny-sd1).
+    import make_fixtures
+
+    make_fixtures.SINGLE_FILE_COMPONENTS = make_fixtures.SINGLE_FILE_COMPONENTS + (
+        ("text_encoder_2", "text_encoder_2/model.safetensors"),
+    )
+    single = {k: v.contiguous() for k, v in ldm_single_file(unet, vae, te1, te2).items()}
+    make_fixtures.write_single_file_layout("tiny-sdxl", single, ROOT / "tiny-sdxl")
+    verify_single_file(single)
+    shapes = sdxl_base_shapes()
+    lines = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in shapes.items())
+    (ROOT / "sdxl-base.shapes.json").write_text("{\n" + lines + "\n}\n")
+    print(f"sdxl-base.shapes.json: {len(shapes)} tensors")
     # One key: safetensors writes a metadata map in no fixed order, and the file must not change
     # from run to run.
     import transformers

@@ -123,6 +123,9 @@ pub enum Transform {
     },
     /// Same elements, another shape (a `[C, C, 1, 1]` convolution used as a `[C, C]` linear).
     Reshape(Vec<usize>),
+    /// A matrix stored the other way round (OpenCLIP's `text_projection` is `x @ P`, a Linear's
+    /// weight is `Pᵀ`).
+    Transpose,
 }
 
 /// Where the tensor behind one key lives.
@@ -285,6 +288,7 @@ impl WeightStore {
                 }
                 tensor.reshape(dims.as_slice())?
             }
+            Transform::Transpose => tensor.t()?.contiguous()?,
         };
         if tensor.shape() != &shape {
             return Err(self.shape_error(key, &shape, tensor.dims()));

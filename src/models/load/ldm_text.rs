@@ -24,7 +24,28 @@ use crate::nn::weights::Transform;
 pub(crate) struct LdmText {
     pub keys: Vec<MappedKey>,
     pub ignored: Vec<String>,
+    /// The config the shapes give; `num_attention_heads` is null when `heads_problem` says why
+    /// it cannot be told.
     pub config: Value,
+    pub heads_problem: Option<String>,
+}
+
+impl LdmText {
+    /// The inferred config, or why the number of heads cannot be inferred.
+    pub(crate) fn inferred_config(&self) -> Result<&Value, String> {
+        match &self.heads_problem {
+            Some(problem) => Err(problem.clone()),
+            None => Ok(&self.config),
+        }
+    }
+}
+
+/// The number of heads as a config value, or null and the reason.
+fn heads_value(width: usize) -> (Value, Option<String>) {
+    match heads(width) {
+        Ok(h) => (json!(h), None),
+        Err(problem) => (Value::Null, Some(problem)),
+    }
 }
 
 /// The width of every CLIP head Stable Diffusion uses.
@@ -114,12 +135,13 @@ pub(crate) fn clip(keys: &[(String, Vec<usize>)], prefix: &str) -> Result<LdmTex
         .filter_map(|k| index_and_rest(k).map(|(i, _)| i + 1))
         .max()
         .unwrap_or(0);
+    let heads = heads_value(width);
     let config = json!({
         "vocab_size": vocab,
         "hidden_size": width,
         "intermediate_size": fc1.first().copied().unwrap_or(0),
         "num_hidden_layers": layers,
-        "num_attention_heads": heads(width)?,
+        "num_attention_heads": heads.0,
         "max_position_embeddings": positions.first().copied().unwrap_or(0),
         "hidden_act": "quick_gelu",
         "layer_norm_eps": 1e-5,
@@ -131,16 +153,31 @@ pub(crate) fn clip(keys: &[(String, Vec<usize>)], prefix: &str) -> Result<LdmTex
         keys: mapped,
         ignored,
         config,
+        heads_problem: heads.1,
     })
 }
 
-/// SD 2.x: OpenCLIP keys under `prefix` (`cond_stage_model.model.`). With `penultimate`
-/// (SD 2.x's `layer: penultimate`), the last resblock is left out.
+/// How an OpenCLIP text tower is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenClipUse {
+    /// SD 2.x (`layer: penultimate`): the last resblock and the projection are left out.
+    Penultimate,
+    /// Every resblock, without the projection.
+    Last,
+    /// SDXL's second encoder: every resblock (the pooled output needs the last) and
+    /// `text_projection`, read as diffusers' `CLIPTextModelWithProjection.text_projection`.
+    WithProjection,
+}
+
+/// OpenCLIP keys under `prefix` (SD 2.x's `cond_stage_model.model.`, SDXL's
+/// `conditioner.embedders.1.model.`), used as `usage` says.
 pub(crate) fn open_clip(
     keys: &[(String, Vec<usize>)],
     prefix: &str,
-    penultimate: bool,
+    usage: OpenClipUse,
 ) -> Result<LdmText, String> {
+    let penultimate = usage == OpenClipUse::Penultimate;
+    let projected = usage == OpenClipUse::WithProjection;
     let shapes: BTreeMap<String, Vec<usize>> = keys.iter().cloned().collect();
     let resblocks = shapes
         .keys()
@@ -169,6 +206,14 @@ pub(crate) fn open_clip(
             }
             "positional_embedding" => {
                 Some("text_model.embeddings.position_embedding.weight".to_string())
+            }
+            "text_projection" if projected => {
+                mapped.push(MappedKey {
+                    target: "text_projection.weight".to_string(),
+                    file_key,
+                    transform: Transform::Transpose,
+                });
+                continue;
             }
             "text_projection" | "logit_scale" => {
                 ignored.push(file_key);
@@ -242,22 +287,40 @@ pub(crate) fn open_clip(
         "transformer.resblocks.0.mlp.c_fc.weight",
         &format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"),
     )?;
+    let heads = heads_value(width);
     let config = json!({
         "vocab_size": vocab,
         "hidden_size": width,
         "intermediate_size": c_fc.first().copied().unwrap_or(0),
         "num_hidden_layers": layers,
-        "num_attention_heads": heads(width)?,
+        "num_attention_heads": heads.0,
         "max_position_embeddings": positions.first().copied().unwrap_or(0),
         "hidden_act": "gelu",
         "layer_norm_eps": 1e-5,
         "projection_dim": null,
         "eos_token_id": null,
     });
+    let mut config = config;
+    if projected {
+        let projection = shape(
+            &shapes,
+            "text_projection",
+            &format!("{prefix}text_projection"),
+        )?;
+        let (rows, dim) = width_of(projection, "text_projection")?;
+        if rows != width {
+            return Err(format!(
+                "`{prefix}text_projection` has shape {projection:?}; it projects the \
+                 {width}-wide text features, so it needs {width} rows"
+            ));
+        }
+        config["projection_dim"] = json!(dim);
+    }
     Ok(LdmText {
         keys: mapped,
         ignored,
         config,
+        heads_problem: heads.1,
     })
 }
 
@@ -290,7 +353,7 @@ mod tests {
 
     #[test]
     fn open_clip_splits_qkv_and_drops_the_last_block() {
-        let text = open_clip(&open_clip_keys(3), "m.", true).unwrap();
+        let text = open_clip(&open_clip_keys(3), "m.", OpenClipUse::Penultimate).unwrap();
         let by_target: BTreeMap<&str, &MappedKey> =
             text.keys.iter().map(|m| (m.target.as_str(), m)).collect();
         let k = by_target["text_model.encoder.layers.1.self_attn.k_proj.weight"];
@@ -329,7 +392,7 @@ mod tests {
         assert_eq!(text.config["num_attention_heads"], json!(2));
         assert_eq!(text.config["intermediate_size"], json!(256));
         assert_eq!(text.config["hidden_act"], json!("gelu"));
-        let all = open_clip(&open_clip_keys(3), "m.", false).unwrap();
+        let all = open_clip(&open_clip_keys(3), "m.", OpenClipUse::Last).unwrap();
         assert_eq!(all.config["num_hidden_layers"], json!(3));
     }
 
@@ -362,6 +425,9 @@ mod tests {
             .contains("c.text_projection.weight"));
         let mut narrow = keys;
         narrow[0].1 = vec![1000, 48];
-        assert!(clip(&narrow, "c.").unwrap_err().contains("48 wide"));
+        // The keys still map; only the number of heads cannot be told.
+        let text = clip(&narrow, "c.").unwrap();
+        assert!(text.inferred_config().unwrap_err().contains("48 wide"));
+        assert_eq!(text.config["num_attention_heads"], Value::Null);
     }
 }

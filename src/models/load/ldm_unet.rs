@@ -322,6 +322,13 @@ impl LdmUnet {
         if time.first() != Some(&(4 * ch0)) {
             config["time_embedding_dim"] = json!(time.first().copied().unwrap_or(0));
         }
+        // SDXL: the pooled text embedding and six size numbers, embedded and added to the time
+        // embedding (the width of each size number's features is set by the caller, who knows
+        // the pooled width).
+        if let Some(label) = self.shapes.get("label_emb.0.0.weight") {
+            config["addition_embed_type"] = json!("text_time");
+            config["projection_class_embeddings_input_dim"] = json!(label.get(1).copied());
+        }
         Ok(config)
     }
 }
@@ -353,6 +360,9 @@ fn diffusers_key(
     let simple = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        // SDXL's pooled-text and size embedding.
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -635,9 +645,9 @@ mod tests {
             .unwrap_err()
             .contains("input_blocks.1.2.weight"));
         let mut bad = keys();
-        bad.push(("label_emb.0.0.weight".into(), vec![1]));
+        bad.push(("label_emb.1.0.weight".into(), vec![1]));
         let err = LdmUnet::parse(&bad).unwrap().map_keys("p.").unwrap_err();
-        assert!(err.contains("p.label_emb.0.0.weight"), "{err}");
+        assert!(err.contains("p.label_emb.1.0.weight"), "{err}");
         let gap: Vec<_> = keys()
             .into_iter()
             .filter(|(k, _)| !k.starts_with("input_blocks.2."))
