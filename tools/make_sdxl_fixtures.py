@@ -47,6 +47,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+import make_fixtures
 from make_fixtures import EOS as EOS_TOKEN
 from make_fixtures import TINY_MERGES, write_clip_tokenizer
 
@@ -126,16 +127,11 @@ def text_encoders(ref: dict):
     return ids, out1, out2, te1, te2
 
 
-SCHEDULER = dict(  # SDXL base 1.0's scheduler_config.json, at toy scale nothing changes
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
+# SDXL base 1.0's scheduler_config.json: SD's schedule with the keys its file carries.
+SCHEDULER = dict(
+    make_fixtures.SCHEDULER,
     sample_max_value=1.0,
     set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
     prediction_type="epsilon",
     interpolation_type="linear",
     use_karras_sigmas=False,
@@ -394,8 +390,6 @@ def main() -> None:
     vae = pipeline_folder(unet, te1, te2, ref)
     # The same weights as Stability's single file, kept as a layout over the folder's files
     # (`tiny-sdxl.layout.json` + `.extra.safetensors`, assembled by the tests as for tiny-sd1).
-    import make_fixtures
-
     make_fixtures.SINGLE_FILE_COMPONENTS = make_fixtures.SINGLE_FILE_COMPONENTS + (
         ("text_encoder_2", "text_encoder_2/model.safetensors"),
     )

@@ -153,15 +153,8 @@ impl Preflight {
     pub fn warnings(&self) -> Vec<String> {
         let mut notes = self.plan.warnings.clone();
         notes.extend(self.dataset.warnings.iter().cloned());
-        if let Some(first) = self
-            .lora
-            .as_ref()
-            .and_then(|r| r.partial_open_clip_attention.first())
-        {
-            let count = self
-                .lora
-                .as_ref()
-                .map_or(0, |r| r.partial_open_clip_attention.len());
+        let partial = self.lora.as_ref().map(|r| &r.partial_open_clip_attention);
+        if let Some((first, count)) = partial.and_then(|l| l.first().map(|f| (f, l.len()))) {
             notes.push(format!(
                 "`target_modules` adapts some but not all of q_proj, k_proj, v_proj and out_proj \
                  in {count} attention layer(s) of SDXL's second text encoder (`{first}`, ...): \

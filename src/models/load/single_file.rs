@@ -347,22 +347,14 @@ pub(crate) struct SdxlConfigs {
     pub vae: Value,
 }
 
-/// SDXL's configs from a single file's tensor shapes, with SDXL's conventions where the shapes
+/// SDXL's configs from its components' tensor shapes, with SDXL's conventions where the shapes
 /// are silent (64-wide attention heads in the UNet and both encoders, quick_gelu then gelu, the
 /// VAE's 0.13025 scaling); the width of each size number's features is the `label_emb` input
 /// left after the pooled text, over six.
-pub(crate) fn sdxl_configs(keys: Keys) -> Result<SdxlConfigs, String> {
-    let parts = split(keys);
-    let unet = LdmUnet::parse(&parts.unet)?;
+fn configs_of(unet: &LdmUnet, text: [&LdmText; 2], vae: &LdmVae) -> Result<SdxlConfigs, String> {
     let mut unet_json = unet.infer_config(ModelFamily::Sdxl)?;
-    let te1 = ldm_text::clip(&parts.sdxl_clip, SDXL_CLIP_PREFIX)?;
-    let te2 = ldm_text::open_clip(
-        &parts.sdxl_open_clip,
-        SDXL_OPENCLIP_PREFIX,
-        OpenClipUse::WithProjection,
-    )?;
-    let te1_config = te1.inferred_config()?.clone();
-    let te2_config = te2.inferred_config()?.clone();
+    let te1_config = text[0].inferred_config()?.clone();
+    let te2_config = text[1].inferred_config()?.clone();
     let pooled = te2_config["projection_dim"].as_u64().unwrap_or(0) as usize;
     let label = unet_json["projection_class_embeddings_input_dim"]
         .as_u64()
@@ -374,11 +366,10 @@ pub(crate) fn sdxl_configs(keys: Keys) -> Result<SdxlConfigs, String> {
         ));
     }
     unet_json["addition_time_embed_dim"] = serde_json::json!((label - pooled) / 6);
-    let vae = LdmVae::new(&parts.vae).infer_config(SDXL_SCALE_FACTOR)?;
     Ok(SdxlConfigs {
         unet: unet_json,
         text: [te1_config, te2_config],
-        vae,
+        vae: vae.infer_config(SDXL_SCALE_FACTOR)?,
     })
 }
 
@@ -397,7 +388,7 @@ pub(crate) fn open_sdxl(
     configs: Option<SdxlConfigs>,
 ) -> Result<Opened> {
     let origin = path.display().to_string();
-    let parts = split(keys.clone());
+    let parts = split(keys);
     let stray: Vec<String> = (parts.unknown.iter().cloned())
         .chain(
             parts
@@ -434,14 +425,6 @@ pub(crate) fn open_sdxl(
             ),
         ));
     }
-    let inferred = configs.is_none();
-    let configs = match configs {
-        Some(c) => c,
-        None => sdxl_configs(keys).map_err(|m| ModelError::InvalidConfig {
-            origin: origin.clone(),
-            message: m,
-        })?,
-    };
     let unet = LdmUnet::parse(&parts.unet).map_err(|m| unsupported(path, m))?;
     let unet_keys = unet
         .map_keys(LDM_UNET_PREFIX)
@@ -454,6 +437,17 @@ pub(crate) fn open_sdxl(
         OpenClipUse::WithProjection,
     )
     .map_err(|m| unsupported(path, m))?;
+    let ldm_vae = LdmVae::new(&parts.vae);
+    let inferred = configs.is_none();
+    let configs = match configs {
+        Some(c) => c,
+        None => {
+            configs_of(&unet, [&te1, &te2], &ldm_vae).map_err(|m| ModelError::InvalidConfig {
+                origin: origin.clone(),
+                message: m,
+            })?
+        }
+    };
     let config_origin = |component: &str| match inferred {
         true => format!("the {component} config inferred from {origin}"),
         false => format!("the {component} config given for {origin}"),
@@ -476,7 +470,7 @@ pub(crate) fn open_sdxl(
         }
         None
     } else {
-        let keys = LdmVae::new(&parts.vae)
+        let keys = ldm_vae
             .map_keys(LDM_VAE_PREFIX)
             .map_err(|m| unsupported(path, m))?;
         let config = VaeConfig::from_json_str(&configs.vae.to_string(), &config_origin("VAE"))?;
@@ -626,6 +620,19 @@ mod tests {
     use super::*;
     use crate::models::load::BaseModel;
     use crate::models::source::ModelSource;
+
+    /// SDXL's configs from a single file's tensor names and shapes.
+    fn sdxl_configs(keys: Keys) -> Result<SdxlConfigs, String> {
+        let parts = split(keys);
+        let unet = LdmUnet::parse(&parts.unet)?;
+        let te1 = ldm_text::clip(&parts.sdxl_clip, SDXL_CLIP_PREFIX)?;
+        let te2 = ldm_text::open_clip(
+            &parts.sdxl_open_clip,
+            SDXL_OPENCLIP_PREFIX,
+            OpenClipUse::WithProjection,
+        )?;
+        configs_of(&unet, [&te1, &te2], &LdmVae::new(&parts.vae))
+    }
 
     fn json(path: &Path) -> Value {
         let text = std::fs::read_to_string(path).unwrap();
