@@ -248,3 +248,18 @@ fn the_default_targets_take_q_k_v_and_out_of_the_second_text_encoder() {
         "{said}"
     );
 }
+
+#[test]
+fn the_second_tokenizer_a_config_names_is_checked_before_training() {
+    // `tokenizer_2` is checked before training like every other path (it was once ignored).
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-tokenizer");
+    let config = project(
+        dir.path(),
+        &format!("resolution: 64\ntokenizer_2: {}\n", missing.display()),
+    );
+    let out = train(&config, &["--dry-run"]);
+    let said = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{said}");
+    assert!(said.contains("no-such-tokenizer"), "{said}");
+}

@@ -76,6 +76,10 @@ struct Args {
     /// A tokenizer folder or hub id (single-file models carry none).
     #[arg(long, value_name = "TOKENIZER")]
     tokenizer: Option<String>,
+    /// The second tokenizer of an SDXL single file (folder or hub id; by default the bundled CLIP
+    /// tokenizer, padding with `!`).
+    #[arg(long, value_name = "TOKENIZER")]
+    tokenizer_2: Option<String>,
     /// What the model predicts, when its files do not say (SD 2.x 768-v single files:
     /// v_prediction).
     #[arg(long, value_enum)]
@@ -162,6 +166,7 @@ fn run_args(args: &Args) -> lora_trainer::Result<Vec<PathBuf>> {
             device,
             vae: args.vae.clone(),
             tokenizer: args.tokenizer.clone(),
+            tokenizer_2: args.tokenizer_2.clone(),
             prediction_type: args.prediction_type.map(|p| match p {
                 Prediction::Epsilon => PredictionType::Epsilon,
                 Prediction::VPrediction => PredictionType::VPrediction,

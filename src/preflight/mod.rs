@@ -94,9 +94,13 @@ impl Preflight {
         if let ModelSource::Hub { snapshot: None, .. } = self.model {
             return Ok(());
         }
-        let local_vae = self.plan.model.vae.clone().filter(|v| !is_hub_id(v));
+        // Local files named beside the model are checked now; hub ids are found at setup.
+        let local = |given: &Option<String>| given.clone().filter(|v| !is_hub_id(v));
+        let m = &self.plan.model;
         let options = LoadOptions {
-            vae: local_vae,
+            vae: local(&m.vae),
+            tokenizer: local(&m.tokenizer),
+            tokenizer_2: local(&m.tokenizer_2),
             ..LoadOptions::default()
         };
         let checkpoint = BaseModel::open(&self.model, &options)?;

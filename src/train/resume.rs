@@ -40,7 +40,13 @@ const DATA_LOCATIONS: &[&str] = &["train_data_dir", "metadata_path"];
 /// Keys naming model files: a new value is fine when nothing is left at the old (absolute)
 /// path: the files moved, or the run continues on another machine. Resuming then assumes the
 /// same files; a hub id that changed is a different model.
-const MODEL_LOCATIONS: &[&str] = &["base_model", "vae", "tokenizer", "network_weights"];
+const MODEL_LOCATIONS: &[&str] = &[
+    "base_model",
+    "vae",
+    "tokenizer",
+    "tokenizer_2",
+    "network_weights",
+];
 
 /// A state that `plan` continues, and what the user should know about it.
 #[derive(Debug)]
@@ -176,6 +182,7 @@ fn moved_away(saved: &TrainPlan, key: &str) -> bool {
         "base_model" => Some(m.base_model.clone()),
         "vae" => m.vae.clone(),
         "tokenizer" => m.tokenizer.clone(),
+        "tokenizer_2" => m.tokenizer_2.clone(),
         "network_weights" => saved
             .lora
             .network_weights
