@@ -464,3 +464,36 @@ fn the_prediction_type_can_be_overridden() {
         "LDM's default parameterization"
     );
 }
+
+#[test]
+fn a_model_counts_its_weights_and_keeps_them_in_half_precision_when_told() {
+    // The tiny folder's values, counted from its files.
+    let folder = fixture("tiny-sd1");
+    let mut files: u64 = 0;
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let tensors =
+            candle_core::safetensors::load(folder.join(file), &candle_core::Device::Cpu).unwrap();
+        files += tensors.values().map(|t| t.elem_count() as u64).sum::<u64>();
+    }
+    let mut ckpt = open(&folder, &offline_options());
+    assert_eq!(ckpt.weight_elements(), files);
+    // Kept in f16 (this folder is f32: they are rounded), the outputs move off the f32 ones
+    // by f16 rounding only.
+    let refs = references("tiny-sd1");
+    let full = outputs(&ckpt, &refs);
+    ckpt.set_matrix_dtype(Some(candle_core::DType::F16));
+    let ours = outputs(&ckpt, &refs);
+    let moved = (&ours.unet - &full.unet).unwrap().abs().unwrap();
+    assert!(moved.max_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert_close("unet, f16 weights", &ours.unet, &refs["unet.out"], 2e-2);
+    assert_close(
+        "vae, f16 weights",
+        &ours.decoded,
+        &refs["vae.decoded"],
+        2e-2,
+    );
+}

@@ -2,7 +2,9 @@
 """Reference side of `cargo run --release --bin bench -- --reference PYTHON`.
 
 diffusers + peft on the shapes the Rust bench uses: UNet2DConditionModel from SD 1.5's config
-(or the bundled demo model's) with random init, peft LoraConfig(r, alpha=r, target to_q/to_v),
+(or SDXL base's, or the bundled demo model's) with random init; for SDXL a random pooled text
+embedding and the size ids (resolution, resolution, 0, 0, resolution, resolution) as
+`added_cond_kwargs`; peft LoraConfig(r, alpha=r, target to_q/to_v),
 cached-latent setting (random latents and text context, no VAE or text encoder), DDPM noise,
 MSE on epsilon, torch.optim.AdamW on the LoRA parameters, torch.set_num_threads(2) by default.
 On CUDA (`--device cuda`), `--mixed-precision bf16|fp16` puts the frozen weights in half
@@ -32,9 +34,25 @@ SD15 = {
 }
 
 
+SDXL = {
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False, "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+    "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "use_linear_projection": True,
+}
+
+
 def unet_config(preset):
     if preset == "sd15":
         return dict(SD15)
+    if preset == "sdxl":
+        return dict(SDXL)
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "..", "models", "demo-sd", "unet", "config.json")) as f:
         config = json.load(f)
@@ -43,7 +61,7 @@ def unet_config(preset):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--preset", choices=["sd15", "tiny"], default="sd15")
+    p.add_argument("--preset", choices=["sd15", "sdxl", "tiny"], default="sd15")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rank", type=int, default=8)
@@ -92,6 +110,12 @@ def main():
     side = a.resolution // 8
     latents = torch.randn(a.batch, config["in_channels"], side, side).to(device)
     context = torch.randn(a.batch, a.tokens, config["cross_attention_dim"]).to(device, dtype)
+    added = None
+    if config.get("addition_embed_type") == "text_time":
+        width = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        ids = torch.tensor([[a.resolution, a.resolution, 0, 0, a.resolution, a.resolution]] * a.batch)
+        added = {"text_embeds": torch.randn(a.batch, width).to(device, dtype),
+                 "time_ids": ids.to(device, dtype)}
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
     times = []
     loss = torch.tensor(float("nan"))
@@ -100,7 +124,7 @@ def main():
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (a.batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
-        pred = unet(noisy.to(dtype), t, context).sample
+        pred = unet(noisy.to(dtype), t, context, added_cond_kwargs=added).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
         loss.backward()
         optimizer.step()

@@ -372,6 +372,7 @@ fn train_steps(
         let mut compute = Compute::resolve(t.device, t.mixed_precision)?;
         compute.device = device.clone();
         compute.dtype = dtype;
+        compute.matrix_dtype = None;
         let Setup { trainer, .. } = set_up(
             &preflight,
             &compute,

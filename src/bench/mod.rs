@@ -24,7 +24,7 @@ use crate::config::{
 use crate::lora::{LoraNetworks, NetworkOptions};
 use crate::models::conditioning::Conditioning;
 use crate::models::noise::{NoiseSchedule, SchedulerConfig};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{TextTimeInputs, UNet2DConditionModel, UNetConfig};
 use crate::nn::flops::{self, TrainingFlops};
 use crate::nn::profile;
 use crate::nn::{Scope, WeightStore};
@@ -47,6 +47,20 @@ pub const SD15_UNET_CONFIG: &str = r#"{
   "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
 }"#;
 
+/// The SDXL base 1.0 UNet's `config.json` (diffusers' `stable-diffusion-xl-base-1.0/unet`).
+pub const SDXL_UNET_CONFIG: &str = r#"{
+  "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+  "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+  "center_input_sample": false, "cross_attention_dim": 2048,
+  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+  "downsample_padding": 1, "flip_sin_to_cos": true, "freq_shift": 0, "in_channels": 4,
+  "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05, "norm_num_groups": 32,
+  "out_channels": 4, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+  "transformer_layers_per_block": [1, 2, 10],
+  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+  "use_linear_projection": true
+}"#;
+
 /// The bundled demo model's UNet config.
 pub const TINY_UNET_CONFIG: &str = include_str!("../../models/demo-sd/unet/config.json");
 
@@ -55,6 +69,9 @@ pub const TINY_UNET_CONFIG: &str = include_str!("../../models/demo-sd/unet/confi
 pub enum Preset {
     /// The SD 1.5 architecture (860 M parameters), random weights.
     Sd15,
+    /// The SDXL base architecture (2.6 B parameters), random weights; the added conditioning
+    /// (pooled text embedding, size ids) is random too.
+    Sdxl,
     /// The bundled demo model's architecture, random weights (seconds, for smoke tests).
     Tiny,
 }
@@ -64,6 +81,7 @@ impl Preset {
     pub fn name(self) -> &'static str {
         match self {
             Preset::Sd15 => "sd15",
+            Preset::Sdxl => "sdxl",
             Preset::Tiny => "tiny",
         }
     }
@@ -72,6 +90,7 @@ impl Preset {
     pub fn unet_config_json(self) -> &'static str {
         match self {
             Preset::Sd15 => SD15_UNET_CONFIG,
+            Preset::Sdxl => SDXL_UNET_CONFIG,
             Preset::Tiny => TINY_UNET_CONFIG,
         }
     }
@@ -355,6 +374,7 @@ pub fn build_unet(
     seed: u64,
     device: &Device,
     dtype: DType,
+    matrix_dtype: Option<DType>,
 ) -> Result<(UNet2DConditionModel, LoraNetworks)> {
     let config = UNetConfig::from_json_str(preset.unet_config_json(), preset.name())?;
     let settings = LoraSettings {
@@ -373,7 +393,8 @@ pub fn build_unet(
         save_format: SaveFormat::Kohya,
     };
     let networks = LoraNetworks::new(&settings, None, NetworkOptions::new(seed, device))?;
-    let store = WeightStore::random(seed, dtype, device.clone());
+    let mut store = WeightStore::random(seed, dtype, device.clone());
+    store.set_matrix_dtype(matrix_dtype);
     let unet =
         UNet2DConditionModel::new(Scope::root(&store).with_adapters(&networks.unet), &config)?;
     networks.check_built()?;
@@ -386,18 +407,8 @@ pub use crate::log::memory::peak_rss_bytes;
 /// steps (forward, loss, backward, AdamW), timing the last `steps`.
 pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> {
     options.check()?;
-    let mut compute = Compute::resolve(options.device, options.mixed_precision)?;
-    if compute.device.is_cpu() && options.mixed_precision == MixedPrecision::Fp16 {
-        // Training falls back to f32 on the CPU; the bench keeps f16 so that the half-precision
-        // path CUDA takes (candle's ops, our backward) can be measured here: what it keeps, not
-        // its speed. bf16 cannot: candle has no CPU bf16 matrix product.
-        compute.dtype = DType::F16;
-        compute.warnings.clear();
-        eprintln!(
-            "note: fp16 on the CPU runs the half-precision path CUDA takes, slowly: measure its \
-             memory, not its speed"
-        );
-    }
+    // As training: on the CPU `fp16`/`bf16` keeps the weights in half precision, computing in f32.
+    let compute = Compute::resolve(options.device, options.mixed_precision)?;
     for warning in &compute.warnings {
         eprintln!("warning: {warning}");
     }
@@ -409,6 +420,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
         options.seed,
         &device,
         compute.dtype,
+        compute.matrix_dtype,
     )?;
     if options.breakdown {
         if let Some(rss) = peak_rss_bytes() {
@@ -441,9 +453,26 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     let context_dims = (options.batch, options.tokens, config.cross_attention_dim[0]);
     let m = context_dims.0 * context_dims.1 * context_dims.2;
     let context = Tensor::from_vec(crate::rng::normal_f32(&mut rng, m), context_dims, &device)?;
+    // SDXL's added conditioning: a pooled text embedding and each sample's size ids (the
+    // picture uncropped at the bench's resolution).
+    let (pooled, size_ids) = match &config.addition {
+        Some(addition) => {
+            let width = addition.input_dim - 6 * addition.time_ids_dim;
+            let pooled = Tensor::from_vec(
+                crate::rng::normal_f32(&mut rng, options.batch * width),
+                (options.batch, width),
+                &device,
+            )?;
+            let side = options.resolution as f32;
+            let ids = [side, side, 0.0, 0.0, side, side].repeat(options.batch);
+            let ids = Tensor::from_vec(ids, (options.batch, 6), &device)?;
+            (Some(pooled), Some(ids))
+        }
+        None => (None, None),
+    };
     let conditioning = Conditioning {
         context: context.clone(),
-        pooled: None,
+        pooled,
     };
 
     // One forward without gradients, to count the model's FLOPs.
@@ -451,8 +480,14 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     flops::take();
     {
         let noisy = schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
-        let frozen_context = context.detach();
-        unet.forward(&noisy.detach(), &draws.timesteps, &frozen_context)?;
+        let frozen = conditioning_detached(&conditioning, size_ids.as_ref());
+        unet.forward_with(
+            &noisy.detach(),
+            &draws.timesteps,
+            &conditioning.context.detach(),
+            frozen.as_ref(),
+            &mut |_, _| Ok(()),
+        )?;
     }
     let training_flops = TrainingFlops::from(flops::take());
 
@@ -488,7 +523,7 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
                 &schedule,
                 &latents,
                 &conditioning,
-                None,
+                size_ids.as_ref(),
                 &draws,
                 None,
             )?
@@ -547,6 +582,17 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
         },
         training_flops,
     ))
+}
+
+/// SDXL's added inputs for a forward pass outside the loss.
+fn conditioning_detached(c: &Conditioning, size_ids: Option<&Tensor>) -> Option<TextTimeInputs> {
+    match (&c.pooled, size_ids) {
+        (Some(pooled), Some(ids)) => Some(TextTimeInputs {
+            text_embeds: pooled.detach(),
+            time_ids: ids.detach(),
+        }),
+        _ => None,
+    }
 }
 
 /// Runs our side and, when `reference_python` is given, diffusers + peft on the same shapes.

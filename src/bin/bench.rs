@@ -25,6 +25,8 @@ fn parse_precision(text: &str) -> Result<MixedPrecision, String> {
 enum PresetArg {
     /// The SD 1.5 UNet architecture (860 M parameters).
     Sd15,
+    /// The SDXL base UNet architecture (2.6 B parameters; about 10 GB of f32 weights).
+    Sdxl,
     /// The bundled demo model's tiny UNet.
     Tiny,
 }
@@ -68,8 +70,8 @@ struct Args {
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: DeviceChoice,
     /// The frozen weights' dtype, as the config's `mixed_precision`: `no` (f32), `fp16`,
-    /// `bf16`. On the CPU, `fp16` runs the half-precision path CUDA takes (slowly: for its
-    /// memory) and `bf16` falls back to f32 (candle has no CPU bf16 matrix product).
+    /// `bf16`. On the CPU, as in training, `fp16`/`bf16` keep the weights in that dtype and
+    /// compute in f32.
     #[arg(long, default_value = "no", value_parser = parse_precision)]
     mixed_precision: MixedPrecision,
     /// Also run tools/bench_diffusers.py with this Python (one with torch, diffusers, peft).
@@ -86,6 +88,7 @@ fn main() -> ExitCode {
     let options = BenchOptions {
         preset: match args.preset {
             PresetArg::Sd15 => Preset::Sd15,
+            PresetArg::Sdxl => Preset::Sdxl,
             PresetArg::Tiny => Preset::Tiny,
         },
         resolution: args.resolution,

@@ -26,6 +26,15 @@ pub fn peak_rss_bytes() -> Option<u64> {
     None
 }
 
+/// The memory the system can give a new process without swapping (`MemAvailable` of
+/// `/proc/meminfo`), bytes; `None` where it cannot be read.
+pub fn available_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// `bytes` in GiB with two decimals (`4.31 GiB`).
 pub fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)

@@ -47,7 +47,7 @@ impl Conv2d {
         config: ConvConfig,
         bias: bool,
     ) -> Result<Self> {
-        let weight = scope.get("weight", (out_channels, in_channels, kernel, kernel))?;
+        let weight = scope.get_matrix("weight", (out_channels, in_channels, kernel, kernel))?;
         let bias = if bias {
             Some(scope.get("bias", out_channels)?)
         } else {
@@ -79,7 +79,7 @@ impl Conv2d {
         {
             frozen_generic::conv2d(x, weight, bias, pad, stride)?
         } else {
-            frozen::conv2d_plain(x, weight, bias, pad, stride)?
+            frozen::conv2d_plain(x, &super::in_dtype_of(weight, x)?, bias, pad, stride)?
         };
         super::flops::add_dense(2 * (y.elem_count() * self.weight.elem_count() / y.dim(1)?) as u64);
         if let Some(adapter) = &self.adapter {

@@ -136,6 +136,74 @@ pub(crate) fn with_slice<T: WithDType, R>(
     }
 }
 
+thread_local! {
+    /// The buffer [`with_weight`] widens half-precision weights into, kept between calls: a
+    /// fresh buffer the size of a large weight (SDXL's biggest kernel is 118 MB in f32) is
+    /// mapped anew by the allocator and page-faulted in on every call, which measured 7× the
+    /// conversion itself. It grows to the largest weight the thread reads.
+    static WIDENED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on a frozen weight's elements as `T`: the tensor's own contiguous slice when it is
+/// stored as `T`; for a weight kept in f16 or bf16 (half the memory, [`crate::nn::WeightStore::
+/// set_matrix_dtype`]) read as f32, its values widened into a per-thread buffer for this call,
+/// so that at most one layer's weight is held in f32 at a time.
+pub(crate) fn with_weight<T: WithDType, R>(
+    t: &Tensor,
+    op: &str,
+    f: impl FnOnce(&[T]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    if t.dtype() == T::DTYPE {
+        return with_slice(t, op, f);
+    }
+    // Taken out for the call (a nested call, which no op makes, would get a fresh buffer).
+    let mut wide = WIDENED.with(|w| w.take());
+    let n = {
+        let (storage, layout) = t.storage_and_layout();
+        let cpu = match &*storage {
+            Storage::Cpu(cpu) => cpu,
+            _ => return Err(candle_core::Error::Msg(format!("{op}: CPU tensors only"))),
+        };
+        match cpu {
+            CpuStorage::F16(_) => widen(slice::<half::f16>(cpu, layout, op)?, &mut wide),
+            CpuStorage::BF16(_) => widen(slice::<half::bf16>(cpu, layout, op)?, &mut wide),
+            _ => {
+                return Err(candle_core::Error::Msg(format!(
+                    "{op}: a {:?} weight cannot be read as {:?}",
+                    t.dtype(),
+                    T::DTYPE
+                )))
+            }
+        }
+    };
+    let wide = CpuStorage::F32(wide);
+    let result = T::cpu_storage_as_slice(&wide).and_then(|values| f(&values[..n]));
+    if let CpuStorage::F32(buffer) = wide {
+        WIDENED.with(|w| w.replace(buffer));
+    }
+    result
+}
+
+/// Writes `src` in f32 to the start of `dst` (grown when shorter), converting blocks across the
+/// threads; returns `src.len()`.
+fn widen<H>(src: &[H], dst: &mut Vec<f32>) -> usize
+where
+    H: Sync,
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 16;
+    if dst.len() < src.len() {
+        dst.resize(src.len(), 0.0);
+    }
+    dst[..src.len()]
+        .par_chunks_mut(BLOCK)
+        .zip(src.par_chunks(BLOCK))
+        .for_each(|(dst, src)| src.convert_to_f32_slice(dst));
+    src.len()
+}
+
 /// Below this many rows, [`linear`] computes `yᵀ = W xᵀ` and transposes: `gemm` runs a short,
 /// wide `x Wᵀ` (the weight read transposed) at about half its speed, measured on the SD shapes
 /// (64 × 1280 × 1280: ~100 against ~180 GFLOP/s on 2 cores), while a transpose of the small

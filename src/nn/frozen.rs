@@ -77,17 +77,24 @@ pub fn cpu_kernels_here() -> bool {
 }
 
 /// Whether a layer with input `x` and these parameters takes the custom-op path: a CPU input in
-/// f32 or f64 with parameters of the same dtype, the ops enabled, and no parameter that wants a
+/// f32 or f64 with parameters of the same dtype (or a weight kept in f16/bf16 under an f32
+/// input), the ops enabled, and no parameter that wants a
 /// gradient (a weight that is a `Var`, as in the models' gradient checks, keeps candle's ops and
 /// gets its gradient).
 pub fn applies_to(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> bool {
     x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
-        && weight.dtype() == x.dtype()
+        && readable_as(weight.dtype(), x.dtype())
         && bias.is_none_or(|b| b.dtype() == x.dtype())
         && cpu_kernels_here()
         && !weight.track_op()
         && !bias.is_some_and(Tensor::track_op)
+}
+
+/// Whether the kernels read a weight of `stored` dtype in `compute`: the same dtype, or f16/bf16
+/// widened to f32 ([`dense::with_weight`]).
+fn readable_as(stored: DType, compute: DType) -> bool {
+    stored == compute || (compute == DType::F32 && matches!(stored, DType::F16 | DType::BF16))
 }
 
 /// `y = x Wᵀ + b` with `W: [out, in]` frozen; `x: [..., in]` → `[..., out]` (f32 or f64, one
@@ -195,7 +202,7 @@ const LOW_RANK: &str = "frozen linear + lora";
 
 impl LowRankLinear {
     fn forward<T: Elem>(&self, x: &[T], down: &[T], up: &[T]) -> candle_core::Result<Vec<T>> {
-        with_slice(&self.weight, LOW_RANK, |w| {
+        dense::with_weight(&self.weight, LOW_RANK, |w| {
             let run =
                 |b: Option<&[T]>| dense::linear_low_rank(x, w, b, down, up, self.scale, self.out);
             match &self.bias {
@@ -215,7 +222,7 @@ impl LowRankLinear {
             with_slice::<T, _>(down, LOW_RANK, |ds| {
                 with_slice::<T, _>(up, LOW_RANK, |us| {
                     with_slice::<T, _>(grad, LOW_RANK, |gs| {
-                        with_slice::<T, _>(&self.weight, LOW_RANK, |ws| {
+                        dense::with_weight::<T, _>(&self.weight, LOW_RANK, |ws| {
                             Ok(dense::linear_low_rank_grads(
                                 xs, ws, ds, us, gs, self.scale, self.out, want_dx,
                             ))
@@ -475,7 +482,7 @@ impl Frozen {
                 self.output.dims()
             )));
         }
-        with_slice(&self.weight, name, |w| {
+        dense::with_weight(&self.weight, name, |w| {
             let run = |bias: Option<&[T]>| {
                 let start = Start { bias, residual };
                 match self.layer {
@@ -613,7 +620,7 @@ struct InputGrad {
 
 impl InputGrad {
     fn run<T: Elem>(&self, grad: &[T]) -> candle_core::Result<Vec<T>> {
-        with_slice(&self.weight, self.layer.name(), |w| {
+        dense::with_weight(&self.weight, self.layer.name(), |w| {
             Ok(match self.layer {
                 Layer::Linear { out } => dense::linear_input_grad(grad, w, out),
                 Layer::Conv { geometry, c_out } => conv_input_grad(geometry, grad, w, c_out),
@@ -1230,6 +1237,65 @@ mod tests {
         let trainable = Var::from_tensor(&w)?;
         assert!(!applies_to(&x, trainable.as_tensor(), None));
         assert!(!applies_to(&x, &w, Some(trainable.as_tensor())));
+        Ok(())
+    }
+
+    /// A weight kept in f16 or bf16 under an f32 input computes exactly as its f32 values do:
+    /// outputs and input gradients of the linear layer (both product shapes, with a residual,
+    /// with a LoRA), the strided convolution and GEGLU + linear, bit for bit.
+    #[test]
+    fn a_weight_kept_in_half_precision_computes_as_its_widened_values() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(33);
+        let mut f32_randn = |dims: &[usize]| -> Result<Tensor> {
+            Ok(randn(&mut rng, dims, 1.0, 0.0)?.to_dtype(DType::F32)?)
+        };
+        let down = f32_randn(&[3, 5])?;
+        let up = f32_randn(&[7, 3])?;
+        let low_rank = LowRank {
+            down,
+            up,
+            scale: 0.5,
+        };
+        let cases = [
+            (vec![2, 3, 5], vec![7, 5]),
+            (vec![2, 150, 5], vec![7, 5]),
+            (vec![2, 3, 8, 6], vec![7, 3, 3, 3]),
+            (vec![2, 3, 10], vec![7, 5]),
+        ];
+        for half in [DType::F16, DType::BF16] {
+            for (i, (x_dims, w_dims)) in cases.iter().enumerate() {
+                let stored = f32_randn(w_dims)?.to_dtype(half)?;
+                let wide = stored.to_dtype(DType::F32)?;
+                let bias = f32_randn(&w_dims[..1])?;
+                let x = Var::from_tensor(&f32_randn(x_dims)?)?;
+                let residual = f32_randn(&[2, 150, 7])?;
+                let run = |w: &Tensor| -> Result<Vec<Tensor>> {
+                    let xt = x.as_tensor();
+                    let outputs = match i {
+                        0 => vec![
+                            linear(xt, w, Some(&bias))?,
+                            linear_low_rank(xt, w, Some(&bias), &low_rank)?,
+                        ],
+                        1 => vec![linear_add(xt, w, None, Some(&residual))?],
+                        2 => vec![conv2d(xt, w, Some(&bias), 1, 2)?],
+                        _ => vec![crate::nn::geglu::geglu_linear(xt, w, Some(&bias), None)?],
+                    };
+                    let mut all = Vec::new();
+                    for (k, y) in outputs.into_iter().enumerate() {
+                        let grads =
+                            weighted_sum(&y.to_dtype(DType::F64)?, 5 + k as u64)?.backward()?;
+                        all.push(y);
+                        all.push(grads.get(xt).expect("an input gradient").clone());
+                    }
+                    Ok(all)
+                };
+                assert!(applies_to(x.as_tensor(), &stored, Some(&bias)));
+                for (a, b) in run(&stored)?.iter().zip(run(&wide)?.iter()) {
+                    let (a, b) = (a.to_dtype(DType::F64)?, b.to_dtype(DType::F64)?);
+                    assert_eq!(max_diff(&a, &b)?, 0.0, "{half:?}, case {i}");
+                }
+            }
+        }
         Ok(())
     }
 }

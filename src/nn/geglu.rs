@@ -273,14 +273,14 @@ impl Then {
         let run = |w: &[f32], bias: Option<&[f32]>| {
             dense::linear_from(g, w, Start { bias, residual }, self.out)
         };
-        with_slice(&self.weight, "geglu", |w| match &self.bias {
+        dense::with_weight(&self.weight, "geglu", |w| match &self.bias {
             Some(bias) => with_slice(bias, "geglu", |b| Ok(run(w, Some(b)))),
             None => Ok(run(w, None)),
         })
     }
 
     fn input_grad(&self, dy: &[f32]) -> candle_core::Result<Vec<f32>> {
-        with_slice(&self.weight, "geglu", |w| {
+        dense::with_weight(&self.weight, "geglu", |w| {
             Ok(dense::linear_input_grad(dy, w, self.out))
         })
     }

@@ -22,7 +22,7 @@ impl Linear {
     /// Reads `weight` (and `bias` when `bias` is true) from `scope` and asks the scope's adapter
     /// provider whether this layer gets an adapter.
     pub fn new(scope: Scope, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
-        let weight = scope.get("weight", (out_features, in_features))?;
+        let weight = scope.get_matrix("weight", (out_features, in_features))?;
         let bias = if bias {
             Some(scope.get("bias", out_features)?)
         } else {
@@ -70,7 +70,7 @@ impl Linear {
         } else if frozen_generic::applies_to(x, weight, bias) {
             frozen_generic::linear(x, weight, bias)?
         } else {
-            frozen::linear_plain(x, weight, bias)?
+            frozen::linear_plain(x, &super::in_dtype_of(weight, x)?, bias)?
         };
         if let Some(adapter) = &self.adapter {
             y = (y + adapter.forward(x)?)?;

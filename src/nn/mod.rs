@@ -42,3 +42,17 @@ pub use conv::{Conv2d, ConvConfig};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
 pub use weights::{Scope, WeightStore};
+
+/// A frozen weight in `x`'s dtype, for the ops that take one dtype throughout: the weight
+/// itself, or (one kept in half precision, [`WeightStore::set_matrix_dtype`]) a widened copy
+/// for this call.
+pub(crate) fn in_dtype_of(
+    weight: &candle_core::Tensor,
+    x: &candle_core::Tensor,
+) -> crate::Result<candle_core::Tensor> {
+    Ok(if weight.dtype() == x.dtype() {
+        weight.clone()
+    } else {
+        weight.to_dtype(x.dtype())?
+    })
+}

@@ -144,6 +144,9 @@ pub struct WeightStore {
     entries: BTreeMap<String, Entry>,
     used: Mutex<BTreeSet<String>>,
     dtype: DType,
+    /// The dtype the frozen layers' weight matrices are kept in when it differs from `dtype`
+    /// ([`WeightStore::set_matrix_dtype`]).
+    matrix_dtype: Option<DType>,
     device: Device,
     /// Every read returns zeros of the requested shape without touching memory (see
     /// [`WeightStore::shape_only`]).
@@ -161,6 +164,7 @@ impl WeightStore {
             entries: BTreeMap::new(),
             used: Mutex::new(BTreeSet::new()),
             dtype,
+            matrix_dtype: None,
             device,
             shape_only: false,
             random_seed: None,
@@ -253,6 +257,20 @@ impl WeightStore {
         self.dtype
     }
 
+    /// Keeps the weight matrices of the frozen linear and convolution layers read from now on
+    /// ([`WeightStore::get_matrix`]) in `dtype` (f16 or bf16 on the CPU: half the memory; the
+    /// layers widen each one to the computing dtype while they use it). `None`: the store's
+    /// dtype, like every other tensor.
+    pub fn set_matrix_dtype(&mut self, dtype: Option<DType>) {
+        self.matrix_dtype = dtype;
+    }
+
+    /// The tensor stored under `key` as a frozen layer's weight matrix: as [`WeightStore::get`],
+    /// in the matrix dtype when one is set.
+    pub fn get_matrix(&self, key: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.get_as(key, shape, self.matrix_dtype.unwrap_or(self.dtype))
+    }
+
     /// The device tensors are moved to.
     pub fn device(&self) -> &Device {
         &self.device
@@ -261,14 +279,18 @@ impl WeightStore {
     /// The tensor stored under `key`, converted to the store's dtype and device; it must have
     /// exactly `shape`. The key is marked as used.
     pub fn get(&self, key: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.get_as(key, shape, self.dtype)
+    }
+
+    fn get_as(&self, key: &str, shape: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
         let shape = shape.into();
         if self.shape_only {
-            let zero = Tensor::zeros((), self.dtype, &self.device)?;
+            let zero = Tensor::zeros((), dtype, &self.device)?;
             return Ok(zero.broadcast_as(shape)?);
         }
         if let Some(seed) = self.random_seed {
             self.mark_used(key);
-            return random_weight(seed, key, &shape, self.dtype, &self.device);
+            return random_weight(seed, key, &shape, dtype, &self.device);
         }
         let entry = self
             .entries
@@ -293,9 +315,32 @@ impl WeightStore {
         if tensor.shape() != &shape {
             return Err(self.shape_error(key, &shape, tensor.dims()));
         }
-        let tensor = tensor.to_dtype(self.dtype)?.to_device(&self.device)?;
+        let tensor = tensor.to_dtype(dtype)?.to_device(&self.device)?;
         self.mark_used(key);
         Ok(tensor)
+    }
+
+    /// How many values the store's tensors hold (each stored tensor once, however many keys
+    /// read parts of it): the model's size before any weight is read.
+    pub fn element_count(&self) -> u64 {
+        let mut shapes: Vec<HashMap<String, u64>> = Vec::new();
+        for source in &self.sources {
+            let sizes = source
+                .keys_and_shapes()
+                .into_iter()
+                .map(|(k, s)| (k, s.iter().product::<usize>() as u64))
+                .collect();
+            shapes.push(sizes);
+        }
+        let stored: BTreeSet<(usize, &str)> = self
+            .entries
+            .values()
+            .map(|e| (e.source, e.key.as_str()))
+            .collect();
+        stored
+            .into_iter()
+            .filter_map(|(source, key)| shapes.get(source)?.get(key))
+            .sum()
     }
 
     /// Marks `key` as consumed without reading it (a buffer the model recomputes, say).
@@ -439,6 +484,11 @@ impl<'a> Scope<'a> {
     /// The tensor `name` of this module, which must have `shape`.
     pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
         self.store.get(&self.key(name), shape)
+    }
+
+    /// Reads `<path>.<name>` as a frozen layer's weight matrix ([`WeightStore::get_matrix`]).
+    pub fn get_matrix(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.store.get_matrix(&self.key(name), shape)
     }
 
     /// Whether this module has a tensor `name`.

@@ -45,8 +45,10 @@ pub fn set_up(
     let (plan, model, steps) = (&preflight.plan, &preflight.model, &preflight.steps);
     let load = LoadOptions {
         dtype: compute.dtype,
+        matrix_dtype: compute.matrix_dtype,
         device: compute.device.clone(),
         tokenizer: plan.model.tokenizer.clone(),
+        tokenizer_2: plan.model.tokenizer_2.clone(),
         vae: plan.model.vae.clone(),
         prediction_type: plan.model.prediction_type.map(|p| match p {
             ConfigPrediction::Epsilon => PredictionType::Epsilon,
@@ -54,7 +56,14 @@ pub fn set_up(
         }),
         ..LoadOptions::default()
     };
-    let checkpoint = BaseModel::open(model, &load)?;
+    let mut checkpoint = BaseModel::open(model, &load)?;
+    let mut compute = compute.clone();
+    let available = crate::log::memory::available_bytes();
+    if let Some(note) = compute.fit_weights(checkpoint.weight_elements(), available) {
+        checkpoint.set_matrix_dtype(compute.matrix_dtype);
+        eprintln!("note: {note}");
+    }
+    let compute = &compute;
     let seed = plan.data.seed;
     let networks = LoraNetworks::new(
         &plan.lora,

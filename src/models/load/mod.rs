@@ -52,6 +52,9 @@ use crate::{Error, Result};
 pub struct LoadOptions {
     /// The dtype weights are converted to: f32 on the CPU; f16/bf16 for CUDA.
     pub dtype: DType,
+    /// The dtype the frozen layers' weight matrices are kept in, when not `dtype` (f16/bf16 on
+    /// the CPU: half their memory, computed in `dtype`; [`WeightStore::set_matrix_dtype`]).
+    pub matrix_dtype: Option<DType>,
     pub device: Device,
     /// A diffusers weight variant (`fp16` reads `*.fp16.safetensors`). Without it the default
     /// files are read, or the only variant a folder holds.
@@ -74,6 +77,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             dtype: DType::F32,
+            matrix_dtype: None,
             device: Device::Cpu,
             variant: None,
             tokenizer: None,
@@ -119,6 +123,7 @@ impl ComponentWeights {
         options: &LoadOptions,
     ) -> Self {
         let mut store = WeightStore::new(options.dtype, options.device.clone());
+        store.set_matrix_dtype(options.matrix_dtype);
         let mut renamed = BTreeMap::new();
         for source in sources {
             let keys = source.keys_and_shapes();
@@ -148,6 +153,7 @@ impl ComponentWeights {
         options: &LoadOptions,
     ) -> Self {
         let mut store = WeightStore::new(options.dtype, options.device.clone());
+        store.set_matrix_dtype(options.matrix_dtype);
         let index = store.add_source(source);
         let mut renamed = BTreeMap::new();
         for key in keys {
@@ -617,6 +623,28 @@ impl BaseModel {
     /// The weights the VAE is built from.
     pub fn vae_weights(&self) -> &WeightStore {
         self.vae.store()
+    }
+
+    /// How many values the model's weights hold (UNet, text encoders and VAE), from the files'
+    /// headers: 3.5 G for SDXL, 1.07 G for SD 1.5.
+    pub fn weight_elements(&self) -> u64 {
+        self.stores().map(WeightStore::element_count).sum()
+    }
+
+    /// Keeps the frozen layers' weight matrices of every component built from now on in
+    /// `dtype` ([`WeightStore::set_matrix_dtype`]), as [`LoadOptions::matrix_dtype`] does.
+    pub fn set_matrix_dtype(&mut self, dtype: Option<DType>) {
+        self.unet.store.set_matrix_dtype(dtype);
+        self.vae.store.set_matrix_dtype(dtype);
+        for text in &mut self.text_encoders {
+            text.weights.store.set_matrix_dtype(dtype);
+        }
+    }
+
+    fn stores(&self) -> impl Iterator<Item = &WeightStore> {
+        [self.unet.store(), self.vae.store()]
+            .into_iter()
+            .chain(self.text_encoders.iter().map(|t| t.weights.store()))
     }
 }
 
