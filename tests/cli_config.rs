@@ -226,7 +226,7 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     let p = example("sdxl_lora.yaml");
     assert_eq!(
         Path::new(&p.model.base_model),
-        root.join("models/stable-diffusion-xl-base-1.0")
+        root.join("models/Stable-diffusion/sd_xl_base_1.0.safetensors")
     );
     assert_eq!((p.data.resolution, p.data.enable_bucket), (1024, true));
     assert_eq!((p.lora.rank, p.lora.alpha), (32, 16.0));
