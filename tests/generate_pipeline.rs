@@ -173,6 +173,18 @@ fn a_single_file_checkpoint_draws_the_folder_picture() {
 /// output and the size numbers of a 32×32 picture): the same picture.
 #[test]
 fn the_sdxl_pipeline_matches_diffusers() {
+    sdxl_pipeline_matches("blurry", "pipeline.image");
+}
+
+/// Without a negative prompt SDXL guides away from zero text conditioning (diffusers'
+/// `force_zeros_for_empty_prompt`, A1111's `force_zero_negative_prompt`), not from the encoded
+/// empty string: the same picture as diffusers'.
+#[test]
+fn without_a_negative_prompt_sdxl_guides_away_from_zeros_as_diffusers_does() {
+    sdxl_pipeline_matches("", "pipeline.image_no_negative");
+}
+
+fn sdxl_pipeline_matches(negative: &str, image_key: &str) {
     use lora_trainer::generate::pipeline::Pipeline;
     use lora_trainer::generate::schedule::{SamplerConfig, SamplingSchedule};
     use lora_trainer::models::load::{BaseModel, LoadOptions};
@@ -210,7 +222,7 @@ fn the_sdxl_pipeline_matches_diffusers() {
     };
     let request = ImageRequest {
         prompt: "a cyberpunk city at night, neon lights".to_string(),
-        negative_prompt: "blurry".to_string(),
+        negative_prompt: negative.to_string(),
         width: 32,
         height: 32,
         steps: 2,
@@ -232,6 +244,9 @@ fn the_sdxl_pipeline_matches_diffusers() {
         .unwrap()
         .clamp(0f32, 1f32)
         .unwrap();
-    let diff = relative_difference(&image, &reference["pipeline.image"]);
-    assert!(diff < 1e-4, "the SDXL picture differs by {diff:e}");
+    let diff = relative_difference(&image, &reference[image_key]);
+    assert!(
+        diff < 1e-4,
+        "the SDXL picture differs by {diff:e} ({image_key})"
+    );
 }

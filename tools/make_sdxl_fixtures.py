@@ -216,6 +216,19 @@ def pipeline_folder(unet, te1, te2, ref: dict) -> None:
         ).images
     ref["pipeline.latents"] = latents
     ref["pipeline.image"] = image.contiguous()
+    # No negative prompt: SDXL's `force_zeros_for_empty_prompt` guides away from zeros (text
+    # context and pooled output), as A1111 does for an empty negative prompt.
+    with torch.no_grad():
+        image = pipe(
+            PROMPT,
+            height=32,
+            width=32,
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            latents=latents.clone(),
+            output_type="pt",
+        ).images
+    ref["pipeline.image_no_negative"] = image.contiguous()
     ref["pipeline.ids1"] = tok1(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     ref["pipeline.ids2"] = tok2(PROMPT, padding="max_length", max_length=77, return_tensors="pt").input_ids
     return vae

@@ -109,7 +109,15 @@ impl Pipeline<'_> {
         let guided = request.cfg_scale > 1.0;
         let cond = self.encode_prompt(&request.prompt)?;
         let conditioning = if guided {
-            let uncond = self.encode_prompt(&request.negative_prompt)?;
+            // SDXL (the family whose conditioning carries a pooled output) guides away from
+            // zeros when there is no negative prompt, as A1111 (`force_zero_negative_prompt`)
+            // and diffusers (`force_zeros_for_empty_prompt` in SDXL's model_index.json) do;
+            // the size numbers stay.
+            let uncond = if request.negative_prompt.is_empty() && cond.pooled.is_some() {
+                cond.zeros_like()?
+            } else {
+                self.encode_prompt(&request.negative_prompt)?
+            };
             Conditioning::cat(&[&uncond, &cond])?
         } else {
             cond

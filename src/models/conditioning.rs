@@ -68,6 +68,14 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
+    /// The same shapes, all zeros (SDXL's conditioning of an empty negative prompt).
+    pub fn zeros_like(&self) -> Result<Conditioning> {
+        Ok(Conditioning {
+            context: self.context.zeros_like()?,
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like).transpose()?,
+        })
+    }
+
     /// The conditionings of several batches as one batch, in order (`[Σ B, T, D]`); with a
     /// pooled output when every part has one.
     pub fn cat(parts: &[&Conditioning]) -> Result<Conditioning> {
