@@ -240,11 +240,19 @@ fn the_example_configs_are_valid_and_say_what_they_promise() {
     assert_eq!(p.data.resolution, 64);
     assert_eq!(p.output.output_dir, root.join("output/demo"));
     assert!(p.output.save_steps.is_some());
+    let p = example("demo_sdxl.yaml");
+    assert_eq!(
+        Path::new(&p.model.base_model),
+        root.join("tests/fixtures/tiny-sdxl")
+    );
+    assert_eq!(p.data.resolution, 64);
+    assert!(p.lora.train_text_encoder);
     for plan in [
         example("cyberpunk_lora.yaml"),
         example("guofeng_lora.yaml"),
         example("sdxl_lora.yaml"),
         example("demo.yaml"),
+        example("demo_sdxl.yaml"),
     ] {
         assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     }
@@ -257,6 +265,7 @@ fn every_example_key_has_a_comment() {
         "guofeng_lora.yaml",
         "sdxl_lora.yaml",
         "demo.yaml",
+        "demo_sdxl.yaml",
     ] {
         let text = std::fs::read_to_string(repo_path(&format!("configs/{name}"))).unwrap();
         let lines: Vec<&str> = text.lines().collect();

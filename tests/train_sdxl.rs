@@ -263,3 +263,28 @@ fn the_second_tokenizer_a_config_names_is_checked_before_training() {
     assert_eq!(out.status.code(), Some(2), "{said}");
     assert!(said.contains("no-such-tokenizer"), "{said}");
 }
+
+#[test]
+fn the_sdxl_demo_config_trains_offline_in_seconds() {
+    let out = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_train"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["--config", "configs/demo_sdxl.yaml", "--quiet", "--set"])
+        .arg(format!(
+            "output_dir={}",
+            out.path().join("demo_sdxl").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", text(&run));
+    let dir = out.path().join("demo_sdxl");
+    let bytes = std::fs::read(dir.join("demo_sdxl.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for prefix in ["lora_unet_input_blocks_", "lora_te1_", "lora_te2_"] {
+        assert!(
+            file.names().iter().any(|n| n.starts_with(prefix)),
+            "{prefix}"
+        );
+    }
+    assert!(dir.join("samples/demo_sdxl_000030_00_1.png").is_file());
+}
