@@ -1,6 +1,7 @@
 //! Stable Diffusion's components in our own code, with diffusers' module paths.
 
 pub mod attention;
+pub mod causal_lm;
 pub mod clip_model;
 pub mod clip_text;
 pub mod clip_text_config;

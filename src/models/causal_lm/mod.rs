@@ -1,0 +1,370 @@
+//! Decoder-only language models of the Llama family — Llama (2, 3, 3.x), Mistral, Qwen2 (2.5)
+//! and Qwen3 — as transformers builds them, for LoRA training with a real backward (the LLM
+//! task, issue 16).
+//!
+//! Module paths mirror transformers' (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
+//! `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so a weight key, a PEFT key and an
+//! adapter's module path are one word. Every linear layer is [`crate::nn::Linear`] (frozen
+//! custom ops on the CPU, LoRA through the scope's adapter provider); norms, rotary embeddings,
+//! attention and the loss are composed from candle ops whose backward candle implements.
+//! What differs between the architectures is in [`CausalLmConfig`]: biases, Qwen3's q/k norms,
+//! Llama 3's rotary scaling, grouped key/value heads, tied embeddings.
+
+pub mod config;
+
+use candle_core::{DType, Device, Tensor, D};
+
+pub use config::{CausalLmConfig, LmArchitecture, RopeScaling, SUPPORTED};
+
+use crate::nn::{activation, Linear, Scope};
+use crate::Result;
+
+/// transformers' `LlamaRMSNorm` (and its twins): `weight · x / √(mean(x²) + ε)`, computed in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn new(scope: Scope, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: scope.get("weight", dim)?,
+            eps,
+        })
+    }
+
+    /// `x: [..., dim]` → the same shape and dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?;
+        let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x32.broadcast_mul(&(mean_square + self.eps)?.sqrt()?.recip()?)?;
+        Ok(normed.to_dtype(dtype)?.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// The rotary position embedding's frequencies (`inv_freq`), per pair of a head's channels.
+#[derive(Debug, Clone)]
+struct Rotary {
+    inv_freq: Vec<f32>,
+}
+
+impl Rotary {
+    fn new(config: &CausalLmConfig) -> Self {
+        let dim = config.head_dim;
+        let base = config.rope_theta;
+        let mut inv_freq: Vec<f64> = (0..dim / 2)
+            .map(|i| 1.0 / base.powf((2 * i) as f64 / dim as f64))
+            .collect();
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings: old_len,
+        } = config.rope_scaling
+        {
+            // transformers' `_compute_llama3_parameters`.
+            let low_freq_wavelen = old_len / low_freq_factor;
+            let high_freq_wavelen = old_len / high_freq_factor;
+            for f in &mut inv_freq {
+                let wavelen = 2.0 * std::f64::consts::PI / *f;
+                if wavelen > low_freq_wavelen {
+                    *f /= factor;
+                } else if wavelen >= high_freq_wavelen {
+                    let smooth = (old_len / wavelen - low_freq_factor)
+                        / (high_freq_factor - low_freq_factor);
+                    *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                }
+            }
+        }
+        Rotary {
+            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
+        }
+    }
+
+    /// `cos` and `sin` of positions `0..len`, `[len, head_dim]` (each frequency twice, as
+    /// `cat(freqs, freqs)`), in `dtype`.
+    fn cos_sin(&self, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half * 2);
+        let mut sin = Vec::with_capacity(len * half * 2);
+        for t in 0..len {
+            let angles: Vec<f32> = self.inv_freq.iter().map(|f| t as f32 * f).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = (len, half * 2);
+        Ok((
+            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` for `x: [B, heads, T, D]`, `cos`/`sin: [T, D]`, where
+/// `rotate_half` swaps the two halves of each head and negates the (new) first one.
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let first = x.narrow(D::Minus1, 0, d / 2)?;
+    let second = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// `[T, T]`: 0 where a position may attend (itself and earlier ones), −∞ after it.
+fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
+    let values: Vec<f32> = (0..len)
+        .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    Ok(Tensor::from_vec(values, (len, len), device)?)
+}
+
+/// `self_attn`: q/k/v projections (grouped key/value heads), rotary positions, causal softmax
+/// attention, `o_proj`.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    /// Qwen3's per-head norms.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(scope: Scope, c: &CausalLmConfig) -> Result<Self> {
+        let (h, kv, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let hidden = c.hidden_size;
+        let norms = c.architecture == LmArchitecture::Qwen3;
+        let norm = |name: &str| -> Result<Option<RmsNorm>> {
+            norms
+                .then(|| RmsNorm::new(scope.pp(name), d, c.rms_norm_eps))
+                .transpose()
+        };
+        Ok(Attention {
+            q_proj: Linear::new(scope.pp("q_proj"), hidden, h * d, c.qkv_bias)?,
+            k_proj: Linear::new(scope.pp("k_proj"), hidden, kv * d, c.qkv_bias)?,
+            v_proj: Linear::new(scope.pp("v_proj"), hidden, kv * d, c.qkv_bias)?,
+            o_proj: Linear::new(scope.pp("o_proj"), h * d, hidden, c.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            heads: h,
+            kv_heads: kv,
+            head_dim: d,
+        })
+    }
+
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`; `cos`/`sin: [T, head_dim]`, `mask: [T, T]`.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let d = self.head_dim;
+        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = y.reshape((b, t, n, d))?;
+            let y = match norm {
+                Some(norm) => norm.forward(&y)?,
+                None => y,
+            };
+            Ok(y.transpose(1, 2)?.contiguous()?)
+        };
+        let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
+        let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
+        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        // Each key/value head serves `heads / kv_heads` query heads.
+        let group = self.heads / self.kv_heads;
+        let repeat = |y: Tensor| -> Result<Tensor> {
+            if group == 1 {
+                return Ok(y);
+            }
+            Ok(y.unsqueeze(2)?
+                .broadcast_as((b, self.kv_heads, group, t, d))?
+                .reshape((b, self.heads, t, d))?)
+        };
+        let (k, v) = (repeat(k)?, repeat(v)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
+        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let probs = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?;
+        let out = out.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+/// `mlp`: `down_proj(silu(gate_proj(x)) · up_proj(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(scope: Scope, c: &CausalLmConfig) -> Result<Self> {
+        let (hidden, inner, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Mlp {
+            gate_proj: Linear::new(scope.pp("gate_proj"), hidden, inner, bias)?,
+            up_proj: Linear::new(scope.pp("up_proj"), hidden, inner, bias)?,
+            down_proj: Linear::new(scope.pp("down_proj"), inner, hidden, bias)?,
+        })
+    }
+
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = activation::silu(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+/// `model.layers.N`: pre-norm attention and MLP, each added to the residual stream.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(scope: Scope, c: &CausalLmConfig) -> Result<Self> {
+        Ok(DecoderLayer {
+            input_layernorm: RmsNorm::new(
+                scope.pp("input_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            self_attn: Attention::new(scope.pp("self_attn"), c)?,
+            post_attention_layernorm: RmsNorm::new(
+                scope.pp("post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+            )?,
+            mlp: Mlp::new(scope.pp("mlp"), c)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let attended = self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+        let x = (x + attended)?;
+        let fed = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
+        Ok((x + fed)?)
+    }
+}
+
+/// A `…ForCausalLM`: token embeddings, decoder layers, final norm, `lm_head`.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    /// `lm_head`, or the token embeddings again when they are tied.
+    lm_head: Linear,
+    rotary: Rotary,
+    config: CausalLmConfig,
+}
+
+impl CausalLm {
+    /// Builds the model from the weights under `scope` (the checkpoint's root: `model.…`,
+    /// `lm_head.weight`); the scope's adapter provider decides which linear layers get LoRA.
+    pub fn new(scope: Scope, config: &CausalLmConfig) -> Result<Self> {
+        let model = scope.pp("model");
+        let embed_tokens = model
+            .pp("embed_tokens")
+            .get("weight", (config.vocab_size, config.hidden_size))?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::new(model.pp("layers").pp(i), config))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(model.pp("norm"), config.hidden_size, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            Linear::from_weights(embed_tokens.clone(), None)
+        } else {
+            Linear::new(
+                scope.pp("lm_head"),
+                config.hidden_size,
+                config.vocab_size,
+                false,
+            )?
+        };
+        Ok(CausalLm {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(config),
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &CausalLmConfig {
+        &self.config
+    }
+
+    /// Token ids `[B, T]` (u32) → logits `[B, T, vocab]` in f32; position `t` sees tokens `0..=t`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let device = ids.device();
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, hidden))?;
+        let (cos, sin) = self.rotary.cos_sin(t, x.dtype(), device)?;
+        let mask = causal_mask(t, device)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+}
+
+/// transformers' causal-LM loss: the logits at position `t` predict the label at `t + 1`;
+/// positions labelled −100 (prompt, padding) do not count; the mean over the labelled tokens of
+/// the whole batch. `logits: [B, T, V]`, `labels: [B][T]`. `None` when no token is labelled.
+pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Tensor>> {
+    let (b, t, v) = logits.dims3()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, row) in labels.iter().enumerate().take(b) {
+        for (j, &label) in row.iter().enumerate().take(t).skip(1) {
+            if label >= 0 {
+                if label as usize >= v {
+                    return Err(candle_core::Error::Msg(format!(
+                        "label {label} is outside the vocabulary of {v} tokens"
+                    ))
+                    .into());
+                }
+                rows.push((i * t + j - 1) as u32);
+                targets.push(label as u32);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let n = rows.len();
+    let device = logits.device();
+    let rows = Tensor::from_vec(rows, n, device)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let picked = logits
+        .to_dtype(DType::F32)?
+        .reshape((b * t, v))?
+        .index_select(&rows, 0)?;
+    let max = picked.max_keepdim(1)?.detach();
+    let shifted = picked.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(1)?.log()?;
+    let log_probs = shifted.broadcast_sub(&log_sum)?;
+    let nll = log_probs.gather(&targets, 1)?.neg()?;
+    Ok(Some(nll.mean_all()?))
+}

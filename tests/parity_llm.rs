@@ -1,0 +1,167 @@
+//! The causal language models (issue 16) against transformers on the tiny random models of
+//! `tools/make_llm_fixtures.py`, one per architecture (Llama with GQA and Llama 3 rope scaling,
+//! Qwen2 with q/k/v biases and tied embeddings, Qwen3 with q/k norms and a wider head, Mistral):
+//! logits, the causal-LM loss over the labelled tokens, and with a PEFT LoRA on q_proj/v_proj
+//! the loss and every adapter matrix's gradient.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var};
+use lora_trainer::models::causal_lm::{causal_lm_loss, CausalLm, CausalLmConfig};
+use lora_trainer::nn::weights::TensorSource;
+use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind, LowRank, Scope, WeightStore};
+
+const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
+
+struct Fixture {
+    model: CausalLm,
+    store: WeightStore,
+    reference: HashMap<String, Tensor>,
+    ids: Tensor,
+    labels: Vec<Vec<i64>>,
+}
+
+fn fixture(name: &str, adapters: Option<&dyn AdapterProvider>) -> Fixture {
+    let root = lora_trainer::fixtures::root().join("llm");
+    let folder = root.join(name);
+    let config = CausalLmConfig::from_file(&folder.join("config.json")).unwrap();
+    let source = TensorSource::safetensors(&folder.join("model.safetensors")).unwrap();
+    let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
+    let mut scope = Scope::root(&store);
+    if let Some(provider) = adapters {
+        scope = scope.with_adapters(provider);
+    }
+    let model = CausalLm::new(scope, &config).unwrap();
+    let reference = reference(name);
+    let ids = reference["ids"].to_dtype(DType::U32).unwrap();
+    let labels: Vec<Vec<i64>> = reference["labels"].to_vec2().unwrap();
+    Fixture {
+        model,
+        store,
+        reference,
+        ids,
+        labels,
+    }
+}
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    let path = lora_trainer::fixtures::root().join(format!("llm/{name}.reference.safetensors"));
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// max |a − b| / max |b|.
+fn relative_difference(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = b.abs().unwrap().max_all().unwrap();
+    diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap().max(1e-12)
+}
+
+fn scalar(t: &Tensor) -> f32 {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0]
+}
+
+#[test]
+fn logits_and_loss_match_transformers_for_every_architecture() {
+    for name in MODELS {
+        let f = fixture(name, None);
+        // Every tensor of the file is a weight of the model (tied models have no lm_head).
+        f.store.check_all_used().unwrap();
+        let logits = f.model.forward(&f.ids).unwrap();
+        let diff = relative_difference(&logits, &f.reference["logits"]);
+        assert!(diff < 1e-5, "{name}: logits differ by {diff:e}");
+        let loss = causal_lm_loss(&logits, &f.labels).unwrap().unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(&f.reference["loss"]));
+        assert!(
+            (ours - theirs).abs() < 1e-5 * theirs,
+            "{name}: loss {ours} vs {theirs}"
+        );
+    }
+}
+
+/// A LoRA with given matrices (PEFT's `lora_A` = down `[r, in]`, `lora_B` = up `[out, r]`).
+#[derive(Debug)]
+struct GivenLora {
+    down: Var,
+    up: Var,
+    scale: f64,
+}
+
+impl Adapter for GivenLora {
+    fn forward(&self, x: &Tensor) -> lora_trainer::Result<Tensor> {
+        let h = x.broadcast_matmul(&self.down.as_tensor().t()?)?;
+        Ok((h.broadcast_matmul(&self.up.as_tensor().t()?)? * self.scale)?)
+    }
+
+    fn trainable_vars(&self) -> Vec<Var> {
+        vec![self.down.clone(), self.up.clone()]
+    }
+
+    fn low_rank(&self) -> Option<LowRank> {
+        Some(LowRank {
+            down: self.down.as_tensor().clone(),
+            up: self.up.as_tensor().clone(),
+            scale: self.scale,
+        })
+    }
+}
+
+/// PEFT's matrices from the reference, by module path.
+struct PeftLoras(HashMap<String, Arc<GivenLora>>);
+
+impl AdapterProvider for PeftLoras {
+    fn adapter_for(
+        &self,
+        module_path: &str,
+        _kind: LayerKind,
+    ) -> lora_trainer::Result<Option<Arc<dyn Adapter>>> {
+        Ok(self
+            .0
+            .get(module_path)
+            .map(|a| a.clone() as Arc<dyn Adapter>))
+    }
+}
+
+#[test]
+fn lora_gradients_match_peft_for_every_architecture() {
+    for name in MODELS {
+        let reference = reference(name);
+        let mut loras = HashMap::new();
+        for key in reference.keys() {
+            let Some(path) = key
+                .strip_prefix("base_model.model.")
+                .and_then(|k| k.strip_suffix(".lora_A.weight"))
+            else {
+                continue;
+            };
+            let b_key = format!("base_model.model.{path}.lora_B.weight");
+            loras.insert(
+                path.to_string(),
+                Arc::new(GivenLora {
+                    down: Var::from_tensor(&reference[key]).unwrap(),
+                    up: Var::from_tensor(&reference[&b_key]).unwrap(),
+                    scale: 8.0 / 4.0,
+                }),
+            );
+        }
+        assert_eq!(loras.len(), 4, "{name}: q and v of two layers");
+        let provider = PeftLoras(loras);
+        let f = fixture(name, Some(&provider));
+        let logits = f.model.forward(&f.ids).unwrap();
+        let loss = causal_lm_loss(&logits, &f.labels).unwrap().unwrap();
+        let (ours, theirs) = (scalar(&loss), scalar(&f.reference["lora.loss"]));
+        assert!(
+            (ours - theirs).abs() < 1e-5 * theirs,
+            "{name}: loss {ours} vs {theirs}"
+        );
+        let grads = loss.backward().unwrap();
+        for (path, lora) in &provider.0 {
+            for (which, var) in [("lora_A", &lora.down), ("lora_B", &lora.up)] {
+                let key = format!("grad.base_model.model.{path}.{which}.weight");
+                let got = grads.get(var.as_tensor()).expect("a gradient");
+                let diff = relative_difference(got, &f.reference[&key]);
+                assert!(diff < 1e-4, "{name}: {key} differs by {diff:e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+#!/usr/bin/env python3
+"""Tiny random causal language models of each architecture the LLM task reads, with
+transformers' outputs on them, for the Rust parity tests (issue 16).
+
+    python tools/make_llm_fixtures.py     # writes tests/fixtures/llm/**
+
+Per architecture, `tests/fixtures/llm/<name>/` is the model folder as `save_pretrained` writes it
+(`config.json`, `model.safetensors`, `generation_config.json`) and `tests/fixtures/llm/<name>.
+reference.safetensors` holds, for a batch of two 10-token rows (`ids`, int64) whose first tokens
+are prompt (`labels` -100 there): `logits` `[2, 10, vocab]`, `loss` (transformers' causal-LM loss:
+shifted by one, mean over the labelled tokens), and, with a PEFT LoRA (r=4, alpha=8, on
+`q_proj` and `v_proj`, both matrices random so that every gradient is non-zero), `lora.loss` and
+each adapter matrix under its PEFT key (`base_model.model.model.layers.0.self_attn.q_proj.
+lora_A.weight`) with its gradient under `grad.<key>`.
+
+The architectures and what each one exercises:
+- `llama`: grouped-query attention (4 heads, 2 key/value heads), Llama 3's rope scaling (its
+  original length of 512 puts the 8-wide heads' four frequencies in all three of its bands:
+  kept, blended, divided), untied embeddings;
+- `qwen2`: q/k/v biases, tied embeddings, rope theta 1e6;
+- `qwen3`: per-head RMSNorm on q and k, a head width (16) that is not hidden / heads, tied;
+- `mistral`: Mistral's config (sliding window longer than the rows), untied.
+
+transformers 5 writes `rope_parameters`; transformers 4's `rope_theta`/`rope_scaling` keys are
+tested on config text in the Rust unit tests. Seeded, one thread: a second run writes the same
+bytes with the same versions (python 3.11, torch 2.15.0, transformers 5.23.0, peft 0.21.2).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "llm"
+VOCAB = 256
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def models():
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
+
+    llama3_rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                       high_freq_factor=4.0, original_max_position_embeddings=512)
+    return {
+        "llama": (LlamaForCausalLM, LlamaConfig(**COMMON, rope_parameters=llama3_rope, tie_word_embeddings=False)),
+        "qwen2": (Qwen2ForCausalLM, Qwen2Config(**COMMON, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                                                tie_word_embeddings=True)),
+        "qwen3": (Qwen3ForCausalLM, Qwen3Config(**COMMON, head_dim=16, rope_parameters=dict(rope_type="default", rope_theta=1e6),
+                                                tie_word_embeddings=True, attention_bias=False)),
+        "mistral": (MistralForCausalLM, MistralConfig(**COMMON, sliding_window=4096, tie_word_embeddings=False,
+                                                      rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    }
+
+
+def randomize(model, seed: int) -> None:
+    """Normal weights of a scale that keeps activations of order one (the default 0.02 makes
+    every logit nearly equal, which would hide mistakes), norms around 1, biases small."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+
+
+def main() -> None:
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    if ROOT.exists():
+        shutil.rmtree(ROOT)
+    ROOT.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[1, :6] = -100
+    for seed, (name, (cls, config)) in enumerate(models().items()):
+        torch.manual_seed(seed)
+        model = cls(config).eval()
+        randomize(model, 100 + seed)
+        model.save_pretrained(str(ROOT / name), safe_serialization=True)
+        ref = {"ids": ids, "labels": labels}
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+        ref["logits"] = out.logits.contiguous()
+        ref["loss"] = out.loss.reshape(1)
+
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj"]))
+        gen_lora = torch.Generator().manual_seed(200 + seed)
+        lora = {k: p for k, p in peft_model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            for p in lora.values():
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen_lora))
+        out = peft_model(input_ids=ids, labels=labels)
+        out.loss.backward()
+        ref["lora.loss"] = out.loss.detach().reshape(1)
+        for key, p in lora.items():
+            peft_key = key.replace(".default", "")
+            ref[peft_key] = p.detach().clone()
+            ref["grad." + peft_key] = p.grad.detach().clone()
+        meta = {"made_with": f"torch {torch.__version__.split('+')[0]}, transformers {__import__('transformers').__version__}, peft {__import__('peft').__version__}"}
+        save_file(dict(sorted(ref.items())), str(ROOT / f"{name}.reference.safetensors"), metadata=meta)
+        print(f"{name}: loss {ref['loss'].item():.4f}, lora loss {ref['lora.loss'].item():.4f}, {len(lora)} adapter matrices")
+
+
+if __name__ == "__main__":
+    main()
