@@ -8,8 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lora_trainer::models::causal_lm::{causal_lm_loss, CausalLm, CausalLmConfig};
-use lora_trainer::nn::weights::TensorSource;
+use lora_trainer::models::causal_lm::{causal_lm_loss, CausalLm, LmFolder};
 use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind, LowRank, Scope, WeightStore};
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
@@ -23,11 +22,12 @@ struct Fixture {
 }
 
 fn fixture(name: &str, adapters: Option<&dyn AdapterProvider>) -> Fixture {
-    let root = lora_trainer::fixtures::root().join("llm");
-    let folder = root.join(name);
-    let config = CausalLmConfig::from_file(&folder.join("config.json")).unwrap();
-    let source = TensorSource::safetensors(&folder.join("model.safetensors")).unwrap();
-    let store = WeightStore::from_source(source, DType::F32, Device::Cpu);
+    let folder = lora_trainer::fixtures::root().join("llm").join(name);
+    let LmFolder {
+        config,
+        weights: store,
+        ..
+    } = LmFolder::open(&folder, DType::F32, &Device::Cpu).unwrap();
     let mut scope = Scope::root(&store);
     if let Some(provider) = adapters {
         scope = scope.with_adapters(provider);

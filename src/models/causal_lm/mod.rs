@@ -11,10 +11,12 @@
 //! Llama 3's rotary scaling, grouped key/value heads, tied embeddings.
 
 pub mod config;
+pub mod folder;
 
 use candle_core::{DType, Device, Tensor, D};
 
 pub use config::{CausalLmConfig, LmArchitecture, RopeScaling, SUPPORTED};
+pub use folder::LmFolder;
 
 use crate::nn::{activation, Linear, Scope};
 use crate::Result;
