@@ -14,6 +14,7 @@ pub mod files;
 pub mod fixtures;
 pub mod generate;
 pub mod label;
+pub mod llm;
 pub mod log;
 pub mod lora;
 pub mod models;

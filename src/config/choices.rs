@@ -77,6 +77,24 @@ choice!(
 );
 
 choice!(
+    /// How the records of a language model's training data are laid out (LLaMA-Factory's
+    /// names).
+    DataFormat, "data format", case_insensitive = true, {
+        /// Told apart from the first record's keys (or the CSV header).
+        Auto = "auto",
+        /// `{instruction, input?, output, system?, history?}`; CSV `instruction,input,output`
+        /// or `prompt,response`.
+        Alpaca = "alpaca",
+        /// `{conversations: [{from: system|human|gpt, value}], system?}`.
+        ShareGpt = "sharegpt",
+        /// `{messages: [{role: system|user|assistant, content}]}` (OpenAI's).
+        Messages = "messages",
+        /// `{text}`: plain text, every token learned.
+        Text = "text",
+    }
+);
+
+choice!(
     /// The dtype of the saved LoRA tensors.
     SavePrecision, "save precision", case_insensitive = false, {
         Fp16 = "fp16",

@@ -21,8 +21,8 @@ use std::path::Path;
 
 pub use build::{MAX_STEPS, STEPS_WHY};
 pub use choices::{
-    DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
-    SavePrecision, TargetModules, TargetPreset, Warmup,
+    DataFormat, DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType,
+    SaveFormat, SavePrecision, TargetModules, TargetPreset, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
 pub use model_ref::{is_hub_id, weights_format, WeightsFormat};

@@ -1,0 +1,5 @@
+//! The LLM task (issue 16): LoRA on a causal language model from instruction data, through the
+//! same config, loop, checkpoints and logging as the image task. Built so far: reading the
+//! training records ([`records`]); the models are in [`crate::models::causal_lm`].
+
+pub mod records;
