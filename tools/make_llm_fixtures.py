@@ -13,6 +13,14 @@ shifted by one, mean over the labelled tokens), and, with a PEFT LoRA (r=4, alph
 each adapter matrix under its PEFT key (`base_model.model.model.layers.0.self_attn.q_proj.
 lora_A.weight`) with its gradient under `grad.<key>`.
 
+`tests/fixtures/llm/templates/`: the chat templates of Qwen2.5-Instruct, Qwen3, Llama 3.1-Instruct
+and Mistral-Nemo-Instruct-2407 as the models' `tokenizer_config.json` hold them (copied from
+llama.cpp's `models/templates/`, which fetches them from the model repositories; the copy in the
+`llama-cpp-python` 0.3.36 sdist), and `cases.json`: conversations with transformers'
+`apply_chat_template(..., tokenize=False)` rendering of each under each template (with and
+without `add_generation_prompt`; Llama's `date_string` fixed to "26 Jul 2024"), for the Rust
+renderer's tests.
+
 The architectures and what each one exercises:
 - `llama`: grouped-query attention (4 heads, 2 key/value heads), Llama 3's rope scaling (its
   original length of 512 puts the 8-wide heads' four frequencies in all three of its bands:
@@ -88,14 +96,63 @@ def randomize(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
 
 
+TEMPLATES = {
+    # name: (bos_token, eos_token)
+    "qwen2.5": (None, "<|im_end|>"),
+    "qwen3": (None, "<|im_end|>"),
+    "llama-3.1": ("<|begin_of_text|>", "<|eot_id|>"),
+    "mistral-nemo": ("<s>", "</s>"),
+    # Ours, without whitespace control: checks trim_blocks and lstrip_blocks.
+    "blocks": (None, None),
+}
+CONVERSATIONS = [
+    ([("user", "What is 2+2?"), ("assistant", "4")], False),
+    ([("system", "You answer in French."), ("user", "Hello"), ("assistant", "Bonjour"),
+      ("user", "  Thank you\n\nvery much  "), ("assistant", "De rien. ✓")], False),
+    ([("user", "Write a haiku about rain.")], True),
+    ([("system", "Be brief."), ("user", "Why is the sky blue?")], True),
+    ([("user", "a"), ("assistant", "b"), ("user", "c")], True),
+]
+
+
+def chat_template_cases() -> None:
+    """Each template's rendering of each conversation by transformers, into cases.json."""
+    import json
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    folder = ROOT / "templates"
+    cases = []
+    for name, (bos, eos) in TEMPLATES.items():
+        template = (folder / f"{name}.jinja").read_text()
+        specials = [t for t in (bos, eos) if t]
+        vocab = {"<unk>": 0, **{t: i + 1 for i, t in enumerate(specials)}}
+        tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                      bos_token=bos, eos_token=eos, unk_token="<unk>")
+        tok.chat_template = template
+        for turns, generation in CONVERSATIONS:
+            messages = [{"role": r, "content": c} for r, c in turns]
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                           date_string="26 Jul 2024")
+            cases.append({"template": name, "bos_token": bos, "eos_token": eos, "messages": messages,
+                          "add_generation_prompt": generation, "text": text})
+    (folder / "cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+    print(f"templates: {len(cases)} renderings")
+
+
 def main() -> None:
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    if ROOT.exists():
-        shutil.rmtree(ROOT)
-    ROOT.mkdir(parents=True)
+    # The templates are inputs (copied), not outputs: keep them.
+    for path in ROOT.glob("*"):
+        if path.name != "templates":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    ROOT.mkdir(parents=True, exist_ok=True)
+    chat_template_cases()
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, VOCAB, (2, 10), generator=gen)
     labels = ids.clone()
