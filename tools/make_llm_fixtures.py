@@ -5,7 +5,8 @@ transformers' outputs on them, for the Rust parity tests (issue 16).
     python tools/make_llm_fixtures.py     # writes tests/fixtures/llm/**
 
 Per architecture, `tests/fixtures/llm/<name>/` is the model folder as `save_pretrained` writes it
-(`config.json`, `model.safetensors`, `generation_config.json`) and `tests/fixtures/llm/<name>.
+(`config.json`, `model.safetensors`, `generation_config.json`; `qwen2` also a tiny Qwen2.5-style
+tokenizer with its chat template, see `write_tokenizer`) and `tests/fixtures/llm/<name>.
 reference.safetensors` holds, for a batch of two 10-token rows (`ids`, int64) whose first tokens
 are prompt (`labels` -100 there): `logits` `[2, 10, vocab]`, `loss` (transformers' causal-LM loss:
 shifted by one, mean over the labelled tokens), and, with a PEFT LoRA (r=4, alpha=8, on
@@ -42,7 +43,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "llm"
-VOCAB = 256
+VOCAB = 320  # the tiny byte-level BPE's: 256 bytes, 3 special tokens, 61 merges
 COMMON = dict(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -115,6 +116,44 @@ CONVERSATIONS = [
 ]
 
 
+CORPUS = [
+    "What is 2+2? 4. Hello, bonjour, de rien. Thank you very much.",
+    "Write a haiku about rain. Why is the sky blue? Be brief. You answer in French.",
+    "the quick brown fox jumps over the lazy dog; the rain in Spain stays mainly in the plain",
+]
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A Qwen2.5-style tokenizer for the `qwen2` model: byte-level BPE trained on a few lines to
+    the model's vocabulary, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as special tokens,
+    Qwen2.5-Instruct's chat template; saved by transformers' `save_pretrained`, so the folder
+    has the files (`tokenizer.json`, `tokenizer_config.json`, `chat_template.jinja`) a real model's has.
+    `tokens.json`: transformers' ids of each conversation's rendering."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    assert tok.get_vocab_size() == VOCAB, tok.get_vocab_size()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = (ROOT / "templates" / "qwen2.5.jinja").read_text()
+    fast.save_pretrained(str(folder))
+    reread = AutoTokenizer.from_pretrained(str(folder))
+    cases = []
+    for turns, generation in CONVERSATIONS:
+        messages = [{"role": r, "content": c} for r, c in turns]
+        text = reread.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        cases.append({"text": text, "ids": reread(text, add_special_tokens=False).input_ids})
+    (folder / "tokens.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+
+
 def chat_template_cases() -> None:
     """Each template's rendering of each conversation by transformers, into cases.json."""
     import json
@@ -163,6 +202,8 @@ def main() -> None:
         model = cls(config).eval()
         randomize(model, 100 + seed)
         model.save_pretrained(str(ROOT / name), safe_serialization=True)
+        if name == "qwen2":
+            write_tokenizer(ROOT / name)
         ref = {"ids": ids, "labels": labels}
         with torch.no_grad():
             out = model(input_ids=ids, labels=labels)

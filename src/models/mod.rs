@@ -8,7 +8,7 @@ pub mod clip_text_config;
 pub mod clip_text_projection;
 pub mod clip_vision;
 pub mod conditioning;
-mod config_json;
+pub(crate) mod config_json;
 pub mod embeddings;
 pub mod family;
 #[cfg(test)]
