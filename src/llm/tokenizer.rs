@@ -13,6 +13,9 @@ use crate::error::ModelError;
 use crate::models::config_json::read_model_file;
 use crate::Result;
 
+/// Each token's byte range (start, end) in the text it came from.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// The tokenizer, special tokens and chat template of a model folder.
 pub struct LmTokenizer {
     tokenizer: tokenizers::Tokenizer,
@@ -101,6 +104,23 @@ impl LmTokenizer {
             .encode(text, false)
             .map_err(|e| candle_core::Error::Msg(format!("tokenizing failed: {e}")))?;
         Ok(encoding.get_ids().to_vec())
+    }
+
+    /// [`LmTokenizer::encode`] with each token's byte range in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| candle_core::Error::Msg(format!("tokenizing failed: {e}")))?;
+        Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
+    }
+
+    /// The text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(self
+            .tokenizer
+            .decode(ids, false)
+            .map_err(|e| candle_core::Error::Msg(format!("decoding failed: {e}")))?)
     }
 
     /// The id of a token (`<|im_end|>`), if the vocabulary has it.
