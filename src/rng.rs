@@ -25,6 +25,10 @@ pub enum Purpose {
     StartingNoise = 201,
     /// An ancestral sampler's fresh noise at one step of a generated picture.
     StepNoise = 202,
+    /// The order of a language model's training records in an epoch.
+    RecordOrder = 301,
+    /// The order of an epoch's length-grouped batches of records.
+    RecordBatchOrder = 302,
 }
 
 /// The stream for `purpose` at coordinates `(a, b, c)` of a run seeded with `seed`.
