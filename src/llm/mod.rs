@@ -2,10 +2,12 @@
 //! same config, loop, checkpoints and logging as the image task. Built so far: reading the
 //! training records ([`records`]), the model's tokenizer ([`tokenizer`]) and chat template
 //! ([`chat_template`]), the labels of a rendered record ([`labels`]) and length-grouped,
-//! right-padded batches ([`batches`]); the models are in [`crate::models::causal_lm`].
+//! right-padded batches ([`batches`]), PEFT adapter folders ([`peft`]); the models are in
+//! [`crate::models::causal_lm`].
 
 pub mod batches;
 pub mod chat_template;
 pub mod labels;
+pub mod peft;
 pub mod records;
 pub mod tokenizer;
