@@ -9,6 +9,13 @@ The folder holds the tiny `llama` fixture's reference LoRA (tests/fixtures/llm/)
 with no missing and no unexpected adapter key, and the adapted model's loss on the reference
 batch must be the reference's `lora.loss` (what peft computed with the same matrices when the
 fixtures were made).
+
+The same folder converts with llama.cpp's converter (checked with the copy in the
+`llama-cpp-python` 0.3.36 sdist, run from its `vendor/llama.cpp`):
+
+    PYTHONPATH=gguf-py python convert_lora_to_gguf.py DIR --base tests/fixtures/llm/llama --outfile x.gguf
+
+which writes all 8 adapter tensors.
 """
 
 import sys
