@@ -40,39 +40,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as fx  # noqa: E402
 from make_sdxl_fixtures import SCHEDULER, ldm_single_file  # noqa: E402
+from make_sdxl_fixtures import SDXL_BASE_TEXT1 as TEXT1  # noqa: E402
+from make_sdxl_fixtures import SDXL_BASE_TEXT2 as TEXT2  # noqa: E402
+from make_sdxl_fixtures import SDXL_BASE_UNET as UNET  # noqa: E402
+from make_sdxl_fixtures import SDXL_BASE_VAE as VAE  # noqa: E402
 
 REPO = fx.ROOT
 SHAPES = REPO / "tests" / "fixtures" / "sdxl-base.shapes.json"
-
-UNET = dict(
-    sample_size=128,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(320, 640, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10),
-    cross_attention_dim=2048,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816,
-)
-VAE = dict(
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    latent_channels=4,
-    sample_size=1024,
-    scaling_factor=0.13025,
-    force_upcast=True,
-)
-TEXT1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-             hidden_act="quick_gelu", projection_dim=768)
-TEXT2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-             hidden_act="gelu", projection_dim=1280)
-
 
 def halved(build):
     """Builds a model in f32 (torch's default initialisation) and halves it at once, so that only

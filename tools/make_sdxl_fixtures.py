@@ -302,40 +302,47 @@ def verify_single_file(single: dict) -> None:
             raise SystemExit(f"from_single_file reads {name} differently: {bad[:3]}")
 
 
+# SDXL base 1.0's published configs (also what tools/make_random_sdxl.py builds).
+SDXL_BASE_UNET = dict(
+    sample_size=128,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+SDXL_BASE_VAE = dict(
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+SDXL_BASE_TEXT1 = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                       hidden_act="quick_gelu", projection_dim=768)
+SDXL_BASE_TEXT2 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       hidden_act="gelu", projection_dim=1280)
+
+
 def sdxl_base_shapes() -> dict:
     """Every tensor name and shape of a single file of SDXL base 1.0's architecture (its
     published configs, built on the meta device: nothing is allocated)."""
     from diffusers import AutoencoderKL
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(
-            sample_size=128,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(320, 640, 1280),
-            layers_per_block=2,
-            attention_head_dim=(5, 10, 20),
-            transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048,
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,
-        )
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-        )
-        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                           num_attention_heads=12, hidden_act="quick_gelu"))
-        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                                                         num_hidden_layers=32, num_attention_heads=20,
-                                                         hidden_act="gelu", projection_dim=1280))
+        unet = UNet2DConditionModel(**SDXL_BASE_UNET)
+        vae = AutoencoderKL(**SDXL_BASE_VAE)
+        te1 = CLIPTextModel(CLIPTextConfig(**SDXL_BASE_TEXT1))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_BASE_TEXT2))
     return {k: list(v.shape) for k, v in sorted(ldm_single_file(unet, vae, te1, te2).items())}
 
 

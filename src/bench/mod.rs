@@ -24,7 +24,7 @@ use crate::config::{
 use crate::lora::{LoraNetworks, NetworkOptions};
 use crate::models::conditioning::Conditioning;
 use crate::models::noise::{NoiseSchedule, SchedulerConfig};
-use crate::models::unet::{TextTimeInputs, UNet2DConditionModel, UNetConfig};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::nn::flops::{self, TrainingFlops};
 use crate::nn::profile;
 use crate::nn::{Scope, WeightStore};
@@ -480,12 +480,12 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
     flops::take();
     {
         let noisy = schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
-        let frozen = conditioning_detached(&conditioning, size_ids.as_ref());
+        let added = conditioning.text_time(size_ids.as_ref());
         unet.forward_with(
             &noisy.detach(),
             &draws.timesteps,
-            &conditioning.context.detach(),
-            frozen.as_ref(),
+            &conditioning.context,
+            added.as_ref(),
             &mut |_, _| Ok(()),
         )?;
     }
@@ -582,17 +582,6 @@ pub fn run_ours(options: &BenchOptions) -> Result<(Measurement, TrainingFlops)> 
         },
         training_flops,
     ))
-}
-
-/// SDXL's added inputs for a forward pass outside the loss.
-fn conditioning_detached(c: &Conditioning, size_ids: Option<&Tensor>) -> Option<TextTimeInputs> {
-    match (&c.pooled, size_ids) {
-        (Some(pooled), Some(ids)) => Some(TextTimeInputs {
-            text_embeds: pooled.detach(),
-            time_ids: ids.detach(),
-        }),
-        _ => None,
-    }
 }
 
 /// Runs our side and, when `reference_python` is given, diffusers + peft on the same shapes.

@@ -174,16 +174,7 @@ fn days_since_epoch_now() -> i64 {
 /// Python's `strftime` for a date (`%d`, `%b`, `%B`, `%m`, `%Y`, `%y`, `%%`; other fields are
 /// kept as written), on the civil date `days` after 1970-01-01.
 fn strftime(format: &str, days: i64) -> String {
-    // Howard Hinnant's days → civil date.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = crate::log::summary::civil_date(days);
     const MONTHS: [&str; 12] = [
         "January",
         "February",

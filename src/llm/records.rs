@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 
 use crate::config::DataFormat;
 use crate::dataset::error::DatasetError;
+use crate::models::config_json::kind;
 
 /// Who speaks a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,17 +239,6 @@ fn detect(map: &Map<String, Value>) -> DataFormat {
         DataFormat::Alpaca
     } else {
         DataFormat::Text
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
     }
 }
 

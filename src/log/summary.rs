@@ -170,7 +170,7 @@ fn rfc3339(time: SystemTime) -> String {
 
 /// The proleptic Gregorian date `days` after 1970-01-01: count in 400-year eras (146 097 days),
 /// with years starting on 1 March so the leap day falls at the end of the year.
-fn civil_date(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_date(days: i64) -> (i64, u32, u32) {
     let shifted = days + 719_468; // days from 0000-03-01 to 1970-01-01
     let era = shifted.div_euclid(146_097);
     let day_of_era = shifted.rem_euclid(146_097);

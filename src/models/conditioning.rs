@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor};
 use super::clip_text::ClipTextModel;
 use super::clip_text_projection::ClipTextModelWithProjection;
 use super::tokenizer::ClipTokenizer;
+use super::unet::TextTimeInputs;
 use crate::error::ModelError;
 use crate::Result;
 
@@ -68,6 +69,18 @@ pub struct Conditioning {
 }
 
 impl Conditioning {
+    /// SDXL's added conditioning for the UNet: the pooled text embedding with each sample's
+    /// size ids `[B, 6]`; `None` for a family without a pooled output (or without ids).
+    pub fn text_time(&self, size_ids: Option<&Tensor>) -> Option<TextTimeInputs> {
+        match (&self.pooled, size_ids) {
+            (Some(pooled), Some(ids)) => Some(TextTimeInputs {
+                text_embeds: pooled.clone(),
+                time_ids: ids.clone(),
+            }),
+            _ => None,
+        }
+    }
+
     /// The same shapes, all zeros (SDXL's conditioning of an empty negative prompt).
     pub fn zeros_like(&self) -> Result<Conditioning> {
         Ok(Conditioning {

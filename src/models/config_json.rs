@@ -250,7 +250,8 @@ impl ConfigJson {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What a JSON value is, for messages (`a string`, `a list`).
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -12,7 +12,7 @@ use rand::Rng;
 
 use crate::models::conditioning::Conditioning;
 use crate::models::noise::NoiseSchedule;
-use crate::models::unet::{TextTimeInputs, UNet2DConditionModel};
+use crate::models::unet::UNet2DConditionModel;
 use crate::rng::{normal_f32, stream, Purpose};
 use crate::Result;
 
@@ -89,13 +89,7 @@ pub fn diffusion_loss(
     let noisy = schedule.add_noise(&latents, &draws.noise, &draws.timesteps)?;
     let target = schedule.target(&latents, &draws.noise, &draws.timesteps)?;
     // SDXL's added conditioning: the pooled text embedding and each sample's size numbers.
-    let added = match (&conditioning.pooled, size_ids) {
-        (Some(pooled), Some(ids)) => Some(TextTimeInputs {
-            text_embeds: pooled.clone(),
-            time_ids: ids.clone(),
-        }),
-        _ => None,
-    };
+    let added = conditioning.text_time(size_ids);
     let prediction = unet.forward_with(
         &noisy.to_dtype(dtype)?,
         &draws.timesteps,
