@@ -45,10 +45,13 @@ fn write_run(dir: &Path) -> (PathBuf, Vec<(i64, f32)>, Vec<u8>) {
         let scalars = StepScalars {
             loss,
             average_loss: tracker.average().unwrap(),
-            lr_unet: Some(1e-4 * step as f64),
-            lr_text_encoder: Some(5e-5),
+            lrs: vec![
+                (tags::LR_UNET, 1e-4 * step as f64),
+                (tags::LR_TEXT_ENCODER, 5e-5),
+            ],
             grad_norm: Some(0.5),
             samples_per_sec: Some(2.0),
+            tokens_per_sec: None,
         };
         writer.add_scalars(&scalars.tagged(), step).unwrap();
         if step % 5 == 0 {

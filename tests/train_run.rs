@@ -314,7 +314,7 @@ fn a_project_moved_elsewhere_resumes_bit_identical_unless_its_data_changed() {
     let e = run_with(&again, &[], Some("latest")).unwrap_err();
     let text = e.report();
     assert!(text.contains("`train_data_dir`"), "{text}");
-    assert!(text.contains("images or captions found differ"), "{text}");
+    assert!(text.contains("images and captions found differ"), "{text}");
     assert!(!text.contains("`base_model`"), "the model moved: {text}");
 
     // Back in the state's own place with the edited caption: the user's edit is respected

@@ -6,14 +6,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use lora_trainer::config::TrainPlan;
+use lora_trainer::config::{Task, TrainPlan};
+use lora_trainer::llm::LmPreflight;
 use lora_trainer::log::memory::gib;
 use lora_trainer::log::DisplayMode;
 use lora_trainer::preflight::Preflight;
 use lora_trainer::train::interrupt::install_stop_handler;
 use lora_trainer::train::{train, RunEnd, RunOptions};
 
-/// Train a Stable Diffusion LoRA adapter from a YAML config.
+/// Train a LoRA adapter from a YAML config: Stable Diffusion (a kohya-format file) or a
+/// language model (`task: llm`, a PEFT adapter folder).
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -51,21 +53,38 @@ fn main() -> ExitCode {
 
 fn run(args: &Args) -> lora_trainer::Result<ExitCode> {
     let plan = TrainPlan::load(&args.config, &args.overrides)?;
-    let preflight = Preflight::check(plan)?;
-    if args.dry_run {
-        print!("{preflight}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    for warning in preflight.warnings() {
-        eprintln!("warning: {warning}");
-    }
-    let options = RunOptions {
-        resume: args.resume.clone(),
-        overwrite: args.overwrite,
-        display: DisplayMode::detect(args.quiet),
-        stop: install_stop_handler()?,
+    let options = || -> lora_trainer::Result<RunOptions> {
+        Ok(RunOptions {
+            resume: args.resume.clone(),
+            overwrite: args.overwrite,
+            display: DisplayMode::detect(args.quiet),
+            stop: install_stop_handler()?,
+        })
     };
-    let report = train(preflight, &options)?;
+    let report = match plan.task {
+        Task::Image => {
+            let preflight = Preflight::check(plan)?;
+            if args.dry_run {
+                print!("{preflight}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for warning in preflight.warnings() {
+                eprintln!("warning: {warning}");
+            }
+            train(preflight, &options()?)?
+        }
+        Task::Llm(_) => {
+            let preflight = LmPreflight::check(plan)?;
+            if args.dry_run {
+                print!("{preflight}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for warning in &preflight.warnings {
+                eprintln!("warning: {warning}");
+            }
+            lora_trainer::llm::train(preflight, &options()?)?
+        }
+    };
     match report.end {
         RunEnd::Finished { lora } => {
             let peak = report

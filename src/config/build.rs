@@ -4,8 +4,8 @@
 use std::path::{Component, Path, PathBuf};
 
 use super::choices::{
-    DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
-    SavePrecision, TargetModules, TargetPreset, Warmup,
+    DataFormat, DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType,
+    SaveFormat, SavePrecision, TargetModules, TargetPreset, TaskKind, Warmup,
 };
 use super::fields::{
     choice, count, count_up_to, flag, non_negative, number, positive, rate, small_count, text,
@@ -13,8 +13,8 @@ use super::fields::{
 };
 use super::model_ref::is_hub_id;
 use super::plan::{
-    DatasetSpec, LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings,
-    TrainPlan, TrainingSettings,
+    DatasetSpec, LlmData, LoraSettings, ModelSettings, OutputSettings, SamplePrompts,
+    SamplingSettings, Task, TrainPlan, TrainingSettings,
 };
 use super::sampling::{SamplePrompt, SamplerKind};
 use super::yaml::Value;
@@ -26,15 +26,98 @@ pub const MAX_STEPS: usize = 99_999_999;
 pub const STEPS_WHY: &str =
     "a run makes at most 99,999,999 optimizer steps (LoRAs train for hundreds to a few thousand)";
 
+/// Keys of image training only (with their aliases): refused in a language-model config.
+pub(super) const IMAGE_ONLY: &[(&str, &[&str])] = &[
+    ("train_data_dir", &[]),
+    ("metadata_path", &[]),
+    ("caption_extension", &["caption_extention"]),
+    ("resolution", &[]),
+    ("enable_bucket", &[]),
+    ("min_bucket_reso", &[]),
+    ("max_bucket_reso", &[]),
+    ("bucket_reso_steps", &[]),
+    ("random_crop", &[]),
+    ("flip_aug", &[]),
+    ("repeats", &["num_repeats", "dataset_repeats"]),
+    ("caption_prefix", &[]),
+    ("shuffle_caption", &[]),
+    ("keep_tokens", &[]),
+    ("caption_dropout_rate", &[]),
+    ("skip_invalid_images", &[]),
+    ("tokenizer", &[]),
+    ("tokenizer_2", &[]),
+    ("vae", &[]),
+    ("clip_skip", &[]),
+    ("prediction_type", &["v_parameterization"]),
+    ("rank_dropout", &[]),
+    ("module_dropout", &[]),
+    ("conv_lora", &[]),
+    ("conv_rank", &["conv_dim"]),
+    ("conv_alpha", &[]),
+    ("train_text_encoder", &["network_train_unet_only"]),
+    ("save_precision", &[]),
+    ("save_format", &[]),
+    ("unet_lr", &[]),
+    ("text_encoder_lr", &[]),
+    ("min_snr_gamma", &[]),
+    ("noise_offset", &[]),
+    ("cache_latents", &[]),
+    ("cache_latents_to_disk", &[]),
+    ("sample_prompts", &[]),
+    ("sample_every_n_steps", &[]),
+    ("sample_at_first", &[]),
+    ("sample_sampler", &[]),
+];
+
+/// Keys of language-model training only: refused in an image config.
+const LLM_ONLY: &[(&str, &[&str])] = &[
+    ("train_data", &[]),
+    ("data_format", &[]),
+    ("max_seq_length", &["cutoff_len"]),
+    ("train_on_prompt", &[]),
+];
+
 /// Reads every key; the plan, or every problem found.
 pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan> {
-    let data = data(f, cwd);
-    let model = model(f, cwd);
-    let lora = lora(f, cwd);
+    let base_model = base_model(f, cwd);
+    let kind = task_kind(f, base_model.as_deref());
+    let (refused, why) = match kind {
+        TaskKind::Image => (
+            LLM_ONLY,
+            "is a key of language-model training (`task: llm`); this config trains an image \
+             LoRA: remove it, or set `task: llm`",
+        ),
+        TaskKind::Llm => (
+            IMAGE_ONLY,
+            "is a key of image training; this config trains a language model (`task: llm`): \
+             remove it",
+        ),
+    };
+    for (name, aliases) in refused {
+        f.refuse(name, aliases, why);
+    }
+    let (task, data) = match kind {
+        TaskKind::Image => (Some(Task::Image), data(f, cwd)),
+        TaskKind::Llm => (llm_data(f, cwd).map(Task::Llm), Some(seed_only(f))),
+    };
+    let model = image_model(f, cwd, base_model);
+    let mut lora = lora(f, cwd);
+    if kind == TaskKind::Llm {
+        lora.train_text_encoder = false;
+        if lora.target_modules == TargetModules::Preset(TargetPreset::Kohya) {
+            let at = f.location_of("target_modules", &[]);
+            f.problem(
+                at,
+                "`target_modules: kohya` names image-model layers; for a language model use \
+                 `default` (q_proj, v_proj), `attn`, `all-linear` or a list such as \
+                 [q_proj, k_proj, v_proj, o_proj]",
+            );
+        }
+    }
     let training = training(f);
-    let output = output(f, cwd);
+    let output = output(f, cwd, kind == TaskKind::Llm);
     let sampling = sampling(f, cwd);
-    let (data, model, output) = (data?, model?, output?);
+    let (task, data, model, output) = (task?, data?, model?, output?);
     let mut warnings = warnings(f, &data, &lora, &training);
     if sampling.prompts.is_some() && sampling.every_n_steps.is_none() && !sampling.at_first {
         warnings.push(format!(
@@ -44,6 +127,7 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
     }
     Some(TrainPlan {
         config_path: config_path.to_path_buf(),
+        task,
         data,
         model,
         lora,
@@ -52,6 +136,80 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
         sampling,
         warnings,
     })
+}
+
+/// `task:`, or what the config tells: `train_data` without `train_data_dir`, or a base model
+/// folder with a `config.json` and no `model_index.json` (a transformers causal-LM folder), is
+/// a language model; the rest is image training.
+fn task_kind(f: &mut Fields, base_model: Option<&str>) -> TaskKind {
+    if let Some(kind) = f.get("task", &[], choice(TaskKind::parse)) {
+        return kind;
+    }
+    if f.was_given("train_data", &[]) && !f.was_given("train_data_dir", &[]) {
+        return TaskKind::Llm;
+    }
+    let folder = base_model.map(Path::new);
+    let lm_folder = folder.is_some_and(|d| {
+        d.is_absolute() && d.join("config.json").is_file() && !d.join("model_index.json").exists()
+    });
+    if lm_folder {
+        TaskKind::Llm
+    } else {
+        TaskKind::Image
+    }
+}
+
+/// The language-model data keys.
+fn llm_data(f: &mut Fields, cwd: &Path) -> Option<LlmData> {
+    let train_data = required(
+        f,
+        "train_data",
+        &[],
+        "the training records: a .jsonl, .json or .csv file",
+    );
+    let data_format = f
+        .get("data_format", &[], choice(DataFormat::parse))
+        .unwrap_or(DataFormat::Auto);
+    let max_seq_length = f
+        .get(
+            "max_seq_length",
+            &["cutoff_len"],
+            count_up_to(8, 1 << 20, "a sample is at most 1,048,576 tokens"),
+        )
+        .unwrap_or(1024);
+    let train_on_prompt = f.get("train_on_prompt", &[], flag).unwrap_or(false);
+    Some(LlmData {
+        train_data: resolve(cwd, &train_data?),
+        data_format,
+        max_seq_length,
+        train_on_prompt,
+    })
+}
+
+/// A language-model run's [`DatasetSpec`]: only `seed` is read; the image keys keep their
+/// defaults (they were refused).
+fn seed_only(f: &mut Fields) -> DatasetSpec {
+    let seed = f.get("seed", &[], count(0)).unwrap_or(42);
+    DatasetSpec {
+        train_data_dir: PathBuf::new(),
+        metadata_path: None,
+        caption_extension: ".txt".into(),
+        resolution: 512,
+        resolution_given: false,
+        enable_bucket: false,
+        min_bucket_reso: 256,
+        max_bucket_reso: 1024,
+        bucket_reso_steps: 64,
+        random_crop: false,
+        flip_aug: false,
+        repeats: 1,
+        caption_prefix: None,
+        shuffle_caption: false,
+        keep_tokens: 0,
+        caption_dropout_rate: 0.0,
+        skip_invalid_images: false,
+        seed: seed as u64,
+    }
 }
 
 /// kohya's preview keys: `sample_prompts` (a file, or a list of prompt lines),
@@ -162,13 +320,21 @@ fn bucket_checks(f: &mut Fields, resolution: u32, min: u32, max: u32) {
     }
 }
 
-fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
-    let base_model = required(
+/// `base_model`, as a path made absolute or a hub id.
+fn base_model(f: &mut Fields, cwd: &Path) -> Option<String> {
+    required(
         f,
         "base_model",
         &["pretrained_model_name_or_path"],
-        "a diffusers folder, a .safetensors/.ckpt file or a hub id such as `org/name`",
-    );
+        "a diffusers folder, a .safetensors/.ckpt file, a language model's folder or a hub id \
+         such as `org/name`",
+    )
+    .map(|b| model_reference(cwd, &b))
+}
+
+/// The model keys besides `base_model` (image training's; unset for a language model, whose
+/// config had them refused).
+fn image_model(f: &mut Fields, cwd: &Path, base_model: Option<String>) -> Option<ModelSettings> {
     let tokenizer = f
         .get("tokenizer", &[], text)
         .map(|t| model_reference(cwd, &t));
@@ -189,7 +355,7 @@ fn model(f: &mut Fields, cwd: &Path) -> Option<ModelSettings> {
             }
         });
     Some(ModelSettings {
-        base_model: model_reference(cwd, &base_model?),
+        base_model: base_model?,
         tokenizer,
         tokenizer_2,
         vae,
@@ -328,7 +494,7 @@ fn training(f: &mut Fields) -> TrainingSettings {
     }
 }
 
-fn output(f: &mut Fields, cwd: &Path) -> Option<OutputSettings> {
+fn output(f: &mut Fields, cwd: &Path, adapter_folders: bool) -> Option<OutputSettings> {
     let output_dir = required(
         f,
         "output_dir",
@@ -366,6 +532,7 @@ fn output(f: &mut Fields, cwd: &Path) -> Option<OutputSettings> {
         save_every_n_epochs,
         save_last_n,
         log_with,
+        adapter_folders,
     })
 }
 

@@ -157,6 +157,19 @@ choice!(
         /// UNet's transformer blocks, the text encoder's attention and MLP linears (192 + 72 on
         /// SD 1.5); with `conv_lora`, also the ResNet and sampler blocks, as kohya's LoCon.
         Kohya = "kohya",
+        /// Every linear layer: for a language model, every projection of its attention and
+        /// MLP blocks (peft's `all-linear`; not `lm_head`); for the image models, every linear
+        /// layer of the UNet and the text encoders.
+        AllLinear = "all-linear",
+    }
+);
+
+choice!(
+    /// What a run trains: a Stable Diffusion LoRA from pictures, or a language model's LoRA
+    /// from instruction records.
+    TaskKind, "task", case_insensitive = true, {
+        Image = "image",
+        Llm = "llm",
     }
 );
 

@@ -80,6 +80,26 @@ impl Fields {
         self.file.iter().chain(&self.sets).any(matches)
     }
 
+    /// Removes every entry of `name` (or an alias), each a problem saying `why` it does not
+    /// apply; later reads find the key unset.
+    pub fn refuse(&mut self, name: &'static str, aliases: &'static [&'static str], why: &str) {
+        self.known.push(name);
+        let matches = |e: &Entry| e.key == name || aliases.contains(&e.key.as_str());
+        let mut refused = Vec::new();
+        for list in [&mut self.file, &mut self.sets] {
+            list.retain(|(e, _)| {
+                let hit = matches(e);
+                if hit {
+                    refused.push(e.clone());
+                }
+                !hit
+            });
+        }
+        for e in refused {
+            self.problem(e.at.clone(), format!("`{}` {why}", e.key));
+        }
+    }
+
     /// Reads `name` with `read`; `None` when it is absent or null (use the default), or when it
     /// is invalid (the problem is recorded, naming the key as the user wrote it).
     pub fn get<T>(

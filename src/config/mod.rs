@@ -22,13 +22,13 @@ use std::path::Path;
 pub use build::{MAX_STEPS, STEPS_WHY};
 pub use choices::{
     DataFormat, DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType,
-    SaveFormat, SavePrecision, TargetModules, TargetPreset, Warmup,
+    SaveFormat, SavePrecision, TargetModules, TargetPreset, TaskKind, Warmup,
 };
 pub use error::{ConfigError, Location, Problem};
 pub use model_ref::{is_hub_id, weights_format, WeightsFormat};
 pub use plan::{
-    DatasetSpec, LoraSettings, ModelSettings, OutputSettings, SamplePrompts, SamplingSettings,
-    TrainPlan, TrainingSettings,
+    DatasetSpec, LlmData, LoraSettings, ModelSettings, OutputSettings, SamplePrompts,
+    SamplingSettings, Task, TrainPlan, TrainingSettings,
 };
 pub use resolved::KeyDifference;
 pub use sampling::{SamplePrompt, SamplerKind};

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 
 use super::choices::{
-    DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType, SaveFormat,
-    SavePrecision, TargetModules, Warmup,
+    DataFormat, DeviceChoice, LogWith, LrScheduler, MixedPrecision, Optimizer, PredictionType,
+    SaveFormat, SavePrecision, TargetModules, Warmup,
 };
 
 /// One training run, as the config and its `--set` overrides describe it.
@@ -13,7 +13,10 @@ use super::choices::{
 pub struct TrainPlan {
     /// The config file, as given on the command line.
     pub config_path: PathBuf,
-    /// Images, captions, buckets, augmentation and the seed.
+    /// What is trained: an image model's LoRA, or a language model's (with its records).
+    pub task: Task,
+    /// Images, captions, buckets, augmentation and the seed. A language-model run reads only
+    /// the seed from it (its data is in [`Task::Llm`]); the image keys are refused for it.
     pub data: DatasetSpec,
     pub model: ModelSettings,
     pub lora: LoraSettings,
@@ -30,6 +33,35 @@ impl TrainPlan {
     pub fn dataset_spec(&self) -> DatasetSpec {
         self.data.clone()
     }
+
+    /// The language-model data, when the run trains a language model.
+    pub fn llm(&self) -> Option<&LlmData> {
+        match &self.task {
+            Task::Llm(data) => Some(data),
+            Task::Image => None,
+        }
+    }
+}
+
+/// What a run trains (`task:`; detected when the config does not say).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Task {
+    /// A Stable Diffusion LoRA from pictures and captions (the kohya-format file).
+    Image,
+    /// A causal language model's LoRA from instruction records (a PEFT adapter folder).
+    Llm(LlmData),
+}
+
+/// A language model's training records and how they become token sequences.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmData {
+    /// `.jsonl`, `.json` or `.csv` records.
+    pub train_data: PathBuf,
+    pub data_format: DataFormat,
+    /// Longer samples are cut to this many tokens (said in the dry run).
+    pub max_seq_length: usize,
+    /// Learn the prompt's tokens too, not only the answers.
+    pub train_on_prompt: bool,
 }
 
 /// Everything the dataset needs from the validated config: images, captions, buckets,
@@ -166,18 +198,30 @@ pub struct OutputSettings {
     pub save_last_n: Option<usize>,
     pub log_with: LogWith,
     pub log_dir: PathBuf,
+    /// The adapters are folders (PEFT's, for a language model), not `.safetensors` files.
+    pub adapter_folders: bool,
 }
 
 impl OutputSettings {
-    /// The exported LoRA: `<output_dir>/<output_name>.safetensors`.
+    /// The exported LoRA: `<output_dir>/<output_name>.safetensors`, or the adapter folder
+    /// `<output_dir>/<output_name>/`.
     pub fn final_file(&self) -> PathBuf {
         self.output_dir
-            .join(format!("{}.safetensors", self.output_name))
+            .join(format!("{}{}", self.output_name, self.step_suffix()))
     }
 
-    /// A step checkpoint's file name: `<output_name>-step00000100.safetensors`.
+    /// A step checkpoint's file (or folder) name: `<output_name>-step00000100.safetensors`.
     pub fn step_file_name(&self, step: usize) -> String {
-        format!("{}-step{step:08}.safetensors", self.output_name)
+        format!("{}-step{step:08}{}", self.output_name, self.step_suffix())
+    }
+
+    /// What follows the step number in a step checkpoint's name.
+    pub fn step_suffix(&self) -> &'static str {
+        if self.adapter_folders {
+            ""
+        } else {
+            ".safetensors"
+        }
     }
 }
 

@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
+use super::build::IMAGE_ONLY;
 use super::choices::{TargetModules, Warmup};
-use super::plan::{SamplePrompts, TrainPlan};
+use super::plan::{SamplePrompts, Task, TrainPlan};
 
 /// Keys whose change does not change the trained weights: a run may be resumed with another
 /// value (more checkpoints, another log folder, another device...).
@@ -142,6 +143,17 @@ impl TrainPlan {
             ("log_dir", Some(path(&o.log_dir))),
         ];
         e.extend(self.sampling_entries());
+        if let Task::Llm(llm) = &self.task {
+            e.retain(|(key, _)| !IMAGE_ONLY.iter().any(|(name, _)| name == key));
+            let llm_entries = [
+                ("task", Some(quoted("llm"))),
+                ("train_data", Some(path(&llm.train_data))),
+                ("data_format", Some(quoted(llm.data_format.as_str()))),
+                ("max_seq_length", Some(llm.max_seq_length.to_string())),
+                ("train_on_prompt", Some(llm.train_on_prompt.to_string())),
+            ];
+            e.splice(0..0, llm_entries);
+        }
         e.into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))
             .collect()

@@ -288,7 +288,7 @@ fn values_out_of_range_are_refused() {
         ("device: mps", "unknown device `mps`; valid: auto, cpu, cuda, cuda:N"),
         ("log_with: wandb", "unknown logger `wandb`; valid: tensorboard, none"),
         ("prediction_type: sample", "unknown prediction type `sample`; valid: epsilon, v_prediction"),
-        ("target_modules: everything", "unknown target preset `everything`; valid: default, attn, kohya; or a list"),
+        ("target_modules: everything", "unknown target preset `everything`; valid: default, attn, kohya, all-linear; or a list"),
         ("target_modules: []", "the list is empty"),
         ("output_name: a/b", "`a/b` is not a file name"),
     ];
@@ -347,8 +347,8 @@ fn bucket_settings_are_checked_together_when_bucketing() {
 fn missing_required_keys_are_all_named() {
     let found = problems("lora_rank: 4\n", &[]);
     assert_eq!(found.len(), 3, "{found:?}");
-    assert!(found[0].starts_with("cfg.yaml: missing required key `train_data_dir`"));
-    assert!(found[1].starts_with("cfg.yaml: missing required key `base_model`"));
+    assert!(found[0].starts_with("cfg.yaml: missing required key `base_model`"));
+    assert!(found[1].starts_with("cfg.yaml: missing required key `train_data_dir`"));
     assert!(found[2].starts_with("cfg.yaml: missing required key `output_dir`"));
     let found = problems("train_data_dir:\nbase_model: m\noutput_dir: o\n", &[]);
     assert_eq!(

@@ -145,7 +145,7 @@ impl AdapterProvider for StackProvider<'_> {
                 matched.insert(name.to_string());
             }
             let weight = match self.model {
-                LoraModel::Unet => file.unet_weight,
+                LoraModel::Unet | LoraModel::LanguageModel => file.unet_weight,
                 LoraModel::TextEncoder | LoraModel::TextEncoder2 => file.text_encoder_weight,
             };
             let adapter = LoraAdapter::new(

@@ -14,6 +14,7 @@ use minijinja::{Environment, Error, ErrorKind};
 use super::records::Message;
 
 /// A compiled chat template and the special tokens it is given.
+#[derive(Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: Option<String>,
@@ -60,6 +61,17 @@ impl ChatTemplate {
             bos_token,
             eos_token,
         })
+    }
+
+    /// `strftime_now` gives the date of `unix_seconds` (UTC) from now on, not today's: a
+    /// training run renders every record as of the day it started, so that a run resumed on
+    /// another day sees the same tokens (Llama 3's template writes "Today Date").
+    pub fn fix_date(&mut self, unix_seconds: f64) {
+        let days = (unix_seconds / 86_400.0).floor() as i64;
+        self.env
+            .add_function("strftime_now", move |format: String| -> String {
+                strftime(&format, days)
+            });
     }
 
     /// The text of `messages`; with `add_generation_prompt`, followed by what starts the

@@ -15,27 +15,33 @@ pub const LR_TEXT_ENCODER: &str = "lr/textencoder";
 pub const GRAD_NORM: &str = "norm/grad";
 /// Training throughput.
 pub const SAMPLES_PER_SEC: &str = "perf/samples_per_sec";
+/// A language model's throughput: the tokens of the step's batches (padding excluded).
+pub const TOKENS_PER_SEC: &str = "perf/tokens_per_sec";
+/// Learning rate of a language model's adapters.
+pub const LR_LORA: &str = "lr/lora";
 
 /// What one optimizer step logs; `None` fields are left out.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepScalars {
     pub loss: f32,
     pub average_loss: f32,
-    pub lr_unet: Option<f64>,
-    pub lr_text_encoder: Option<f64>,
+    /// Each parameter group's learning rate under its tag ([`LR_UNET`], [`LR_TEXT_ENCODER`],
+    /// [`LR_LORA`]).
+    pub lrs: Vec<(&'static str, f64)>,
     pub grad_norm: Option<f32>,
     pub samples_per_sec: Option<f32>,
+    pub tokens_per_sec: Option<f32>,
 }
 
 impl StepScalars {
     /// `(tag, value)` pairs for [`super::EventWriter::add_scalars`].
     pub fn tagged(&self) -> Vec<(&'static str, f32)> {
         let mut out = vec![(LOSS_CURRENT, self.loss), (LOSS_AVERAGE, self.average_loss)];
+        out.extend(self.lrs.iter().map(|&(tag, lr)| (tag, lr as f32)));
         let optional = [
-            (LR_UNET, self.lr_unet.map(|v| v as f32)),
-            (LR_TEXT_ENCODER, self.lr_text_encoder.map(|v| v as f32)),
             (GRAD_NORM, self.grad_norm),
             (SAMPLES_PER_SEC, self.samples_per_sec),
+            (TOKENS_PER_SEC, self.tokens_per_sec),
         ];
         out.extend(optional.into_iter().filter_map(|(t, v)| Some((t, v?))));
         out
@@ -51,7 +57,7 @@ mod tests {
         let s = StepScalars {
             loss: 0.5,
             average_loss: 0.25,
-            lr_unet: Some(1e-4),
+            lrs: vec![(LR_UNET, 1e-4)],
             grad_norm: Some(2.0),
             ..StepScalars::default()
         };
@@ -65,8 +71,9 @@ mod tests {
             ]
         );
         let all = StepScalars {
-            lr_text_encoder: Some(5e-5),
+            lrs: vec![(LR_UNET, 1e-4), (LR_TEXT_ENCODER, 5e-5)],
             samples_per_sec: Some(3.0),
+            tokens_per_sec: Some(90.0),
             ..s
         };
         let tags: Vec<_> = all.tagged().into_iter().map(|(t, _)| t).collect();
@@ -78,7 +85,8 @@ mod tests {
                 LR_UNET,
                 LR_TEXT_ENCODER,
                 GRAD_NORM,
-                SAMPLES_PER_SEC
+                SAMPLES_PER_SEC,
+                TOKENS_PER_SEC
             ]
         );
     }

@@ -185,7 +185,7 @@ pub(super) fn diffusers_parts(
             _ => return Err(unknown_key(key)),
         };
         let path = match model {
-            LoraModel::Unet => processor_path(path),
+            LoraModel::Unet | LoraModel::LanguageModel => processor_path(path),
             LoraModel::TextEncoder | LoraModel::TextEncoder2 => {
                 let p = path.strip_prefix("text_model.").unwrap_or(path);
                 format!("text_model.{p}")

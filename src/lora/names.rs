@@ -18,10 +18,14 @@ pub enum LoraModel {
     TextEncoder,
     /// SDXL's second text encoder (OpenCLIP ViT-bigG).
     TextEncoder2,
+    /// A causal language model (the LLM task). Its adapters are saved as PEFT folders
+    /// ([`crate::llm::peft`]), never under kohya names: its "kohya name" (`lora_lm_…`) only
+    /// seeds the adapter's random stream.
+    LanguageModel,
 }
 
 impl LoraModel {
-    /// Every model, UNet first (the order of reports and files).
+    /// Every image model, UNet first (the order of reports and files).
     pub const ALL: [LoraModel; 3] = [
         LoraModel::Unet,
         LoraModel::TextEncoder,
@@ -35,6 +39,7 @@ impl LoraModel {
             LoraModel::Unet => "lora_unet",
             LoraModel::TextEncoder => "lora_te",
             LoraModel::TextEncoder2 => "lora_te2",
+            LoraModel::LanguageModel => "lora_lm",
         }
     }
 
@@ -44,12 +49,13 @@ impl LoraModel {
             LoraModel::Unet => "unet",
             LoraModel::TextEncoder => "text_encoder",
             LoraModel::TextEncoder2 => "text_encoder_2",
+            LoraModel::LanguageModel => "base_model.model",
         }
     }
 
     /// A text encoder (either).
     pub fn is_text_encoder(self) -> bool {
-        self != LoraModel::Unet
+        matches!(self, LoraModel::TextEncoder | LoraModel::TextEncoder2)
     }
 
     /// The kohya name of the module at `path`:
@@ -128,6 +134,7 @@ impl fmt::Display for LoraModel {
             LoraModel::Unet => "UNet",
             LoraModel::TextEncoder => "text encoder",
             LoraModel::TextEncoder2 => "second text encoder",
+            LoraModel::LanguageModel => "language model",
         })
     }
 }

@@ -201,6 +201,19 @@ pub struct InferenceMode<'a> {
     was_training: bool,
 }
 
+impl<'a> InferenceMode<'a> {
+    /// Inference mode for the adapters sharing `state`, until the guard is dropped.
+    pub fn begin(state: &'a TrainingState) -> Self {
+        let was_training = state.is_training();
+        state.set_training(false);
+        state.set_inference(true);
+        InferenceMode {
+            state,
+            was_training,
+        }
+    }
+}
+
 impl Drop for InferenceMode<'_> {
     fn drop(&mut self) {
         self.state.set_inference(false);
@@ -316,13 +329,7 @@ impl LoraNetworks {
     /// the adapters' weights detached, so that no forward pass builds a graph. A sampling loop
     /// run on trainable adapters otherwise keeps every earlier step's activations (DESIGN.md §7).
     pub fn inference(&self) -> InferenceMode<'_> {
-        let was_training = self.state.is_training();
-        self.state.set_training(false);
-        self.state.set_inference(true);
-        InferenceMode {
-            state: &self.state,
-            was_training,
-        }
+        InferenceMode::begin(&self.state)
     }
 
     /// Call before each forward pass: the dropout masks are a function of the seed, the module

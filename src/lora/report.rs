@@ -154,7 +154,7 @@ impl LoraReport {
                 layout.layers.push(name);
             }
             let r = match m.model {
-                LoraModel::Unet => &mut unet,
+                LoraModel::Unet | LoraModel::LanguageModel => &mut unet,
                 // SDXL's two encoders are reported together, as they train at one rate.
                 LoraModel::TextEncoder | LoraModel::TextEncoder2 => &mut text_encoder,
             };

@@ -157,23 +157,28 @@ impl TargetSelector {
         Ok(by_targets.then(|| spec(plain)))
     }
 
-    /// Fails, naming the entry, if a `target_modules` list entry selected no layer. Call it once
-    /// every model that gets adapters has been built; `text_encoder_built` says whether the text
-    /// encoder was one of them.
-    pub fn check_all_matched(&self, text_encoder_built: bool) -> Result<()> {
+    /// The `target_modules` list entries that have selected no layer so far.
+    pub fn unmatched_entries(&self) -> Vec<String> {
         let TargetModules::Names(names) = &self.targets else {
-            return Ok(());
+            return Vec::new();
         };
         let matched = match self.matched.lock() {
             Ok(m) => m.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         };
-        let entries: Vec<String> = names
+        names
             .iter()
             .zip(&matched)
             .filter(|(_, hit)| !**hit)
             .map(|(name, _)| name.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Fails, naming the entry, if a `target_modules` list entry selected no layer. Call it once
+    /// every model that gets adapters has been built; `text_encoder_built` says whether the text
+    /// encoder was one of them.
+    pub fn check_all_matched(&self, text_encoder_built: bool) -> Result<()> {
+        let entries = self.unmatched_entries();
         if entries.is_empty() {
             return Ok(());
         }
@@ -265,6 +270,17 @@ fn preset_selects(preset: TargetPreset, model: LoraModel, path: &str, layer: Lay
         (TargetPreset::Kohya, LoraModel::TextEncoder | LoraModel::TextEncoder2) => {
             path.contains(".self_attn.") || path.contains(".mlp.")
         }
+        // peft's `all-linear` leaves out the output layer.
+        (TargetPreset::AllLinear, LoraModel::LanguageModel) => {
+            path != "lm_head" && matches!(layer, LayerKind::Linear { .. })
+        }
+        (TargetPreset::AllLinear, _) => matches!(layer, LayerKind::Linear { .. }),
+        // peft's names for a decoder layer's projections.
+        (TargetPreset::Default, LoraModel::LanguageModel) => matches!(leaf, "q_proj" | "v_proj"),
+        (TargetPreset::Attn, LoraModel::LanguageModel) => {
+            matches!(leaf, "q_proj" | "k_proj" | "v_proj" | "o_proj")
+        }
+        (TargetPreset::Kohya, LoraModel::LanguageModel) => false,
     }
 }
 

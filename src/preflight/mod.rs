@@ -4,7 +4,7 @@
 //! [`Preflight::check`] opens the base model's headers and the dataset (which decodes every
 //! image) and computes the step arithmetic; it writes nothing. Its `Display` is the report.
 
-mod report;
+pub(crate) mod report;
 pub mod steps;
 
 use crate::config::is_hub_id;

@@ -2,7 +2,7 @@
 
 use std::fmt::{self, Write as _};
 
-use super::{Preflight, StepLimit};
+use super::{Preflight, SavePoints, StepCounts, StepLimit};
 use crate::config::{LogWith, MixedPrecision, TrainPlan, Warmup};
 use crate::log::thousands;
 
@@ -24,10 +24,10 @@ impl fmt::Display for Preflight {
         };
         section(f, "Base model", &[format!("{}{version}", self.model)])?;
         section(f, "Dataset", &self.dataset_lines())?;
-        section(f, "Steps", &self.step_lines())?;
+        section(f, "Steps", &step_lines(plan, &self.steps))?;
         section(f, "Optimizer", &optimizer_lines(plan))?;
         section(f, "LoRA", &self.lora_lines())?;
-        section(f, "Output", &self.output_lines())?;
+        section(f, "Output", &output_lines(plan, &self.save_points))?;
         let warnings = self.warnings();
         if !warnings.is_empty() {
             section(f, "Warnings", &warnings)?;
@@ -37,7 +37,7 @@ impl fmt::Display for Preflight {
 }
 
 /// A titled block: the title on its first line, the others indented to match.
-fn section(f: &mut fmt::Formatter<'_>, title: &str, lines: &[String]) -> fmt::Result {
+pub(crate) fn section(f: &mut fmt::Formatter<'_>, title: &str, lines: &[String]) -> fmt::Result {
     for (i, line) in lines.iter().enumerate() {
         let head = if i == 0 { title } else { "" };
         writeln!(f, "{head:<12} {line}")?;
@@ -88,80 +88,86 @@ impl Preflight {
         }
         lines
     }
-
-    fn step_lines(&self) -> Vec<String> {
-        let (t, s) = (&self.plan.training, &self.steps);
-        let effective = t.batch_size * s.gradient_accumulation_steps;
-        let total = match s.limit {
-            StepLimit::Epochs => format!(
-                "{} epochs × {} = {} optimizer steps in all",
-                t.epochs, s.steps_per_epoch, s.total_steps
-            ),
-            StepLimit::MaxTrainSteps => format!(
-                "{} optimizer steps in all: max_train_steps wins over epochs ({}), so {} epoch(s) \
-                 are begun",
-                s.total_steps,
-                t.epochs,
-                s.epochs_run()
-            ),
-        };
-        vec![
-            format!(
-                "batch size {} × gradient accumulation {} = effective batch {effective}",
-                t.batch_size, s.gradient_accumulation_steps
-            ),
-            format!(
-                "{} batches per epoch → {} optimizer steps per epoch",
-                s.batches_per_epoch, s.steps_per_epoch
-            ),
-            total,
-            match t.warmup {
-                Warmup::Ratio(_) => format!(
-                    "learning-rate warm-up: {} steps ({})",
-                    s.warmup_steps, t.warmup
-                ),
-                Warmup::Steps(0) => "learning-rate warm-up: none".to_string(),
-                Warmup::Steps(n) => format!("learning-rate warm-up: {n} steps"),
-            },
-        ]
-    }
-
-    fn output_lines(&self) -> Vec<String> {
-        let out = &self.plan.output;
-        let save_points = &self.save_points;
-        let count = save_points.count();
-        let mut lines = vec![out.output_dir.display().to_string()];
-        if let Some(first) = save_points.steps().next() {
-            let mut shown = save_points
-                .steps()
-                .take(SHOWN)
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>();
-            if let (true, Some(last)) = (count > SHOWN, save_points.last()) {
-                shown.push(format!("… {last}"));
-            }
-            let keep = match out.save_last_n {
-                Some(n) => format!("; the newest {n} are kept"),
-                None => String::new(),
-            };
-            lines.push(format!(
-                "step checkpoints: {count} of them, after steps {}{keep}",
-                shown.join(", ")
-            ));
-            lines.push(format!("  named {}, ...", out.step_file_name(first)));
-        } else {
-            lines.push("step checkpoints: none".to_string());
-        }
-        lines.push(format!("final LoRA: {}", out.final_file().display()));
-        lines.push(match out.log_with {
-            LogWith::Tensorboard => format!("logs: TensorBoard in {}", out.log_dir.display()),
-            LogWith::None => "logs: none".to_string(),
-        });
-        lines
-    }
 }
 
-fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
+/// Batches, accumulation, steps and warm-up.
+pub(crate) fn step_lines(plan: &TrainPlan, s: &StepCounts) -> Vec<String> {
+    let t = &plan.training;
+    let effective = t.batch_size * s.gradient_accumulation_steps;
+    let total = match s.limit {
+        StepLimit::Epochs => format!(
+            "{} epochs × {} = {} optimizer steps in all",
+            t.epochs, s.steps_per_epoch, s.total_steps
+        ),
+        StepLimit::MaxTrainSteps => format!(
+            "{} optimizer steps in all: max_train_steps wins over epochs ({}), so {} epoch(s) \
+             are begun",
+            s.total_steps,
+            t.epochs,
+            s.epochs_run()
+        ),
+    };
+    vec![
+        format!(
+            "batch size {} × gradient accumulation {} = effective batch {effective}",
+            t.batch_size, s.gradient_accumulation_steps
+        ),
+        format!(
+            "{} batches per epoch → {} optimizer steps per epoch",
+            s.batches_per_epoch, s.steps_per_epoch
+        ),
+        total,
+        match t.warmup {
+            Warmup::Ratio(_) => format!(
+                "learning-rate warm-up: {} steps ({})",
+                s.warmup_steps, t.warmup
+            ),
+            Warmup::Steps(0) => "learning-rate warm-up: none".to_string(),
+            Warmup::Steps(n) => format!("learning-rate warm-up: {n} steps"),
+        },
+    ]
+}
+
+/// The output folder, the step checkpoints, the final adapters and the logs.
+pub(crate) fn output_lines(plan: &TrainPlan, save_points: &SavePoints) -> Vec<String> {
+    let out = &plan.output;
+    let count = save_points.count();
+    let mut lines = vec![out.output_dir.display().to_string()];
+    if let Some(first) = save_points.steps().next() {
+        let mut shown = save_points
+            .steps()
+            .take(SHOWN)
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>();
+        if let (true, Some(last)) = (count > SHOWN, save_points.last()) {
+            shown.push(format!("… {last}"));
+        }
+        let keep = match out.save_last_n {
+            Some(n) => format!("; the newest {n} are kept"),
+            None => String::new(),
+        };
+        lines.push(format!(
+            "step checkpoints: {count} of them, after steps {}{keep}",
+            shown.join(", ")
+        ));
+        lines.push(format!("  named {}, ...", out.step_file_name(first)));
+    } else {
+        lines.push("step checkpoints: none".to_string());
+    }
+    let last = if out.adapter_folders {
+        "final adapter folder"
+    } else {
+        "final LoRA"
+    };
+    lines.push(format!("{last}: {}", out.final_file().display()));
+    lines.push(match out.log_with {
+        LogWith::Tensorboard => format!("logs: TensorBoard in {}", out.log_dir.display()),
+        LogWith::None => "logs: none".to_string(),
+    });
+    lines
+}
+
+pub(crate) fn optimizer_lines(plan: &TrainPlan) -> Vec<String> {
     let t = &plan.training;
     let te = if plan.lora.train_text_encoder {
         number(t.text_encoder_lr)

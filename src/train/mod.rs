@@ -25,6 +25,7 @@ pub mod run;
 pub mod setup;
 pub mod state;
 pub mod step;
+pub mod task;
 pub mod text_cache;
 pub mod trainer;
 
@@ -35,5 +36,6 @@ pub use optim::{
     build_optimizer, AdamW, AdamW8bit, Lion, NamedParam, OptimizerSettings, OptimizerState,
     ParamGroup, ParamOptimizer, Sgd,
 };
-pub use run::{train, RunEnd, RunOptions, RunReport};
+pub use run::{run_steps, train, RunEnd, RunOptions, RunParts, RunReport};
+pub use task::TrainTask;
 pub use trainer::{StepReport, Trainer};

@@ -67,11 +67,7 @@ pub fn prepare(plan: &TrainPlan, usage: OutputUse, notes: &[String]) -> Result<V
     })?;
     if usage == OutputUse::Overwrite {
         let mut old: Vec<PathBuf> = vec![final_file, summary];
-        old.extend(
-            list_step_files(dir, &out.output_name)
-                .into_iter()
-                .map(|(_, p)| p),
-        );
+        old.extend(list_step_files(out).into_iter().map(|(_, p)| p));
         old.extend(list_states(dir).into_iter().map(|(_, p)| p));
         for path in old.into_iter().filter(|p| p.exists()) {
             let removed = if path.is_dir() {

@@ -36,7 +36,8 @@ pub fn locate(arg: &str, output_dir: &Path) -> Result<PathBuf> {
 
 /// Keys naming where the images and captions are: a new value is fine when the dataset found
 /// there is the one the state trained on (same [`Dataset::fingerprint`]): the project moved.
-const DATA_LOCATIONS: &[&str] = &["train_data_dir", "metadata_path"];
+/// A language model's records likewise (`train_data`, same file bytes).
+const DATA_LOCATIONS: &[&str] = &["train_data_dir", "metadata_path", "train_data"];
 /// Keys naming model files: a new value is fine when nothing is left at the old (absolute)
 /// path: the files moved, or the run continues on another machine. Resuming then assumes the
 /// same files; a hub id that changed is a different model.
@@ -66,21 +67,6 @@ pub fn open_for(
     total_steps: usize,
 ) -> Result<Resumable> {
     let state = read_state(dir)?;
-    let origin = dir.display().to_string();
-    let saved_config = dir.join(CONFIG_FILE);
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let saved =
-        TrainPlan::from_yaml(&state.config_yaml, &saved_config, &[], parent).map_err(|e| {
-            TrainError::Resume {
-                origin: origin.clone(),
-                message: format!("its {CONFIG_FILE} cannot be read: {e}"),
-            }
-        })?;
-    let same_data = state
-        .manifest
-        .dataset
-        .as_ref()
-        .map(|f| *f == dataset.fingerprint());
     let changed = changed_images(&state.manifest.images, dataset);
     if !changed.is_empty() {
         const SHOWN: usize = 5;
@@ -93,7 +79,7 @@ pub fn open_for(
             names.push(format!("and {} more", changed.len() - SHOWN));
         }
         return Err(TrainError::Resume {
-            origin,
+            origin: dir.display().to_string(),
             message: format!(
                 "{} image(s) of train_data_dir changed since the state was written (their bytes \
                  differ, under the same name): {}. Put the original files back to resume, or \
@@ -104,13 +90,52 @@ pub fn open_for(
         }
         .into());
     }
+    continue_with(dir, state, plan, &dataset.fingerprint(), total_steps)
+}
+
+/// [`open_for`] for a run whose data is one file of records (a language model's), identified
+/// by `fingerprint`.
+pub fn open_for_records(
+    dir: &Path,
+    plan: &TrainPlan,
+    fingerprint: &str,
+    total_steps: usize,
+) -> Result<Resumable> {
+    let state = read_state(dir)?;
+    continue_with(dir, state, plan, fingerprint, total_steps)
+}
+
+/// The checks shared by both tasks: the config keys, the data's fingerprint, the step.
+fn continue_with(
+    dir: &Path,
+    state: SavedState,
+    plan: &TrainPlan,
+    fingerprint: &str,
+    total_steps: usize,
+) -> Result<Resumable> {
+    let origin = dir.display().to_string();
+    let saved_config = dir.join(CONFIG_FILE);
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let saved =
+        TrainPlan::from_yaml(&state.config_yaml, &saved_config, &[], parent).map_err(|e| {
+            TrainError::Resume {
+                origin: origin.clone(),
+                message: format!("its {CONFIG_FILE} cannot be read: {e}"),
+            }
+        })?;
+    let same_data = state.manifest.dataset.as_ref().map(|f| f == fingerprint);
+    let data = if plan.llm().is_some() {
+        "records of train_data"
+    } else {
+        "images and captions"
+    };
     let mut notes = state.notes.clone();
     let mut differences = Vec::new();
     for difference in saved.differing_keys(plan) {
         let key = difference.key;
         if DATA_LOCATIONS.contains(&key) && same_data == Some(true) {
             notes.push(format!(
-                "{difference}: the same images and captions as the state's, in a new place"
+                "{difference}: the same {data} as the state's, in a new place"
             ));
         } else if MODEL_LOCATIONS.contains(&key) && moved_away(&saved, key) {
             notes.push(format!(
@@ -123,9 +148,9 @@ pub fn open_for(
     }
     if !differences.is_empty() {
         let data_hint = if same_data == Some(false) {
-            "; the images or captions found differ from those the state trained on"
+            format!("; the {data} found differ from those the state trained on")
         } else {
-            ""
+            String::new()
         };
         return Err(TrainError::Resume {
             origin,
@@ -145,11 +170,10 @@ pub fn open_for(
         .into());
     }
     if same_data == Some(false) {
-        notes.push(
-            "the images or captions changed since the state was written: the run continues on \
-             the current ones, so it will not end as the uninterrupted run would have"
-                .to_string(),
-        );
+        notes.push(format!(
+            "the {data} changed since the state was written: the run continues on the \
+                 current ones, so it will not end as the uninterrupted run would have"
+        ));
     }
     if state.manifest.step >= total_steps {
         return Err(TrainError::Resume {

@@ -8,28 +8,33 @@
 //! step `s` trains on batches `[k·A, (k+1)·A)` of epoch `s / steps_per_epoch`, where
 //! `k = s mod steps_per_epoch` and `A` is `gradient_accumulation_steps`.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Var;
+
 use super::device::Compute;
+use super::optim::ParamOptimizer;
 use super::outputs::{prepare, run_metadata, unix_now, OutputUse};
 use super::previews::Previews;
 use super::resume;
 use super::setup::{set_up, Setup};
 use super::state::{prune, state_dir_name, write_state, SavedState, StateManifest, STATE_FORMAT};
-use super::trainer::Trainer;
+use super::task::TrainTask;
+use super::trainer::{StepReport, Trainer};
 use crate::config::{LogWith, TrainPlan};
 use crate::dataset::{Batch, Dataset};
 use crate::generate::preview::SamplePrompt;
-use crate::log::tags::LOSS_EPOCH_AVERAGE;
+use crate::log::tags::{LOSS_EPOCH_AVERAGE, LR_TEXT_ENCODER, LR_UNET};
 use crate::log::{
     DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StepScalars, StepStatus,
     TrainProgress, TrainSummary,
 };
 use crate::lora::{NetworkMetadata, TrainingMetadata};
-use crate::preflight::Preflight;
+use crate::preflight::{Preflight, SavePoints, StepCounts};
 use crate::Result;
 
 /// How to run, besides the plan.
@@ -135,7 +140,7 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         );
     }
     let start_step = saved.as_ref().map_or(0, |s| s.manifest.step);
-    let mut clock = RunClock::start(start_step as u64);
+    let clock = RunClock::start(start_step as u64);
 
     let compute = Compute::resolve(plan.training.device, plan.training.mixed_precision)?;
     for warning in &compute.warnings {
@@ -148,7 +153,7 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         (None, None) => None,
     };
     let Setup {
-        mut trainer,
+        trainer,
         base,
         previews,
     } = set_up(
@@ -168,23 +173,56 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
         let layout = trainer.networks.report().layout;
         metadata.network = NetworkMetadata::from_file_layout(&plan.lora, &layout);
     }
-    let mut loop_state = Loop {
-        plan,
-        preflight: &preflight,
+    let mut task = ImageTask {
+        trainer,
         dataset: &dataset,
+        steps_per_epoch: steps.steps_per_epoch.max(1),
+        plan,
         metadata,
+        previews,
+    };
+    let shared = RunParts {
+        plan,
+        steps,
+        save_points: &preflight.save_points,
+        started_at,
+    };
+    run_steps(&shared, &mut task, clock, saved.as_ref(), options)
+}
+
+/// What the step loop needs besides the task: the plan, its step counts and save points, and
+/// when the run first started.
+pub struct RunParts<'a> {
+    pub plan: &'a TrainPlan,
+    pub steps: StepCounts,
+    pub save_points: &'a SavePoints,
+    /// Unix seconds (kept across resumes).
+    pub started_at: f64,
+}
+
+/// The steps of a prepared run (both tasks): from the saved state's step (or 0) to the end or
+/// a stop request, then the summary.
+pub fn run_steps<T: TrainTask>(
+    parts: &RunParts,
+    task: &mut T,
+    mut clock: RunClock,
+    saved: Option<&SavedState>,
+    options: &RunOptions,
+) -> Result<RunReport> {
+    let (plan, steps) = (parts.plan, parts.steps);
+    let start_step = saved.map_or(0, |s| s.manifest.step);
+    let mut loop_state = Loop {
+        parts,
         tracker: saved
-            .as_ref()
             .map(|s| s.manifest.loss.clone())
             .unwrap_or_else(|| LossTracker::new(steps.steps_per_epoch)),
         events: open_events(plan, start_step),
         progress: TrainProgress::new(options.display, steps.total_steps as u64, start_step as u64),
         files: Vec::new(),
         epoch_batches: None,
-        previews,
     };
     clock.steps_begin();
-    let end = loop_state.run(&mut trainer, start_step, &options.stop, saved.as_ref());
+    let end = loop_state.run(task, start_step, &options.stop, saved);
     loop_state.progress.finish();
     if let Some(events) = loop_state.events.take() {
         if let Err(e) = events.close() {
@@ -204,47 +242,129 @@ pub fn train(preflight: Preflight, options: &RunOptions) -> Result<RunReport> {
     let summary = TrainSummary::new(&clock, outcome);
     // A run stopped before its first step leaves no summary: there is nothing to protect.
     if end != (RunEnd::Interrupted { state: None }) {
-        summary.write(&out.output_dir)?;
+        summary.write(&plan.output.output_dir)?;
     }
     Ok(RunReport { end, summary })
 }
 
-/// The state of the step loop.
-struct Loop<'a> {
-    plan: &'a TrainPlan,
-    preflight: &'a Preflight,
+/// The image task: the UNet, text encoders and their adapters over the pictures of a dataset.
+struct ImageTask<'a> {
+    trainer: Trainer,
     dataset: &'a Dataset,
+    steps_per_epoch: usize,
+    plan: &'a TrainPlan,
     metadata: TrainingMetadata,
+    previews: Option<Previews>,
+}
+
+impl TrainTask for ImageTask<'_> {
+    type Batch = Batch;
+
+    fn epoch_batches(&self, epoch: usize, batch_size: usize) -> Vec<Batch> {
+        self.dataset.epoch_batches(epoch, batch_size)
+    }
+
+    fn step(&mut self, step: usize, batches: &[Batch]) -> Result<StepReport> {
+        self.trainer.step(self.dataset, step, batches)
+    }
+
+    fn lr_tags(&self) -> Vec<&'static str> {
+        // The text encoders' group comes second, when they are trained.
+        let mut tags = vec![LR_UNET];
+        if self.trainer.networks.text_encoder.is_some() {
+            tags.push(LR_TEXT_ENCODER);
+        }
+        tags
+    }
+
+    fn named_vars(&self) -> Vec<(String, Var)> {
+        self.trainer
+            .networks
+            .networks()
+            .flat_map(|n| n.named_vars())
+            .collect()
+    }
+
+    fn optimizer(&self) -> &dyn ParamOptimizer {
+        self.trainer.optimizer.as_ref()
+    }
+
+    fn save_adapters(&self, path: &Path, step: usize, last: bool) -> Result<PathBuf> {
+        let per_epoch = self.steps_per_epoch;
+        let mut metadata = self.metadata.clone();
+        metadata.steps = step;
+        metadata.epoch = step.div_ceil(per_epoch);
+        if last {
+            metadata.training_finished_at = Some(unix_now());
+        }
+        let lora = &self.plan.lora;
+        let saved = self.trainer.networks.save(
+            path,
+            lora.save_format,
+            lora.save_precision,
+            &metadata.to_header(),
+        )?;
+        Ok(saved.path)
+    }
+
+    fn data_identity(&self) -> (Option<String>, BTreeMap<String, String>) {
+        (
+            Some(self.dataset.fingerprint()),
+            self.dataset.image_digests(),
+        )
+    }
+
+    fn samples(
+        &mut self,
+        step: usize,
+        events: Option<&mut EventWriter>,
+    ) -> Option<Result<(Vec<PathBuf>, String)>> {
+        let previews = self.previews.as_ref()?;
+        Some(previews.render(&self.trainer, step, events).map(|files| {
+            let line = format!(
+                "previews at step {step}: {} picture(s) in {}",
+                files.len(),
+                previews.folder().display()
+            );
+            (files, line)
+        }))
+    }
+}
+
+/// The state of the step loop.
+struct Loop<'a, B> {
+    parts: &'a RunParts<'a>,
     tracker: LossTracker,
     events: Option<EventWriter>,
     progress: TrainProgress,
     files: Vec<PathBuf>,
     /// The batches of the epoch being trained.
-    epoch_batches: Option<(usize, Vec<Batch>)>,
-    previews: Option<Previews>,
+    epoch_batches: Option<(usize, Vec<B>)>,
 }
 
-impl Loop<'_> {
+impl<B> Loop<'_, B> {
     /// Steps from `start` to the end (or a stop request); returns how it ended and the steps
     /// done.
-    fn run(
+    fn run<T: TrainTask<Batch = B>>(
         &mut self,
-        trainer: &mut Trainer,
+        task: &mut T,
         start: usize,
         stop: &AtomicBool,
         saved: Option<&SavedState>,
     ) -> Result<(RunEnd, usize)> {
-        let steps = self.preflight.steps;
+        let plan = self.parts.plan;
+        let steps = self.parts.steps;
         let per_epoch = steps.steps_per_epoch.max(1);
         let accumulation = steps.gradient_accumulation_steps.max(1);
-        let batch_size = self.plan.training.batch_size;
+        let batch_size = plan.training.batch_size;
+        let lr_tags = task.lr_tags();
         let mut step = start;
-        if start == 0 && self.plan.sampling.at_first {
-            self.render_previews(trainer, 0);
+        if start == 0 && plan.sampling.at_first {
+            self.samples(task, 0);
         }
         while step < steps.total_steps {
             if stop.load(Ordering::SeqCst) {
-                return self.interrupted(trainer, step, start, saved);
+                return self.interrupted(task, step, start, saved);
             }
             let epoch = step / per_epoch;
             let k = step % per_epoch;
@@ -252,28 +372,29 @@ impl Loop<'_> {
                 self.tracker.start_epoch();
             }
             if self.epoch_batches.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                self.epoch_batches = Some((epoch, self.dataset.epoch_batches(epoch, batch_size)));
+                self.epoch_batches = Some((epoch, task.epoch_batches(epoch, batch_size)));
             }
             let batches = &self.epoch_batches.as_ref().map_or(&[][..], |(_, b)| b);
             let from = (k * accumulation).min(batches.len());
             let to = ((k + 1) * accumulation).min(batches.len());
             let began = Instant::now();
-            let report = trainer.step(self.dataset, step, &batches[from..to])?;
+            let report = task.step(step, &batches[from..to])?;
             step += 1;
             self.tracker.record(report.loss);
             let average = self.tracker.average().unwrap_or(report.loss);
             let seconds = began.elapsed().as_secs_f32();
+            let per_second = |n: usize| (seconds > 0.0).then(|| n as f32 / seconds);
             let scalars = StepScalars {
                 loss: report.loss,
                 average_loss: average,
-                lr_unet: report.lrs.first().copied(),
-                lr_text_encoder: trainer
-                    .networks
-                    .text_encoder
-                    .as_ref()
-                    .and(report.lrs.get(1).copied()),
+                lrs: lr_tags
+                    .iter()
+                    .copied()
+                    .zip(report.lrs.iter().copied())
+                    .collect(),
                 grad_norm: Some(report.grad_norm as f32),
-                samples_per_sec: (seconds > 0.0).then(|| report.samples as f32 / seconds),
+                samples_per_sec: per_second(report.samples),
+                tokens_per_sec: report.tokens.and_then(per_second),
             };
             self.log(|w| w.add_scalars(&scalars.tagged(), step as u64));
             self.progress.update(&StepStatus {
@@ -290,119 +411,95 @@ impl Loop<'_> {
                     self.log(|w| w.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch as u64 + 1));
                 }
             }
-            if self.preflight.save_points.is_save_point(step) {
-                self.save_step_checkpoint(trainer, step)?;
+            if self.parts.save_points.is_save_point(step) {
+                self.save_step_checkpoint(task, step)?;
             }
-            if self.plan.sampling.is_due(step, steps.total_steps) {
-                self.render_previews(trainer, step);
+            if plan.sampling.is_due(step, steps.total_steps) {
+                self.samples(task, step);
             }
         }
-        let lora = self.save_lora(trainer, steps.total_steps, true)?;
-        self.progress.println(&format!("saved {}", lora.display()));
-        Ok((RunEnd::Finished { lora }, steps.total_steps))
+        let out = &plan.output;
+        let last = task.save_adapters(&out.final_file(), steps.total_steps, true)?;
+        self.files.push(last.clone());
+        self.progress.println(&format!("saved {}", last.display()));
+        Ok((RunEnd::Finished { lora: last }, steps.total_steps))
     }
 
-    /// A step LoRA file and a state folder after `step`, then the pruning of old ones.
-    fn save_step_checkpoint(&mut self, trainer: &Trainer, step: usize) -> Result<()> {
-        let lora = self.save_lora(trainer, step, false)?;
-        let state = self.save_state(trainer, step)?;
+    /// A step adapter and a state folder after `step`, then the pruning of old ones.
+    fn save_step_checkpoint<T: TrainTask>(&mut self, task: &T, step: usize) -> Result<()> {
+        let out = &self.parts.plan.output;
+        let adapters =
+            task.save_adapters(&out.output_dir.join(out.step_file_name(step)), step, false)?;
+        self.files.push(adapters.clone());
+        let state = self.save_state(task, step)?;
         self.progress.println(&format!(
             "step checkpoint at step {step}: {} and {}",
-            lora.display(),
+            adapters.display(),
             state.display()
         ));
-        let out = &self.plan.output;
         if let Some(keep) = out.save_last_n {
-            prune(&out.output_dir, &out.output_name, keep)?;
+            prune(out, keep)?;
         }
         Ok(())
     }
 
     /// Saves a state for a stop request; nothing when no step was done in this process (a
     /// resumed run's state is already on disk).
-    fn interrupted(
+    fn interrupted<T: TrainTask>(
         &mut self,
-        trainer: &Trainer,
+        task: &T,
         step: usize,
         start: usize,
         saved: Option<&SavedState>,
     ) -> Result<(RunEnd, usize)> {
         let state = if step > start {
-            Some(self.save_state(trainer, step)?)
+            Some(self.save_state(task, step)?)
         } else {
             saved.map(|s| s.dir.clone())
         };
         Ok((RunEnd::Interrupted { state }, step))
     }
 
-    fn save_state(&mut self, trainer: &Trainer, step: usize) -> Result<PathBuf> {
-        let steps = self.preflight.steps;
+    fn save_state<T: TrainTask>(&mut self, task: &T, step: usize) -> Result<PathBuf> {
+        let (plan, steps) = (self.parts.plan, self.parts.steps);
         let per_epoch = steps.steps_per_epoch.max(1);
+        let (dataset, images) = task.data_identity();
         let manifest = StateManifest {
             format: STATE_FORMAT,
             step,
             epoch: step / per_epoch,
             batch_in_epoch: (step % per_epoch) * steps.gradient_accumulation_steps.max(1),
             total_steps: steps.total_steps,
-            seed: self.plan.data.seed,
-            optimizer: self.plan.training.optimizer.to_string(),
+            seed: plan.data.seed,
+            optimizer: plan.training.optimizer.to_string(),
             loss: self.tracker.clone(),
-            training_started_at: self.metadata.training_started_at,
-            dataset: Some(self.dataset.fingerprint()),
-            images: self.dataset.image_digests(),
+            training_started_at: self.parts.started_at,
+            dataset,
+            images,
             written_by: format!("lora-trainer {}", env!("CARGO_PKG_VERSION")),
         };
         let dir = write_state(
-            &self.plan.output.output_dir,
+            &plan.output.output_dir,
             &manifest,
-            &trainer.networks,
-            trainer.optimizer.as_ref(),
-            &self.plan.to_resolved_yaml(),
+            &task.named_vars(),
+            task.optimizer(),
+            &plan.to_resolved_yaml(),
         )?;
         debug_assert!(dir.ends_with(state_dir_name(step)));
         self.files.push(dir.clone());
         Ok(dir)
     }
 
-    fn save_lora(&mut self, trainer: &Trainer, step: usize, last: bool) -> Result<PathBuf> {
-        let out = &self.plan.output;
-        let per_epoch = self.preflight.steps.steps_per_epoch.max(1);
-        let mut metadata = self.metadata.clone();
-        metadata.steps = step;
-        metadata.epoch = step.div_ceil(per_epoch);
-        let path = if last {
-            metadata.training_finished_at = Some(unix_now());
-            out.final_file()
-        } else {
-            out.output_dir.join(out.step_file_name(step))
-        };
-        let lora = &self.plan.lora;
-        let saved = trainer.networks.save(
-            &path,
-            lora.save_format,
-            lora.save_precision,
-            &metadata.to_header(),
-        )?;
-        self.files.push(saved.path.clone());
-        Ok(saved.path)
-    }
-
-    /// Draws the previews after `step` (0: before the first); a failure is a warning.
-    fn render_previews(&mut self, trainer: &Trainer, step: usize) {
-        let Some(previews) = &self.previews else {
-            return;
-        };
-        match previews.render(trainer, step, self.events.as_mut()) {
-            Ok(files) => {
-                self.progress.println(&format!(
-                    "previews at step {step}: {} picture(s) in {}",
-                    files.len(),
-                    previews.folder().display()
-                ));
+    /// Draws the task's samples after `step` (0: before the first); a failure is a warning.
+    fn samples<T: TrainTask>(&mut self, task: &mut T, step: usize) {
+        match task.samples(step, self.events.as_mut()) {
+            None => {}
+            Some(Ok((files, line))) => {
+                self.progress.println(&line);
                 self.files.extend(files);
             }
-            Err(e) => self.progress.println(&format!(
-                "warning: previews at step {step} failed: {}",
+            Some(Err(e)) => self.progress.println(&format!(
+                "warning: samples at step {step} failed: {}",
                 e.report()
             )),
         }
@@ -423,7 +520,7 @@ impl Loop<'_> {
 }
 
 /// The TensorBoard writer, when `log_with: tensorboard`; a failure to create it is a warning.
-fn open_events(plan: &TrainPlan, start_step: usize) -> Option<EventWriter> {
+pub(crate) fn open_events(plan: &TrainPlan, start_step: usize) -> Option<EventWriter> {
     if plan.output.log_with != LogWith::Tensorboard {
         return None;
     }

@@ -79,7 +79,8 @@ pub fn set_up(
     let (groups, base_lrs) = param_groups(&networks, t.unet_lr, t.text_encoder_lr, t.weight_decay);
     let mut optimizer = build_optimizer(OptimizerSettings::from_training(t), groups)?;
     if let Some(state) = saved {
-        state.restore(&networks, optimizer.as_mut())?;
+        let vars: Vec<_> = networks.networks().flat_map(|n| n.named_vars()).collect();
+        state.restore(&vars, optimizer.as_mut())?;
     }
     let schedule = LrSchedule::from_training(t, steps.total_steps)?;
     let noise = checkpoint.noise_schedule().clone();

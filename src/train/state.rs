@@ -27,13 +27,13 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use super::optim::{OptimizerState, ParamOptimizer, StateScalars};
 use super::TrainError;
+use crate::config::OutputSettings;
 use crate::log::LossTracker;
-use crate::lora::LoraNetworks;
 use crate::{Error, Result};
 
 /// The version of the state folder's layout (2: with `checksums.sha256` and image digests).
@@ -101,7 +101,7 @@ pub struct SavedState {
 pub fn write_state(
     output_dir: &Path,
     manifest: &StateManifest,
-    networks: &LoraNetworks,
+    adapters: &[(String, Var)],
     optimizer: &dyn ParamOptimizer,
     config_yaml: &str,
 ) -> Result<PathBuf> {
@@ -112,10 +112,9 @@ pub fn write_state(
     }
     fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let result = (|| -> Result<()> {
-        let adapters: HashMap<String, Tensor> = networks
-            .networks()
-            .flat_map(|n| n.named_vars())
-            .map(|(k, v)| (k, v.as_tensor().clone()))
+        let adapters: HashMap<String, Tensor> = adapters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().clone()))
             .collect();
         save_tensors(&adapters, &tmp.join(ADAPTERS))?;
         let state = optimizer.state_tensors()?;
@@ -325,7 +324,7 @@ impl SavedState {
     /// optimizer; every adapter of the run must be in the state and nothing else.
     pub fn restore(
         &self,
-        networks: &LoraNetworks,
+        vars: &[(String, Var)],
         optimizer: &mut dyn ParamOptimizer,
     ) -> Result<()> {
         let origin = self.dir.display().to_string();
@@ -336,7 +335,6 @@ impl SavedState {
             }
             .into()
         };
-        let vars: Vec<_> = networks.networks().flat_map(|n| n.named_vars()).collect();
         if vars.len() != self.adapters.len() {
             return Err(mismatch(format!(
                 "it holds {} adapter tensors, this run has {}",
@@ -344,7 +342,7 @@ impl SavedState {
                 vars.len()
             )));
         }
-        for (name, var) in &vars {
+        for (name, var) in vars {
             let saved = self
                 .adapters
                 .get(name)
@@ -368,9 +366,14 @@ pub fn list_states(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     list_numbered(output_dir, "state-step", "")
 }
 
-/// Every `<output_name>-stepNNNNNNNN.safetensors` of `output_dir`, by step.
-pub fn list_step_files(output_dir: &Path, output_name: &str) -> Vec<(usize, PathBuf)> {
-    list_numbered(output_dir, &format!("{output_name}-step"), ".safetensors")
+/// Every step checkpoint of a run's adapters (`<output_name>-stepNNNNNNNN.safetensors`, or
+/// the folder of that name without the extension for adapter folders), by step.
+pub fn list_step_files(output: &OutputSettings) -> Vec<(usize, PathBuf)> {
+    list_numbered(
+        &output.output_dir,
+        &format!("{}-step", output.output_name),
+        output.step_suffix(),
+    )
 }
 
 fn list_numbered(dir: &Path, prefix: &str, suffix: &str) -> Vec<(usize, PathBuf)> {
@@ -391,13 +394,10 @@ fn list_numbered(dir: &Path, prefix: &str, suffix: &str) -> Vec<(usize, PathBuf)
     found
 }
 
-/// Keeps the newest `keep` step LoRA files and state folders; returns what was removed.
-pub fn prune(output_dir: &Path, output_name: &str, keep: usize) -> Result<Vec<PathBuf>> {
+/// Keeps the newest `keep` step checkpoints and state folders; returns what was removed.
+pub fn prune(output: &OutputSettings, keep: usize) -> Result<Vec<PathBuf>> {
     let mut removed = Vec::new();
-    for list in [
-        list_step_files(output_dir, output_name),
-        list_states(output_dir),
-    ] {
+    for list in [list_step_files(output), list_states(&output.output_dir)] {
         let excess = list.len().saturating_sub(keep);
         for (_, path) in list.into_iter().take(excess) {
             let result = if path.is_dir() {
@@ -471,11 +471,31 @@ mod tests {
         fs::write(d.join("run.safetensors"), b"final").unwrap();
         fs::write(d.join("other-step00000010.safetensors"), b"x").unwrap();
         fs::create_dir(d.join("state-step00000040.tmp")).unwrap();
-        let removed = prune(d, "run", 2)?;
+        let mut output = OutputSettings {
+            output_dir: d.to_path_buf(),
+            output_name: "run".into(),
+            save_steps: None,
+            save_every_n_epochs: None,
+            save_last_n: None,
+            log_with: crate::config::LogWith::None,
+            log_dir: d.join("logs"),
+            adapter_folders: false,
+        };
+        let removed = prune(&output, 2)?;
         assert_eq!(removed.len(), 2);
         let steps = |l: Vec<(usize, PathBuf)>| l.into_iter().map(|(s, _)| s).collect::<Vec<_>>();
-        assert_eq!(steps(list_step_files(d, "run")), [20, 30]);
-        assert_eq!(steps(list_states(d)), [20, 30]);
+        assert_eq!(steps(list_step_files(&output)), [20, 30]);
+        // Adapter folders (a language model's) are pruned the same way.
+        output.adapter_folders = true;
+        for step in [40, 50] {
+            fs::create_dir(d.join(format!("run-step{step:08}"))).unwrap();
+        }
+        assert_eq!(steps(list_step_files(&output)), [40, 50]);
+        prune(&output, 1)?;
+        assert_eq!(steps(list_step_files(&output)), [50]);
+        output.adapter_folders = false;
+        assert_eq!(steps(list_step_files(&output)), [20, 30]);
+        assert_eq!(steps(list_states(d)), [30]);
         assert!(d.join("run.safetensors").exists());
         assert!(d.join("other-step00000010.safetensors").exists());
         assert!(d.join("state-step00000040.tmp").exists());

@@ -56,6 +56,8 @@ pub struct StepReport {
     pub lrs: Vec<f64>,
     /// Samples seen in this step.
     pub samples: usize,
+    /// Tokens seen in this step (a language model's, padding excluded).
+    pub tokens: Option<usize>,
 }
 
 /// The models, caches, adapters and optimizer of a run.
@@ -145,6 +147,7 @@ impl Trainer {
             grad_norm,
             lrs,
             samples,
+            tokens: None,
         })
     }
 
