@@ -538,3 +538,102 @@ fn preview_keys_take_a_file_or_a_list_and_check_each_prompt() {
     assert!(problem("sample_sampler: plms\n").contains("ddim"));
     assert!(!plan("").sampling.is_due(1, 1), "no prompts, no previews");
 }
+
+const LLM: &str = "base_model: ./models/qwen\ntrain_data: data/train.jsonl\noutput_dir: out/lm\n";
+
+#[test]
+fn a_language_model_config_is_told_by_task_or_by_train_data() {
+    let by_data = plan_with(LLM, &[]).unwrap();
+    let Task::Llm(data) = &by_data.task else {
+        panic!("train_data without train_data_dir is a language-model run");
+    };
+    assert_eq!(
+        data.train_data,
+        PathBuf::from("/work/project/data/train.jsonl")
+    );
+    assert_eq!(
+        (data.data_format, data.max_seq_length, data.train_on_prompt),
+        (DataFormat::Auto, 1024, false)
+    );
+    assert!(by_data.output.adapter_folders);
+    assert!(!by_data.lora.train_text_encoder);
+    assert_eq!(
+        by_data.output.final_file(),
+        PathBuf::from("/work/project/out/lm/lm")
+    );
+    let told = plan_with(&format!("task: llm\n{LLM}cutoff_len: 512\n"), &[]).unwrap();
+    assert_eq!(told.llm().map(|d| d.max_seq_length), Some(512));
+    assert_eq!(plan("").task, Task::Image);
+    assert!(!plan("").output.adapter_folders);
+    // A folder holding config.json and no model_index.json is a transformers model.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let text = format!(
+        "base_model: {}\ntrain_data: t.jsonl\ntrain_data_dir: x\noutput_dir: o\n",
+        dir.path().display()
+    );
+    let found = problems(&text, &[]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("`train_data_dir` is a key of image training"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn keys_of_the_other_task_are_refused_by_name() {
+    let found = problems(
+        &format!("{LLM}resolution: 512\nnetwork_train_unet_only: true\nsample_sampler: ddim\n"),
+        &[],
+    );
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found[0].starts_with("cfg.yaml:4: `resolution` is a key of image training"));
+    assert!(found[1].contains("`network_train_unet_only` is a key of image training"));
+    let found = problems(&format!("{REQUIRED}max_seq_length: 512\n"), &[]);
+    assert_eq!(
+        found,
+        [
+            "cfg.yaml:4: `max_seq_length` is a key of language-model training (`task: llm`); this \
+          config trains an image LoRA: remove it, or set `task: llm`"
+        ]
+    );
+    let found = problems(&format!("task: llm\n{LLM}target_modules: kohya\n"), &[]);
+    assert!(
+        found[0].contains("`target_modules: kohya` names image-model layers"),
+        "{found:?}"
+    );
+    let found = problems(&format!("task: text\n{LLM}"), &[]);
+    assert!(
+        found[0].contains("unknown task `text`; valid: image, llm"),
+        "{found:?}"
+    );
+}
+
+#[test]
+fn a_language_model_plan_reads_back_from_its_resolved_yaml() {
+    let plan = plan_with(
+        &format!(
+            "{LLM}data_format: sharegpt\nmax_seq_length: 300\ntrain_on_prompt: true\n\
+             target_modules: all-linear\nlora_dropout: 0.05\nseed: 3\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    let text = plan.to_resolved_yaml();
+    assert!(text.contains("task: \"llm\""), "{text}");
+    assert!(!text.contains("resolution"), "{text}");
+    let back = TrainPlan::from_yaml(&text, &plan.config_path, &[], Path::new("/elsewhere"))
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert_eq!(
+        back,
+        TrainPlan {
+            warnings: back.warnings.clone(),
+            ..plan.clone()
+        }
+    );
+    let other = plan_with(&format!("{LLM}max_seq_length: 301\n"), &[]).unwrap();
+    assert!(plan
+        .differences_that_matter(&other)
+        .iter()
+        .any(|d| d.starts_with("`max_seq_length`")));
+}

@@ -230,6 +230,16 @@ fn strftime(format: &str, days: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fixed_date_is_what_strftime_now_gives() {
+        let mut t = ChatTemplate::new("{{ strftime_now('%d %b %Y') }}", None, None).unwrap();
+        let today = t.render(&[], false, &[]).unwrap();
+        // 2024-07-26 00:00 UTC.
+        t.fix_date(1_721_952_000.0);
+        assert_eq!(t.render(&[], false, &[]).unwrap(), "26 Jul 2024");
+        assert_ne!(today, "26 Jul 2024");
+    }
     use crate::llm::records::Role;
 
     #[derive(serde::Deserialize)]

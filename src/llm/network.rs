@@ -333,3 +333,66 @@ pub fn describe_targets(targets: &TargetModules) -> String {
         TargetModules::Names(names) => names.join(", "),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::causal_lm::{CausalLm, LmFolder};
+    use crate::nn::Scope;
+
+    fn settings(targets: TargetModules) -> LoraSettings {
+        let text = "base_model: m\ntrain_data: t.jsonl\noutput_dir: o\n";
+        let mut plan = crate::config::TrainPlan::from_yaml(
+            text,
+            std::path::Path::new("c.yaml"),
+            &[],
+            std::path::Path::new("/w"),
+        )
+        .unwrap();
+        plan.lora.target_modules = targets;
+        plan.lora
+    }
+
+    /// The adapter config's `target_modules` after building the qwen2 fixture with `targets`.
+    fn written_targets(targets: TargetModules) -> Vec<String> {
+        let folder = crate::fixtures::root().join("llm/qwen2");
+        let lm = LmFolder::open(&folder, DType::F32, &Device::Cpu).unwrap();
+        let network = LmNetwork::new(&settings(targets), None, 1, &Device::Cpu);
+        CausalLm::new(Scope::root(&lm.weights).with_adapters(&network), &lm.config).unwrap();
+        network.check_built().unwrap();
+        network.to_peft(None).unwrap().config.target_modules
+    }
+
+    #[test]
+    fn target_modules_are_layer_names_only_when_peft_would_adapt_the_same_layers() {
+        use crate::config::TargetPreset;
+        assert_eq!(
+            written_targets(TargetModules::Preset(TargetPreset::Default)),
+            ["q_proj", "v_proj"]
+        );
+        assert_eq!(
+            written_targets(TargetModules::Preset(TargetPreset::Attn)),
+            ["k_proj", "o_proj", "q_proj", "v_proj"]
+        );
+        // One layer's q_proj only: `q_proj` would make peft adapt both layers' on loading.
+        assert_eq!(
+            written_targets(TargetModules::Names(vec!["model.layers.1.*q_proj".into()])),
+            ["model.layers.1.self_attn.q_proj"]
+        );
+    }
+
+    #[test]
+    fn an_unmatched_entry_names_the_language_model() {
+        let folder = crate::fixtures::root().join("llm/qwen2");
+        let lm = LmFolder::open(&folder, DType::F32, &Device::Cpu).unwrap();
+        let network = LmNetwork::new(
+            &settings(TargetModules::Names(vec!["q_proj".into(), "to_q".into()])),
+            None,
+            1,
+            &Device::Cpu,
+        );
+        CausalLm::new(Scope::root(&lm.weights).with_adapters(&network), &lm.config).unwrap();
+        let e = network.check_built().unwrap_err().to_string();
+        assert!(e.contains("`to_q`") && e.contains("language model"), "{e}");
+    }
+}
