@@ -29,6 +29,8 @@ pub enum Purpose {
     RecordOrder = 301,
     /// The order of an epoch's length-grouped batches of records.
     RecordBatchOrder = 302,
+    /// Which of a language model's records `val_split` holds out.
+    ValidationSplit = 303,
 }
 
 /// The stream for `purpose` at coordinates `(a, b, c)` of a run seeded with `seed`.

@@ -330,3 +330,55 @@ fn the_bundled_demo_runs_as_the_readme_says() {
     );
     assert!(!chat(None).contains("matey"));
 }
+
+#[test]
+fn validation_loss_and_sample_answers_are_logged_during_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(
+        dir.path(),
+        "val_split: 0.25\neval_steps: 2\nsample_prompts: [Say hello., What do cats say?]\n\
+         sample_every_n_steps: 3\nsample_max_new_tokens: 5\n",
+    );
+    let out = train(&config, &["--dry-run"]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    // 12 records: 3 held out, 9 trained on (3 batches of 4, 3 epochs: 9 steps).
+    assert!(
+        t.contains("validation: 3 records held out of train_data by val_split 0.25"),
+        "{t}"
+    );
+    assert!(
+        t.contains("2 prompt(s) answered greedily (at most 5 tokens) every 3 steps"),
+        "{t}"
+    );
+    let out = train(&config, &[]);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    for step in [2, 4, 6, 8, 9] {
+        assert!(
+            t.contains(&format!("validation loss after step {step}: ")),
+            "{t}"
+        );
+    }
+    let run = dir.path().join("out/run");
+    let samples = std::fs::read_to_string(run.join("samples/run_step00000009.txt")).unwrap();
+    assert!(samples.starts_with("### Say hello.\n\n"), "{samples}");
+    assert!(samples.contains("### What do cats say?\n\n"), "{samples}");
+    let mut tags = std::collections::BTreeSet::new();
+    for path in lora_trainer::log::event_reader::event_files(&run.join("logs")).unwrap() {
+        for event in lora_trainer::log::event_reader::read_event_file(&path).unwrap() {
+            if let lora_trainer::log::event::EventKind::Summary(values) = event.kind {
+                tags.extend(values.into_iter().map(|v| v.tag));
+            }
+        }
+    }
+    for tag in [
+        "loss/validation",
+        "lr/lora",
+        "perf/tokens_per_sec",
+        "samples/0",
+        "samples/1",
+    ] {
+        assert!(tags.contains(tag), "{tag} not logged: {tags:?}");
+    }
+}

@@ -11,6 +11,7 @@
 
 pub mod device_check;
 mod gpu_memory;
+pub mod llm;
 mod reference;
 
 use std::path::PathBuf;

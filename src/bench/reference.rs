@@ -10,8 +10,10 @@ use super::{BenchOptions, Measurement};
 use crate::config::DeviceChoice;
 use crate::Result;
 
-/// The script, relative to the repository root (the bench runs from there with `cargo run`).
+/// The image script, relative to the repository root (the bench runs from there with `cargo run`).
 pub const SCRIPT: &str = "tools/bench_diffusers.py";
+/// The language-model script, likewise.
+pub const LLM_SCRIPT: &str = "tools/bench_transformers.py";
 
 /// What the script prints as its last line.
 #[derive(Debug, Deserialize)]
@@ -31,7 +33,7 @@ fn failure(message: String) -> crate::Error {
 
 /// The reference's device (PyTorch numbers CUDA devices as we do; `auto` is CUDA device 0 when
 /// this build has CUDA and one is present).
-fn reference_device(device: DeviceChoice) -> String {
+pub(super) fn reference_device(device: DeviceChoice) -> String {
     match device {
         DeviceChoice::Cpu => "cpu".to_string(),
         DeviceChoice::Cuda(n) => format!("cuda:{n}"),
@@ -42,40 +44,58 @@ fn reference_device(device: DeviceChoice) -> String {
 
 /// The script: under the current folder (a copy of the repository on another machine, where the
 /// binary was carried), else in the repository this binary was built from.
-fn script_path() -> PathBuf {
-    let here = Path::new(SCRIPT);
+fn script_path(script: &str) -> PathBuf {
+    let here = Path::new(script);
     if here.is_file() {
         here.to_path_buf()
     } else {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join(SCRIPT)
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(script)
     }
 }
 
 /// Runs `python tools/bench_diffusers.py` with `options` and reads its measurement.
 pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measurement> {
-    let script = script_path();
+    let mut args: Vec<String> = [
+        ("--preset", options.preset.name().to_string()),
+        ("--resolution", options.resolution.to_string()),
+        ("--batch", options.batch.to_string()),
+        ("--rank", options.rank.to_string()),
+        ("--steps", options.steps.to_string()),
+        ("--warmup", options.warmup.to_string()),
+        ("--tokens", options.tokens.to_string()),
+        ("--seed", options.seed.to_string()),
+        ("--device", reference_device(options.device)),
+        (
+            "--mixed-precision",
+            options.mixed_precision.as_str().to_string(),
+        ),
+    ]
+    .into_iter()
+    .flat_map(|(k, v)| [k.to_string(), v])
+    .collect();
+    if options.gradient_checkpointing {
+        args.push("--gradient-checkpointing".into());
+    }
+    run_script(python, SCRIPT, &args, "diffusers+peft")
+}
+
+/// Runs `python SCRIPT ARGS` (a reference script that prints one JSON line last) and reads its
+/// measurement under `name`.
+pub fn run_script(
+    python: &PathBuf,
+    script: &str,
+    args: &[String],
+    name: &str,
+) -> Result<Measurement> {
+    let script = script_path(script);
     let output = Command::new(python)
         .arg(&script)
-        .args(["--preset", options.preset.name()])
-        .args(["--resolution", &options.resolution.to_string()])
-        .args(["--batch", &options.batch.to_string()])
-        .args(["--rank", &options.rank.to_string()])
-        .args(["--steps", &options.steps.to_string()])
-        .args(["--warmup", &options.warmup.to_string()])
-        .args(["--tokens", &options.tokens.to_string()])
-        .args(["--seed", &options.seed.to_string()])
-        .args(["--device", &reference_device(options.device)])
-        .args(["--mixed-precision", options.mixed_precision.as_str()])
-        .args(
-            options
-                .gradient_checkpointing
-                .then_some("--gradient-checkpointing"),
-        )
+        .args(args)
         .output()
         .map_err(|e| {
             failure(format!(
-                "cannot start `{}`: {e}; give the Python that has torch, diffusers and peft \
-                 (for example /work/venv/bin/python)",
+                "cannot start `{}`: {e}; give the Python that has torch and the reference \
+                 libraries (for example /work/venv/bin/python)",
                 python.display()
             ))
         })?;
@@ -101,7 +121,7 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
             serde_json::from_str(l).map_err(|e| failure(format!("unreadable JSON line `{l}`: {e}")))
         })?;
     Ok(Measurement {
-        name: "diffusers+peft".to_string(),
+        name: name.to_string(),
         step_seconds: report.step_seconds,
         peak_rss_bytes: report.peak_rss_bytes,
         peak_device_bytes: report.peak_device_bytes,

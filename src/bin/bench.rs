@@ -29,6 +29,9 @@ enum PresetArg {
     Sdxl,
     /// The bundled demo model's tiny UNet.
     Tiny,
+    /// A causal language model: Qwen2.5-0.5B-Instruct's architecture (494 M parameters), or
+    /// `--model DIR`'s config.json; LoRA on q_proj/v_proj; transformers + peft as reference.
+    Llm,
 }
 
 /// Times LoRA training steps (forward, backward, AdamW) in the cached-latent setting: random
@@ -74,9 +77,20 @@ struct Args {
     /// compute in f32.
     #[arg(long, default_value = "no", value_parser = parse_precision)]
     mixed_precision: MixedPrecision,
-    /// Also run tools/bench_diffusers.py with this Python (one with torch, diffusers, peft).
+    /// Also run the reference (tools/bench_diffusers.py, or tools/bench_transformers.py for
+    /// `--preset llm`) with this Python (one with torch, diffusers or transformers, peft).
     #[arg(long, value_name = "PYTHON")]
     reference: Option<PathBuf>,
+    /// `--preset llm`: the model whose config.json to build (random weights); default
+    /// Qwen2.5-0.5B-Instruct's.
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// `--preset llm`: samples per step.
+    #[arg(long, default_value_t = 4)]
+    llm_batch: usize,
+    /// `--preset llm`: tokens per sample.
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
 }
 
 fn main() -> ExitCode {
@@ -85,12 +99,14 @@ fn main() -> ExitCode {
     if args.plain_ops {
         lora_trainer::nn::frozen::set_enabled(false);
     }
+    let preset = match args.preset {
+        PresetArg::Sd15 => Preset::Sd15,
+        PresetArg::Sdxl => Preset::Sdxl,
+        PresetArg::Tiny => Preset::Tiny,
+        PresetArg::Llm => return bench_llm(&args),
+    };
     let options = BenchOptions {
-        preset: match args.preset {
-            PresetArg::Sd15 => Preset::Sd15,
-            PresetArg::Sdxl => Preset::Sdxl,
-            PresetArg::Tiny => Preset::Tiny,
-        },
+        preset,
         resolution: args.resolution,
         batch: args.batch,
         rank: args.rank,
@@ -111,6 +127,47 @@ fn main() -> ExitCode {
     match result {
         Ok(report) => {
             print!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", e.report());
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// `--preset llm`.
+fn bench_llm(args: &Args) -> ExitCode {
+    let run = || -> lora_trainer::Result<String> {
+        let (config_json, config_origin) = match &args.model {
+            Some(dir) => {
+                let path = dir.join("config.json");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| lora_trainer::Error::io(&path, e))?;
+                (text, path.display().to_string())
+            }
+            None => (
+                bench::llm::QWEN25_05B_CONFIG.to_string(),
+                "Qwen2.5-0.5B-Instruct".to_string(),
+            ),
+        };
+        let options = bench::llm::LlmBenchOptions {
+            config_json,
+            config_origin,
+            batch: args.llm_batch,
+            seq: args.seq,
+            rank: args.rank,
+            steps: args.steps,
+            warmup: args.warmup,
+            seed: 0,
+            device: args.device,
+            mixed_precision: args.mixed_precision,
+        };
+        Ok(bench::llm::run_llm(&options, args.reference.as_ref())?.table())
+    };
+    match run() {
+        Ok(table) => {
+            print!("{table}");
             ExitCode::SUCCESS
         }
         Err(e) => {

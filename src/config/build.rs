@@ -63,9 +63,6 @@ pub(super) const IMAGE_ONLY: &[(&str, &[&str])] = &[
     ("noise_offset", &[]),
     ("cache_latents", &[]),
     ("cache_latents_to_disk", &[]),
-    ("sample_prompts", &[]),
-    ("sample_every_n_steps", &[]),
-    ("sample_at_first", &[]),
     ("sample_sampler", &[]),
 ];
 
@@ -75,6 +72,10 @@ const LLM_ONLY: &[(&str, &[&str])] = &[
     ("data_format", &[]),
     ("max_seq_length", &["cutoff_len"]),
     ("train_on_prompt", &[]),
+    ("eval_data", &[]),
+    ("val_split", &["val_size"]),
+    ("eval_steps", &[]),
+    ("sample_max_new_tokens", &["max_new_tokens"]),
 ];
 
 /// Reads every key; the plan, or every problem found.
@@ -116,7 +117,7 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
     }
     let training = training(f);
     let output = output(f, cwd, kind == TaskKind::Llm);
-    let sampling = sampling(f, cwd);
+    let sampling = sampling(f, cwd, kind == TaskKind::Llm);
     let (task, data, model, output) = (task?, data?, model?, output?);
     let mut warnings = warnings(f, &data, &lora, &training);
     if sampling.prompts.is_some() && sampling.every_n_steps.is_none() && !sampling.at_first {
@@ -178,11 +179,27 @@ fn llm_data(f: &mut Fields, cwd: &Path) -> Option<LlmData> {
         )
         .unwrap_or(1024);
     let train_on_prompt = f.get("train_on_prompt", &[], flag).unwrap_or(false);
+    let eval_data = f.get("eval_data", &[], text).map(|p| resolve(cwd, &p));
+    let split = number("between 0 and 0.5 (a share of the records)", |x| {
+        x > 0.0 && x <= 0.5
+    });
+    let val_split = f.get("val_split", &["val_size"], &split);
+    if eval_data.is_some() && val_split.is_some() {
+        let at = f.location_of("val_split", &["val_size"]);
+        f.problem(
+            at,
+            "`val_split` and `eval_data` both name validation records: keep one",
+        );
+    }
+    let eval_steps = f.get("eval_steps", &[], count(1));
     Some(LlmData {
         train_data: resolve(cwd, &train_data?),
         data_format,
         max_seq_length,
         train_on_prompt,
+        eval_data,
+        val_split,
+        eval_steps,
     })
 }
 
@@ -214,14 +231,21 @@ fn seed_only(f: &mut Fields) -> DatasetSpec {
 
 /// kohya's preview keys: `sample_prompts` (a file, or a list of prompt lines),
 /// `sample_every_n_steps`, `sample_at_first`, `sample_sampler`.
-fn sampling(f: &mut Fields, cwd: &Path) -> SamplingSettings {
+/// A language model's prompts are plain text (no `--n`-style options).
+fn sampling(f: &mut Fields, cwd: &Path, llm: bool) -> SamplingSettings {
     let prompts = f.get("sample_prompts", &[], |v: &Value| match v {
         Value::Seq(items) => {
             let mut lines = Vec::new();
             for item in items {
                 let line = item.as_text().map(str::trim).unwrap_or("");
-                SamplePrompt::parse_line(line)
-                    .map_err(|e| format!("prompt {} of the list: {e}", lines.len() + 1))?;
+                if llm {
+                    if line.is_empty() {
+                        return Err(format!("prompt {} of the list is empty", lines.len() + 1));
+                    }
+                } else {
+                    SamplePrompt::parse_line(line)
+                        .map_err(|e| format!("prompt {} of the list: {e}", lines.len() + 1))?;
+                }
                 lines.push(line.to_string());
             }
             if lines.is_empty() {
@@ -238,11 +262,23 @@ fn sampling(f: &mut Fields, cwd: &Path) -> SamplingSettings {
             text(v)?.parse::<SamplerKind>()
         })
         .unwrap_or(SamplerKind::Ddim);
+    let max_new_tokens = f
+        .get(
+            "sample_max_new_tokens",
+            &["max_new_tokens"],
+            count_up_to(
+                1,
+                4096,
+                "an answer of more than 4096 tokens is not a sample",
+            ),
+        )
+        .unwrap_or(64);
     SamplingSettings {
         prompts,
         every_n_steps,
         at_first,
         sampler,
+        max_new_tokens,
     }
 }
 

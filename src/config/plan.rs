@@ -62,6 +62,19 @@ pub struct LlmData {
     pub max_seq_length: usize,
     /// Learn the prompt's tokens too, not only the answers.
     pub train_on_prompt: bool,
+    /// Validation records in a file of their own (same formats as `train_data`).
+    pub eval_data: Option<PathBuf>,
+    /// Or this share of `train_data`'s records, chosen by the seed, held out for validation.
+    pub val_split: Option<f64>,
+    /// The validation loss every this many optimizer steps (default: at each epoch's end).
+    pub eval_steps: Option<usize>,
+}
+
+impl LlmData {
+    /// Whether the run measures a validation loss.
+    pub fn validates(&self) -> bool {
+        self.eval_data.is_some() || self.val_split.is_some()
+    }
 }
 
 /// Everything the dataset needs from the validated config: images, captions, buckets,
@@ -245,6 +258,8 @@ pub struct SamplingSettings {
     pub at_first: bool,
     /// The sampler of prompts without `--ss`: `ddim`, `euler_a` or `dpmpp_2m`.
     pub sampler: super::sampling::SamplerKind,
+    /// A language model's longest answer to a sample prompt, in tokens.
+    pub max_new_tokens: usize,
 }
 
 impl SamplingSettings {

@@ -32,6 +32,9 @@ const FREE_ON_RESUME: &[&str] = &[
     "sample_every_n_steps",
     "sample_at_first",
     "sample_sampler",
+    "sample_max_new_tokens",
+    "eval_data",
+    "eval_steps",
 ];
 
 impl TrainPlan {
@@ -151,8 +154,15 @@ impl TrainPlan {
                 ("data_format", Some(quoted(llm.data_format.as_str()))),
                 ("max_seq_length", Some(llm.max_seq_length.to_string())),
                 ("train_on_prompt", Some(llm.train_on_prompt.to_string())),
+                ("eval_data", llm.eval_data.as_deref().map(path)),
+                ("val_split", llm.val_split.map(float)),
+                ("eval_steps", llm.eval_steps.map(|n| n.to_string())),
             ];
             e.splice(0..0, llm_entries);
+            e.push((
+                "sample_max_new_tokens",
+                Some(self.sampling.max_new_tokens.to_string()),
+            ));
         }
         e.into_iter()
             .filter_map(|(k, v)| v.map(|v| (k, v)))

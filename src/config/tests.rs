@@ -602,6 +602,21 @@ fn keys_of_the_other_task_are_refused_by_name() {
         found[0].contains("`target_modules: kohya` names image-model layers"),
         "{found:?}"
     );
+    let found = problems(&format!("{LLM}eval_data: v.jsonl\nval_split: 0.1\n"), &[]);
+    assert_eq!(
+        found,
+        ["cfg.yaml:5: `val_split` and `eval_data` both name validation records: keep one"]
+    );
+    let found = problems(&format!("{LLM}val_split: 0.9\n"), &[]);
+    assert!(found[0].contains("between 0 and 0.5"), "{found:?}");
+    let found = problems(&format!("{REQUIRED}val_split: 0.1\n"), &[]);
+    assert!(
+        found[0].contains("`val_split` is a key of language-model training"),
+        "{found:?}"
+    );
+    // A language model's sample prompts are plain text: `--n` is not an option there.
+    let plan = plan_with(&format!("{LLM}sample_prompts: [\"Explain --n\"]\n"), &[]).unwrap();
+    assert_eq!(plan.sampling.max_new_tokens, 64);
     let found = problems(&format!("task: text\n{LLM}"), &[]);
     assert!(
         found[0].contains("unknown task `text`; valid: image, llm"),

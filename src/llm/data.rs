@@ -6,6 +6,9 @@
 //! Nothing is dropped silently: a record the template cannot label is an error naming its line;
 //! a record left with no learned token by the cut is left out, and said.
 
+use std::path::Path;
+
+use rand::seq::SliceRandom;
 use sha2::{Digest, Sha256};
 
 use super::chat_template::ChatTemplate;
@@ -14,6 +17,7 @@ use super::records::read_records;
 use super::tokenizer::LmTokenizer;
 use crate::config::{DataFormat, LlmData};
 use crate::dataset::DatasetError;
+use crate::rng::{stream, Purpose};
 use crate::Result;
 
 /// The tokenized records of a run.
@@ -41,10 +45,19 @@ impl LmData {
     /// Reads, renders and tokenizes `spec.train_data` with `tokenizer`; `started_at` (Unix
     /// seconds) is the date templates see.
     pub fn prepare(spec: &LlmData, tokenizer: &LmTokenizer, started_at: f64) -> Result<LmData> {
-        let bytes =
-            std::fs::read(&spec.train_data).map_err(|e| crate::Error::io(&spec.train_data, e))?;
+        LmData::prepare_file(&spec.train_data, spec, tokenizer, started_at)
+    }
+
+    /// [`LmData::prepare`] for the records of `path` (`eval_data`), read as `spec` says.
+    pub fn prepare_file(
+        path: &Path,
+        spec: &LlmData,
+        tokenizer: &LmTokenizer,
+        started_at: f64,
+    ) -> Result<LmData> {
+        let bytes = std::fs::read(path).map_err(|e| crate::Error::io(path, e))?;
         let fingerprint = hex(&Sha256::digest(&bytes));
-        let records = read_records(&spec.train_data, spec.data_format)?;
+        let records = read_records(path, spec.data_format)?;
         let plain;
         let template: &ChatTemplate = match &tokenizer.template {
             Some(t) => t,
@@ -98,7 +111,7 @@ impl LmData {
             data.samples.push(cut);
             data.lines.push(record.line);
         }
-        let origin = spec.train_data.display().to_string();
+        let origin = path.display().to_string();
         if !problems.is_empty() {
             return Err(DatasetError::Problems {
                 origin,
@@ -120,6 +133,40 @@ impl LmData {
             .into());
         }
         Ok(data)
+    }
+
+    /// Holds out `share` of the samples (at least one, at most all but one), chosen by `seed`:
+    /// returns them; the rest stay. The same seed and share pick the same samples.
+    pub fn split_off(&mut self, share: f64, seed: u64) -> LmData {
+        let n = self.samples.len();
+        let held = ((n as f64 * share).round() as usize).clamp(1, n.saturating_sub(1).max(1));
+        let mut order: Vec<usize> = (0..n).collect();
+        order.shuffle(&mut stream(seed, 0, 0, 0, Purpose::ValidationSplit));
+        let mut chosen: Vec<usize> = order[..held.min(n)].to_vec();
+        chosen.sort_unstable();
+        let mut validation = LmData {
+            samples: Vec::new(),
+            lines: Vec::new(),
+            format: self.format,
+            lengths: Vec::new(),
+            truncated: 0,
+            unlearned: Vec::new(),
+            model_template: self.model_template,
+            fingerprint: self.fingerprint.clone(),
+        };
+        let (mut samples, mut lines) = (Vec::new(), Vec::new());
+        for (i, (sample, line)) in self.samples.drain(..).zip(self.lines.drain(..)).enumerate() {
+            if chosen.binary_search(&i).is_ok() {
+                validation.samples.push(sample);
+                validation.lines.push(line);
+            } else {
+                samples.push(sample);
+                lines.push(line);
+            }
+        }
+        self.samples = samples;
+        self.lines = lines;
+        validation
     }
 
     /// The token lengths before the cut: (min, median, 95th percentile, max, mean).

@@ -13,7 +13,7 @@ use super::data::LmData;
 use super::network::LmNetwork;
 use super::peft::PeftAdapter;
 use super::tokenizer::LmTokenizer;
-use crate::config::{is_hub_id, LogWith, MixedPrecision, TrainPlan};
+use crate::config::{is_hub_id, LlmData, LogWith, MixedPrecision, SamplePrompts, TrainPlan};
 use crate::error::ModelError;
 use crate::log::thousands;
 use crate::models::causal_lm::{CausalLm, CausalLmConfig};
@@ -34,6 +34,10 @@ pub struct LmPreflight {
     pub config: CausalLmConfig,
     pub tokenizer: LmTokenizer,
     pub data: LmData,
+    /// The validation records (`eval_data`, or those `val_split` held out of `data`).
+    pub validation: Option<LmData>,
+    /// The prompts answered during training (`sample_prompts`).
+    pub sample_prompts: Vec<String>,
     pub steps: StepCounts,
     pub save_points: SavePoints,
     /// Adapted layers and trainable parameters.
@@ -61,7 +65,9 @@ impl LmPreflight {
             Some(path) => Some(PeftAdapter::open(path, &Device::Cpu)?),
             None => None,
         };
-        let data = LmData::prepare(&spec, &tokenizer, unix_now())?;
+        let now = unix_now();
+        let (data, validation) = prepare_data(&spec, &tokenizer, plan.data.seed, now)?;
+        let sample_prompts = read_prompts(plan.sampling.prompts.as_ref())?;
         // The adapters, selected on the model's shapes alone.
         let store = WeightStore::shape_only(DType::F32, Device::Cpu);
         let origin = plan
@@ -109,12 +115,66 @@ impl LmPreflight {
             config,
             tokenizer,
             data,
+            validation,
+            sample_prompts,
             steps,
             save_points,
             start,
             warnings,
         })
     }
+}
+
+/// The training records and the validation records of `spec`, rendered as of `started_at`.
+pub fn prepare_data(
+    spec: &LlmData,
+    tokenizer: &LmTokenizer,
+    seed: u64,
+    started_at: f64,
+) -> Result<(LmData, Option<LmData>)> {
+    let mut data = LmData::prepare(spec, tokenizer, started_at)?;
+    let validation = match (&spec.eval_data, spec.val_split) {
+        (Some(path), _) => Some(LmData::prepare_file(path, spec, tokenizer, started_at)?),
+        (None, Some(share)) => {
+            if data.samples.len() < 2 {
+                return Err(TrainError::Usage(format!(
+                    "val_split needs at least two records to hold one out; {} has {}",
+                    spec.train_data.display(),
+                    data.samples.len()
+                ))
+                .into());
+            }
+            Some(data.split_off(share, seed))
+        }
+        (None, None) => None,
+    };
+    Ok((data, validation))
+}
+
+/// The prompts of `sample_prompts`: the list, or the file's non-empty lines.
+pub fn read_prompts(source: Option<&SamplePrompts>) -> Result<Vec<String>> {
+    Ok(match source {
+        None => Vec::new(),
+        Some(SamplePrompts::Lines(lines)) => lines.clone(),
+        Some(SamplePrompts::File(path)) => {
+            let text = crate::files::read_text(path, crate::files::TEXT_LIMIT, "a prompt file")
+                .map_err(|e| crate::Error::io(path, e))?;
+            let prompts: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect();
+            if prompts.is_empty() {
+                return Err(TrainError::Usage(format!(
+                    "{} holds no prompt (one per line; # starts a comment)",
+                    path.display()
+                ))
+                .into());
+            }
+            prompts
+        }
+    })
 }
 
 /// The folder `base_model` names: a local folder, or a hub id's snapshot in the Hugging Face
@@ -218,6 +278,27 @@ impl fmt::Display for LmPreflight {
                 shown(&d.unlearned)
             ));
         }
+        if let Some(v) = &self.validation {
+            let (tokens, learned) = v.token_counts();
+            let source = match &spec.eval_data {
+                Some(path) => format!("from {}", path.display()),
+                None => format!(
+                    "held out of train_data by val_split {} (seed {})",
+                    spec.val_split.unwrap_or(0.0),
+                    plan.data.seed
+                ),
+            };
+            let when = match spec.eval_steps {
+                Some(n) => format!("every {n} steps and after the last"),
+                None => "at each epoch's end".to_string(),
+            };
+            data_lines.push(format!(
+                "validation: {} records {source}, {} tokens ({} learned); loss/validation {when}",
+                v.samples.len(),
+                thousands(tokens),
+                thousands(learned)
+            ));
+        }
         section(f, "Data", &data_lines)?;
         section(f, "Steps", &step_lines(plan, &self.steps))?;
         let t = &plan.training;
@@ -274,9 +355,35 @@ impl fmt::Display for LmPreflight {
                 .to_string(),
         );
         section(f, "LoRA", &lora_lines)?;
+        if !self.sample_prompts.is_empty() {
+            let s = &plan.sampling;
+            let when = match (s.every_n_steps, s.at_first) {
+                (Some(n), true) => format!("before the first step, every {n} steps"),
+                (Some(n), false) => format!("every {n} steps"),
+                (None, true) => "before the first step".to_string(),
+                (None, false) => "never (set sample_every_n_steps)".to_string(),
+            };
+            section(
+                f,
+                "Samples",
+                &[format!(
+                    "{} prompt(s) answered greedily (at most {} tokens) {when}, into {}",
+                    self.sample_prompts.len(),
+                    s.max_new_tokens,
+                    plan.output.output_dir.join("samples").display()
+                )],
+            )?;
+        }
         let mut output = output_lines(plan, &self.save_points);
         if plan.output.log_with == LogWith::Tensorboard {
-            output.push("logged: loss/current, loss/average, lr/lora, perf/tokens_per_sec".into());
+            let mut tags = "loss/current, loss/average, lr/lora, perf/tokens_per_sec".to_string();
+            if self.validation.is_some() {
+                tags.push_str(", loss/validation");
+            }
+            if !self.sample_prompts.is_empty() {
+                tags.push_str(", the samples' answers (Text tab)");
+            }
+            output.push(format!("logged: {tags}"));
         }
         section(f, "Output", &output)?;
         if !self.warnings.is_empty() {

@@ -15,11 +15,13 @@ use candle_core::{Device, Var};
 
 use super::batches::{collate, length_grouped};
 use super::data::LmData;
+use super::generate::Generator;
 use super::network::LmNetwork;
-use super::preflight::LmPreflight;
+use super::preflight::{prepare_data, LmPreflight};
+use super::tokenizer::LmTokenizer;
 use crate::log::tags::LR_LORA;
 use crate::log::{EventWriter, RunClock};
-use crate::models::causal_lm::{causal_lm_loss, CausalLm, LmFolder};
+use crate::models::causal_lm::{CausalLm, LmFolder};
 use crate::nn::Scope;
 use crate::train::device::Compute;
 use crate::train::optim::{build_optimizer, OptimizerSettings, ParamGroup, ParamOptimizer};
@@ -47,6 +49,17 @@ pub struct LmTask {
     /// `base_model_name_or_path` written into each adapter's config.
     pub base_model: String,
     pub device: Device,
+    pub tokenizer: LmTokenizer,
+    /// Validation records, and every how many steps their loss is measured (`None`: at each
+    /// epoch's end).
+    pub validation: Option<LmData>,
+    pub eval_steps: Option<usize>,
+    pub batch_size: usize,
+    /// Prompts answered during training, the longest answer, and where the answers go.
+    pub sample_prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    pub samples_dir: PathBuf,
+    pub output_name: String,
 }
 
 impl TrainTask for LmTask {
@@ -81,8 +94,7 @@ impl TrainTask for LmTask {
             self.network.set_step(step as u64, micro as u64);
             let records: Vec<_> = batch.iter().map(|&i| &self.data.samples[i]).collect();
             let (ids, labels) = collate(&records, self.pad_id, &self.device)?;
-            let logits = self.model.forward(&ids)?;
-            let Some(mean) = causal_lm_loss(&logits, &labels)? else {
+            let Some(mean) = self.model.loss(&ids, &labels)? else {
                 continue;
             };
             // This micro-batch's share of the step's mean over all learned tokens.
@@ -136,10 +148,80 @@ impl TrainTask for LmTask {
 
     fn samples(
         &mut self,
-        _step: usize,
-        _events: Option<&mut EventWriter>,
+        step: usize,
+        events: Option<&mut EventWriter>,
     ) -> Option<Result<(Vec<PathBuf>, String)>> {
-        None
+        if self.sample_prompts.is_empty() {
+            return None;
+        }
+        Some(self.answer_samples(step, events))
+    }
+
+    fn validation(&mut self, step: usize, epoch_end: bool, last: bool) -> Option<Result<f32>> {
+        let due = match self.eval_steps {
+            Some(n) => step % n == 0 || last,
+            None => epoch_end,
+        };
+        if !due || self.validation.is_none() {
+            return None;
+        }
+        Some(self.validation_loss())
+    }
+}
+
+impl LmTask {
+    /// The mean loss over every learned token of the validation records, without dropout.
+    fn validation_loss(&self) -> Result<f32> {
+        let Some(validation) = &self.validation else {
+            return Ok(f32::NAN);
+        };
+        let _inference = self.network.inference();
+        let (mut sum, mut count) = (0f64, 0usize);
+        for chunk in validation.samples.chunks(self.batch_size.max(1)) {
+            let records: Vec<_> = chunk.iter().collect();
+            let learned: usize = chunk
+                .iter()
+                .map(|s| s.labels.iter().skip(1).filter(|&&l| l >= 0).count())
+                .sum();
+            let (ids, labels) = collate(&records, self.pad_id, &self.device)?;
+            if let Some(mean) = self.model.loss(&ids, &labels)? {
+                sum += f64::from(mean.to_scalar::<f32>()?) * learned as f64;
+                count += learned;
+            }
+        }
+        Ok((sum / count.max(1) as f64) as f32)
+    }
+
+    /// Answers the sample prompts with the adapters as they are; writes them to
+    /// `samples/<output_name>_stepNNNNNNNN.txt` and TensorBoard's Text tab.
+    fn answer_samples(
+        &self,
+        step: usize,
+        mut events: Option<&mut EventWriter>,
+    ) -> Result<(Vec<PathBuf>, String)> {
+        let _inference = self.network.inference();
+        let generator = Generator::new(&self.model, &self.tokenizer, &self.device)?;
+        let mut text = String::new();
+        for (i, prompt) in self.sample_prompts.iter().enumerate() {
+            let answer = generator.answer(prompt, None, self.max_new_tokens)?;
+            text.push_str(&format!("### {prompt}\n\n{answer}\n\n"));
+            if let Some(events) = events.as_deref_mut() {
+                let markdown = format!("**{prompt}**\n\n{answer}");
+                events.add_text(&format!("samples/{i}"), &markdown, step as u64)?;
+            }
+        }
+        std::fs::create_dir_all(&self.samples_dir)
+            .map_err(|e| crate::Error::io(&self.samples_dir, e))?;
+        let path = self
+            .samples_dir
+            .join(format!("{}_step{step:08}.txt", self.output_name));
+        crate::files::write_atomically(&path, text.as_bytes())?;
+        let line = format!(
+            "samples at step {step}: {} answer(s) in {}",
+            self.sample_prompts.len(),
+            path.display()
+        );
+        Ok((vec![path], line))
     }
 }
 
@@ -160,6 +242,8 @@ pub fn train(preflight: LmPreflight, options: &RunOptions) -> Result<RunReport> 
         config,
         tokenizer,
         mut data,
+        mut validation,
+        sample_prompts,
         steps,
         save_points,
         start,
@@ -197,7 +281,7 @@ pub fn train(preflight: LmPreflight, options: &RunOptions) -> Result<RunReport> 
         .map_or_else(unix_now, |s| s.manifest.training_started_at);
     if saved.is_some() {
         // The records as they were rendered when the run started (templates may write the date).
-        data = LmData::prepare(spec, &tokenizer, started_at)?;
+        (data, validation) = prepare_data(spec, &tokenizer, plan.data.seed, started_at)?;
     }
 
     let mut compute = Compute::resolve(plan.training.device, plan.training.mixed_precision)?;
@@ -272,6 +356,14 @@ pub fn train(preflight: LmPreflight, options: &RunOptions) -> Result<RunReport> 
         max_grad_norm: t.max_grad_norm,
         base_model: plan.model.base_model.clone(),
         device: compute.device.clone(),
+        tokenizer,
+        validation,
+        eval_steps: spec.eval_steps,
+        batch_size: t.batch_size,
+        sample_prompts,
+        max_new_tokens: plan.sampling.max_new_tokens,
+        samples_dir: out.output_dir.join("samples"),
+        output_name: out.output_name.clone(),
     };
     let parts = RunParts {
         plan: &plan,

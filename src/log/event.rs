@@ -7,11 +7,18 @@
 //! Event      { double wall_time = 1; int64 step = 2; string file_version = 3;
 //!              Summary summary = 5; SessionLog session_log = 7; }
 //! Summary    { repeated Value value = 1; }
-//! Value      { string tag = 1; float simple_value = 2; Image image = 4; }
+//! Value      { string tag = 1; float simple_value = 2; Image image = 4;
+//!              TensorProto tensor = 8; SummaryMetadata metadata = 9; }
 //! Image      { int32 height = 1; int32 width = 2; int32 colorspace = 3;
 //!              bytes encoded_image_string = 4; }
 //! SessionLog { SessionStatus status = 1; }   // START = 1
+//! SummaryMetadata { PluginData plugin_data = 1; }   PluginData { string plugin_name = 1; }
+//! TensorProto { DataType dtype = 1; TensorShapeProto tensor_shape = 2; repeated bytes string_val = 8; }
+//! TensorShapeProto { repeated Dim dim = 2; }   Dim { int64 size = 1; }
 //! ```
+//!
+//! A text (TensorBoard's Text tab) is what `SummaryWriter.add_text` writes: a one-element
+//! `DT_STRING` (7) tensor with the plugin name `text`.
 
 /// The version string of the first record of every event file.
 pub const FILE_VERSION: &str = "brain.Event:2";
@@ -46,7 +53,15 @@ pub enum EventBody<'a> {
         tag: &'a str,
         image: PngImage<'a>,
     },
+    /// Markdown text for the Text tab.
+    Text {
+        tag: &'a str,
+        text: &'a str,
+    },
 }
+
+/// TensorFlow's `DT_STRING`.
+const DT_STRING: u64 = 7;
 
 /// The serialized `Event` message.
 pub fn encode_event(wall_time: f64, step: u64, body: &EventBody<'_>) -> Vec<u8> {
@@ -85,6 +100,29 @@ pub fn encode_event(wall_time: f64, step: u64, body: &EventBody<'_>) -> Vec<u8> 
             put_bytes(&mut message, 1, tag.as_bytes());
             put_bytes(&mut message, 4, &picture);
             let mut summary = Vec::with_capacity(message.len() + 8);
+            put_bytes(&mut summary, 1, &message);
+            put_bytes(&mut event, 5, &summary);
+        }
+        EventBody::Text { tag, text } => {
+            let mut dim = Vec::new();
+            put_key(&mut dim, 1, VARINT);
+            put_varint(&mut dim, 1);
+            let mut shape = Vec::new();
+            put_bytes(&mut shape, 2, &dim);
+            let mut tensor = Vec::new();
+            put_key(&mut tensor, 1, VARINT);
+            put_varint(&mut tensor, DT_STRING);
+            put_bytes(&mut tensor, 2, &shape);
+            put_bytes(&mut tensor, 8, text.as_bytes());
+            let mut plugin = Vec::new();
+            put_bytes(&mut plugin, 1, b"text");
+            let mut metadata = Vec::new();
+            put_bytes(&mut metadata, 1, &plugin);
+            let mut message = Vec::new();
+            put_bytes(&mut message, 1, tag.as_bytes());
+            put_bytes(&mut message, 8, &tensor);
+            put_bytes(&mut message, 9, &metadata);
+            let mut summary = Vec::new();
             put_bytes(&mut summary, 1, &message);
             put_bytes(&mut event, 5, &summary);
         }
@@ -143,7 +181,9 @@ pub enum Value {
         colorspace: u32,
         png: Vec<u8>,
     },
-    /// A histogram, audio, a tensor...: not something we write.
+    /// A string tensor (the Text tab's), its first string.
+    Text(String),
+    /// A histogram, audio, another tensor...: not something we write.
     Other,
 }
 
@@ -202,10 +242,32 @@ fn decode_value(bytes: &[u8]) -> Result<SummaryValue, String> {
             }
             (2, Wire::Fixed32(bits)) => value = Value::Scalar(f32::from_bits(bits)),
             (4, Wire::Bytes(image)) => value = decode_image(image)?,
+            (8, Wire::Bytes(tensor)) => value = decode_text(tensor)?,
             _ => {}
         }
     }
     Ok(SummaryValue { tag, value })
+}
+
+/// A `DT_STRING` tensor's first string; other tensors are [`Value::Other`].
+fn decode_text(bytes: &[u8]) -> Result<Value, String> {
+    let (mut dtype, mut first) = (0, None);
+    for field in Fields::new(bytes) {
+        match field? {
+            (1, Wire::Varint(v)) => dtype = v,
+            (8, Wire::Bytes(b)) if first.is_none() => {
+                first = Some(
+                    String::from_utf8(b.to_vec())
+                        .map_err(|_| "a text summary is not UTF-8".to_string())?,
+                );
+            }
+            _ => {}
+        }
+    }
+    Ok(match (dtype, first) {
+        (DT_STRING, Some(text)) => Value::Text(text),
+        _ => Value::Other,
+    })
 }
 
 fn decode_image(bytes: &[u8]) -> Result<Value, String> {
@@ -383,6 +445,29 @@ mod tests {
                 .kind,
             EventKind::SessionStart
         );
+    }
+
+    #[test]
+    fn a_text_summary_has_the_bytes_torch_writes() {
+        // torch.utils.tensorboard.summary.text("samples/0", "hello").SerializeToString()
+        // (torch 2.15.0, tensorboard 2.20): torch names the tag `<tag>/text_summary`.
+        let torch =
+            "0a330a1673616d706c65732f302f746578745f73756d6d617279420f0807120412020801420568\
+                     656c6c6f4a080a060a0474657874";
+        let bytes = encode_event(
+            0.0,
+            3,
+            &EventBody::Text {
+                tag: "samples/0/text_summary",
+                text: "hello",
+            },
+        );
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(hex.ends_with(torch), "{hex}");
+        let EventKind::Summary(values) = decode_event(&bytes).unwrap().kind else {
+            panic!("not a summary");
+        };
+        assert_eq!(values[0].value, Value::Text("hello".into()));
     }
 
     #[test]

@@ -7,6 +7,9 @@ pub const LOSS_AVERAGE: &str = "loss/average";
 /// Mean loss of an epoch, logged once per epoch. kohya logs it with the epoch number (1, 2, …)
 /// as the step, not the global step: `writer.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch)`.
 pub const LOSS_EPOCH_AVERAGE: &str = "loss/epoch_average";
+/// A language model's loss on its validation records (`eval_data`, `val_split`), at the
+/// global step.
+pub const LOSS_VALIDATION: &str = "loss/validation";
 /// Learning rate of the UNet adapters.
 pub const LR_UNET: &str = "lr/unet";
 /// Learning rate of the text-encoder adapters (only when they are trained).

@@ -108,6 +108,12 @@ impl EventWriter {
         self.flush_if_due()
     }
 
+    /// Logs markdown text (TensorBoard's Text tab), as `SummaryWriter.add_text` does.
+    pub fn add_text(&mut self, tag: &str, text: &str, step: u64) -> Result<()> {
+        self.push(step, &EventBody::Text { tag, text });
+        self.flush_if_due()
+    }
+
     /// Logs a PNG image (TensorBoard's Images tab). `width` and `height` must be the PNG's own;
     /// anything else, or bytes that are not a PNG, is an error and nothing is logged.
     pub fn add_image_png(

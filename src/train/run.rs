@@ -28,7 +28,7 @@ use super::trainer::{StepReport, Trainer};
 use crate::config::{LogWith, TrainPlan};
 use crate::dataset::{Batch, Dataset};
 use crate::generate::preview::SamplePrompt;
-use crate::log::tags::{LOSS_EPOCH_AVERAGE, LR_TEXT_ENCODER, LR_UNET};
+use crate::log::tags::{LOSS_EPOCH_AVERAGE, LOSS_VALIDATION, LR_TEXT_ENCODER, LR_UNET};
 use crate::log::{
     DisplayMode, EventWriter, LossTracker, RunClock, RunOutcome, StepScalars, StepStatus,
     TrainProgress, TrainSummary,
@@ -410,6 +410,18 @@ impl<B> Loop<'_, B> {
                 if let Some(avg) = self.tracker.epoch_average() {
                     self.log(|w| w.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch as u64 + 1));
                 }
+            }
+            match task.validation(step, epoch_done, step == steps.total_steps) {
+                None => {}
+                Some(Ok(loss)) => {
+                    self.log(|w| w.add_scalar(LOSS_VALIDATION, loss, step as u64));
+                    self.progress
+                        .println(&format!("validation loss after step {step}: {loss:.4}"));
+                }
+                Some(Err(e)) => self.progress.println(&format!(
+                    "warning: the validation loss after step {step} failed: {}",
+                    e.report()
+                )),
             }
             if self.parts.save_points.is_save_point(step) {
                 self.save_step_checkpoint(task, step)?;

@@ -50,4 +50,11 @@ pub trait TrainTask {
         step: usize,
         events: Option<&mut EventWriter>,
     ) -> Option<Result<(Vec<PathBuf>, String)>>;
+
+    /// The validation loss after `step` (1-based), when the task measures one then:
+    /// `epoch_end` says the step ends an epoch, `last` that it is the run's last. `None`: not
+    /// due, or no validation data.
+    fn validation(&mut self, _step: usize, _epoch_end: bool, _last: bool) -> Option<Result<f32>> {
+        None
+    }
 }

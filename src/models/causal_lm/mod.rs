@@ -314,6 +314,27 @@ impl CausalLm {
 
     /// Token ids `[B, T]` (u32) → logits `[B, T, vocab]` in f32; position `t` sees tokens `0..=t`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = self.hidden_states(ids)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// [`causal_lm_loss`] of [`CausalLm::forward`]'s logits, computed with `lm_head` applied to
+    /// the labelled positions only: the same value, without the `[B, T, vocab]` logits (151,936
+    /// columns for Qwen2.5) of the prompt and padding positions. `None` when nothing is labelled.
+    pub fn loss(&self, ids: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Tensor>> {
+        let x = self.hidden_states(ids)?;
+        let (b, t, hidden) = x.dims3()?;
+        let vocab = self.config.vocab_size;
+        let Some((rows, targets)) = labelled_rows(labels, b, t, vocab, x.device())? else {
+            return Ok(None);
+        };
+        let picked = x.reshape((b * t, hidden))?.index_select(&rows, 0)?;
+        let logits = self.lm_head.forward(&picked)?;
+        Ok(Some(cross_entropy(&logits, &targets)?))
+    }
+
+    /// The final norm's output `[B, T, hidden]` for token ids `[B, T]`.
+    fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let device = ids.device();
         let hidden = self.config.hidden_size;
@@ -326,8 +347,7 @@ impl CausalLm {
         for layer in &self.layers {
             x = layer.forward(&x, &cos, &sin, &mask)?;
         }
-        let x = self.norm.forward(&x)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        self.norm.forward(&x)
     }
 }
 
@@ -336,14 +356,31 @@ impl CausalLm {
 /// the whole batch. `logits: [B, T, V]`, `labels: [B][T]`. `None` when no token is labelled.
 pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Tensor>> {
     let (b, t, v) = logits.dims3()?;
+    let Some((rows, targets)) = labelled_rows(labels, b, t, v, logits.device())? else {
+        return Ok(None);
+    };
+    let picked = logits.reshape((b * t, v))?.index_select(&rows, 0)?;
+    Ok(Some(cross_entropy(&picked, &targets)?))
+}
+
+/// The flat rows `i·T + t − 1` whose logits predict a labelled token `labels[i][t]` (t ≥ 1), and
+/// those tokens `[N, 1]`; `None` when no token is labelled. A label outside the vocabulary of
+/// `vocab` tokens is an error.
+fn labelled_rows(
+    labels: &[Vec<i64>],
+    b: usize,
+    t: usize,
+    vocab: usize,
+    device: &Device,
+) -> Result<Option<(Tensor, Tensor)>> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, row) in labels.iter().enumerate().take(b) {
         for (j, &label) in row.iter().enumerate().take(t).skip(1) {
             if label >= 0 {
-                if label as usize >= v {
+                if label as usize >= vocab {
                     return Err(candle_core::Error::Msg(format!(
-                        "label {label} is outside the vocabulary of {v} tokens"
+                        "label {label} is outside the vocabulary of {vocab} tokens"
                     ))
                     .into());
                 }
@@ -356,17 +393,20 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Ten
         return Ok(None);
     }
     let n = rows.len();
-    let device = logits.device();
-    let rows = Tensor::from_vec(rows, n, device)?;
-    let targets = Tensor::from_vec(targets, (n, 1), device)?;
-    let picked = logits
-        .to_dtype(DType::F32)?
-        .reshape((b * t, v))?
-        .index_select(&rows, 0)?;
-    let max = picked.max_keepdim(1)?.detach();
-    let shifted = picked.broadcast_sub(&max)?;
+    Ok(Some((
+        Tensor::from_vec(rows, n, device)?,
+        Tensor::from_vec(targets, (n, 1), device)?,
+    )))
+}
+
+/// The mean over rows of `−log softmax(logits)[target]`: `logits: [N, V]` (any float dtype,
+/// computed in f32), `targets: [N, 1]` u32. As `log Σ exp(z − max) − (z_target − max)`, so no
+/// `[N, V]` log-probabilities are kept for backward.
+fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let z = logits.to_dtype(DType::F32)?;
+    let max = z.max_keepdim(1)?.detach();
+    let shifted = z.broadcast_sub(&max)?;
     let log_sum = shifted.exp()?.sum_keepdim(1)?.log()?;
-    let log_probs = shifted.broadcast_sub(&log_sum)?;
-    let nll = log_probs.gather(&targets, 1)?.neg()?;
-    Ok(Some(nll.mean_all()?))
+    let target = shifted.gather(targets, 1)?;
+    Ok((log_sum - target)?.mean_all()?)
 }
