@@ -15,7 +15,7 @@ use crate::config::{
 };
 use crate::llm::network::LmNetwork;
 use crate::models::causal_lm::{CausalLm, CausalLmConfig};
-use crate::nn::{Scope, WeightStore};
+use crate::nn::{profile, Scope, WeightStore};
 use crate::train::device::Compute;
 use crate::train::optim::{AdamW, AdamWSettings, ParamGroup, ParamOptimizer};
 use crate::Result;
@@ -47,6 +47,8 @@ pub struct LlmBenchOptions {
     pub seed: u64,
     pub device: DeviceChoice,
     pub mixed_precision: MixedPrecision,
+    /// Time each kind of op during the timed steps ([`crate::nn::profile`]).
+    pub breakdown: bool,
 }
 
 /// Both sides' numbers.
@@ -144,14 +146,27 @@ fn run_ours(options: &LlmBenchOptions) -> Result<Measurement> {
     let mut step_seconds = Vec::with_capacity(options.steps);
     let mut last_loss = f32::NAN;
     for step in 0..options.warmup + options.steps {
+        if step == options.warmup && options.breakdown {
+            profile::take();
+            profile::enable(true);
+        }
         let start = Instant::now();
         network.set_step(step as u64, 0);
-        let loss = model
-            .loss(&ids, &labels)?
-            .ok_or_else(|| candle_core::Error::Msg("bench: no labelled token".into()))?;
-        let grads = loss.backward()?;
-        optimizer.step(&grads, &[1e-4])?;
-        drop(grads);
+        let loss = {
+            let _t = profile::scope("step: forward and loss");
+            model
+                .loss(&ids, &labels)?
+                .ok_or_else(|| candle_core::Error::Msg("bench: no labelled token".into()))?
+        };
+        let grads = {
+            let _t = profile::scope("step: backward");
+            loss.backward()?
+        };
+        {
+            let _t = profile::scope("step: optimizer");
+            optimizer.step(&grads, &[1e-4])?;
+            drop(grads);
+        }
         last_loss = loss.to_scalar::<f32>()?;
         let elapsed = start.elapsed().as_secs_f64();
         eprintln!("step {step}: {elapsed:.3} s, loss {last_loss:.4}");
@@ -167,7 +182,12 @@ fn run_ours(options: &LlmBenchOptions) -> Result<Measurement> {
         lora_parameters,
         last_loss,
         versions: None,
-        breakdown: Vec::new(),
+        breakdown: if options.breakdown {
+            profile::enable(false);
+            profile::take()
+        } else {
+            Vec::new()
+        },
     })
 }
 
@@ -211,6 +231,7 @@ impl LlmBenchReport {
                 m.last_loss
             ));
         }
+        out.push_str(&super::breakdown_table(&self.ours));
         if let Some(r) = &self.reference {
             if let Some(v) = &r.versions {
                 out.push_str(&format!("({}: {v})\n", r.name));

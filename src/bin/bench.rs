@@ -162,6 +162,7 @@ fn bench_llm(args: &Args) -> ExitCode {
             seed: 0,
             device: args.device,
             mixed_precision: args.mixed_precision,
+            breakdown: args.breakdown,
         };
         Ok(bench::llm::run_llm(&options, args.reference.as_ref())?.table())
     };

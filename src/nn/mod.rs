@@ -18,6 +18,7 @@ pub mod activation;
 pub mod adapter;
 pub mod chunked_attention;
 pub mod conv;
+pub mod cross_entropy;
 pub mod custom_backward;
 pub mod dense;
 pub mod fast_math;

@@ -18,6 +18,7 @@ use candle_core::{DType, Device, Tensor, D};
 pub use config::{CausalLmConfig, LmArchitecture, RopeScaling, SUPPORTED};
 pub use folder::LmFolder;
 
+use crate::nn::cross_entropy::cross_entropy;
 use crate::nn::{activation, Linear, Scope};
 use crate::Result;
 
@@ -38,6 +39,7 @@ impl RmsNorm {
 
     /// `x: [..., dim]` → the same shape and dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _t = crate::nn::profile::scope("rms norm");
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -178,6 +180,7 @@ impl Attention {
         let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
         let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
         let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
+        let _t = crate::nn::profile::scope("rotary and attention");
         let q = apply_rotary(&q, cos, sin)?;
         let k = apply_rotary(&k, cos, sin)?;
         // Each key/value head serves `heads / kv_heads` query heads.
@@ -196,6 +199,7 @@ impl Attention {
         let probs = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?;
         let out = out.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
+        drop(_t);
         self.o_proj.forward(&out)
     }
 }
@@ -220,8 +224,12 @@ impl Mlp {
 
     /// `x: [B, T, hidden]` → `[B, T, hidden]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = activation::silu(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
+        let product = {
+            let _t = crate::nn::profile::scope("silu × up");
+            (activation::silu(&gate)? * up)?
+        };
+        self.down_proj.forward(&product)
     }
 }
 
@@ -330,6 +338,7 @@ impl CausalLm {
         };
         let picked = x.reshape((b * t, hidden))?.index_select(&rows, 0)?;
         let logits = self.lm_head.forward(&picked)?;
+        let _t = crate::nn::profile::scope("cross entropy");
         Ok(Some(cross_entropy(&logits, &targets)?))
     }
 
@@ -364,7 +373,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[Vec<i64>]) -> Result<Option<Ten
 }
 
 /// The flat rows `i·T + t − 1` whose logits predict a labelled token `labels[i][t]` (t ≥ 1), and
-/// those tokens `[N, 1]`; `None` when no token is labelled. A label outside the vocabulary of
+/// those tokens; `None` when no token is labelled. A label outside the vocabulary of
 /// `vocab` tokens is an error.
 fn labelled_rows(
     labels: &[Vec<i64>],
@@ -372,7 +381,7 @@ fn labelled_rows(
     t: usize,
     vocab: usize,
     device: &Device,
-) -> Result<Option<(Tensor, Tensor)>> {
+) -> Result<Option<(Tensor, Vec<u32>)>> {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     for (i, row) in labels.iter().enumerate().take(b) {
@@ -393,20 +402,5 @@ fn labelled_rows(
         return Ok(None);
     }
     let n = rows.len();
-    Ok(Some((
-        Tensor::from_vec(rows, n, device)?,
-        Tensor::from_vec(targets, (n, 1), device)?,
-    )))
-}
-
-/// The mean over rows of `−log softmax(logits)[target]`: `logits: [N, V]` (any float dtype,
-/// computed in f32), `targets: [N, 1]` u32. As `log Σ exp(z − max) − (z_target − max)`, so no
-/// `[N, V]` log-probabilities are kept for backward.
-fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let z = logits.to_dtype(DType::F32)?;
-    let max = z.max_keepdim(1)?.detach();
-    let shifted = z.broadcast_sub(&max)?;
-    let log_sum = shifted.exp()?.sum_keepdim(1)?.log()?;
-    let target = shifted.gather(targets, 1)?;
-    Ok((log_sum - target)?.mean_all()?)
+    Ok(Some((Tensor::from_vec(rows, n, device)?, targets)))
 }
