@@ -127,30 +127,35 @@ impl AdapterProvider for PeftLoras {
     }
 }
 
+/// The reference's PEFT LoRA (r=4, alpha=8) of fixture `name`, by module path.
+fn peft_loras(name: &str) -> PeftLoras {
+    let reference = reference(name);
+    let mut loras = HashMap::new();
+    for key in reference.keys() {
+        let Some(path) = key
+            .strip_prefix("base_model.model.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        else {
+            continue;
+        };
+        let b_key = format!("base_model.model.{path}.lora_B.weight");
+        loras.insert(
+            path.to_string(),
+            Arc::new(GivenLora {
+                down: Var::from_tensor(&reference[key]).unwrap(),
+                up: Var::from_tensor(&reference[&b_key]).unwrap(),
+                scale: 8.0 / 4.0,
+            }),
+        );
+    }
+    PeftLoras(loras)
+}
+
 #[test]
 fn lora_gradients_match_peft_for_every_architecture() {
     for name in MODELS {
-        let reference = reference(name);
-        let mut loras = HashMap::new();
-        for key in reference.keys() {
-            let Some(path) = key
-                .strip_prefix("base_model.model.")
-                .and_then(|k| k.strip_suffix(".lora_A.weight"))
-            else {
-                continue;
-            };
-            let b_key = format!("base_model.model.{path}.lora_B.weight");
-            loras.insert(
-                path.to_string(),
-                Arc::new(GivenLora {
-                    down: Var::from_tensor(&reference[key]).unwrap(),
-                    up: Var::from_tensor(&reference[&b_key]).unwrap(),
-                    scale: 8.0 / 4.0,
-                }),
-            );
-        }
-        assert_eq!(loras.len(), 4, "{name}: q and v of two layers");
-        let provider = PeftLoras(loras);
+        let provider = peft_loras(name);
+        assert_eq!(provider.0.len(), 4, "{name}: q and v of two layers");
         let f = fixture(name, Some(&provider));
         // The training path: lm_head on the labelled positions only.
         let loss = f.model.loss(&f.ids, &f.labels).unwrap().unwrap();
@@ -167,6 +172,33 @@ fn lora_gradients_match_peft_for_every_architecture() {
                 let diff = relative_difference(got, &f.reference[&key]);
                 assert!(diff < 1e-4, "{name}: {key} differs by {diff:e}");
             }
+        }
+    }
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_lora_gradients() {
+    for name in MODELS {
+        let provider = peft_loras(name);
+        let mut f = fixture(name, Some(&provider));
+        let run = |model: &CausalLm| {
+            let loss = model.loss(&f.ids, &f.labels).unwrap().unwrap();
+            let grads = loss.backward().unwrap();
+            let mut out = Vec::new();
+            for lora in provider.0.values() {
+                for var in [&lora.down, &lora.up] {
+                    out.push(grads.get(var.as_tensor()).unwrap().clone());
+                }
+            }
+            (scalar(&loss), out)
+        };
+        let (plain_loss, plain) = run(&f.model);
+        f.model.set_gradient_checkpointing(true);
+        let (loss, recomputed) = run(&f.model);
+        assert_eq!(loss, plain_loss, "{name}");
+        for (a, b) in plain.iter().zip(&recomputed) {
+            let diff = relative_difference(a, b);
+            assert!(diff < 1e-6, "{name}: {diff:e}");
         }
     }
 }

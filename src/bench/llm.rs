@@ -49,6 +49,8 @@ pub struct LlmBenchOptions {
     pub mixed_precision: MixedPrecision,
     /// Time each kind of op during the timed steps ([`crate::nn::profile`]).
     pub breakdown: bool,
+    /// Recompute each decoder layer in backward (both sides).
+    pub gradient_checkpointing: bool,
 }
 
 /// Both sides' numbers.
@@ -86,6 +88,11 @@ pub fn run_llm(options: &LlmBenchOptions, python: Option<&PathBuf>) -> Result<Ll
             ]
             .into_iter()
             .flat_map(|(k, v)| [k.to_string(), v])
+            .chain(
+                options
+                    .gradient_checkpointing
+                    .then(|| "--gradient-checkpointing".to_string()),
+            )
             .collect();
             Some(run_script(python, LLM_SCRIPT, &args, "transformers+peft")?)
         }
@@ -124,7 +131,8 @@ fn run_ours(options: &LlmBenchOptions) -> Result<Measurement> {
         save_format: SaveFormat::Kohya,
     };
     let network = LmNetwork::new(&settings, None, options.seed, &device);
-    let model = CausalLm::new(Scope::root(&store).with_adapters(&network), &config)?;
+    let mut model = CausalLm::new(Scope::root(&store).with_adapters(&network), &config)?;
+    model.set_gradient_checkpointing(options.gradient_checkpointing);
     network.check_built()?;
     network.set_training(true);
     let mut rng = crate::rng::stream(options.seed, 0, 0, 0, crate::rng::Purpose::Noise);
@@ -197,7 +205,7 @@ impl LlmBenchReport {
         let o = &self.options;
         let mut out = format!(
             "preset llm ({}), batch {} × {} tokens (all learned), LoRA r={} alpha={} on \
-             q_proj/v_proj, {} timed steps after {} warm-up, device {}, mixed precision {}\n\n",
+             q_proj/v_proj, {} timed steps after {} warm-up{}, device {}, mixed precision {}\n\n",
             o.config_origin,
             o.batch,
             o.seq,
@@ -205,6 +213,11 @@ impl LlmBenchReport {
             2 * o.rank,
             o.steps,
             o.warmup,
+            if o.gradient_checkpointing {
+                ", gradient checkpointing"
+            } else {
+                ""
+            },
             o.device,
             o.mixed_precision
         );

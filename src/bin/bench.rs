@@ -163,6 +163,7 @@ fn bench_llm(args: &Args) -> ExitCode {
             device: args.device,
             mixed_precision: args.mixed_precision,
             breakdown: args.breakdown,
+            gradient_checkpointing: args.gradient_checkpointing,
         };
         Ok(bench::llm::run_llm(&options, args.reference.as_ref())?.table())
     };

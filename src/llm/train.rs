@@ -308,10 +308,11 @@ pub fn train(preflight: LmPreflight, options: &RunOptions) -> Result<RunReport> 
         seed,
         &compute.device,
     );
-    let model = CausalLm::new(
+    let mut model = CausalLm::new(
         Scope::root(&model_folder.weights).with_adapters(&network),
         &config,
     )?;
+    model.set_gradient_checkpointing(plan.training.gradient_checkpointing);
     network.check_built()?;
     let t = &plan.training;
     let group = ParamGroup::new("lora", t.weight_decay, network.named_vars());

@@ -13,12 +13,15 @@
 pub mod config;
 pub mod folder;
 
-use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, Var, D};
 
 pub use config::{CausalLmConfig, LmArchitecture, RopeScaling, SUPPORTED};
 pub use folder::LmFolder;
 
 use crate::nn::cross_entropy::cross_entropy;
+use crate::nn::recompute::recompute;
 use crate::nn::{activation, Linear, Scope};
 use crate::Result;
 
@@ -243,6 +246,24 @@ pub struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// The LoRA matrices of the layer's projections.
+    fn trainable_vars(&self) -> Vec<Var> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+        .iter()
+        .flat_map(|l| l.trainable_vars())
+        .collect()
+    }
+
     fn new(scope: Scope, c: &CausalLmConfig) -> Result<Self> {
         Ok(DecoderLayer {
             input_layernorm: RmsNorm::new(
@@ -282,6 +303,8 @@ pub struct CausalLm {
     lm_head: Linear,
     rotary: Rotary,
     config: CausalLmConfig,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    gradient_checkpointing: bool,
 }
 
 impl CausalLm {
@@ -313,7 +336,14 @@ impl CausalLm {
             lm_head,
             rotary: Rotary::new(config),
             config: config.clone(),
+            gradient_checkpointing: false,
         })
+    }
+
+    /// `gradient_checkpointing`: each decoder layer keeps only its input for backward and runs
+    /// again there (about a third more compute, a fraction of the activation memory).
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
     }
 
     pub fn config(&self) -> &CausalLmConfig {
@@ -353,8 +383,22 @@ impl CausalLm {
             .reshape((b, t, hidden))?;
         let (cos, sin) = self.rotary.cos_sin(t, x.dtype(), device)?;
         let mask = causal_mask(t, device)?;
+        // The recomputed segment takes one side input: cos and sin side by side.
+        let rotary = Tensor::cat(&[&cos, &sin], 1)?;
+        let half = cos.dim(1)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
+            x = if self.gradient_checkpointing {
+                let params = layer.trainable_vars();
+                let (layer, mask) = (layer.clone(), mask.clone());
+                let segment = move |x: &Tensor, rotary: &Tensor| -> Result<Tensor> {
+                    let cos = rotary.narrow(1, 0, half)?;
+                    let sin = rotary.narrow(1, half, half)?;
+                    layer.forward(x, &cos, &sin, &mask)
+                };
+                recompute(&x, &rotary, &params, Arc::new(segment))?
+            } else {
+                layer.forward(&x, &cos, &sin, &mask)?
+            };
         }
         self.norm.forward(&x)
     }
