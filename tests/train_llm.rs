@@ -124,6 +124,23 @@ fn the_dry_run_reports_the_records_their_lengths_and_the_adapters() {
         t.contains("left out (no answer token within max_seq_length): line(s) 13"),
         "{t}"
     );
+    // Packing: the twelve short samples (~100 tokens) two to a sequence of 256, the two long
+    // ones (217) alone.
+    let out = train(
+        &config,
+        &[
+            "--dry-run",
+            "--set",
+            "packing=true",
+            "--set",
+            "max_seq_length=256",
+        ],
+    );
+    let t = text(&out);
+    assert!(
+        t.contains("14 records (alpaca), packed into 8 sequences of at most 256 tokens"),
+        "{t}"
+    );
     assert!(!dir.path().join("out").exists(), "a dry run writes nothing");
 }
 

@@ -72,6 +72,7 @@ const LLM_ONLY: &[(&str, &[&str])] = &[
     ("data_format", &[]),
     ("max_seq_length", &["cutoff_len"]),
     ("train_on_prompt", &[]),
+    ("packing", &[]),
     ("eval_data", &[]),
     ("val_split", &["val_size"]),
     ("eval_steps", &[]),
@@ -179,6 +180,7 @@ fn llm_data(f: &mut Fields, cwd: &Path) -> Option<LlmData> {
         )
         .unwrap_or(1024);
     let train_on_prompt = f.get("train_on_prompt", &[], flag).unwrap_or(false);
+    let packing = f.get("packing", &[], flag).unwrap_or(false);
     let eval_data = f.get("eval_data", &[], text).map(|p| resolve(cwd, &p));
     let split = number("between 0 and 0.5 (a share of the records)", |x| {
         x > 0.0 && x <= 0.5
@@ -197,6 +199,7 @@ fn llm_data(f: &mut Fields, cwd: &Path) -> Option<LlmData> {
         data_format,
         max_seq_length,
         train_on_prompt,
+        packing,
         eval_data,
         val_split,
         eval_steps,

@@ -62,6 +62,9 @@ pub struct LlmData {
     pub max_seq_length: usize,
     /// Learn the prompt's tokens too, not only the answers.
     pub train_on_prompt: bool,
+    /// Put several samples one after another into each sequence of up to `max_seq_length`
+    /// tokens (fewer, fuller batches; no sample is split, none learns from another's tokens).
+    pub packing: bool,
     /// Validation records in a file of their own (same formats as `train_data`).
     pub eval_data: Option<PathBuf>,
     /// Or this share of `train_data`'s records, chosen by the seed, held out for validation.

@@ -154,6 +154,7 @@ impl TrainPlan {
                 ("data_format", Some(quoted(llm.data_format.as_str()))),
                 ("max_seq_length", Some(llm.max_seq_length.to_string())),
                 ("train_on_prompt", Some(llm.train_on_prompt.to_string())),
+                ("packing", Some(llm.packing.to_string())),
                 ("eval_data", llm.eval_data.as_deref().map(path)),
                 ("val_split", llm.val_split.map(float)),
                 ("eval_steps", llm.eval_steps.map(|n| n.to_string())),

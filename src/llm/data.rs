@@ -135,6 +135,38 @@ impl LmData {
         Ok(data)
     }
 
+    /// Packs the samples, in order, into sequences of at most `max_len` tokens: each sample
+    /// goes after the previous one when it fits, else starts the next sequence (none is split).
+    /// A sample's first token is not learned from the one before it (another sample's), and
+    /// attention across the samples of a sequence is causal as usual (TRL's and LLaMA-Factory's
+    /// plain packing). Returns how many sequences there are; `lines` then names each sequence
+    /// by its first sample's line.
+    pub fn pack(&mut self, max_len: usize) -> usize {
+        let mut packed: Vec<Tokenized> = Vec::new();
+        let mut lines = Vec::new();
+        for (sample, line) in self.samples.drain(..).zip(self.lines.drain(..)) {
+            let fits = packed
+                .last()
+                .is_some_and(|p| p.ids.len() + sample.ids.len() <= max_len);
+            if fits {
+                if let Some(p) = packed.last_mut() {
+                    p.ids.extend_from_slice(&sample.ids);
+                    let mut labels = sample.labels;
+                    if let Some(first) = labels.first_mut() {
+                        *first = super::labels::IGNORED;
+                    }
+                    p.labels.extend(labels);
+                }
+            } else {
+                packed.push(sample);
+                lines.push(line);
+            }
+        }
+        self.samples = packed;
+        self.lines = lines;
+        self.samples.len()
+    }
+
     /// Holds out `share` of the samples (at least one, at most all but one), chosen by `seed`:
     /// returns them; the rest stay. The same seed and share pick the same samples.
     pub fn split_off(&mut self, share: f64, seed: u64) -> LmData {
@@ -213,4 +245,60 @@ pub struct LengthSummary {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(n: usize, first: u32) -> Tokenized {
+        let ids: Vec<u32> = (first..first + n as u32).collect();
+        Tokenized {
+            labels: ids.iter().map(|&i| i64::from(i)).collect(),
+            ids,
+        }
+    }
+
+    fn data(samples: Vec<Tokenized>) -> LmData {
+        LmData {
+            lines: (1..=samples.len()).collect(),
+            lengths: samples.iter().map(|s| s.ids.len()).collect(),
+            samples,
+            format: DataFormat::Text,
+            truncated: 0,
+            unlearned: Vec::new(),
+            model_template: false,
+            fingerprint: String::new(),
+        }
+    }
+
+    #[test]
+    fn packing_fills_sequences_in_order_without_splitting_or_crossing_labels() {
+        let mut d = data(vec![
+            sample(3, 10),
+            sample(3, 20),
+            sample(5, 30),
+            sample(1, 40),
+        ]);
+        assert_eq!(d.pack(6), 2);
+        assert_eq!(d.samples[0].ids, [10, 11, 12, 20, 21, 22]);
+        // The second sample's first token is not predicted from the first sample's last.
+        assert_eq!(d.samples[0].labels, [10, 11, 12, -100, 21, 22]);
+        assert_eq!(d.samples[1].ids, [30, 31, 32, 33, 34, 40]);
+        assert_eq!(d.lines, [1, 3]);
+    }
+
+    #[test]
+    fn a_split_holds_out_the_same_records_for_the_same_seed() {
+        let all: Vec<Tokenized> = (0..10).map(|i| sample(2, i * 10)).collect();
+        let (mut a, mut b) = (data(all.clone()), data(all));
+        let (va, vb) = (a.split_off(0.2, 7), b.split_off(0.2, 7));
+        assert_eq!(va.lines, vb.lines);
+        assert_eq!((va.samples.len(), a.samples.len()), (2, 8));
+        let mut every: Vec<usize> = a.lines.iter().chain(&va.lines).copied().collect();
+        every.sort();
+        assert_eq!(every, (1..=10).collect::<Vec<_>>());
+        let mut c = data((0..10).map(|i| sample(2, i * 10)).collect());
+        assert_ne!(c.split_off(0.2, 8).lines, va.lines);
+    }
 }

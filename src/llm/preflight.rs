@@ -148,6 +148,9 @@ pub fn prepare_data(
         }
         (None, None) => None,
     };
+    if spec.packing {
+        data.pack(spec.max_seq_length);
+    }
     Ok((data, validation))
 }
 
@@ -247,12 +250,22 @@ impl fmt::Display for LmPreflight {
         let (tokens, learned) = d.token_counts();
         let mut data_lines = vec![
             spec.train_data.display().to_string(),
-            format!(
-                "{} records ({}), {} trained on",
-                lengths.records,
-                d.format,
-                d.samples.len()
-            ),
+            if spec.packing {
+                format!(
+                    "{} records ({}), packed into {} sequences of at most {} tokens",
+                    lengths.records,
+                    d.format,
+                    d.samples.len(),
+                    spec.max_seq_length
+                )
+            } else {
+                format!(
+                    "{} records ({}), {} trained on",
+                    lengths.records,
+                    d.format,
+                    d.samples.len()
+                )
+            },
             format!(
                 "tokens per record: min {}, median {}, 95% {}, max {} (mean {:.0})",
                 lengths.min, lengths.median, lengths.p95, lengths.max, lengths.mean
