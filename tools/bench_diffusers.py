@@ -16,10 +16,10 @@ Prints a human line per step on stderr and one JSON line on stdout (read by the 
 import argparse
 import json
 import os
-import resource
-import statistics
 import sys
-import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import report, timed_steps  # noqa: E402
 
 SD15 = {
     "act_fn": "silu", "attention_head_dim": 8, "block_out_channels": [320, 640, 1280, 1280],
@@ -57,19 +57,6 @@ def unet_config(preset):
     with open(os.path.join(here, "..", "models", "demo-sd", "unet", "config.json")) as f:
         config = json.load(f)
     return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
-def peak_rss():
-    """This process's peak resident memory in bytes: `VmHWM`, which starts afresh at exec (the
-    `ru_maxrss` of a child inherits its parent's peak: the bench's own, when it starts us)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main():
@@ -130,10 +117,7 @@ def main():
         added = {"text_embeds": torch.randn(a.batch, width).to(device, dtype),
                  "time_ids": ids.to(device, dtype)}
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    times = []
-    loss = torch.tensor(float("nan"))
-    for step in range(a.warmup + a.steps):
-        start = time.perf_counter()
+    def step():
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (a.batch,), device=device)
         noisy = scheduler.add_noise(latents, noise, t)
@@ -142,28 +126,17 @@ def main():
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        print(f"step {step}: {elapsed:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
-        if step >= a.warmup:
-            times.append(elapsed)
+        return loss
 
-    rss = peak_rss()
-    print(json.dumps({
-        "step_seconds": times,
-        "min_seconds": min(times),
-        "median_seconds": statistics.median(times),
-        "peak_rss_bytes": rss,
-        "peak_device_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-        "lora_parameters": n_params,
-        "last_loss": float(loss.item()),
-        "versions": f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-                    f"peft {peft.__version__}, {a.threads} threads"
-                    + (f", {torch.cuda.get_device_name(device)}, attention "
-                       f"{type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}"
-                       if cuda else ""),
-    }))
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else None
+    times, loss = timed_steps(step, a.warmup, a.steps, sync)
+    report(times, loss, n_params,
+           f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
+           f"peft {peft.__version__}, {a.threads} threads"
+           + (f", {torch.cuda.get_device_name(device)}, attention "
+              f"{type(unet.attn_processors[next(iter(unet.attn_processors))]).__name__}"
+              if cuda else ""),
+           torch.cuda.max_memory_reserved(device) if cuda else None)
 
 
 if __name__ == "__main__":

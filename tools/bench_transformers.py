@@ -13,23 +13,11 @@ Prints a human line per step on stderr and one JSON line on stdout (read by the 
 
 import argparse
 import json
-import resource
-import statistics
+import os
 import sys
-import time
 
-
-def peak_rss():
-    """This process's peak resident memory in bytes: `VmHWM`, which starts afresh at exec (the
-    `ru_maxrss` of a child inherits its parent's peak: the bench's own, when it starts us)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import report, timed_steps  # noqa: E402
 
 
 def main():
@@ -76,35 +64,21 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(a.seed)
     ids = torch.randint(0, config.vocab_size, (a.batch, a.seq), generator=gen).to(device)
-    times = []
-    loss = torch.tensor(float("nan"))
-    for step in range(a.warmup + a.steps):
-        start = time.perf_counter()
+    def step():
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - start
-        print(f"step {step}: {elapsed:.3f} s, loss {loss.item():.4f}", file=sys.stderr)
-        if step >= a.warmup:
-            times.append(elapsed)
+        return loss
 
-    rss = peak_rss()
-    print(json.dumps({
-        "step_seconds": times,
-        "min_seconds": min(times),
-        "median_seconds": statistics.median(times),
-        "peak_rss_bytes": rss,
-        "peak_device_bytes": torch.cuda.max_memory_reserved(device) if cuda else None,
-        "lora_parameters": n_params,
-        "last_loss": float(loss.item()),
-        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                    f"peft {peft.__version__}, {a.threads} threads, attention "
-                    f"{model.config._attn_implementation}"
-                    + (f", {torch.cuda.get_device_name(device)}" if cuda else ""),
-    }))
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else None
+    times, loss = timed_steps(step, a.warmup, a.steps, sync)
+    report(times, loss, n_params,
+           f"torch {torch.__version__}, transformers {transformers.__version__}, "
+           f"peft {peft.__version__}, {a.threads} threads, attention "
+           f"{model.config._attn_implementation}"
+           + (f", {torch.cuda.get_device_name(device)}" if cuda else ""),
+           torch.cuda.max_memory_reserved(device) if cuda else None)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 
-use super::reference::{reference_device, run_script, LLM_SCRIPT};
+use super::reference::{flags, reference_device, run_script, LLM_SCRIPT};
 use super::{peak_rss_bytes, Measurement};
 use crate::config::{
     DeviceChoice, LoraSettings, MixedPrecision, SaveFormat, SavePrecision, TargetModules,
@@ -72,7 +72,7 @@ pub fn run_llm(options: &LlmBenchOptions, python: Option<&PathBuf>) -> Result<Ll
     let ours = run_ours(options)?;
     let reference = match python {
         Some(python) => {
-            let args: Vec<String> = [
+            let mut args = flags(&[
                 ("--config", options.config_json.clone()),
                 ("--batch", options.batch.to_string()),
                 ("--seq", options.seq.to_string()),
@@ -85,15 +85,10 @@ pub fn run_llm(options: &LlmBenchOptions, python: Option<&PathBuf>) -> Result<Ll
                     "--mixed-precision",
                     options.mixed_precision.as_str().to_string(),
                 ),
-            ]
-            .into_iter()
-            .flat_map(|(k, v)| [k.to_string(), v])
-            .chain(
-                options
-                    .gradient_checkpointing
-                    .then(|| "--gradient-checkpointing".to_string()),
-            )
-            .collect();
+            ]);
+            if options.gradient_checkpointing {
+                args.push("--gradient-checkpointing".into());
+            }
             Some(run_script(python, LLM_SCRIPT, &args, "transformers+peft")?)
         }
         None => None,

@@ -55,7 +55,7 @@ fn script_path(script: &str) -> PathBuf {
 
 /// Runs `python tools/bench_diffusers.py` with `options` and reads its measurement.
 pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measurement> {
-    let mut args: Vec<String> = [
+    let mut args = flags(&[
         ("--preset", options.preset.name().to_string()),
         ("--resolution", options.resolution.to_string()),
         ("--batch", options.batch.to_string()),
@@ -69,14 +69,19 @@ pub fn run_reference(python: &PathBuf, options: &BenchOptions) -> Result<Measure
             "--mixed-precision",
             options.mixed_precision.as_str().to_string(),
         ),
-    ]
-    .into_iter()
-    .flat_map(|(k, v)| [k.to_string(), v])
-    .collect();
+    ]);
     if options.gradient_checkpointing {
         args.push("--gradient-checkpointing".into());
     }
     run_script(python, SCRIPT, &args, "diffusers+peft")
+}
+
+/// `--flag value` pairs as a script's arguments.
+pub(super) fn flags(pairs: &[(&str, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|(k, v)| [k.to_string(), v.clone()])
+        .collect()
 }
 
 /// Runs `python SCRIPT ARGS` (a reference script that prints one JSON line last) and reads its

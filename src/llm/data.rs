@@ -104,7 +104,7 @@ impl LmData {
                 data.truncated += 1;
             }
             // The first label is never predicted (nothing comes before it).
-            if cut.labels.iter().skip(1).all(|&l| l < 0) {
+            if cut.learned() == 0 {
                 data.unlearned.push(record.line);
                 continue;
             }
@@ -223,11 +223,7 @@ impl LmData {
     /// Tokens trained on and tokens learned (labelled), over all samples.
     pub fn token_counts(&self) -> (usize, usize) {
         let tokens = self.samples.iter().map(|s| s.ids.len()).sum();
-        let learned = self
-            .samples
-            .iter()
-            .map(|s| s.labels.iter().skip(1).filter(|&&l| l >= 0).count())
-            .sum();
+        let learned = self.samples.iter().map(Tokenized::learned).sum();
         (tokens, learned)
     }
 }

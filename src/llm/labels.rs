@@ -25,6 +25,13 @@ pub struct Tokenized {
     pub labels: Vec<i64>,
 }
 
+impl Tokenized {
+    /// The tokens the loss learns: labelled ones after the first (which nothing predicts).
+    pub fn learned(&self) -> usize {
+        self.labels.iter().skip(1).filter(|&&l| l >= 0).count()
+    }
+}
+
 /// The format of a model without a chat template (a base model): Alpaca's, with the
 /// end-of-text token after each answer.
 pub const PLAIN_TEMPLATE: &str = "{% for m in messages %}{% if m.role == 'system' %}\

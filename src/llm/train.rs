@@ -76,13 +76,7 @@ impl TrainTask for LmTask {
             return Err(TrainError::Usage(format!("step {step} has no batch")).into());
         }
         let learned_of = |batch: &Vec<usize>| -> usize {
-            batch
-                .iter()
-                .map(|&i| {
-                    let s = &self.data.samples[i];
-                    s.labels.iter().skip(1).filter(|&&l| l >= 0).count()
-                })
-                .sum()
+            batch.iter().map(|&i| self.data.samples[i].learned()).sum()
         };
         let learned: usize = batches.iter().map(learned_of).sum();
         let vars = self.network.trainable_vars();
@@ -179,10 +173,7 @@ impl LmTask {
         let (mut sum, mut count) = (0f64, 0usize);
         for chunk in validation.samples.chunks(self.batch_size.max(1)) {
             let records: Vec<_> = chunk.iter().collect();
-            let learned: usize = chunk
-                .iter()
-                .map(|s| s.labels.iter().skip(1).filter(|&&l| l >= 0).count())
-                .sum();
+            let learned: usize = chunk.iter().map(|s| s.learned()).sum();
             let (ids, labels) = collate(&records, self.pad_id, &self.device)?;
             if let Some(mean) = self.model.loss(&ids, &labels)? {
                 sum += f64::from(mean.to_scalar::<f32>()?) * learned as f64;
