@@ -399,3 +399,38 @@ fn validation_loss_and_sample_answers_are_logged_during_the_run() {
         assert!(tags.contains(tag), "{tag} not logged: {tags:?}");
     }
 }
+
+#[test]
+fn a_hub_id_in_the_hugging_face_cache_is_a_base_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = project(dir.path(), "");
+    let cache = dir.path().join("hub");
+    let repo = cache.join("models--tiny--qwen2");
+    let snapshot = repo.join("snapshots/0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    for entry in std::fs::read_dir(fixture()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+    let dry_run = |id: &str| {
+        Command::new(env!("CARGO_BIN_EXE_train"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--dry-run", "--set", &format!("base_model={id}")])
+            .env("HF_HUB_CACHE", &cache)
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let out = dry_run("tiny/qwen2");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains(&snapshot.display().to_string()), "{t}");
+    assert!(t.contains("Qwen2ForCausalLM (2 layers"), "{t}");
+    let out = dry_run("tiny/absent");
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(2), "{t}");
+    assert!(t.contains("huggingface-cli download tiny/absent"), "{t}");
+}
