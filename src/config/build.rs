@@ -99,8 +99,8 @@ pub fn build(f: &mut Fields, config_path: &Path, cwd: &Path) -> Option<TrainPlan
         f.refuse(name, aliases, why);
     }
     let (task, data) = match kind {
-        TaskKind::Image => (Some(Task::Image), data(f, cwd)),
-        TaskKind::Llm => (llm_data(f, cwd).map(Task::Llm), Some(seed_only(f))),
+        TaskKind::Image => (Some(Task::Image), data(f, cwd, true)),
+        TaskKind::Llm => (llm_data(f, cwd).map(Task::Llm), data(f, cwd, false)),
     };
     let model = image_model(f, cwd, base_model);
     let mut lora = lora(f, cwd);
@@ -206,32 +206,6 @@ fn llm_data(f: &mut Fields, cwd: &Path) -> Option<LlmData> {
     })
 }
 
-/// A language-model run's [`DatasetSpec`]: only `seed` is read; the image keys keep their
-/// defaults (they were refused).
-fn seed_only(f: &mut Fields) -> DatasetSpec {
-    let seed = f.get("seed", &[], count(0)).unwrap_or(42);
-    DatasetSpec {
-        train_data_dir: PathBuf::new(),
-        metadata_path: None,
-        caption_extension: ".txt".into(),
-        resolution: 512,
-        resolution_given: false,
-        enable_bucket: false,
-        min_bucket_reso: 256,
-        max_bucket_reso: 1024,
-        bucket_reso_steps: 64,
-        random_crop: false,
-        flip_aug: false,
-        repeats: 1,
-        caption_prefix: None,
-        shuffle_caption: false,
-        keep_tokens: 0,
-        caption_dropout_rate: 0.0,
-        skip_invalid_images: false,
-        seed: seed as u64,
-    }
-}
-
 /// kohya's preview keys: `sample_prompts` (a file, or a list of prompt lines),
 /// `sample_every_n_steps`, `sample_at_first`, `sample_sampler`.
 /// A language model's prompts are plain text (no `--n`-style options).
@@ -285,8 +259,15 @@ fn sampling(f: &mut Fields, cwd: &Path, llm: bool) -> SamplingSettings {
     }
 }
 
-fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
-    let train_data_dir = required(f, "train_data_dir", &[], "the folder of training images");
+/// The image data keys and the seed. A language-model run (`images: false`) has had the image
+/// keys refused, so only its seed is read; the rest keep their defaults and no folder is asked
+/// for.
+fn data(f: &mut Fields, cwd: &Path, images: bool) -> Option<DatasetSpec> {
+    let train_data_dir = if images {
+        required(f, "train_data_dir", &[], "the folder of training images")
+    } else {
+        Some(String::new())
+    };
     let metadata_path = f.get("metadata_path", &[], text).map(|p| resolve(cwd, &p));
     let caption_extension = f
         .get(
@@ -317,8 +298,13 @@ fn data(f: &mut Fields, cwd: &Path) -> Option<DatasetSpec> {
     let caption_dropout_rate = f.get("caption_dropout_rate", &[], rate).unwrap_or(0.0);
     let skip_invalid_images = f.get("skip_invalid_images", &[], flag).unwrap_or(false);
     let seed = f.get("seed", &[], count(0)).unwrap_or(42);
+    let train_data_dir = train_data_dir?;
     Some(DatasetSpec {
-        train_data_dir: resolve(cwd, &train_data_dir?),
+        train_data_dir: if images {
+            resolve(cwd, &train_data_dir)
+        } else {
+            PathBuf::new()
+        },
         metadata_path,
         caption_extension,
         resolution,

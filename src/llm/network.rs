@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Device, Var};
 
 use super::peft::{PeftAdapter, PeftConfig, PeftModule};
-use crate::config::{LoraSettings, TargetModules};
+use crate::config::LoraSettings;
 use crate::error::ModelError;
 use crate::lora::{
     Dropout, InferenceMode, LoraAdapter, LoraError, LoraModel, LoraProblem, ModuleSpec,
@@ -164,7 +164,10 @@ impl LmNetwork {
     }
 
     pub fn trainable_vars(&self) -> Vec<Var> {
-        self.named_vars().into_iter().map(|(_, v)| v).collect()
+        self.adapters()
+            .iter()
+            .flat_map(|a| [a.down().clone(), a.up().clone()])
+            .collect()
     }
 
     /// Trainable parameters.
@@ -187,27 +190,14 @@ impl LmNetwork {
         InferenceMode::begin(&self.state)
     }
 
-    /// The adapters as a PEFT adapter: one rank and alpha, `target_modules` the layer names
-    /// when every layer of those names is adapted (as peft writes them), else the full module
-    /// paths (so that peft adapts exactly these layers when it loads the folder).
+    /// The adapters as a PEFT adapter: one rank and alpha, [`LmNetwork::target_modules`].
     pub fn to_peft(&self, base_model_name_or_path: Option<String>) -> Result<PeftAdapter> {
         let adapters = self.adapters();
         let (r, lora_alpha) = adapters
             .first()
             .map(|a| (a.spec().rank, a.spec().alpha))
             .unwrap_or((1, 1.0));
-        let adapted: BTreeSet<&str> = adapters.iter().map(|a| a.spec().path.as_str()).collect();
-        let leaves: BTreeSet<&str> = adapted.iter().map(|p| leaf(p)).collect();
-        let offered = lock(&self.offered).clone();
-        let leaves_exact = offered
-            .iter()
-            .filter(|p| leaves.contains(leaf(p)))
-            .all(|p| adapted.contains(p.as_str()));
-        let target_modules: Vec<String> = if leaves_exact {
-            leaves.iter().map(|s| s.to_string()).collect()
-        } else {
-            adapted.iter().map(|s| s.to_string()).collect()
-        };
+        let target_modules = self.target_modules();
         let mut modules = std::collections::BTreeMap::new();
         for a in &adapters {
             modules.insert(
@@ -229,6 +219,24 @@ impl LmNetwork {
             },
             modules,
         })
+    }
+
+    /// `target_modules` as peft should read it back: the layer names when every layer of those
+    /// names is adapted, else the full module paths (so peft adapts exactly these layers).
+    pub fn target_modules(&self) -> Vec<String> {
+        let adapters = self.adapters();
+        let adapted: BTreeSet<&str> = adapters.iter().map(|a| a.spec().path.as_str()).collect();
+        let leaves: BTreeSet<&str> = adapted.iter().map(|p| leaf(p)).collect();
+        let offered = lock(&self.offered).clone();
+        let leaves_exact = offered
+            .iter()
+            .filter(|p| leaves.contains(leaf(p)))
+            .all(|p| adapted.contains(p.as_str()));
+        if leaves_exact {
+            leaves.iter().map(|s| s.to_string()).collect()
+        } else {
+            adapted.iter().map(|s| s.to_string()).collect()
+        }
     }
 
     /// The spec and starting weights of the layer at `path`, if it gets an adapter.
@@ -322,21 +330,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
-/// The `target_modules` a config names, for messages.
-pub fn describe_targets(targets: &TargetModules) -> String {
-    match targets {
-        TargetModules::Preset(p) => match p.as_str() {
-            "default" => "q_proj, v_proj".to_string(),
-            "attn" => "q_proj, k_proj, v_proj, o_proj".to_string(),
-            other => other.to_string(),
-        },
-        TargetModules::Names(names) => names.join(", "),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TargetModules;
     use crate::models::causal_lm::{CausalLm, LmFolder};
     use crate::nn::Scope;
 

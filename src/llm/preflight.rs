@@ -84,7 +84,7 @@ impl LmPreflight {
         );
         CausalLm::new(Scope::root(&store).with_adapters(&network), &config)?;
         network.check_built()?;
-        let target_modules = network.to_peft(None)?.config.target_modules;
+        let target_modules = network.target_modules();
         let batches = data.samples.len().div_ceil(plan.training.batch_size.max(1));
         let steps = StepCounts::new(batches, &plan.training);
         let out = &plan.output;
