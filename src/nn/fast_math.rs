@@ -104,6 +104,16 @@ pub fn geglu_backward(a: &[f32], g: &[f32], dy: &[f32], da: &mut [f32], dg: &mut
     dispatch!(geglu_backward_impl(a, g, dy, da, dg))
 }
 
+/// `out[i] = silu(g[i]) · u[i]` with `silu(g) = g / (1 + e^−g)`, for SwiGLU's forward.
+pub fn swiglu(g: &[f32], u: &[f32], out: &mut [f32]) {
+    dispatch!(swiglu_impl(g, u, out))
+}
+
+/// SwiGLU's backward: `dg[i] = dy[i] · u[i] · silu′(g[i])`, `du[i] = dy[i] · silu(g[i])`.
+pub fn swiglu_backward(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    dispatch!(swiglu_backward_impl(g, u, dy, dg, du))
+}
+
 /// The kernels, written once as `#[inline(always)]` functions and instantiated per instruction
 /// set by `kernels!`.
 mod portable {
@@ -287,6 +297,32 @@ mod portable {
             dg[i] = dy[i] * a[i] * slope;
         }
     }
+
+    #[inline(always)]
+    pub fn swiglu_impl(g: &[f32], u: &[f32], out: &mut [f32]) {
+        let n = g.len().min(u.len()).min(out.len());
+        let (g, u, out) = (&g[..n], &u[..n], &mut out[..n]);
+        for i in 0..n {
+            out[i] = g[i] / (1.0 + exp(-g[i])) * u[i];
+        }
+    }
+
+    #[inline(always)]
+    pub fn swiglu_backward_impl(g: &[f32], u: &[f32], dy: &[f32], dg: &mut [f32], du: &mut [f32]) {
+        let n = g
+            .len()
+            .min(u.len())
+            .min(dy.len())
+            .min(dg.len())
+            .min(du.len());
+        let (g, u, dy) = (&g[..n], &u[..n], &dy[..n]);
+        let (dg, du) = (&mut dg[..n], &mut du[..n]);
+        for i in 0..n {
+            let sigmoid = 1.0 / (1.0 + exp(-g[i]));
+            du[i] = dy[i] * g[i] * sigmoid;
+            dg[i] = dy[i] * u[i] * sigmoid * (1.0 + g[i] * (1.0 - sigmoid));
+        }
+    }
 }
 
 /// Branch-free scalar building blocks; the loops above vectorise them.
@@ -406,6 +442,20 @@ mod x86 {
                 dg: &mut [f32],
             ) {
                 super::super::portable::geglu_backward_impl(a, g, dy, da, dg)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn swiglu_impl(g: &[f32], u: &[f32], out: &mut [f32]) {
+                super::super::portable::swiglu_impl(g, u, out)
+            }
+            #[target_feature(enable = $features)]
+            pub unsafe fn swiglu_backward_impl(
+                g: &[f32],
+                u: &[f32],
+                dy: &[f32],
+                dg: &mut [f32],
+                du: &mut [f32],
+            ) {
+                super::super::portable::swiglu_backward_impl(g, u, dy, dg, du)
             }
         };
     }

@@ -1,5 +1,5 @@
-//! Group and layer normalisation (optionally followed by SiLU) as single custom ops with an
-//! exact, hand-written backward, for frozen affine parameters on the CPU.
+//! Group, layer and RMS normalisation (the first optionally followed by SiLU) as single custom
+//! ops with an exact, hand-written backward, for frozen affine parameters on the CPU.
 //!
 //! Built from primitive ops (as [`super::norm`] does otherwise), a group norm + SiLU is about a
 //! dozen full-size tensors in forward and more in backward, and the gradients candle computes
@@ -8,9 +8,11 @@
 //! group, keeping only the input and two numbers per group. The scale and shift are frozen: they
 //! get no gradient (a trainable one keeps the primitive-op path, see [`applies`]).
 //!
-//! Both norms are the same computation over contiguous segments: a group norm of `[B, C, H, W]`
-//! normalises each sample's run of `C/G · H·W` values, a layer norm each row of `D` values. The
-//! statistics are accumulated in f64.
+//! The norms are the same computation over contiguous segments: a group norm of `[B, C, H, W]`
+//! normalises each sample's run of `C/G · H·W` values, a layer norm each row of `D` values. An
+//! RMS norm (the language models') is a layer norm that neither subtracts the mean nor adds a
+//! shift: `x · w / √(mean(x²) + ε)`, its backward without the mean's term. The statistics are
+//! accumulated in f64.
 
 use std::sync::{Arc, Mutex};
 
@@ -46,7 +48,29 @@ pub fn group_norm(
         channels_per_group: c / groups,
         inner,
     };
-    run(x, weight, bias, spec, eps, silu)
+    run(x, weight, bias, spec, eps, silu, false)
+}
+
+/// Whether [`rms_norm`] serves this call: f32/f64 on the CPU, a frozen scale, the frozen-layer
+/// switch on.
+pub fn rms_applies(x: &Tensor, weight: &Tensor) -> bool {
+    matches!(x.dtype(), DType::F32 | DType::F64)
+        && x.dtype() == weight.dtype()
+        && super::frozen::applies_to(x, weight, None)
+}
+
+/// RMS norm of `x: [..., D]` over the last dimension with scale `[D]`:
+/// `x · w / √(mean(x²) + ε)`, computed as transformers' `LlamaRMSNorm` does in f32.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let spec = Segments {
+        len: d,
+        groups: 1,
+        channels_per_group: d,
+        inner: 1,
+    };
+    let bias = weight.zeros_like()?;
+    run(x, weight, &bias, spec, eps, false, true)
 }
 
 /// Layer norm of `x: [..., D]` over the last dimension with scale/shift `[D]`.
@@ -58,7 +82,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         channels_per_group: d,
         inner: 1,
     };
-    run(x, weight, bias, spec, eps, false)
+    run(x, weight, bias, spec, eps, false, false)
 }
 
 /// How the input splits into normalised segments and which affine channel each value uses:
@@ -84,6 +108,7 @@ fn run(
     spec: Segments,
     eps: f64,
     silu: bool,
+    rms: bool,
 ) -> Result<Tensor> {
     let _t = super::profile::scope("norm");
     let to_f64 = |t: &Tensor| -> Result<Vec<f64>> {
@@ -94,6 +119,7 @@ fn run(
             spec,
             eps,
             silu,
+            rms,
             weight32: weight
                 .to_dtype(DType::F32)?
                 .flatten_all()?
@@ -112,6 +138,8 @@ struct Params {
     spec: Segments,
     eps: f64,
     silu: bool,
+    /// An RMS norm: no mean subtracted (the statistics are `(0, 1/√(mean(x²) + ε))`).
+    rms: bool,
     weight: Vec<f64>,
     bias: Vec<f64>,
     /// The same in f32, for the vectorised f32 kernels.
@@ -193,11 +221,17 @@ impl Params {
             .zip(stats.par_iter_mut())
             .enumerate()
             .for_each(|(s, ((ys, xs), st))| {
-                let shift = xs.first().copied().unwrap_or(0.0);
-                let (sum, squares) = fast_math::sum_and_squares(xs, shift);
-                let m = sum / n as f64;
-                let var = (squares / n as f64 - m * m).max(0.0);
-                let (mean, rstd) = (f64::from(shift) + m, 1.0 / (var + self.eps).sqrt());
+                let (mean, var) = if self.rms {
+                    let (_, squares) = fast_math::sum_and_squares(xs, 0.0);
+                    (0.0, squares / n as f64)
+                } else {
+                    let shift = xs.first().copied().unwrap_or(0.0);
+                    let (sum, squares) = fast_math::sum_and_squares(xs, shift);
+                    let m = sum / n as f64;
+                    let var = (squares / n as f64 - m * m).max(0.0);
+                    (f64::from(shift) + m, var)
+                };
+                let rstd = 1.0 / (var + self.eps).sqrt();
                 *st = (mean, rstd);
                 for (start, len, w, b) in self.runs(s) {
                     let run = start..start + len;
@@ -237,7 +271,8 @@ impl Params {
                     sum1 += a;
                     sum2 += c;
                 }
-                let means = ((sum1 / n as f64) as f32, (sum2 / n as f64) as f32);
+                let m1 = if self.rms { 0.0 } else { sum1 / n as f64 };
+                let means = (m1 as f32, (sum2 / n as f64) as f32);
                 fast_math::norm_backward_finish(xs, stats32, means, dxs);
             });
         dx
@@ -252,7 +287,11 @@ impl Params {
             .zip(stats.par_iter_mut())
             .enumerate()
             .for_each(|(s, ((ys, xs), st))| {
-                let mean = xs.iter().map(|v| v.get()).sum::<f64>() / n as f64;
+                let mean = if self.rms {
+                    0.0
+                } else {
+                    xs.iter().map(|v| v.get()).sum::<f64>() / n as f64
+                };
                 let var = xs.iter().map(|v| (v.get() - mean).powi(2)).sum::<f64>() / n as f64;
                 let rstd = 1.0 / (var + self.eps).sqrt();
                 *st = (mean, rstd);
@@ -291,7 +330,8 @@ impl Params {
                     sum1 += d;
                     sum2 += d * xhat;
                 }
-                let (m1, m2) = (sum1 / n as f64, sum2 / n as f64);
+                let m1 = if self.rms { 0.0 } else { sum1 / n as f64 };
+                let m2 = sum2 / n as f64;
                 for (i, out) in dxs.iter_mut().enumerate() {
                     let (d, xhat) = dxhat(i);
                     *out = T::put(rstd * (d - m1 - xhat * m2));
@@ -499,6 +539,40 @@ mod tests {
             )
         };
         check("layer norm", &f, &x)
+    }
+
+    /// RMS norm against its definition (f64) and finite differences; the f32 kernels against
+    /// the f64 ones, rows of 45 values (a tail past the 16 lanes) with an offset mean.
+    #[test]
+    fn rms_norm_matches_the_definition_finite_differences_and_f64() -> Result<()> {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let x = Var::from_tensor(&randn(&mut rng, &[2, 3, 45], 1.0, 0.7)?)?;
+        let w = randn(&mut rng, &[45], 0.5, 1.0)?;
+        let xt = x.as_tensor();
+        let want = xt
+            .broadcast_div(&(xt.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?)?
+            .broadcast_mul(&w)?;
+        let got = rms_norm(xt, &w, 1e-6)?;
+        assert!((&got - &want)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+        let mix = randn(&mut rng, &[2, 3, 45], 1.0, 0.0)?;
+        let loss = || -> Result<Tensor> { Ok((rms_norm(xt, &w, 1e-6)? * &mix)?.sum_all()?) };
+        let check = GradCheck {
+            samples: 16,
+            ..GradCheck::default()
+        };
+        let failures = check.failures(loss, &[("x".to_string(), x.clone())])?;
+        assert!(failures.is_empty(), "{failures:?}");
+        let g64 = (&got * &mix)?.sum_all()?.backward()?;
+        let dx64 = g64.get(xt).expect("dx").clone();
+        let x32 = Var::from_tensor(&xt.to_dtype(DType::F32)?)?;
+        let y32 = rms_norm(x32.as_tensor(), &w.to_dtype(DType::F32)?, 1e-6)?;
+        let g32 = (&y32 * mix.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        let dx32 = g32.get(x32.as_tensor()).expect("dx").to_dtype(DType::F64)?;
+        let dy = (y32.to_dtype(DType::F64)? - &got)?.abs()?.max_all()?;
+        let dg = (dx32 - dx64)?.abs()?.max_all()?;
+        let (dy, dg) = (dy.to_scalar::<f64>()?, dg.to_scalar::<f64>()?);
+        assert!(dy < 2e-5 && dg < 2e-4, "f32: output {dy}, gradient {dg}");
+        Ok(())
     }
 
     #[test]

@@ -44,11 +44,33 @@ pub fn applies(q: &Tensor) -> bool {
 /// That `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` fit `heads` heads; an error naming the
 /// shapes otherwise.
 pub(crate) fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<()> {
+    check_grouped_shapes(q, k, v, heads, heads)
+}
+
+/// That `q: [B, Nq, heads·d]`, `k, v: [B, Nk, kv_heads·d]` fit `heads` query heads sharing
+/// `kv_heads` key/value heads; an error naming the shapes otherwise.
+fn check_grouped_shapes(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+) -> Result<()> {
     let (b, _, inner) = q.dims3()?;
     let (bk, _, inner_k) = k.dims3()?;
-    if bk != b || inner_k != inner || v.dims() != k.dims() || heads == 0 || inner % heads != 0 {
+    let fits = heads > 0
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && inner % heads == 0
+        && inner_k == inner / heads * kv_heads;
+    if bk != b || v.dims() != k.dims() || !fits {
+        let kv = if kv_heads == heads {
+            String::new()
+        } else {
+            format!(" ({kv_heads} key/value heads)")
+        };
         return Err(candle_core::Error::Msg(format!(
-            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads",
+            "attention: q {:?}, k {:?}, v {:?} do not fit {heads} heads{kv}",
             q.dims(),
             k.dims(),
             v.dims()
@@ -61,19 +83,60 @@ pub(crate) fn check_shapes(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> 
 /// `softmax(q kᵀ · scale) v` per head, for `q: [B, Nq, heads·d]`, `k, v: [B, Nk, heads·d]` →
 /// `[B, Nq, heads·d]` (head `h` is columns `h·d..(h+1)·d`).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    check_shapes(q, k, v, heads)?;
+    let (b, nq, inner) = q.dims3()?;
+    let dims = Dims {
+        b,
+        nq,
+        nk: k.dim(1)?,
+        heads,
+        kv_heads: heads,
+        d: inner / heads,
+        scale,
+        causal: false,
+    };
+    run(q, k, v, dims)
+}
+
+/// A decoder's causal self-attention with grouped key/value heads: `q: [B, Nq, heads·d]`,
+/// `k, v: [B, Nk, kv_heads·d]` with `Nk ≥ Nq` → `[B, Nq, heads·d]`. Query row `i` is position
+/// `Nk − Nq + i` and sees keys `0..=Nk − Nq + i`; query head `h` reads key/value head
+/// `h / (heads / kv_heads)`. Nothing of the masked half of the scores is computed.
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> Result<Tensor> {
+    check_grouped_shapes(q, k, v, heads, kv_heads)?;
     let (b, nq, inner) = q.dims3()?;
     let nk = k.dim(1)?;
-    let _t = super::profile::scope_flops("attention", 4 * (b * nq * nk * inner) as u64);
-    check_shapes(q, k, v, heads)?;
+    if nk < nq {
+        return Err(candle_core::Error::Msg(format!(
+            "causal attention: {nq} queries but only {nk} keys"
+        ))
+        .into());
+    }
+    let dims = Dims {
+        b,
+        nq,
+        nk,
+        heads,
+        kv_heads,
+        d: inner / heads,
+        scale,
+        causal: true,
+    };
+    run(q, k, v, dims)
+}
+
+fn run(q: &Tensor, k: &Tensor, v: &Tensor, dims: Dims) -> Result<Tensor> {
+    let pairs = (dims.b * dims.heads * dims.pairs() * dims.d) as u64;
+    let _t = super::profile::scope_flops("attention", 4 * pairs);
     let op = FusedAttention {
-        dims: Dims {
-            b,
-            nq,
-            nk,
-            heads,
-            d: inner / heads,
-            scale,
-        },
+        dims,
         lse: Mutex::new(None),
     };
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
@@ -91,13 +154,39 @@ struct Dims {
     nq: usize,
     nk: usize,
     heads: usize,
+    kv_heads: usize,
     d: usize,
     scale: f64,
+    causal: bool,
 }
 
 impl Dims {
     fn inner(&self) -> usize {
         self.heads * self.d
+    }
+
+    /// The width of a key/value row: `kv_heads · d`.
+    fn kv_inner(&self) -> usize {
+        self.kv_heads * self.d
+    }
+
+    /// The key/value head that query head `h` reads.
+    fn kv_head(&self, h: usize) -> usize {
+        h / (self.heads / self.kv_heads)
+    }
+
+    /// How many keys query row `i` sees: all of them, or (causal) `0..=Nk − Nq + i`.
+    fn visible(&self, i: usize) -> usize {
+        if self.causal {
+            (i + 1 + self.nk - self.nq).min(self.nk)
+        } else {
+            self.nk
+        }
+    }
+
+    /// The number of (query, key) pairs per head.
+    fn pairs(&self) -> usize {
+        (0..self.nq).map(|i| self.visible(i)).sum()
     }
 }
 
@@ -156,8 +245,9 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
         heads,
         d,
         scale,
+        ..
     } = dims;
-    let inner = dims.inner();
+    let (inner, kv_inner) = (dims.inner(), dims.kv_inner());
     let mut out = vec![T::default(); b * nq * inner];
     let mut lse = vec![T::default(); b * heads * nq];
     let out_ptr = Shared(out.as_mut_ptr());
@@ -175,31 +265,34 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
             || (vec![T::default(); ROWS * nk], vec![T::default(); ROWS * d]),
             |(scores, local), (bh, block, lse_rows)| {
                 let (bi, h) = (bh / heads, bh % heads);
+                let g = dims.kv_head(h);
                 let r0 = block * ROWS;
                 let len = lse_rows.len();
+                // The keys the block's last row sees; earlier rows see a prefix of them.
+                let lim = dims.visible(r0 + len - 1);
                 let q_blk = Mat {
                     ptr: q[(bi * nq + r0) * inner + h * d..].as_ptr(),
                     rs: inner,
                     cs: 1,
                 };
-                // kᵀ of this head: element (c, j) = k[bi, j, h·d + c].
+                // kᵀ of this head: element (c, j) = k[bi, j, g·d + c].
                 let kt = Mat {
-                    ptr: k[bi * nk * inner + h * d..].as_ptr(),
+                    ptr: k[bi * nk * kv_inner + g * d..].as_ptr(),
                     rs: 1,
-                    cs: inner,
+                    cs: kv_inner,
                 };
                 let v_h = Mat {
-                    ptr: v[bi * nk * inner + h * d..].as_ptr(),
-                    rs: inner,
+                    ptr: v[bi * nk * kv_inner + g * d..].as_ptr(),
+                    rs: kv_inner,
                     cs: 1,
                 };
-                let s = &mut scores[..len * nk];
-                // SAFETY: q, k, v are whole [B, N, inner] slices; s is len × nk.
+                let s = &mut scores[..len * lim];
+                // SAFETY: q, k, v are whole [B, N, ·] slices; s is len × lim.
                 unsafe {
                     product(
-                        (len, nk, d),
+                        (len, lim, d),
                         s.as_mut_ptr(),
-                        nk,
+                        lim,
                         q_blk,
                         kt,
                         T::from_f64(scale),
@@ -208,9 +301,11 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
                     )
                 };
                 let mut inv_sums = [0f64; ROWS];
-                for (i, row) in s.chunks_exact_mut(nk).enumerate() {
-                    let max = T::row_max(row);
-                    let sum = T::exp_sub_sum(row, max);
+                for (i, row) in s.chunks_exact_mut(lim).enumerate() {
+                    let (seen, masked) = row.split_at_mut(dims.visible(r0 + i));
+                    let max = T::row_max(seen);
+                    let sum = T::exp_sub_sum(seen, max);
+                    masked.fill(T::default());
                     lse_rows[i] = max + sum.ln();
                     inv_sums[i] = 1.0 / sum.to_f64();
                 }
@@ -218,16 +313,16 @@ fn forward<T: Elem>(q: &[T], k: &[T], v: &[T], dims: Dims) -> (Vec<T>, Vec<T>) {
                 // shared by all heads, and products writing a head's columns in place would keep
                 // moving cache lines between the cores that work on other heads.
                 let local = &mut local[..len * d];
-                // SAFETY: s is len × nk, v's head columns nk × d, local len × d.
+                // SAFETY: s is len × lim, v's head columns nk × d, local len × d.
                 unsafe {
                     let p = Mat {
                         ptr: s.as_ptr(),
-                        rs: nk,
+                        rs: lim,
                         cs: 1,
                     };
                     let one = T::from_f64(1.0);
                     let dst = local.as_mut_ptr();
-                    product((len, d, nk), dst, d, p, v_h, one, false, Threads::This);
+                    product((len, d, lim), dst, d, p, v_h, one, false, Threads::This);
                 }
                 for (i, (row, inv)) in local.chunks_exact(d).zip(&inv_sums).enumerate() {
                     let inv = T::from_f64(*inv);
@@ -261,8 +356,11 @@ fn backward<T: Elem>(
         heads,
         d,
         scale,
+        ..
     } = dims;
-    let inner = dims.inner();
+    let (inner, kv_inner) = (dims.inner(), dims.kv_inner());
+    // Key and value gradients per query head, `[B, Nk, heads·d]`; summed over each group of
+    // query heads at the end when heads share key/value heads.
     let mut dq = vec![T::default(); b * nq * inner];
     let mut dk = vec![T::default(); b * nk * inner];
     let mut dv = vec![T::default(); b * nk * inner];
@@ -287,24 +385,30 @@ fn backward<T: Elem>(
         },
         |((p_buf, dp_buf), (dq_h, dk_h, dv_h)), bh| {
             let (bi, h) = (bh / heads, bh % heads);
-            let head = |t: &[T], n: usize| t[bi * n * inner + h * d..].as_ptr();
+            let g = dims.kv_head(h);
+            let kv_head = |t: &[T]| t[bi * nk * kv_inner + g * d..].as_ptr();
             let kt = Mat {
-                ptr: head(k, nk),
+                ptr: kv_head(k),
                 rs: 1,
-                cs: inner,
+                cs: kv_inner,
             };
             let vt = Mat {
-                ptr: head(v, nk),
+                ptr: kv_head(v),
                 rs: 1,
-                cs: inner,
+                cs: kv_inner,
             };
             let k_h = Mat {
-                ptr: head(k, nk),
-                rs: inner,
+                ptr: kv_head(k),
+                rs: kv_inner,
                 cs: 1,
             };
-            for (block, r0) in (0..nq).step_by(BWD_ROWS).enumerate() {
+            // The key rows accumulate over blocks (a causal block adds rows the earlier ones
+            // did not reach), so they start at zero.
+            dk_h.fill(T::default());
+            dv_h.fill(T::default());
+            for r0 in (0..nq).step_by(BWD_ROWS) {
                 let len = BWD_ROWS.min(nq - r0);
+                let lim = dims.visible(r0 + len - 1);
                 let row0 = (bi * nq + r0) * inner + h * d;
                 let q_blk = Mat {
                     ptr: q[row0..].as_ptr(),
@@ -316,16 +420,16 @@ fn backward<T: Elem>(
                     rs: inner,
                     cs: 1,
                 };
-                let p = &mut p_buf[..len * nk];
-                let dp = &mut dp_buf[..len * nk];
+                let p = &mut p_buf[..len * lim];
+                let dp = &mut dp_buf[..len * lim];
                 // SAFETY (all products below): inputs are whole slices of their shapes; p and dp
-                // are len × nk; the dq rows r0..r0+len and the dk/dv rows of this sample, each
+                // are len × lim; the dq rows r0..r0+len and the dk/dv rows of this sample, each
                 // restricted to head h's columns, belong to this task alone.
                 unsafe {
                     product(
-                        (len, nk, d),
+                        (len, lim, d),
                         p.as_mut_ptr(),
-                        nk,
+                        lim,
                         q_blk,
                         kt,
                         scale_t,
@@ -333,9 +437,9 @@ fn backward<T: Elem>(
                         Threads::This,
                     );
                     product(
-                        (len, nk, d),
+                        (len, lim, d),
                         dp.as_mut_ptr(),
-                        nk,
+                        lim,
                         g_blk,
                         vt,
                         one,
@@ -345,11 +449,13 @@ fn backward<T: Elem>(
                 }
                 let lse_rows = &lse[(bi * heads + h) * nq + r0..][..len];
                 for (i, (p_row, dp_row)) in p
-                    .chunks_exact_mut(nk)
-                    .zip(dp.chunks_exact_mut(nk))
+                    .chunks_exact_mut(lim)
+                    .zip(dp.chunks_exact_mut(lim))
                     .enumerate()
                 {
-                    T::exp_sub_sum(p_row, lse_rows[i]);
+                    let (seen, masked) = p_row.split_at_mut(dims.visible(r0 + i));
+                    T::exp_sub_sum(seen, lse_rows[i]);
+                    masked.fill(T::default());
                     let o = &out[row0 + i * inner..][..d];
                     let g = &grad[row0 + i * inner..][..d];
                     let delta = o
@@ -357,7 +463,7 @@ fn backward<T: Elem>(
                         .zip(g)
                         .fold(0.0, |s, (o, g)| s + o.to_f64() * g.to_f64());
                     let delta = T::from_f64(delta);
-                    // dS = P ∘ (dP − delta), written over dP.
+                    // dS = P ∘ (dP − delta), written over dP (zero where P is masked).
                     for (ds, p) in dp_row.iter_mut().zip(p_row.iter()) {
                         *ds = *p * (*ds - delta);
                     }
@@ -366,20 +472,19 @@ fn backward<T: Elem>(
                     Mat {
                         ptr: p.as_ptr(),
                         rs: 1,
-                        cs: nk,
+                        cs: lim,
                     },
                     Mat {
                         ptr: dp.as_ptr(),
-                        rs: nk,
+                        rs: lim,
                         cs: 1,
                     },
                     Mat {
                         ptr: dp.as_ptr(),
                         rs: 1,
-                        cs: nk,
+                        cs: lim,
                     },
                 );
-                let acc = block > 0;
                 // SAFETY: the head buffers are this task's own: dq_h nq × d, dk_h/dv_h nk × d.
                 unsafe {
                     let (dq0, dk0, dv0) = (
@@ -387,16 +492,25 @@ fn backward<T: Elem>(
                         dk_h.as_mut_ptr(),
                         dv_h.as_mut_ptr(),
                     );
-                    product((nk, d, len), dv0, d, p_t, g_blk, one, acc, Threads::This);
-                    product((len, d, nk), dq0, d, ds, k_h, scale_t, false, Threads::This);
+                    product((lim, d, len), dv0, d, p_t, g_blk, one, true, Threads::This);
                     product(
-                        (nk, d, len),
+                        (len, d, lim),
+                        dq0,
+                        d,
+                        ds,
+                        k_h,
+                        scale_t,
+                        false,
+                        Threads::This,
+                    );
+                    product(
+                        (lim, d, len),
                         dk0,
                         d,
                         ds_t,
                         q_blk,
                         scale_t,
-                        acc,
+                        true,
                         Threads::This,
                     );
                 }
@@ -414,7 +528,29 @@ fn backward<T: Elem>(
             scatter(dv_ptr, dv_h, nk);
         },
     );
-    (dq, dk, dv)
+    if dims.kv_heads == heads {
+        return (dq, dk, dv);
+    }
+    (dq, sum_groups(&dk, dims), sum_groups(&dv, dims))
+}
+
+/// `[B, Nk, heads·d]` per query head → `[B, Nk, kv_heads·d]`, each key/value head's columns the
+/// sum of its query heads'.
+fn sum_groups<T: Elem>(per_head: &[T], dims: Dims) -> Vec<T> {
+    let (inner, kv_inner, d) = (dims.inner(), dims.kv_inner(), dims.d);
+    let group = dims.heads / dims.kv_heads;
+    let mut summed = vec![T::default(); per_head.len() / inner.max(1) * kv_inner];
+    summed
+        .par_chunks_mut(kv_inner.max(1))
+        .zip(per_head.par_chunks(inner.max(1)))
+        .for_each(|(dst, src)| {
+            for (g, dst) in dst.chunks_exact_mut(d).enumerate() {
+                for member in src[g * group * d..][..group * d].chunks_exact(d) {
+                    dst.iter_mut().zip(member).for_each(|(a, b)| *a = *a + *b);
+                }
+            }
+        });
+    summed
 }
 
 impl FusedAttention {
@@ -506,7 +642,7 @@ impl CustomOp3 for FusedAttention {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Five products of `q kᵀ`'s size: the scores again, dP, dV, dQ and dK.
         let d = self.dims;
-        let flops = 10 * (d.b * d.nq * d.nk * d.inner()) as u64;
+        let flops = 10 * (d.b * d.heads * d.pairs() * d.d) as u64;
         let _t = super::profile::scope_flops("attention backward", flops);
         let grad = grad.to_dtype(q.dtype())?.contiguous()?;
         let res = res.contiguous()?;
@@ -609,6 +745,121 @@ mod tests {
             check(DType::F64, b, nq, nk, heads, 1e-12)?;
             check(DType::F32, b, nq, nk, heads, 2e-5)?;
         }
+        Ok(())
+    }
+
+    /// Causal attention with grouped key/value heads from candle ops: each key/value head
+    /// repeated for its query heads, `-∞` added after each query's position.
+    fn naive_causal(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        heads: usize,
+        kv_heads: usize,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (b, nq, inner) = q.dims3()?;
+        let nk = k.dim(1)?;
+        let d = inner / heads;
+        let group = heads / kv_heads;
+        let split = |t: &Tensor, n: usize, h: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, n, h, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let repeat = |t: Tensor| -> Result<Tensor> {
+            Ok(t.unsqueeze(2)?
+                .broadcast_as((b, kv_heads, group, nk, d))?
+                .reshape((b, heads, nk, d))?)
+        };
+        let q = split(q, nq, heads)?;
+        let k = repeat(split(k, nk, kv_heads)?)?;
+        let v = repeat(split(v, nk, kv_heads)?)?;
+        let mask: Vec<f64> = (0..nq)
+            .flat_map(|i| {
+                (0..nk).map(move |j| {
+                    if j <= nk - nq + i {
+                        0.0
+                    } else {
+                        f64::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (nq, nk), q.device())?.to_dtype(q.dtype())?;
+        let s = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
+        let e = s
+            .broadcast_sub(&s.max_keepdim(D::Minus1)?.detach())?
+            .exp()?;
+        let o = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?.matmul(&v)?;
+        Ok(o.transpose(1, 2)?.reshape((b, nq, inner))?)
+    }
+
+    #[test]
+    fn causal_grouped_attention_equals_masked_attention_and_its_gradients() -> Result<()> {
+        // Blocks of rows below, at and past the forward (64) and backward (256) block sizes;
+        // as many keys as queries (training) and more keys (queries at the end, as with a
+        // cache); one, shared and grouped key/value heads.
+        for (dtype, tol) in [(DType::F64, 1e-12), (DType::F32, 2e-5)] {
+            for (b, nq, nk, heads, kv_heads) in [
+                (1, 1, 1, 1, 1),
+                (1, 7, 7, 2, 2),
+                (2, 70, 70, 4, 2),
+                (1, 300, 300, 6, 1),
+                (2, 5, 40, 4, 4),
+                (1, 100, 130, 6, 3),
+            ] {
+                let mut rng = ChaCha8Rng::seed_from_u64(21);
+                let d = 4;
+                let mut var = |n: usize, h: usize| -> Result<Var> {
+                    Ok(Var::from_tensor(
+                        &randn(&mut rng, &[b, n, h * d], 1.0, 0.0)?.to_dtype(dtype)?,
+                    )?)
+                };
+                let (q, k, v) = (var(nq, heads)?, var(nk, kv_heads)?, var(nk, kv_heads)?);
+                let mix = randn(&mut rng, &[b, nq, heads * d], 1.0, 0.0)?.to_dtype(dtype)?;
+                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+                let want = naive_causal(qt, kt, vt, heads, kv_heads, 0.7)?;
+                let got = causal_attention(qt, kt, vt, heads, kv_heads, 0.7)?;
+                let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+                    Ok((a - b)?
+                        .abs()?
+                        .max_all()?
+                        .to_dtype(DType::F64)?
+                        .to_scalar::<f64>()?)
+                };
+                let case = format!("{dtype:?} {b}×{nq}×{nk}, {heads}/{kv_heads} heads");
+                let diff = max_diff(&got, &want)?;
+                assert!(diff < tol, "{case}: output differs by {diff}");
+                let g_want = (&want * &mix)?.sum_all()?.backward()?;
+                let g = (&got * &mix)?.sum_all()?.backward()?;
+                for (name, t) in [("q", &q), ("k", &k), ("v", &v)] {
+                    let (Some(a), Some(b)) = (g.get(t.as_tensor()), g_want.get(t.as_tensor()))
+                    else {
+                        panic!("{case}: d{name} missing");
+                    };
+                    let diff = max_diff(a, b)?;
+                    assert!(diff < tol, "{case}: d{name} differs by {diff}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn causal_attention_refuses_fewer_keys_than_queries_and_misfit_heads() -> Result<()> {
+        let q = Tensor::zeros((1, 4, 8), DType::F32, &Device::Cpu)?;
+        let k = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu)?;
+        let err = causal_attention(&q, &k, &k, 2, 1, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 queries but only 3 keys"), "{err}");
+        let k = Tensor::zeros((1, 4, 6), DType::F32, &Device::Cpu)?;
+        let err = causal_attention(&q, &k, &k, 2, 1, 1.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("do not fit 2 heads (1 key/value heads)"),
+            "{err}"
+        );
         Ok(())
     }
 

@@ -34,7 +34,9 @@ pub mod norm;
 pub mod norm_generic;
 pub mod profile;
 pub mod recompute;
+pub mod rotary;
 pub mod runtime;
+pub mod swiglu;
 pub mod tensor_file;
 pub mod weights;
 

@@ -5,8 +5,12 @@
 //! Module paths mirror transformers' (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 //! `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so a weight key, a PEFT key and an
 //! adapter's module path are one word. Every linear layer is [`crate::nn::Linear`] (frozen
-//! custom ops on the CPU, LoRA through the scope's adapter provider); norms, rotary embeddings,
-//! attention and the loss are composed from candle ops whose backward candle implements.
+//! custom ops on the CPU, LoRA through the scope's adapter provider). On the CPU in f32 the
+//! norms, rotary embeddings, SwiGLU, causal attention and the loss are fused ops with their own
+//! backward ([`crate::nn::fused_norm`], [`crate::nn::rotary`], [`crate::nn::swiglu`],
+//! [`crate::nn::mem_attention`], [`crate::nn::cross_entropy`]), which keep no score matrix and
+//! few intermediates; elsewhere (CUDA, half precision) they are composed from candle ops whose
+//! backward candle implements. Heads stay in the projections' `[B, T, heads·d]` layout.
 //! What differs between the architectures is in [`CausalLmConfig`]: biases, Qwen3's q/k norms,
 //! Llama 3's rotary scaling, grouped key/value heads, tied embeddings.
 
@@ -22,7 +26,8 @@ pub use folder::LmFolder;
 
 use crate::nn::cross_entropy::cross_entropy;
 use crate::nn::recompute::recompute;
-use crate::nn::{activation, Linear, Scope};
+use crate::nn::rotary::RotaryTable;
+use crate::nn::{activation, fused_norm, mem_attention, swiglu, Linear, Scope};
 use crate::Result;
 
 /// transformers' `LlamaRMSNorm` (and its twins): `weight · x / √(mean(x²) + ε)`, computed in f32.
@@ -43,6 +48,9 @@ impl RmsNorm {
     /// `x: [..., dim]` → the same shape and dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _t = crate::nn::profile::scope("rms norm");
+        if fused_norm::rms_applies(x, &self.weight) {
+            return fused_norm::rms_norm(x, &self.weight, self.eps);
+        }
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?;
         let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -90,35 +98,10 @@ impl Rotary {
         }
     }
 
-    /// `cos` and `sin` of positions `0..len`, `[len, head_dim]` (each frequency twice, as
-    /// `cat(freqs, freqs)`), in `dtype`.
-    fn cos_sin(&self, len: usize, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half * 2);
-        let mut sin = Vec::with_capacity(len * half * 2);
-        for t in 0..len {
-            let angles: Vec<f32> = self.inv_freq.iter().map(|f| t as f32 * f).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
-            }
-        }
-        let shape = (len, half * 2);
-        Ok((
-            Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?,
-            Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?,
-        ))
+    /// The angles of positions `start..start + len`.
+    fn table(&self, start: usize, len: usize) -> RotaryTable {
+        RotaryTable::new(&self.inv_freq, start, len)
     }
-}
-
-/// `x · cos + rotate_half(x) · sin` for `x: [B, heads, T, D]`, `cos`/`sin: [T, D]`, where
-/// `rotate_half` swaps the two halves of each head and negates the (new) first one.
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let first = x.narrow(D::Minus1, 0, d / 2)?;
-    let second = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&second.neg()?, &first], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
 }
 
 /// `[T, T]`: 0 where a position may attend (itself and earlier ones), −∞ after it.
@@ -168,24 +151,50 @@ impl Attention {
         })
     }
 
-    /// `x: [B, T, hidden]` → `[B, T, hidden]`; `cos`/`sin: [T, head_dim]`, `mask: [T, T]`.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`; `rope` holds the T positions' angles.
+    fn forward(&self, x: &Tensor, rope: &RotaryTable) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
-        let heads = |y: Tensor, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
-            let y = y.reshape((b, t, n, d))?;
-            let y = match norm {
-                Some(norm) => norm.forward(&y)?,
-                None => y,
-            };
-            Ok(y.transpose(1, 2)?.contiguous()?)
+        // `[B, T, n·d]`, through the per-head norm when there is one.
+        let project = |proj: &Linear, n: usize, norm: &Option<RmsNorm>| -> Result<Tensor> {
+            let y = proj.forward(x)?;
+            match norm {
+                Some(norm) => {
+                    Ok(norm
+                        .forward(&y.reshape((b, t, n, d))?)?
+                        .reshape((b, t, n * d))?)
+                }
+                None => Ok(y),
+            }
         };
-        let q = heads(self.q_proj.forward(x)?, self.heads, &self.q_norm)?;
-        let k = heads(self.k_proj.forward(x)?, self.kv_heads, &self.k_norm)?;
-        let v = heads(self.v_proj.forward(x)?, self.kv_heads, &None)?;
-        let _t = crate::nn::profile::scope("rotary and attention");
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
+        let q = rope.apply(&project(&self.q_proj, self.heads, &self.q_norm)?)?;
+        let k = rope.apply(&project(&self.k_proj, self.kv_heads, &self.k_norm)?)?;
+        let v = self.v_proj.forward(x)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let out = if mem_attention::applies(&q) {
+            let (h, kv) = (self.heads, self.kv_heads);
+            mem_attention::causal_attention(&q, &k, &v, h, kv, scale)?
+        } else {
+            self.attend_with_candle_ops(&q, &k, &v, scale)?
+        };
+        self.o_proj.forward(&out)
+    }
+
+    /// Causal attention from candle ops (CUDA, half precision): `q: [B, T, heads·d]`,
+    /// `k, v: [B, T, kv_heads·d]` → `[B, T, heads·d]`, the scores soft-maxed in f32.
+    fn attend_with_candle_ops(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let _t = crate::nn::profile::scope("attention");
+        let (b, t, _) = q.dims3()?;
+        let d = self.head_dim;
+        let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
         // Each key/value head serves `heads / kv_heads` query heads.
         let group = self.heads / self.kv_heads;
         let repeat = |y: Tensor| -> Result<Tensor> {
@@ -196,14 +205,16 @@ impl Attention {
                 .broadcast_as((b, self.kv_heads, group, t, d))?
                 .reshape((b, self.heads, t, d))?)
         };
-        let (k, v) = (repeat(k)?, repeat(v)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (d as f64).sqrt()))?;
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(mask)?;
+        let q = heads(q, self.heads)?;
+        let k = repeat(heads(k, self.kv_heads)?)?;
+        let v = repeat(heads(v, self.kv_heads)?)?;
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .broadcast_add(&causal_mask(t, q.device())?)?;
         let probs = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?;
-        let out = out.transpose(1, 2)?.reshape((b, t, self.heads * d))?;
-        drop(_t);
-        self.o_proj.forward(&out)
+        Ok(out.transpose(1, 2)?.reshape((b, t, self.heads * d))?)
     }
 }
 
@@ -228,11 +239,7 @@ impl Mlp {
     /// `x: [B, T, hidden]` → `[B, T, hidden]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (gate, up) = (self.gate_proj.forward(x)?, self.up_proj.forward(x)?);
-        let product = {
-            let _t = crate::nn::profile::scope("silu × up");
-            (activation::silu(&gate)? * up)?
-        };
-        self.down_proj.forward(&product)
+        self.down_proj.forward(&swiglu::swiglu(&gate, &up)?)
     }
 }
 
@@ -281,10 +288,10 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &RotaryTable) -> Result<Tensor> {
         let attended = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, mask)?;
+            .forward(&self.input_layernorm.forward(x)?, rope)?;
         let x = (x + attended)?;
         let fed = self
             .mlp
@@ -381,23 +388,18 @@ impl CausalLm {
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, t, hidden))?;
-        let (cos, sin) = self.rotary.cos_sin(t, x.dtype(), device)?;
-        let mask = causal_mask(t, device)?;
-        // The recomputed segment takes one side input: cos and sin side by side.
-        let rotary = Tensor::cat(&[&cos, &sin], 1)?;
-        let half = cos.dim(1)?;
+        let rope = self.rotary.table(0, t);
+        // The recomputed segment's side input: nothing the layer reads (the angles are captured).
+        let side = Tensor::zeros(1, x.dtype(), device)?;
         for layer in &self.layers {
             x = if self.gradient_checkpointing {
                 let params = layer.trainable_vars();
-                let (layer, mask) = (layer.clone(), mask.clone());
-                let segment = move |x: &Tensor, rotary: &Tensor| -> Result<Tensor> {
-                    let cos = rotary.narrow(1, 0, half)?;
-                    let sin = rotary.narrow(1, half, half)?;
-                    layer.forward(x, &cos, &sin, &mask)
-                };
-                recompute(&x, &rotary, &params, Arc::new(segment))?
+                let (layer, rope) = (layer.clone(), rope.clone());
+                let segment =
+                    move |x: &Tensor, _: &Tensor| -> Result<Tensor> { layer.forward(x, &rope) };
+                recompute(&x, &side, &params, Arc::new(segment))?
             } else {
-                layer.forward(&x, &cos, &sin, &mask)?
+                layer.forward(&x, &rope)?
             };
         }
         self.norm.forward(&x)
