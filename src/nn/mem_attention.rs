@@ -546,7 +546,7 @@ fn sum_groups<T: Elem>(per_head: &[T], dims: Dims) -> Vec<T> {
         .for_each(|(dst, src)| {
             for (g, dst) in dst.chunks_exact_mut(d).enumerate() {
                 for member in src[g * group * d..][..group * d].chunks_exact(d) {
-                    dst.iter_mut().zip(member).for_each(|(a, b)| *a = *a + *b);
+                    dst.iter_mut().zip(member).for_each(|(a, b)| *a += *b);
                 }
             }
         });
