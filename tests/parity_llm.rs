@@ -2,13 +2,15 @@
 //! `tools/make_llm_fixtures.py`, one per architecture (Llama with GQA and Llama 3 rope scaling,
 //! Qwen2 with q/k/v biases and tied embeddings, Qwen3 with q/k norms and a wider head, Mistral):
 //! logits, the causal-LM loss over the labelled tokens, and with a PEFT LoRA on q_proj/v_proj
-//! the loss and every adapter matrix's gradient.
+//! the loss and every adapter matrix's gradient; generation with the key/value cache gives the
+//! logits of the whole sequence's forward.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use lora_trainer::models::causal_lm::{causal_lm_loss, CausalLm, LmFolder};
+use lora_trainer::models::causal_lm::{causal_lm_loss, CausalLm, KvCache, LmFolder};
+use lora_trainer::nn::frozen::with_generic_ops;
 use lora_trainer::nn::{Adapter, AdapterProvider, LayerKind, LowRank, Scope, WeightStore};
 
 const MODELS: [&str; 4] = ["llama", "qwen2", "qwen3", "mistral"];
@@ -63,6 +65,21 @@ fn scalar(t: &Tensor) -> f32 {
 
 #[test]
 fn logits_and_loss_match_transformers_for_every_architecture() {
+    check_logits_and_loss();
+}
+
+/// The path a CUDA device takes (attention, norms, rotary and SwiGLU from candle ops), run on
+/// the CPU.
+#[test]
+fn the_device_generic_path_matches_transformers_too() {
+    with_generic_ops(|| {
+        check_logits_and_loss();
+        check_lora_gradients();
+        check_key_value_cache();
+    });
+}
+
+fn check_logits_and_loss() {
     for name in MODELS {
         let f = fixture(name, None);
         // Every tensor of the file is a weight of the model (tied models have no lm_head).
@@ -153,6 +170,10 @@ fn peft_loras(name: &str) -> PeftLoras {
 
 #[test]
 fn lora_gradients_match_peft_for_every_architecture() {
+    check_lora_gradients();
+}
+
+fn check_lora_gradients() {
     for name in MODELS {
         let provider = peft_loras(name);
         assert_eq!(provider.0.len(), 4, "{name}: q and v of two layers");
@@ -199,6 +220,45 @@ fn gradient_checkpointing_gives_the_same_lora_gradients() {
         for (a, b) in plain.iter().zip(&recomputed) {
             let diff = relative_difference(a, b);
             assert!(diff < 1e-6, "{name}: {diff:e}");
+        }
+    }
+}
+
+/// A prompt run at once, then one token at a time against the key/value cache: the logits after
+/// each token are those of the whole sequence's forward at that position (the fused causal
+/// attention with queries after the cached keys, and the rotary angles of later positions).
+#[test]
+fn the_key_value_cache_gives_the_forward_logits() {
+    check_key_value_cache();
+}
+
+fn check_key_value_cache() {
+    for name in MODELS {
+        let f = fixture(name, None);
+        let ids = f.ids.narrow(0, 0, 1).unwrap();
+        let t = ids.dim(1).unwrap();
+        assert!(t > 4, "{name}: a longer sequence is needed");
+        let want = f.model.forward(&ids).unwrap();
+        let mut cache = KvCache::default();
+        let prompt = 3;
+        let first = f
+            .model
+            .next_logits(&ids.narrow(1, 0, prompt).unwrap(), &mut cache)
+            .unwrap();
+        let mut got = vec![first];
+        for i in prompt..t {
+            let token = ids.narrow(1, i, 1).unwrap();
+            got.push(f.model.next_logits(&token, &mut cache).unwrap());
+        }
+        assert_eq!(cache.len(), t, "{name}");
+        for (k, logits) in got.iter().enumerate() {
+            let position = prompt - 1 + k;
+            let expected = want.narrow(1, position, 1).unwrap().squeeze(1).unwrap();
+            let diff = relative_difference(logits, &expected);
+            assert!(
+                diff < 1e-5,
+                "{name}: position {position} differs by {diff:e}"
+            );
         }
     }
 }

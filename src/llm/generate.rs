@@ -4,8 +4,8 @@
 //! token appended (greedy, as transformers' `generate(do_sample=False)`), until an end token or
 //! `max_new_tokens`.
 //!
-//! Each token runs the whole sequence again (no key/value cache): answers are short and this
-//! is a check, not a server.
+//! The prompt runs once; each new token then runs alone against the keys and values of the
+//! ones before it ([`KvCache`]).
 
 use std::path::Path;
 
@@ -18,7 +18,7 @@ use super::peft::PeftAdapter;
 use super::preflight::model_folder;
 use super::records::{Message, Role};
 use super::tokenizer::LmTokenizer;
-use crate::models::causal_lm::{CausalLm, LmFolder};
+use crate::models::causal_lm::{CausalLm, KvCache, LmFolder};
 use crate::nn::Scope;
 use crate::Result;
 
@@ -97,18 +97,21 @@ impl<'a> Generator<'a> {
 
     /// The greedy continuation of `ids` (without them).
     pub fn continue_ids(&self, ids: &[u32], max_new_tokens: usize) -> Result<Vec<u32>> {
-        let mut all = ids.to_vec();
+        let mut cache = KvCache::default();
+        let mut input = ids.to_vec();
         let mut new = Vec::new();
         for _ in 0..max_new_tokens {
-            let input = Tensor::from_vec(all.clone(), (1, all.len()), &self.device)?;
-            let logits = self.model.forward(&input)?;
-            let last = logits.narrow(1, all.len() - 1, 1)?.squeeze(1)?.squeeze(0)?;
-            let next = last.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if input.is_empty() {
+                break;
+            }
+            let tokens = Tensor::from_vec(input.clone(), (1, input.len()), &self.device)?;
+            let logits = self.model.next_logits(&tokens, &mut cache)?.squeeze(0)?;
+            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
             if self.stop.contains(&next) {
                 break;
             }
-            all.push(next);
             new.push(next);
+            input = vec![next];
         }
         Ok(new)
     }

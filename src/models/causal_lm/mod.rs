@@ -104,12 +104,42 @@ impl Rotary {
     }
 }
 
-/// `[T, T]`: 0 where a position may attend (itself and earlier ones), −∞ after it.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+/// `[Tq, Tk]` for the last `Tq` of `Tk` positions: 0 where a query may attend (its own
+/// position and earlier ones), −∞ after it.
+fn causal_mask(tq: usize, tk: usize, device: &Device) -> Result<Tensor> {
+    let past = tk - tq;
+    let values: Vec<f32> = (0..tq)
+        .flat_map(|i| {
+            (0..tk).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
-    Ok(Tensor::from_vec(values, (len, len), device)?)
+    Ok(Tensor::from_vec(values, (tq, tk), device)?)
+}
+
+/// The keys and values of the tokens generated so far, per layer (rotated keys and values,
+/// `[B, T, kv_heads·d]`), so that each new token runs through the model alone: what
+/// transformers' `DynamicCache` holds.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// The number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// `self_attn`: q/k/v projections (grouped key/value heads), rotary positions, causal softmax
@@ -151,8 +181,15 @@ impl Attention {
         })
     }
 
-    /// `x: [B, T, hidden]` → `[B, T, hidden]`; `rope` holds the T positions' angles.
-    fn forward(&self, x: &Tensor, rope: &RotaryTable) -> Result<Tensor> {
+    /// `x: [B, T, hidden]` → `[B, T, hidden]`; `rope` holds the T positions' angles. With a
+    /// `cache` slot, the keys and values held there come first (the T tokens follow them) and
+    /// the slot gets the new ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTable,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let d = self.head_dim;
         // `[B, T, n·d]`, through the per-head norm when there is one.
@@ -170,6 +207,20 @@ impl Attention {
         let q = rope.apply(&project(&self.q_proj, self.heads, &self.q_norm)?)?;
         let k = rope.apply(&project(&self.k_proj, self.kv_heads, &self.k_norm)?)?;
         let v = self.v_proj.forward(x)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((past_k, past_v)) => (
+                        Tensor::cat(&[&past_k, &k], 1)?,
+                        Tensor::cat(&[&past_v, &v], 1)?,
+                    ),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
         let scale = 1.0 / (d as f64).sqrt();
         let out = if mem_attention::applies(&q) {
             let (h, kv) = (self.heads, self.kv_heads);
@@ -180,8 +231,9 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    /// Causal attention from candle ops (CUDA, half precision): `q: [B, T, heads·d]`,
-    /// `k, v: [B, T, kv_heads·d]` → `[B, T, heads·d]`, the scores soft-maxed in f32.
+    /// Causal attention from candle ops (CUDA, half precision): `q: [B, Tq, heads·d]` (the last
+    /// Tq positions), `k, v: [B, Tk, kv_heads·d]` → `[B, Tq, heads·d]`, the scores soft-maxed
+    /// in f32.
     fn attend_with_candle_ops(
         &self,
         q: &Tensor,
@@ -191,9 +243,11 @@ impl Attention {
     ) -> Result<Tensor> {
         let _t = crate::nn::profile::scope("attention");
         let (b, t, _) = q.dims3()?;
+        let tk = k.dim(1)?;
         let d = self.head_dim;
         let heads = |y: &Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+            let len = y.dim(1)?;
+            Ok(y.reshape((b, len, n, d))?.transpose(1, 2)?.contiguous()?)
         };
         // Each key/value head serves `heads / kv_heads` query heads.
         let group = self.heads / self.kv_heads;
@@ -202,16 +256,17 @@ impl Attention {
                 return Ok(y);
             }
             Ok(y.unsqueeze(2)?
-                .broadcast_as((b, self.kv_heads, group, t, d))?
-                .reshape((b, self.heads, t, d))?)
+                .broadcast_as((b, self.kv_heads, group, tk, d))?
+                .reshape((b, self.heads, tk, d))?)
         };
         let q = heads(q, self.heads)?;
         let k = repeat(heads(k, self.kv_heads)?)?;
         let v = repeat(heads(v, self.kv_heads)?)?;
         let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let scores = scores
-            .to_dtype(DType::F32)?
-            .broadcast_add(&causal_mask(t, q.device())?)?;
+        let scores =
+            scores
+                .to_dtype(DType::F32)?
+                .broadcast_add(&causal_mask(t, tk, q.device())?)?;
         let probs = activation::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.matmul(&v)?;
         Ok(out.transpose(1, 2)?.reshape((b, t, self.heads * d))?)
@@ -288,10 +343,15 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, rope: &RotaryTable) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RotaryTable,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
         let attended = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, rope)?;
+            .forward(&self.input_layernorm.forward(x)?, rope, cache)?;
         let x = (x + attended)?;
         let fed = self
             .mlp
@@ -363,6 +423,26 @@ impl CausalLm {
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
+    /// Logits `[B, vocab]` (f32) after the last of `ids: [B, T]`, the tokens that follow those
+    /// held in `cache` (which then holds these too): generation one token at a time without
+    /// running the earlier ones again. `lm_head` runs on the last position only.
+    pub fn next_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let hidden = self.config.hidden_size;
+        let mut x = self
+            .embed_tokens
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, t, hidden))?;
+        let rope = self.rotary.table(cache.len, t);
+        cache.layers.resize(self.layers.len(), None);
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &rope, Some(slot))?;
+        }
+        cache.len += t;
+        let last = self.norm.forward(&x.narrow(1, t - 1, 1)?)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&last)?.to_dtype(DType::F32)?)
+    }
+
     /// [`causal_lm_loss`] of [`CausalLm::forward`]'s logits, computed with `lm_head` applied to
     /// the labelled positions only: the same value, without the `[B, T, vocab]` logits (151,936
     /// columns for Qwen2.5) of the prompt and padding positions. `None` when nothing is labelled.
@@ -395,11 +475,12 @@ impl CausalLm {
             x = if self.gradient_checkpointing {
                 let params = layer.trainable_vars();
                 let (layer, rope) = (layer.clone(), rope.clone());
-                let segment =
-                    move |x: &Tensor, _: &Tensor| -> Result<Tensor> { layer.forward(x, &rope) };
+                let segment = move |x: &Tensor, _: &Tensor| -> Result<Tensor> {
+                    layer.forward(x, &rope, None)
+                };
                 recompute(&x, &side, &params, Arc::new(segment))?
             } else {
-                layer.forward(&x, &rope)?
+                layer.forward(&x, &rope, None)?
             };
         }
         self.norm.forward(&x)
