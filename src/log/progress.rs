@@ -67,6 +67,8 @@ pub struct StepStatus {
     pub loss: f32,
     pub average_loss: f32,
     pub lr: f64,
+    /// Tokens (of the records, not padding) per second of the step (language models).
+    pub tokens_per_sec: Option<f32>,
 }
 
 /// Progress of the training steps.
@@ -392,8 +394,12 @@ fn style(template: &str) -> ProgressStyle {
 
 /// `loss 0.1234  avg 0.1302  lr 1.00e-4`
 fn train_fields(s: &StepStatus) -> String {
+    let tokens = match s.tokens_per_sec {
+        Some(t) => format!("  {t:.0} tok/s"),
+        None => String::new(),
+    };
     format!(
-        "loss {:.4}  avg {:.4}  lr {:.2e}",
+        "loss {:.4}  avg {:.4}  lr {:.2e}{tokens}",
         s.loss, s.average_loss, s.lr
     )
 }
@@ -488,6 +494,7 @@ mod tests {
             loss,
             average_loss: loss + 0.5,
             lr: 1e-4,
+            tokens_per_sec: None,
         }
     }
 
@@ -520,6 +527,23 @@ mod tests {
             out.lines()[1],
             "epoch 1/3  step 3/12 (25%)  loss 0.5000  avg 1.0000  lr 1.00e-4  5.00 s/it  \
              elapsed 0:15  ETA 0:45"
+        );
+    }
+
+    #[test]
+    fn a_language_model_step_shows_its_tokens_per_second() {
+        let (mut p, out, t0) = plain_train(12, 0, Cadence::default());
+        let with_tokens = StepStatus {
+            tokens_per_sec: Some(412.6),
+            ..status(1, 0.1234)
+        };
+        p.update_at(&with_tokens, t0 + Duration::from_secs(5));
+        assert_eq!(
+            out.lines(),
+            [
+                "epoch 1/3  step 1/12 (8%)  loss 0.1234  avg 0.6234  lr 1.00e-4  413 tok/s  \
+                 5.00 s/it  elapsed 0:05  ETA 0:55",
+            ]
         );
     }
 

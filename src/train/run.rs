@@ -404,6 +404,7 @@ impl<B> Loop<'_, B> {
                 loss: report.loss,
                 average_loss: average,
                 lr: report.lrs.first().copied().unwrap_or(0.0),
+                tokens_per_sec: scalars.tokens_per_sec,
             });
             let epoch_done = step % per_epoch == 0 || step == steps.total_steps;
             if epoch_done {
