@@ -149,7 +149,7 @@ impl BenchOptions {
     }
 
     fn check(&self) -> Result<()> {
-        let problem = if self.resolution == 0 || self.resolution % 64 != 0 {
+        let problem = if self.resolution == 0 || !self.resolution.is_multiple_of(64) {
             Some(format!(
                 "--resolution {} must be a positive multiple of 64",
                 self.resolution

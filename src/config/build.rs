@@ -649,7 +649,7 @@ fn pixels(v: &Value) -> Result<u32, String> {
 }
 
 fn check_pixels(n: u32) -> Result<u32, String> {
-    if n < 64 || n % 8 != 0 {
+    if n < 64 || !n.is_multiple_of(8) {
         return Err(format!(
             "must be a multiple of 8 and at least 64 (pixels), found {n}"
         ));

@@ -271,6 +271,6 @@ impl SamplingSettings {
         self.prompts.is_some()
             && self
                 .every_n_steps
-                .is_some_and(|n| n > 0 && (step % n == 0 || step == total))
+                .is_some_and(|n| n > 0 && (step.is_multiple_of(n) || step == total))
     }
 }

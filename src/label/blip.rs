@@ -185,7 +185,9 @@ impl BlipSettings {
                 )));
             }
         }
-        if vision_raw.patch_size == 0 || vision_raw.image_size % vision_raw.patch_size != 0 {
+        if vision_raw.patch_size == 0
+            || !vision_raw.image_size.is_multiple_of(vision_raw.patch_size)
+        {
             return Err(invalid(format!(
                 "vision_config.image_size {} is not a multiple of patch_size {}",
                 vision_raw.image_size, vision_raw.patch_size

@@ -153,7 +153,7 @@ impl TrainTask for LmTask {
 
     fn validation(&mut self, step: usize, epoch_end: bool, last: bool) -> Option<Result<f32>> {
         let due = match self.eval_steps {
-            Some(n) => step % n == 0 || last,
+            Some(n) => step.is_multiple_of(n) || last,
             None => epoch_end,
         };
         if !due || self.validation.is_none() {

@@ -29,7 +29,7 @@ pub fn thousands(n: impl std::fmt::Display) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && c.is_ascii_digit() && (digits.len() - i) % 3 == 0 {
+        if i > 0 && c.is_ascii_digit() && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -338,7 +338,7 @@ impl PlainLines {
             || self
                 .cadence
                 .every_steps
-                .is_some_and(|n| n > 0 && pos % n == 0)
+                .is_some_and(|n| n > 0 && pos.is_multiple_of(n))
             || pos >= total
     }
 

@@ -60,7 +60,7 @@ fn check_grouped_shapes(
     let (bk, _, inner_k) = k.dims3()?;
     let fits = heads > 0
         && kv_heads > 0
-        && heads % kv_heads == 0
+        && heads.is_multiple_of(kv_heads)
         && inner % heads == 0
         && inner_k == inner / heads * kv_heads;
     if bk != b || v.dims() != k.dims() || !fits {

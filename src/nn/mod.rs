@@ -8,7 +8,8 @@
 //! dtypes, trainable base weights) norms and softmax are built from primitive candle ops, whose
 //! gradients are correct (see DESIGN.md §7 for the ones that are not); on the CPU in f32/f64 the
 //! layers run the fused custom ops of [`frozen`], [`fused_norm`], [`mem_attention`] and [`geglu`]
-//! (matrix products in [`dense`], vectorised maths in [`fast_math`], timing in [`profile`]). On
+//! (matrix products in [`dense`], and in [`bf16_matmul`] for bf16 weights on processors that
+//! multiply bf16; vectorised maths in [`fast_math`], timing in [`profile`]). On
 //! CUDA (and in f16/bf16) the frozen layers and attention run [`frozen_generic`] and
 //! [`chunked_attention`], the norms [`norm_generic`]: candle's own ops forward, our backward
 //! ([`custom_backward`]), so that no frozen weight gets a gradient and neither score matrices nor
@@ -16,6 +17,7 @@
 
 pub mod activation;
 pub mod adapter;
+pub mod bf16_matmul;
 pub mod chunked_attention;
 pub mod conv;
 pub mod cross_entropy;

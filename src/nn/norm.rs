@@ -20,7 +20,7 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Reads `weight` and `bias` of shape `[channels]` from `scope`.
     pub fn new(scope: Scope, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             return Err(crate::error::ModelError::InvalidConfig {
                 origin: scope.store().describe(),
                 message: format!(

@@ -36,7 +36,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         return Err(candle_core::Error::Msg(format!(
             "group norm: input {dims:?} cannot be split into {groups} groups"
         ))

@@ -90,7 +90,11 @@ impl SavePoints {
     pub fn is_save_point(&self, step: usize) -> bool {
         step > 0
             && step < self.total_steps
-            && self.periods().into_iter().flatten().any(|p| step % p == 0)
+            && self
+                .periods()
+                .into_iter()
+                .flatten()
+                .any(|p| step.is_multiple_of(p))
     }
 
     /// Every step that ends with a step file, in order, computed as it is asked for (a run of a billion steps

@@ -406,7 +406,7 @@ impl<B> Loop<'_, B> {
                 lr: report.lrs.first().copied().unwrap_or(0.0),
                 tokens_per_sec: scalars.tokens_per_sec,
             });
-            let epoch_done = step % per_epoch == 0 || step == steps.total_steps;
+            let epoch_done = step.is_multiple_of(per_epoch) || step == steps.total_steps;
             if epoch_done {
                 if let Some(avg) = self.tracker.epoch_average() {
                     self.log(|w| w.add_scalar(LOSS_EPOCH_AVERAGE, avg, epoch as u64 + 1));

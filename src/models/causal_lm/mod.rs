@@ -363,7 +363,11 @@ impl DecoderLayer {
 /// A `…ForCausalLM`: token embeddings, decoder layers, final norm, `lm_head`.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
+    /// Kept as a weight matrix (in bf16 under `mixed_precision: bf16` on the CPU): it is also
+    /// the tied `lm_head`, the largest product of the step.
     embed_tokens: Tensor,
+    /// The dtype activations are computed in.
+    dtype: DType,
     layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     /// `lm_head`, or the token embeddings again when they are tied.
@@ -381,7 +385,7 @@ impl CausalLm {
         let model = scope.pp("model");
         let embed_tokens = model
             .pp("embed_tokens")
-            .get("weight", (config.vocab_size, config.hidden_size))?;
+            .get_matrix("weight", (config.vocab_size, config.hidden_size))?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::new(model.pp("layers").pp(i), config))
             .collect::<Result<Vec<_>>>()?;
@@ -398,6 +402,7 @@ impl CausalLm {
         };
         Ok(CausalLm {
             embed_tokens,
+            dtype: scope.store().dtype(),
             layers,
             norm,
             lm_head,
@@ -432,6 +437,7 @@ impl CausalLm {
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
             .reshape((b, t, hidden))?;
         let rope = self.rotary.table(cache.len, t);
         cache.layers.resize(self.layers.len(), None);
@@ -467,6 +473,7 @@ impl CausalLm {
         let mut x = self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
+            .to_dtype(self.dtype)?
             .reshape((b, t, hidden))?;
         let rope = self.rotary.table(0, t);
         // The recomputed segment's side input: nothing the layer reads (the angles are captured).

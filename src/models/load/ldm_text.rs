@@ -57,7 +57,7 @@ fn index_and_rest(text: &str) -> Option<(usize, &str)> {
 }
 
 fn heads(width: usize) -> Result<usize, String> {
-    if width >= HEAD_WIDTH && width % HEAD_WIDTH == 0 {
+    if width >= HEAD_WIDTH && width.is_multiple_of(HEAD_WIDTH) {
         Ok(width / HEAD_WIDTH)
     } else {
         Err(format!(

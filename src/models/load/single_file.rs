@@ -359,7 +359,7 @@ fn configs_of(unet: &LdmUnet, text: [&LdmText; 2], vae: &LdmVae) -> Result<SdxlC
     let label = unet_json["projection_class_embeddings_input_dim"]
         .as_u64()
         .unwrap_or(0) as usize;
-    if label <= pooled || (label - pooled) % 6 != 0 {
+    if label <= pooled || !(label - pooled).is_multiple_of(6) {
         return Err(format!(
             "`{LDM_UNET_PREFIX}label_emb.0.0.weight` takes {label} inputs, which is not the \
              {pooled}-wide pooled text plus six equal size-number features"
