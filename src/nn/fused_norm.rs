@@ -62,26 +62,14 @@ pub fn rms_applies(x: &Tensor, weight: &Tensor) -> bool {
 /// RMS norm of `x: [..., D]` over the last dimension with scale `[D]`:
 /// `x · w / √(mean(x²) + ε)`, computed as transformers' `LlamaRMSNorm` does in f32.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let spec = Segments {
-        len: d,
-        groups: 1,
-        channels_per_group: d,
-        inner: 1,
-    };
+    let spec = Segments::rows(x.dim(candle_core::D::Minus1)?);
     let bias = weight.zeros_like()?;
     run(x, weight, &bias, spec, eps, false, true)
 }
 
 /// Layer norm of `x: [..., D]` over the last dimension with scale/shift `[D]`.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
-    let d = x.dim(candle_core::D::Minus1)?;
-    let spec = Segments {
-        len: d,
-        groups: 1,
-        channels_per_group: d,
-        inner: 1,
-    };
+    let spec = Segments::rows(x.dim(candle_core::D::Minus1)?);
     run(x, weight, bias, spec, eps, false, false)
 }
 
@@ -96,6 +84,16 @@ struct Segments {
 }
 
 impl Segments {
+    /// Each row of `d` values, with a parameter per value (layer and RMS norms).
+    fn rows(d: usize) -> Self {
+        Segments {
+            len: d,
+            groups: 1,
+            channels_per_group: d,
+            inner: 1,
+        }
+    }
+
     fn channel(&self, segment: usize, i: usize) -> usize {
         (segment % self.groups) * self.channels_per_group + i / self.inner
     }

@@ -432,13 +432,8 @@ impl CausalLm {
     /// held in `cache` (which then holds these too): generation one token at a time without
     /// running the earlier ones again. `lm_head` runs on the last position only.
     pub fn next_logits(&self, ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let hidden = self.config.hidden_size;
-        let mut x = self
-            .embed_tokens
-            .index_select(&ids.flatten_all()?, 0)?
-            .to_dtype(self.dtype)?
-            .reshape((b, t, hidden))?;
+        let t = ids.dim(1)?;
+        let mut x = self.embed(ids)?;
         let rope = self.rotary.table(cache.len, t);
         cache.layers.resize(self.layers.len(), None);
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
@@ -465,16 +460,21 @@ impl CausalLm {
         Ok(Some(cross_entropy(&logits, &targets)?))
     }
 
-    /// The final norm's output `[B, T, hidden]` for token ids `[B, T]`.
-    fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+    /// The token embeddings `[B, T, hidden]` of ids `[B, T]`, in the compute dtype.
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let device = ids.device();
-        let hidden = self.config.hidden_size;
-        let mut x = self
+        Ok(self
             .embed_tokens
             .index_select(&ids.flatten_all()?, 0)?
             .to_dtype(self.dtype)?
-            .reshape((b, t, hidden))?;
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// The final norm's output `[B, T, hidden]` for token ids `[B, T]`.
+    fn hidden_states(&self, ids: &Tensor) -> Result<Tensor> {
+        let t = ids.dim(1)?;
+        let device = ids.device();
+        let mut x = self.embed(ids)?;
         let rope = self.rotary.table(0, t);
         // The recomputed segment's side input: nothing the layer reads (the angles are captured).
         let side = Tensor::zeros(1, x.dtype(), device)?;
