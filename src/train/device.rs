@@ -79,6 +79,10 @@ impl Compute {
         };
         let dtype_name = match (dtype, matrix_dtype) {
             (DType::F32, None) => "f32".to_string(),
+            (DType::F32, Some(DType::BF16)) if crate::nn::bf16_matmul::available() => format!(
+                "f32, frozen weights kept in bf16, linear layers multiplying in bf16 with \
+                 AVX-512 BF16; mixed precision {precision} on the CPU"
+            ),
             (DType::F32, Some(m)) => format!(
                 "f32, frozen weights kept in {} (mixed precision {precision} on the CPU)",
                 dtype_label(m)
@@ -152,12 +156,15 @@ mod tests {
         let c = Compute::resolve(DeviceChoice::Cpu, MixedPrecision::Bf16).unwrap();
         assert_eq!((c.dtype, c.matrix_dtype), (DType::F32, Some(DType::BF16)));
         assert!(c.warnings.is_empty());
+        let want = if crate::nn::bf16_matmul::available() {
+            "f32, frozen weights kept in bf16, linear layers multiplying in bf16 with AVX-512 \
+             BF16; mixed precision bf16 on the CPU"
+        } else {
+            "f32, frozen weights kept in bf16 (mixed precision bf16 on the CPU)"
+        };
         assert_eq!(
             (c.device_name.as_str(), c.dtype_name.as_str()),
-            (
-                "cpu",
-                "f32, frozen weights kept in bf16 (mixed precision bf16 on the CPU)"
-            )
+            ("cpu", want)
         );
     }
 
